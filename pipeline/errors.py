@@ -1,0 +1,26 @@
+"""Exception types for errors a user can fix.
+
+The CLI prints a `PipelineError` as one line and exits with status 2; anything else
+is a bug and keeps its traceback. Messages follow one shape: what was expected, what
+was received, how to fix it.
+"""
+
+
+class PipelineError(Exception):
+    """Base class of the errors caused by input or configuration, not by a bug."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """An invalid option or combination of options."""
+
+
+class DataError(PipelineError):
+    """A dataset that cannot be read, or that reads as something unusable."""
+
+
+class WeightsUnavailableError(PipelineError):
+    """Pretrained weights that are neither cached nor downloadable."""
+
+
+class CacheError(PipelineError):
+    """A feature file that is missing, incomplete, or built with other settings."""
