@@ -1,0 +1,71 @@
+# Transfer learning on cached features. `make help` lists targets and variables.
+# Make only passes variables on as CLI flags; all logic lives in `python -m pipeline`.
+
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+SHELL := /bin/bash
+
+## Data
+DATASET ?= cats_vs_dogs#          tensorflow-datasets name (ignored when DATA_DIR is set)
+DATA_DIR ?=#                      image folder: one sub-folder per class, or train/ validation/ [test/]
+TFDS_DIR ?=#                      tensorflow-datasets data_dir (prepared data)
+SPLITS ?=#                        tfds split specs, default train=train[:40%],validation=train[40%:50%],test=train[50%:60%]
+VAL_FRACTION ?= 0.1#              image folder without split sub-folders
+TEST_FRACTION ?= 0.1#             image folder without split sub-folders
+TEST_FROM_VALIDATION ?= 0#        move this fraction of validation to test (TF tutorial: 0.2)
+## Backbone
+BACKBONE ?= mobilenet_v2#         `make backbones` lists them
+WEIGHTS ?= imagenet#              imagenet, none, or a path to an .h5 file
+IMAGE_SIZE ?=#                    pixels; default: the backbone's native size (160 reproduces the TF tutorial)
+POOLING ?= avg#                   avg or max
+## Run
+BATCH_SIZE ?= 32
+DTYPE ?= float32#                 storage dtype of the features: float32 or float16
+SEED ?= 0
+SHARD ?= 0#                       with NUM_SHARDS: process one shard (merge with `python -m pipeline merge`)
+NUM_SHARDS ?= 1
+STRICT ?=#                        1: fail on any unreadable image instead of skipping it
+MIXED_PRECISION ?=#               1: run the backbone in float16 (GPUs)
+FEATURES_DIR ?= features
+## Tools
+PYTHON ?= python3#                interpreter used to create the virtual environment
+VENV ?= .venv
+SHARED ?= ../shared#              real assets for the asset tests and benchmarks
+PYTEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)') \
+	$(if $(TFDS_DIR),--tfds-dir '$(TFDS_DIR)') $(if $(SPLITS),--splits '$(SPLITS)') \
+	--val-fraction $(VAL_FRACTION) --test-fraction $(TEST_FRACTION) --test-from-validation $(TEST_FROM_VALIDATION) \
+	--backbone $(BACKBONE) --weights '$(WEIGHTS)' $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --pooling $(POOLING) \
+	--batch-size $(BATCH_SIZE) --dtype $(DTYPE) --seed $(SEED) --shard $(SHARD) --num-shards $(NUM_SHARDS) \
+	$(if $(STRICT),--strict) $(if $(MIXED_PRECISION),--mixed-precision) --output-dir '$(FEATURES_DIR)'
+
+.PHONY: help features backbones test test-all clean-venv
+
+help: ## list targets and variables
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "Variables (make TARGET VAR=value):"
+	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/ \?= ?/=/; s/#\s*/\t/' | awk -F'\t' '{printf "  %-32s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
+	$(PY) -m pipeline features $(FEATURE_FLAGS)
+
+backbones: $(VENV)/.installed ## list the registered backbones
+	$(PY) -m pipeline backbones
+
+test: $(VENV)/.installed ## run the test suite (real-asset tests skip when SHARED is absent)
+	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed ## the test suite including slow tests
+	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest --runslow $(PYTEST_ARGS)
+
+clean-venv: ## remove the virtual environment
+	rm -rf $(VENV)

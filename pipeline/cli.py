@@ -1,0 +1,172 @@
+"""Command line: `python -m pipeline <command>`, one sub-command per Make target.
+
+The only module that reads argv or the environment. Flags become a validated config
+object; user errors (`PipelineError`) print as one line and exit with status 2, and
+Ctrl-C exits with 130 after saying how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.config import DEFAULT_TFDS_SPLITS, DTYPES, POOLINGS, SPLIT_NAMES, DataConfig, FeaturesConfig
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def _parse_splits(text: str) -> dict[str, str]:
+    """'train=train[:40%],validation=train[40%:50%]' -> {'train': 'train[:40%]', ...}."""
+    splits = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, spec = part.partition("=")
+        if not sep or not spec or name not in SPLIT_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=SPEC pairs separated by commas, NAME one of {', '.join(SPLIT_NAMES)}; "
+                f"received {part!r}"
+            )
+        splits[name] = spec
+    return splits
+
+
+def _add_features_flags(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data (DATASET or DATA_DIR)")
+    data.add_argument("--dataset", help="tensorflow-datasets name (default: cats_vs_dogs unless --data-dir is given)")
+    data.add_argument("--data-dir", help="image folder with one sub-folder per class (or train/ validation/ [test/])")
+    data.add_argument("--tfds-dir", help="tensorflow-datasets data_dir")
+    data.add_argument("--no-download", action="store_true", help="never download tfds data")
+    default_splits = ",".join(f"{k}={v}" for k, v in DEFAULT_TFDS_SPLITS.items())
+    data.add_argument("--splits", type=_parse_splits, default=None, help=f"tfds split specs (default: {default_splits})")
+    data.add_argument("--val-fraction", type=float, default=0.1, help="image folder without split sub-folders: validation fraction")
+    data.add_argument("--test-fraction", type=float, default=0.1, help="image folder without split sub-folders: test fraction")
+    data.add_argument("--test-from-validation", type=float, default=0.0, help="move this fraction of validation to test (tutorial: 0.2)")
+    model = parser.add_argument_group("backbone")
+    model.add_argument("--backbone", default="mobilenet_v2", help="registry name (`python -m pipeline backbones` lists them)")
+    model.add_argument("--weights", default="imagenet", help="imagenet, none, or a path to an .h5 weights file")
+    model.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the backbone's native size)")
+    model.add_argument("--pooling", choices=POOLINGS, default="avg")
+    model.add_argument("--mixed-precision", action="store_true", help="run the backbone in float16 (GPUs)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype of the features")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--shard", type=int, default=0, help="process shard I of --num-shards")
+    run.add_argument("--num-shards", type=int, default=1)
+    run.add_argument("--strict", action="store_true", help="fail on any unreadable image instead of skipping it")
+    run.add_argument("--output-dir", default="features")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def features_config(args: argparse.Namespace) -> FeaturesConfig:
+    """Flags -> FeaturesConfig; the one place where the two meet."""
+    if args.dataset and args.data_dir:
+        raise ConfigError(
+            "Expected either a tfds name or an image folder, not both. Received: "
+            f"--dataset={args.dataset!r} and --data-dir={args.data_dir!r}."
+        )
+    if args.data_dir:
+        if args.splits:
+            raise ConfigError("--splits slices tfds datasets; image folders use --val-fraction/--test-fraction.")
+        source = {"dataset": None, "data_dir": args.data_dir}
+    else:
+        source = {"dataset": args.dataset or "cats_vs_dogs", "data_dir": None}
+    data = DataConfig(
+        **source,
+        tfds_dir=args.tfds_dir,
+        download=not args.no_download,
+        splits=args.splits or DEFAULT_TFDS_SPLITS,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        test_from_validation=args.test_from_validation,
+    )
+    return FeaturesConfig(
+        data=data,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        pooling=args.pooling,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        shard_index=args.shard,
+        num_shards=args.num_shards,
+        strict=args.strict,
+        mixed_precision=args.mixed_precision,
+        output_dir=args.output_dir,
+    )
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from pipeline.extract import extract_features, resolve
+
+    config = features_config(args)
+    if args.print_path:
+        print(resolve(config)[2])
+        return 0
+    result = extract_features(config, progress=not args.no_progress)
+    print(result.summary())
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from pipeline.store import merge_shards
+
+    out = merge_shards([Path(p) for p in args.shards], Path(args.output))
+    print(f"merge: {len(args.shards)} shards -> {out}")
+    return 0
+
+
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    from pipeline.backbones import get_backbone, list_backbones
+
+    print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  preprocessing")
+    for name in list_backbones():
+        spec = get_backbone(name)
+        print(f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  {spec.preprocessing}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    features = commands.add_parser("features", help="stage 1: cache backbone features to HDF5")
+    _add_features_flags(features)
+    features.add_argument("--print-path", action="store_true", help="print the feature file path and exit")
+    features.set_defaults(run=_cmd_features)
+
+    merge = commands.add_parser("merge", help="join the shard files of one features run")
+    merge.add_argument("shards", nargs="+", help="shard files (.h5)")
+    merge.add_argument("-o", "--output", required=True, help="merged file")
+    merge.set_defaults(run=_cmd_merge)
+
+    listing = commands.add_parser("backbones", help="list the registered backbones")
+    listing.set_defaults(run=_cmd_backbones)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    # TensorFlow's C++ start-up chatter hides the messages that matter.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return args.run(args)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: finished batches are saved; rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        return 130

@@ -1,0 +1,215 @@
+"""Typed, validated configuration: the one place option values are checked.
+
+Configuration flows one way: Make variables -> CLI flags -> these frozen dataclasses ->
+plain arguments. `to_dict` is what gets written into every artifact; `from_dict`
+rebuilds a config from it and rejects unknown keys, so a stored config can never be
+read as something it was not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.errors import ConfigError
+
+SPLIT_NAMES = ("train", "validation", "test")
+DEFAULT_TFDS_SPLITS = {
+    "train": "train[:40%]",
+    "validation": "train[40%:50%]",
+    "test": "train[50%:60%]",
+}
+POOLINGS = ("avg", "max")
+DTYPES = ("float32", "float16")
+
+
+def _check_fraction(name: str, value: float, *, upper: float = 1.0) -> None:
+    if not 0.0 <= value < upper:
+        raise ConfigError(
+            f"{name} must be a fraction in [0, {upper}). Received: {name}={value!r}."
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are split.
+
+    Exactly one of `dataset` (a tensorflow-datasets name, split by `splits` slicing
+    specs) and `data_dir` (a folder with one sub-folder per class) is set. A folder
+    that has `train/` and `validation/` (and optionally `test/`) sub-folders is used
+    as already split; otherwise `val_fraction` and `test_fraction` carve stratified,
+    seeded splits out of it. `test_from_validation` moves that fraction of the
+    validation split to test, as the TensorFlow tutorial does (0.2).
+    """
+
+    dataset: str | None = "cats_vs_dogs"
+    data_dir: str | None = None
+    tfds_dir: str | None = None
+    download: bool = True
+    splits: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_TFDS_SPLITS))
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    test_from_validation: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.dataset is None) == (self.data_dir is None):
+            raise ConfigError(
+                "Expected exactly one data source: a tfds name (DATASET) or an image "
+                f"folder (DATA_DIR). Received: dataset={self.dataset!r}, "
+                f"data_dir={self.data_dir!r}."
+            )
+        object.__setattr__(self, "splits", dict(self.splits))
+        unknown = sorted(set(self.splits) - set(SPLIT_NAMES))
+        if unknown or "train" not in self.splits:
+            raise ConfigError(
+                f"Expected split names among {', '.join(SPLIT_NAMES)} including "
+                f"'train'. Received: splits={self.splits!r}."
+            )
+        _check_fraction("val_fraction", self.val_fraction)
+        _check_fraction("test_fraction", self.test_fraction)
+        _check_fraction("test_from_validation", self.test_from_validation)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                "val_fraction + test_fraction must leave examples for training. "
+                f"Received: {self.val_fraction} + {self.test_fraction}."
+            )
+
+    @property
+    def name(self) -> str:
+        """A short, file-name-safe name of the dataset."""
+        raw = self.dataset if self.dataset is not None else Path(self.data_dir).resolve().name
+        return slugify(raw)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Everything that stage 1 needs; the fields that change the output form the key.
+
+    `image_size=None` means the backbone's native size and is resolved by
+    `resolved(...)` before use, so stored configs always hold the real size.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: str = "mobilenet_v2"
+    weights: str = "imagenet"
+    image_size: int | None = None
+    pooling: str = "avg"
+    dtype: str = "float32"
+    batch_size: int = 32
+    seed: int = 0
+    shard_index: int = 0
+    num_shards: int = 1
+    strict: bool = False
+    mixed_precision: bool = False
+    output_dir: str = "features"
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(
+                f"pooling must be one of {', '.join(POOLINGS)}. Received: pooling={self.pooling!r}."
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(
+                f"dtype must be one of {', '.join(DTYPES)}. Received: dtype={self.dtype!r}."
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1. Received: batch_size={self.batch_size}.")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"image_size must be positive. Received: image_size={self.image_size}.")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(
+                "Expected 0 <= shard < num_shards. Received: "
+                f"shard={self.shard_index}, num_shards={self.num_shards}."
+            )
+        if self.weights.lower() == "none":
+            object.__setattr__(self, "weights", "none")
+
+    @property
+    def weights_arg(self) -> str | None:
+        """The value for keras.applications' `weights` argument."""
+        return None if self.weights == "none" else self.weights
+
+    def resolved(self, default_size: int) -> FeaturesConfig:
+        """Returns a copy with `image_size` set (the backbone's native size if unset)."""
+        return dataclasses.replace(self, image_size=self.image_size or default_size)
+
+    def key(self, *, data_fingerprint: str, weights_identity: str) -> dict[str, Any]:
+        """The facts that determine the features; files with different keys never mix.
+
+        Batch size, strictness and output folder are left out: they change how the
+        work is done, not what it computes.
+        """
+        if self.image_size is None:
+            raise ConfigError("image_size must be resolved before computing the cache key.")
+        data = self.data
+        return {
+            "dataset": data.dataset if data.dataset is not None else data.name,
+            "source": "tfds" if data.dataset is not None else "folder",
+            "data_fingerprint": data_fingerprint,
+            "splits": data.splits if data.dataset is not None else None,
+            "val_fraction": data.val_fraction if data.data_dir is not None else None,
+            "test_fraction": data.test_fraction if data.data_dir is not None else None,
+            "test_from_validation": data.test_from_validation,
+            "seed": self.seed,
+            "backbone": self.backbone,
+            "weights": weights_identity,
+            "image_size": self.image_size,
+            "pooling": self.pooling,
+            "dtype": self.dtype,
+            "mixed_precision": self.mixed_precision,
+            "shard": [self.shard_index, self.num_shards],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> FeaturesConfig:
+        raw = dict(raw)
+        data = _build(DataConfig, raw.pop("data", {}), "data")
+        return _build(cls, {**raw, "data": data}, "features")
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"Unknown {where} config keys: {', '.join(unknown)}. Expected a subset of: "
+            f"{', '.join(sorted(names))}."
+        )
+    return cls(**raw)
+
+
+def slugify(text: str) -> str:
+    """Makes `text` safe as one part of a file name ('cats_vs_dogs:4.0.1' -> 'cats_vs_dogs-4.0.1')."""
+    slug = re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-.")
+    return slug or "data"
+
+
+def key_digest(key: Mapping[str, Any]) -> str:
+    """A short, stable hash of a key, for file names."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
+    """'<dataset>__<backbone>__<weights>__<size>px__<pooling>[__f16]__<hash>[__shard-I-of-N].h5'.
+
+    The readable parts let people find their file; the hash covers everything else in
+    the key (split specs, seed, the weights file's digest, ...).
+    """
+    weights = config.weights if config.weights in ("imagenet", "none") else "file"
+    parts = [config.data.name, config.backbone, weights, f"{config.image_size}px", config.pooling]
+    if config.dtype == "float16":
+        parts.append("f16")
+    if config.mixed_precision:
+        parts.append("mp")
+    parts.append(key_digest({k: v for k, v in key.items() if k != "shard"}))
+    if config.num_shards > 1:
+        parts.append(f"shard-{config.shard_index}-of-{config.num_shards}")
+    return "__".join(parts) + ".h5"

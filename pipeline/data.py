@@ -1,0 +1,417 @@
+"""Data sources: a tensorflow-datasets name or an image folder, one return type.
+
+Every source yields, per split, records of *encoded* image bytes with their label,
+a stable id and their position in the split. Decoding happens later, in one place
+(`pipeline.extract`), so both sources share the same handling of bad images, and
+positions make resumption and sharding exact: shard I of N holds the positions
+p with p % N == I, and a resumed run restarts at a position, never at a guess.
+
+TensorFlow is imported inside the functions that need it: a no-op rerun (features
+already cached) only scans the folder and should not pay TensorFlow's import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from pipeline.config import DataConfig
+from pipeline.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """One split of a source, restricted to one shard.
+
+    `records(start)` is a `tf.data.Dataset` of dicts with keys `image` (encoded
+    bytes, tf.string), `label` (int64), `id` (tf.string) and `index` (int64, the
+    position in the full, unsharded split), beginning at the `start`-th record of
+    this shard, in a fixed order.
+    """
+
+    name: str
+    spec: str
+    size: int
+    total: int
+    records: Callable[[int], "tf.data.Dataset"] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset ready for extraction: sorted class names and its splits."""
+
+    name: str
+    version: str
+    class_names: tuple[str, ...]
+    splits: dict[str, SplitSource]
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+# --- image folders ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """The files of an image folder, assigned to splits; no image is opened yet."""
+
+    root: Path
+    class_names: tuple[str, ...]
+    splits: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, label)]
+    layout: str  # "presplit" or "fractions"
+    ignored: tuple[str, ...]
+    fingerprint: str
+
+
+def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
+    """Lists and splits an image folder; deterministic for a given seed.
+
+    Two layouts are understood::
+
+        root/                          root/
+          train/                         cats/
+            cats/cat.0.jpg ...             cat.0.jpg ...
+            dogs/...                     dogs/
+          validation/                      ...
+            cats/ ... dogs/ ...
+          test/ (optional)
+
+    The left one is used as given (the layout of cats_and_dogs_filtered); the right
+    one is split into train/validation/test by `val_fraction` and `test_fraction`,
+    stratified by class. Hidden files and files without an image extension are
+    ignored and logged; class folders are searched recursively.
+    """
+    root = Path(config.data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"Image folder not found: expected a directory with one sub-folder per "
+            f"class. Received: DATA_DIR={config.data_dir!r}."
+        )
+    presplit = (root / "train").is_dir() and (root / "validation").is_dir()
+    ignored: list[str] = []
+    if presplit:
+        split_dirs = {s: root / s for s in ("train", "validation", "test") if (root / s).is_dir()}
+        listed = {s: _list_classes(d, root, ignored) for s, d in split_dirs.items()}
+        class_names = tuple(sorted(listed["train"]))
+        for split, classes in listed.items():
+            extra = sorted(set(classes) - set(class_names))
+            if extra:
+                raise DataError(
+                    f"Split '{split}' has classes that train lacks: {', '.join(extra)}. "
+                    f"Expected a subset of: {', '.join(class_names)}."
+                )
+        files = {
+            split: [(path, class_names.index(c)) for c in sorted(classes) for path in classes[c]]
+            for split, classes in listed.items()
+        }
+    else:
+        classes = _list_classes(root, root, ignored)
+        class_names = tuple(sorted(classes))
+        everything = [(path, class_names.index(c)) for c in class_names for path in classes[c]]
+        files = _split_by_fractions(everything, config.val_fraction, config.test_fraction, seed)
+    _check_classes(class_names, root)
+    if config.test_from_validation:
+        if "test" in files and files["test"]:
+            raise ConfigError(
+                "test_from_validation carves a test split out of validation, but "
+                f"{root} already has a test split. Received: "
+                f"test_from_validation={config.test_from_validation}."
+            )
+        files["validation"], files["test"] = _stratified_split(
+            files["validation"], config.test_from_validation, seed + 1
+        )
+    files = {split: entries for split, entries in files.items() if entries}
+    return FolderScan(
+        root=root,
+        class_names=class_names,
+        splits=files,
+        layout="presplit" if presplit else "fractions",
+        ignored=tuple(ignored),
+        fingerprint=_fingerprint(root, files),
+    )
+
+
+def _list_classes(directory: Path, root: Path, ignored: list[str]) -> dict[str, list[str]]:
+    """Maps each class sub-folder of `directory` to its image paths (relative to root)."""
+    classes: dict[str, list[str]] = {}
+    for entry in sorted(directory.iterdir()):
+        relative = entry.relative_to(root).as_posix()
+        if entry.name.startswith("."):
+            ignored.append(relative)
+        elif entry.is_dir():
+            classes[entry.name] = _list_images(entry, root, ignored)
+            if not classes[entry.name]:
+                raise DataError(
+                    f"Class folder {entry} has no images (expected files ending in "
+                    f"{', '.join(sorted(IMAGE_EXTENSIONS))}). Add images or remove the folder."
+                )
+        else:
+            ignored.append(relative)
+    return classes
+
+
+def _list_images(directory: Path, root: Path, ignored: list[str]) -> list[str]:
+    images = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            relative = (Path(dirpath) / name).relative_to(root).as_posix()
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored.append(relative)
+            else:
+                images.append(relative)
+    return images
+
+
+def _check_classes(class_names: Sequence[str], root: Path) -> None:
+    if len(class_names) < 2:
+        raise DataError(
+            f"Expected at least 2 class sub-folders in {root}. Received: "
+            f"{len(class_names)} ({', '.join(class_names) or 'none'}). A classifier needs "
+            "one sub-folder per class."
+        )
+
+
+def _stratified_split(entries, fraction: float, seed: int):
+    """Splits [(path, label)] into (rest, carved) with `fraction` of each class carved."""
+    from sklearn.model_selection import train_test_split
+
+    if not entries or fraction == 0:
+        return list(entries), []
+    labels = [label for _, label in entries]
+    try:
+        rest, carved = train_test_split(
+            list(entries), test_size=fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as err:
+        counts = dict(sorted(Counter(labels).items()))
+        raise DataError(
+            f"Cannot carve a stratified {fraction:.0%} split from {len(entries)} images "
+            f"(per-class counts {counts}): {err}. Use a smaller fraction or more images."
+        ) from err
+    return sorted(rest), sorted(carved)
+
+
+def _split_by_fractions(entries, val_fraction: float, test_fraction: float, seed: int):
+    rest, test = _stratified_split(entries, test_fraction, seed)
+    val_of_rest = val_fraction / (1.0 - test_fraction)
+    train, validation = _stratified_split(rest, val_of_rest, seed)
+    return {"train": train, "validation": validation, "test": test}
+
+
+def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]]) -> str:
+    """Hash of every file's split, label, path and size: adding, moving or editing an
+    image (in most cases) changes it, so a stale cache is refused, not reused."""
+    digest = hashlib.sha256()
+    for split in sorted(files):
+        for path, label in files[split]:
+            size = (root / path).stat().st_size
+            digest.update(f"{split}\t{label}\t{path}\t{size}\n".encode())
+    return "folder-sha256:" + digest.hexdigest()[:16]
+
+
+def folder_source(scan: FolderScan, *, shard_index: int = 0, num_shards: int = 1) -> DataSource:
+    """Wraps a `FolderScan` as a `DataSource` (one shard of it)."""
+    if scan.ignored:
+        shown = ", ".join(scan.ignored[:5]) + (", ..." if len(scan.ignored) > 5 else "")
+        log.info("Ignored %d hidden or non-image files under %s: %s", len(scan.ignored), scan.root, shown)
+    splits = {}
+    for split, entries in scan.splits.items():
+        mine = entries[shard_index::num_shards]
+        splits[split] = SplitSource(
+            name=split,
+            spec=f"folder:{scan.layout}:{split}",
+            size=len(mine),
+            total=len(entries),
+            records=_folder_records(scan.root, mine, shard_index, num_shards),
+        )
+    counts = {
+        split: {scan.class_names[k]: n for k, n in sorted(Counter(l for _, l in e).items())}
+        for split, e in scan.splits.items()
+    }
+    return DataSource(
+        name=scan.root.resolve().name,
+        version=scan.fingerprint,
+        class_names=scan.class_names,
+        splits=splits,
+        class_counts=counts,
+    )
+
+
+def _folder_records(root: Path, entries, shard_index: int, num_shards: int):
+    def records(start: int):
+        import tensorflow as tf
+
+        chosen = entries[start:]
+        paths = [str(root / path) for path, _ in chosen]
+        ids = [path for path, _ in chosen]
+        labels = [label for _, label in chosen]
+        positions = [shard_index + num_shards * (start + i) for i in range(len(chosen))]
+        ds = tf.data.Dataset.from_tensor_slices(
+            {
+                "path": tf.constant(paths, tf.string),
+                "label": tf.constant(labels, tf.int64),
+                "id": tf.constant(ids, tf.string),
+                "index": tf.constant(positions, tf.int64),
+            }
+        )
+        return ds.map(
+            lambda r: {"image": tf.io.read_file(r["path"]), **{k: r[k] for k in ("label", "id", "index")}},
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+
+    return records
+
+
+# --- tensorflow-datasets ------------------------------------------------------------
+
+
+def tfds_source(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1) -> DataSource:
+    """Loads a tensorflow-datasets dataset by name, with split slicing.
+
+    Images are read undecoded (`SkipDecoding`) so they go through the same decoder
+    as folder images. Ids are tfds's own example ids (`tfds_id`).
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(config.dataset, data_dir=config.tfds_dir)
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise DataError(
+            f"Unknown tensorflow-datasets name. Received: DATASET={config.dataset!r}. "
+            "See `tfds.list_builders()`, or use DATA_DIR=<image folder>."
+        ) from err
+    _ensure_prepared(builder, config)
+    image_key, label_key = _supervised_keys(builder)
+    class_names = tuple(builder.info.features[label_key].names)
+    splits = {}
+    for split, spec in config.splits.items():
+        total = int(_tfds_dataset(builder, spec, image_key, config.dataset).cardinality())
+        if total < 0:
+            raise DataError(f"{config.dataset} split {spec!r} has an unknown number of examples.")
+        splits[split] = SplitSource(
+            name=split,
+            spec=spec,
+            size=len(range(shard_index, total, num_shards)),
+            total=total,
+            records=_tfds_records(builder, spec, image_key, label_key, config.dataset, shard_index, num_shards),
+        )
+    return DataSource(
+        name=config.dataset,
+        version=str(builder.info.version),
+        class_names=class_names,
+        splits=splits,
+    )
+
+
+def _ensure_prepared(builder, config: DataConfig) -> None:
+    if builder.is_prepared():
+        return
+    where = builder.data_dir_root if hasattr(builder, "data_dir_root") else config.tfds_dir
+    instead = (
+        f"Prepare it where there is a network (`tfds build {config.dataset} --data_dir DIR`), "
+        "copy DIR here and pass TFDS_DIR=DIR, or use DATA_DIR=<image folder>."
+    )
+    if not config.download:
+        raise DataError(
+            f"tensorflow-datasets '{config.dataset}' is not prepared in {where} and "
+            f"downloads are off. {instead}"
+        )
+    log.info("Downloading and preparing %s into %s", config.dataset, where)
+    try:
+        builder.download_and_prepare()
+    except Exception as err:  # network failures surface as many types; all are re-raised
+        raise DataError(
+            f"Could not download tensorflow-datasets '{config.dataset}' into {where} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). {instead}"
+        ) from err
+
+
+def _supervised_keys(builder) -> tuple[str, str]:
+    """(image key, label key): the declared supervised keys, or else the one Image and
+    the one ClassLabel feature; anything ambiguous is an error, not a guess."""
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    keys = builder.info.supervised_keys
+    if keys and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        image_key, label_key = keys
+    else:
+        images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+        labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+        if len(images) != 1 or len(labels) != 1:
+            raise DataError(
+                f"{builder.name} is not an image classification dataset: expected one image "
+                f"and one class-label feature, received images={images}, labels={labels}."
+            )
+        image_key, label_key = images[0], labels[0]
+    if not isinstance(features[image_key], tfds.features.Image):
+        raise DataError(f"{builder.name}: feature '{image_key}' is not an image.")
+    return image_key, label_key
+
+
+def _tfds_dataset(builder, spec: str, image_key: str, name: str):
+    """The split as stored, images left encoded, in a fixed order."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return builder.as_dataset(
+            split=spec,
+            shuffle_files=False,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(add_tfds_id=True),
+        )
+    except (KeyError, ValueError, AssertionError) as err:
+        available = ", ".join(sorted(builder.info.splits)) or "see the dataset's catalog page"
+        raise DataError(
+            f"Split {spec!r} does not exist in {name} ({str(err).splitlines()[0][:200]}). "
+            f"Available splits: {available}; slicing such as 'train[:40%]' is allowed."
+        ) from err
+
+
+def _tfds_records(builder, spec, image_key, label_key, name, shard_index, num_shards):
+    def records(start: int):
+        import tensorflow as tf
+
+        ds = _tfds_dataset(builder, spec, image_key, name).enumerate()
+        if num_shards > 1:
+            ds = ds.filter(lambda i, _: i % num_shards == shard_index)
+        ds = ds.skip(start)
+        return ds.map(
+            lambda i, ex: {
+                "image": ex[image_key],
+                "label": tf.cast(ex[label_key], tf.int64),
+                "id": ex["tfds_id"],
+                "index": i,
+            },
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+
+    return records
+
+
+def load_source(config: DataConfig, *, seed: int, shard_index: int = 0, num_shards: int = 1) -> DataSource:
+    """The one entry point: a `DataSource` for either kind of data."""
+    if config.data_dir is not None:
+        return folder_source(scan_folder(config, seed=seed), shard_index=shard_index, num_shards=num_shards)
+    return tfds_source(config, shard_index=shard_index, num_shards=num_shards)
+
+
+def data_fingerprint(config: DataConfig, *, seed: int) -> str:
+    """The part of the cache key that identifies the data, computed without TensorFlow."""
+    if config.data_dir is not None:
+        return scan_folder(config, seed=seed).fingerprint
+    return f"tfds:{config.dataset}"

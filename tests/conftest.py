@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny image folders written on the fly, and the real assets' paths.
+
+Real assets live in ../shared/assets beside the project (override with the
+PIPELINE_SHARED environment variable or --shared); tests that need them skip when
+they are absent, as they are on a user's machine.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption(
+        "--shared",
+        default=os.environ.get("PIPELINE_SHARED", str(ROOT.parent / "shared")),
+        help="folder holding assets/ (default: ../shared or $PIPELINE_SHARED)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow; run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_assets(pytestconfig) -> Path:
+    """../shared/assets, or skip the test when it is absent."""
+    assets = Path(pytestconfig.getoption("--shared")) / "assets"
+    if not assets.is_dir():
+        pytest.skip(f"real assets not found at {assets}")
+    return assets
+
+
+def write_image(path: Path, color, size=(24, 20), fmt=None, mode="RGB", seed=0) -> Path:
+    """Writes a noisy image whose mean colour is `color`: classes stay separable."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.asarray(color, float) + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255)
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+COLORS = {"cat": (200, 60, 60), "dog": (60, 60, 200), "fox": (60, 200, 60)}
+
+
+def make_folder(root: Path, per_class: int, classes=("cat", "dog"), layout="flat") -> Path:
+    """A class-per-folder tree of small JPEGs; `layout="presplit"` adds train/validation/test."""
+    splits = {"train": per_class, "validation": max(2, per_class // 2), "test": max(2, per_class // 2)}
+    for c_index, name in enumerate(classes):
+        if layout == "flat":
+            for i in range(per_class):
+                write_image(root / name / f"{name}.{i}.jpg", COLORS[name], seed=c_index * 10_000 + i)
+        else:
+            for split, n in splits.items():
+                for i in range(n):
+                    write_image(root / split / name / f"{name}.{i}.jpg", COLORS[name], seed=zlib.crc32(f'{split}/{name}/{i}'.encode()))
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Two classes of 12 JPEGs each, no split sub-folders."""
+    return make_folder(tmp_path / "images", 12)
+
+
+@pytest.fixture
+def presplit_folder(tmp_path) -> Path:
+    """train/validation/test sub-folders with two classes, like cats_and_dogs_filtered."""
+    return make_folder(tmp_path / "presplit", 8, layout="presplit")
+
+
+@pytest.fixture(scope="session")
+def dummy_tfds_dir(tmp_path_factory) -> Path:
+    """A real, prepared tfds dataset (`dummy_mnist`: 20 train + 20 test images of 28x28x1,
+    generated locally by tfds's test builder), so the tfds path runs without a network."""
+    import tensorflow_datasets as tfds
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    tfds.testing.DummyMnist(data_dir=str(data_dir)).download_and_prepare()
+    return data_dir
