@@ -165,6 +165,7 @@ class FeatureWriter:
                 for name in self.split_attrs:
                     rows = _committed_rows(old[name]) if name in old else _empty_rows(self.feature_dim, self.dtype)
                     _append(new[name], *rows)
+                    new[name]["committed"][0] = len(rows[1])
                     log.info("Resuming %s: %d %s rows already written", self.path.name, len(rows[1]), name)
         os.replace(fresh, self.partial)
 

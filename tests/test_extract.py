@@ -1,0 +1,199 @@
+"""Stage 1 end to end with the tiny backbone: contents, bad input, cache safety, shards."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import make_folder, write_image
+from pipeline.backbones import build_extractor
+from pipeline.config import DataConfig, FeaturesConfig
+from pipeline.errors import CacheError, DataError
+from pipeline.extract import decode_and_resize, extract_features, resolve
+from pipeline.store import merge_shards, read_features
+
+
+def tiny_config(folder, out, **kwargs) -> FeaturesConfig:
+    data = DataConfig(dataset=None, data_dir=str(folder), val_fraction=0.25, test_fraction=0.25)
+    return FeaturesConfig(**{"data": data, "backbone": "tiny", "weights": "none", "batch_size": 4, "output_dir": str(out), **kwargs})
+
+
+def test_every_split_is_stored_with_labels_ids_and_attributes(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path / "features")
+    result = extract_features(config, progress=False)
+    assert (result.images, result.skipped) == (24, 0)
+    cached = read_features(result.path)
+    assert {name: s.features.shape for name, s in cached.splits.items()} == {
+        "train": (12, 32), "validation": (6, 32), "test": (6, 32)
+    }
+    for split in cached.splits.values():
+        assert split.features.dtype == np.float32 and split.labels.dtype == np.int64
+        names = [cached.class_names[label] for label in split.labels]
+        assert names == [i.split("/")[0] for i in split.ids]  # labels agree with the folders
+    attrs = cached.attrs
+    assert attrs["class_names"] == ["cat", "dog"]
+    assert (attrs["backbone"], attrs["weights"], attrs["image_size"], attrs["pooling"]) == ("tiny", "none", 32, "avg")
+    assert attrs["preprocessing"] == "tf" and attrs["source"] == "folder"
+    assert attrs["num_skipped"] == 0 and attrs["feature_dim"] == 32
+    assert FeaturesConfig.from_dict(attrs["config"]) == config.resolved(32)
+    assert result.path.name.startswith("images__tiny__none__32px__avg__")
+
+
+def test_features_equal_the_model_applied_to_each_image(image_folder, tmp_path):
+    result = extract_features(tiny_config(image_folder, tmp_path), progress=False)
+    cached = read_features(result.path, splits=["validation"])
+    model = build_extractor("tiny", image_size=32, weights=None)
+    split = cached.splits["validation"]
+    images = tf.stack([decode_and_resize(tf.io.read_file(str(image_folder / i)), 32) for i in split.ids])
+    np.testing.assert_allclose(model(images, training=False).numpy(), split.features, atol=1e-5)
+
+
+def test_rerun_with_a_finished_file_does_nothing(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path)
+    first = extract_features(config, progress=False)
+    stamp = first.path.stat().st_mtime_ns
+    second = extract_features(config, progress=False)
+    assert second.up_to_date and "up to date" in second.summary()
+    assert first.path.stat().st_mtime_ns == stamp
+
+
+def test_changed_settings_or_data_give_another_file(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path)
+    paths = {
+        resolve(config)[2],
+        resolve(dataclasses.replace(config, image_size=48))[2],
+        resolve(dataclasses.replace(config, pooling="max"))[2],
+        resolve(dataclasses.replace(config, seed=1))[2],
+    }
+    write_image(image_folder / "cat" / "extra.jpg", (200, 60, 60))
+    paths.add(resolve(config)[2])
+    assert len(paths) == 5
+
+
+def test_a_file_with_another_key_at_the_path_is_never_reused(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path)
+    path = resolve(config)[2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.attrs["complete"] = True
+        f.attrs["key"] = '{"backbone": "mobilenet_v2"}'
+    with pytest.raises(CacheError, match="built with other settings or is unfinished.*Delete it"):
+        extract_features(config, progress=False)
+
+
+@pytest.fixture
+def awkward_folder(tmp_path):
+    """Good images in every awkward format, plus three unreadable files."""
+    root = make_folder(tmp_path / "awkward", 6)
+    cat, dog = root / "cat", root / "dog"
+    write_image(cat / "gray.jpg", (200, 60, 60), mode="L")
+    write_image(cat / "cmyk.jpg", (200, 60, 60), mode="CMYK")
+    write_image(cat / "rgba.png", (200, 60, 60), mode="RGBA")
+    write_image(cat / "png_named.jpg", (200, 60, 60), fmt="PNG")
+    write_image(dog / "gif_named.jpg", (60, 60, 200), fmt="GIF")
+    write_image(dog / "pic.bmp", (60, 60, 200))
+    pixels16 = (np.random.default_rng(0).random((20, 24)) * 65535).astype(np.uint16)
+    from PIL import Image
+
+    Image.fromarray(pixels16).save(dog / "deep16.png")
+    (cat / "truncated.jpg").write_bytes((cat / "cat.0.jpg").read_bytes()[:300])
+    (dog / "empty.jpg").write_bytes(b"")
+    (dog / "text.jpg").write_text("this is not an image")
+    (dog / ".DS_Store").write_bytes(b"\0\1")
+    return root
+
+
+def test_unreadable_images_are_skipped_and_reported_the_rest_converted(awkward_folder, tmp_path):
+    result = extract_features(tiny_config(awkward_folder, tmp_path), progress=False)
+    cached = read_features(result.path)
+    stored = {i for s in cached.splits.values() for i in s.ids}
+    skipped = {item["id"]: item["reason"] for s in cached.split_attrs.values() for item in s["skipped"]}
+    assert set(skipped) == {"cat/truncated.jpg", "dog/empty.jpg", "dog/text.jpg"}
+    assert "Invalid JPEG data" in skipped["cat/truncated.jpg"]
+    assert "empty" in skipped["dog/empty.jpg"]
+    assert "Unknown image file format" in skipped["dog/text.jpg"]
+    converted = {"cat/gray.jpg", "cat/cmyk.jpg", "cat/rgba.png", "cat/png_named.jpg",
+                 "dog/gif_named.jpg", "dog/pic.bmp", "dog/deep16.png"}
+    assert converted <= stored
+    assert len(stored) + len(skipped) == 12 + 10 and result.skipped == 3
+    assert cached.attrs["num_skipped"] == 3
+    for name, split in cached.splits.items():  # positions of the skipped ones are missing
+        missing = set(range(cached.split_attrs[name]["num_inputs"])) - set(split.index)
+        assert missing == {item["index"] for item in cached.split_attrs[name]["skipped"]}
+
+
+def test_strict_turns_a_skip_into_a_failure(awkward_folder, tmp_path):
+    config = tiny_config(awkward_folder, tmp_path, strict=True)
+    with pytest.raises(DataError, match="could not be read.*--strict"):
+        extract_features(config, progress=False)
+    assert not resolve(config)[2].exists()
+
+
+def test_float16_storage_halves_the_features(image_folder, tmp_path):
+    f32 = read_features(extract_features(tiny_config(image_folder, tmp_path), progress=False).path)
+    f16 = read_features(extract_features(tiny_config(image_folder, tmp_path, dtype="float16"), progress=False).path)
+    assert f16.splits["train"].features.dtype == np.float16
+    np.testing.assert_allclose(f16.splits["train"].features, f32.splits["train"].features, rtol=2e-3, atol=2e-3)
+
+
+def test_shards_merge_into_the_single_run(tmp_path):
+    folder = make_folder(tmp_path / "images", 10)
+    single = read_features(extract_features(tiny_config(folder, tmp_path / "one"), progress=False).path)
+    shards = [
+        extract_features(tiny_config(folder, tmp_path / "shards", shard_index=i, num_shards=3), progress=False).path
+        for i in range(3)
+    ]
+    assert read_features(shards[1]).splits["train"].index.tolist() == [1, 4, 7]
+    merged = read_features(merge_shards(shards, tmp_path / "merged.h5"))
+    assert merged.key == single.key
+    for name, split in single.splits.items():
+        other = merged.splits[name]
+        np.testing.assert_array_equal(other.ids, split.ids)
+        np.testing.assert_array_equal(other.labels, split.labels)
+        np.testing.assert_array_equal(other.index, split.index)
+        np.testing.assert_allclose(other.features, split.features, atol=1e-5)
+
+
+def test_merge_refuses_an_incomplete_set_of_shards(tmp_path):
+    folder = make_folder(tmp_path / "images", 4)
+    shard = extract_features(tiny_config(folder, tmp_path, shard_index=0, num_shards=2), progress=False).path
+    with pytest.raises(CacheError, match=r"Expected shard files 0..1 of one run. Received shards \[0\]"):
+        merge_shards([shard], tmp_path / "merged.h5")
+
+
+def test_tfds_dataset_end_to_end(dummy_tfds_dir, tmp_path):
+    data = DataConfig(
+        dataset="dummy_mnist", tfds_dir=str(dummy_tfds_dir),
+        splits={"train": "train[:60%]", "validation": "train[60%:]"},
+    )
+    config = FeaturesConfig(data=data, backbone="tiny", weights="none", batch_size=8, output_dir=str(tmp_path))
+    cached = read_features(extract_features(config, progress=False).path)
+    assert {n: len(s) for n, s in cached.splits.items()} == {"train": 12, "validation": 8}
+    assert all(i.startswith("dummy_mnist-train") for i in cached.splits["train"].ids)
+    assert cached.attrs["dataset_version"] == "3.0.1" and cached.attrs["source"] == "tfds"
+    assert cached.attrs["splits"] == {"train": "train[:60%]", "validation": "train[60%:]"}
+
+
+@pytest.mark.assets
+def test_real_mobilenet_v2_features_separate_cats_from_dogs(shared_assets, tmp_path):
+    """The issue's acceptance check: ImageNet MobileNetV2 at 224 px on cats_and_dogs_filtered,
+    then a logistic regression on the features: >= 98.5% validation accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    weights = shared_assets / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    data = DataConfig(dataset=None, data_dir=str(shared_assets / "datasets" / "cats_and_dogs_filtered"))
+    config = FeaturesConfig(data=data, weights=str(weights), image_size=224, batch_size=32, output_dir=str(tmp_path))
+    result = extract_features(config, progress=False)
+    assert (result.images, result.skipped) == (3000, 0)
+    cached = read_features(result.path)
+    train, val = cached.splits["train"], cached.splits["validation"]
+    assert train.features.shape == (2000, 1280) and val.features.shape == (1000, 1280)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    accuracy = probe.fit(train.features, train.labels).score(val.features, val.labels)
+    assert accuracy >= 0.985, accuracy
