@@ -32,6 +32,10 @@ PYTHON ?= python3#                interpreter used to create the virtual environ
 VENV ?= .venv
 SHARED ?= ../shared#              real assets for the asset tests and benchmarks
 PYTEST_ARGS ?=
+## Benchmarks
+BENCH_DATA ?= $(SHARED)/assets/datasets/cats_and_dogs_filtered
+BENCH_WEIGHTS ?= $(SHARED)/assets/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
+BENCH_IMAGE_SIZE ?= 160
 
 PY := $(VENV)/bin/python
 FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)') \
@@ -41,7 +45,7 @@ FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)'
 	--batch-size $(BATCH_SIZE) --dtype $(DTYPE) --seed $(SEED) --shard $(SHARD) --num-shards $(NUM_SHARDS) \
 	$(if $(STRICT),--strict) $(if $(MIXED_PRECISION),--mixed-precision) --output-dir '$(FEATURES_DIR)'
 
-.PHONY: help features backbones test test-all clean-venv
+.PHONY: help features backbones bench-features test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -57,6 +61,9 @@ $(VENV)/.installed: pyproject.toml
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
 	$(PY) -m pipeline features $(FEATURE_FLAGS)
+
+bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forward pass, peak memory) -> bench/features.{json,md}
+	$(PY) -m pipeline bench-features --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --image-size $(BENCH_IMAGE_SIZE) --batch-size $(BATCH_SIZE)
 
 backbones: $(VENV)/.installed ## list the registered backbones
 	$(PY) -m pipeline backbones

@@ -131,6 +131,27 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_features(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline.bench import bench_features, features_table, write_results
+
+    if not Path(args.data_dir).is_dir():
+        raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA).")
+    weights = None if args.weights.lower() == "none" else args.weights
+    with tempfile.TemporaryDirectory(prefix="bench-features-") as work:
+        result = bench_features(
+            data_dir=Path(args.data_dir), weights=weights, work_dir=Path(work), backbone=args.backbone,
+            image_size=args.image_size, batch_size=args.batch_size, sizes=args.sizes,
+            forward_seconds=args.forward_seconds,
+        )
+    table = features_table(result)
+    paths = write_results(result, table, Path(args.out), "features")
+    print(table)
+    print(f"bench-features: results in {paths[0]} and {paths[1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -145,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("shards", nargs="+", help="shard files (.h5)")
     merge.add_argument("-o", "--output", required=True, help="merged file")
     merge.set_defaults(run=_cmd_merge)
+
+    bench = commands.add_parser("bench-features", help="benchmark stage 1: throughput vs forward pass, peak memory")
+    bench.add_argument("--data-dir", required=True, help="image folder (default in Make: cats_and_dogs_filtered)")
+    bench.add_argument("--weights", default="none", help="imagenet, none, or a path to an .h5 file")
+    bench.add_argument("--backbone", default="mobilenet_v2")
+    bench.add_argument("--image-size", type=int, default=160)
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000], help="dataset sizes to run")
+    bench.add_argument("--forward-seconds", type=float, default=20.0, help="duration of the forward-pass baseline")
+    bench.add_argument("--out", default="bench", help="folder for features.json and features.md")
+    bench.set_defaults(run=_cmd_bench_features)
 
     listing = commands.add_parser("backbones", help="list the registered backbones")
     listing.set_defaults(run=_cmd_backbones)
