@@ -27,6 +27,24 @@ NUM_SHARDS ?= 1
 STRICT ?=#                        1: fail on any unreadable image instead of skipping it
 MIXED_PRECISION ?=#               1: run the backbone in float16 (GPUs)
 FEATURES_DIR ?= features
+## Head (stage 2)
+HEAD ?= logistic#                 logistic (linear probe) or dense (Keras Dropout + Dense)
+FEATURES ?=#                      a feature file to use instead of the one the variables above describe
+C ?=#                             logistic: inverse regularization (default: chosen on validation)
+HIDDEN ?= 0#                      dense: units of an optional hidden layer
+DROPOUT ?= 0.2
+EPOCHS ?= 20
+HEAD_BATCH_SIZE ?= 32
+LEARNING_RATE ?= 0.001
+PATIENCE ?= 5#                    dense: early stopping on validation loss
+CLASS_WEIGHT ?=#                  balanced: weight classes by inverse frequency
+RUNS_DIR ?= runs
+## Export and predict
+RUN ?=#                           a run directory (default: the one the variables above describe)
+TFLITE ?=#                        1: also export model.tflite
+IMAGES ?=#                        predict: image files, folders or globs
+TOP ?= 3#                         predict: classes shown per image
+CSV ?=#                           predict: also write probabilities to this CSV file
 ## Tools
 PYTHON ?= python3#                interpreter used to create the virtual environment
 VENV ?= .venv
@@ -45,7 +63,13 @@ FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)'
 	--batch-size $(BATCH_SIZE) --dtype $(DTYPE) --seed $(SEED) --shard $(SHARD) --num-shards $(NUM_SHARDS) \
 	$(if $(STRICT),--strict) $(if $(MIXED_PRECISION),--mixed-precision) --output-dir '$(FEATURES_DIR)'
 
-.PHONY: help features backbones bench-features test test-all clean-venv
+HEAD_FLAGS = $(if $(FEATURES),--features '$(FEATURES)') --head $(HEAD) $(if $(C),--C $(C)) --hidden $(HIDDEN) \
+	--dropout $(DROPOUT) --epochs $(EPOCHS) --head-batch-size $(HEAD_BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
+	--patience $(PATIENCE) $(if $(CLASS_WEIGHT),--class-weight $(CLASS_WEIGHT)) --runs-dir '$(RUNS_DIR)'
+
+RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
+
+.PHONY: help features head export predict backbones bench-features test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -61,6 +85,15 @@ $(VENV)/.installed: pyproject.toml
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
 	$(PY) -m pipeline features $(FEATURE_FLAGS)
+
+head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
+	$(PY) -m pipeline head $(FEATURE_FLAGS) $(HEAD_FLAGS)
+
+export: head ## one Keras model, raw images in and probabilities out (.keras, SavedModel, TFLITE=1) in RUN/export
+	$(PY) -m pipeline export $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
+
+predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file, folder or glob> [CSV=out.csv]
+	$(PY) -m pipeline predict $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) --top $(TOP) $(if $(CSV),--csv '$(CSV)') $(IMAGES)
 
 bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forward pass, peak memory) -> bench/features.{json,md}
 	$(PY) -m pipeline bench-features --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --image-size $(BENCH_IMAGE_SIZE) --batch-size $(BATCH_SIZE)

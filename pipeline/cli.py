@@ -14,7 +14,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import DEFAULT_TFDS_SPLITS, DTYPES, POOLINGS, SPLIT_NAMES, DataConfig, FeaturesConfig
+from pipeline.config import (
+    DEFAULT_TFDS_SPLITS,
+    DTYPES,
+    HEAD_NAMES,
+    POOLINGS,
+    SPLIT_NAMES,
+    DataConfig,
+    FeaturesConfig,
+    HeadConfig,
+)
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger("pipeline")
@@ -113,6 +122,80 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_head_flags(parser: argparse.ArgumentParser) -> None:
+    head = parser.add_argument_group("head")
+    head.add_argument("--features", help="feature file to use (default: the one the feature flags describe)")
+    head.add_argument("--head", choices=HEAD_NAMES, default="logistic")
+    head.add_argument("--C", type=float, default=None, help="logistic: inverse L2 strength (default: chosen on validation)")
+    head.add_argument("--hidden", type=int, default=0, help="dense: units of an optional hidden layer")
+    head.add_argument("--dropout", type=float, default=0.2)
+    head.add_argument("--epochs", type=int, default=20)
+    head.add_argument("--head-batch-size", type=int, default=32)
+    head.add_argument("--learning-rate", type=float, default=1e-3)
+    head.add_argument("--patience", type=int, default=5, help="dense: early-stopping patience on validation loss")
+    head.add_argument("--class-weight", choices=["balanced"], default=None)
+    head.add_argument("--runs-dir", default="runs")
+    head.add_argument("--grid-images", type=int, default=16, help="images in the predictions grid (0: none)")
+
+
+def head_config(args: argparse.Namespace) -> HeadConfig:
+    return HeadConfig(
+        head=args.head, C=args.C, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
+        batch_size=args.head_batch_size, learning_rate=args.learning_rate, patience=args.patience,
+        class_weight=args.class_weight, seed=args.seed, runs_dir=args.runs_dir, grid_images=args.grid_images,
+    )
+
+
+def _features_file(args: argparse.Namespace) -> tuple[Path, dict]:
+    """The feature file the flags describe (or --features), and the key it must have."""
+    from pipeline.extract import resolve
+
+    _, key, path = resolve(features_config(args))
+    return (Path(args.features) if args.features else path), key
+
+
+def _cmd_head(args: argparse.Namespace) -> int:
+    from pipeline.train import train_head
+
+    config = head_config(args)
+    path, key = _features_file(args)
+    run = train_head(path, config, expect=key)
+    print(run.summary())
+    return 0
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    """--run, or the run directory that the feature and head flags describe."""
+    from pipeline.train import run_dir_for
+
+    if args.run_dir:
+        return Path(args.run_dir)
+    path, _ = _features_file(args)
+    return run_dir_for(path, head_config(args))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_run
+
+    exported = export_run(_run_dir(args), saved_model=not args.no_saved_model, tflite=args.tflite)
+    print(f"export: {', '.join(str(f) for f in exported.files)}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.export import check_top, expand_images, format_predictions, load_classifier, predict_images, write_csv
+
+    if not args.images:
+        raise ConfigError("predict needs images: IMAGES=<file, folder or glob> (several allowed).")
+    model, names = load_classifier(_run_dir(args))
+    top = check_top(args.top, names)
+    results = predict_images(model, names, expand_images(args.images))
+    print("\n".join(format_predictions(results, names, top)))
+    if args.csv:
+        print(f"predict: {len(results)} rows -> {write_csv(results, names, Path(args.csv))}")
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pipeline.store import merge_shards
 
@@ -161,6 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_features_flags(features)
     features.add_argument("--print-path", action="store_true", help="print the feature file path and exit")
     features.set_defaults(run=_cmd_features)
+
+    head = commands.add_parser("head", help="stage 2: train a head on cached features, evaluate, plot")
+    _add_features_flags(head)
+    _add_head_flags(head)
+    head.set_defaults(run=_cmd_head)
+
+    export = commands.add_parser("export", help="one Keras model: raw images in, class probabilities out")
+    _add_features_flags(export)
+    _add_head_flags(export)
+    export.add_argument("--run", dest="run_dir", help="run directory (default: the one the flags describe)")
+    export.add_argument("--tflite", action="store_true", help="also write model.tflite")
+    export.add_argument("--no-saved-model", action="store_true", help="only write model.keras")
+    export.set_defaults(run=_cmd_export)
+
+    predict = commands.add_parser("predict", help="top classes per image with the exported model")
+    _add_features_flags(predict)
+    _add_head_flags(predict)
+    predict.add_argument("images", nargs="*", help="image files, folders or globs")
+    predict.add_argument("--run", dest="run_dir", help="run directory (default: the one the flags describe)")
+    predict.add_argument("--top", type=int, default=3)
+    predict.add_argument("--csv", help="also write all probabilities to this CSV file")
+    predict.set_defaults(run=_cmd_predict)
 
     merge = commands.add_parser("merge", help="join the shard files of one features run")
     merge.add_argument("shards", nargs="+", help="shard files (.h5)")

@@ -213,3 +213,58 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
     if config.num_shards > 1:
         parts.append(f"shard-{config.shard_index}-of-{config.num_shards}")
     return "__".join(parts) + ".h5"
+
+
+HEAD_NAMES = ("logistic", "dense")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Stage 2: which head to train on cached features, and how.
+
+    `C=None` lets the logistic head choose C on the validation split. The dense head
+    stops early on validation loss and keeps its best epoch.
+    """
+
+    head: str = "logistic"
+    C: float | None = None
+    hidden: int = 0
+    dropout: float = 0.2
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 5
+    class_weight: str | None = None
+    seed: int = 0
+    runs_dir: str = "runs"
+    grid_images: int = 16
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_NAMES:
+            raise ConfigError(
+                f"Unknown head {self.head!r}. Expected one of: {', '.join(HEAD_NAMES)}. "
+                f"Received: head={self.head!r}."
+            )
+        if self.class_weight not in (None, "balanced"):
+            raise ConfigError(
+                f"class_weight must be 'balanced' or unset. Received: class_weight={self.class_weight!r}."
+            )
+        if self.grid_images < 0:
+            raise ConfigError(f"grid_images must be >= 0. Received: grid_images={self.grid_images}.")
+
+    def head_params(self) -> dict[str, Any]:
+        """The constructor arguments of the chosen head."""
+        if self.head == "logistic":
+            return {"C": self.C, "class_weight": self.class_weight, "seed": self.seed}
+        return {
+            "hidden": self.hidden, "dropout": self.dropout, "epochs": self.epochs,
+            "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+            "patience": self.patience, "class_weight": self.class_weight, "seed": self.seed,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> HeadConfig:
+        return _build(cls, raw, "head")

@@ -95,3 +95,24 @@ def dummy_tfds_dir(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("tfds")
     tfds.testing.DummyMnist(data_dir=str(data_dir)).download_and_prepare()
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def real_features(shared_assets, tmp_path_factory):
+    """`get(size)` -> path of MobileNetV2 ImageNet features of cats_and_dogs_filtered at
+    `size` px, extracted once per session (the slow part of the real-asset tests)."""
+    from pipeline.config import DataConfig, FeaturesConfig
+    from pipeline.extract import extract_features
+
+    out = tmp_path_factory.mktemp("real-features")
+    weights = shared_assets / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    data = DataConfig(dataset=None, data_dir=str(shared_assets / "datasets" / "cats_and_dogs_filtered"))
+    done = {}
+
+    def get(size: int):
+        if size not in done:
+            config = FeaturesConfig(data=data, weights=str(weights), image_size=size, output_dir=str(out))
+            done[size] = (config, extract_features(config, progress=False))
+        return done[size]
+
+    return get

@@ -179,17 +179,14 @@ def test_tfds_dataset_end_to_end(dummy_tfds_dir, tmp_path):
 
 
 @pytest.mark.assets
-def test_real_mobilenet_v2_features_separate_cats_from_dogs(shared_assets, tmp_path):
+def test_real_mobilenet_v2_features_separate_cats_from_dogs(real_features):
     """The issue's acceptance check: ImageNet MobileNetV2 at 224 px on cats_and_dogs_filtered,
     then a logistic regression on the features: >= 98.5% validation accuracy."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    weights = shared_assets / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-    data = DataConfig(dataset=None, data_dir=str(shared_assets / "datasets" / "cats_and_dogs_filtered"))
-    config = FeaturesConfig(data=data, weights=str(weights), image_size=224, batch_size=32, output_dir=str(tmp_path))
-    result = extract_features(config, progress=False)
+    _, result = real_features(224)
     assert (result.images, result.skipped) == (3000, 0)
     cached = read_features(result.path)
     train, val = cached.splits["train"], cached.splits["validation"]

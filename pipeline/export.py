@@ -1,0 +1,189 @@
+"""Export and predict: one pure-Keras model from raw images to class probabilities.
+
+The exported model is the frozen backbone (with its preprocessing inside) plus
+pooling plus the stage-2 head as Keras layers: the logistic head becomes a Dense
+layer carrying its (standardization-folded) coefficients. Input: uint8 RGB images
+of any size, resized inside exactly as stage 1 resized them, so its probabilities
+equal the head applied to the cached features.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pipeline.backbones import build_extractor, get_backbone, weights_identity
+from pipeline.config import FeaturesConfig
+from pipeline.data import IMAGE_EXTENSIONS
+from pipeline.errors import CacheError, ConfigError, DataError
+from pipeline.heads import Head, load_head
+
+log = logging.getLogger(__name__)
+
+EXPORT_DIR = "export"
+KERAS_FILE = "model.keras"
+
+
+def probability_head(head: Head):
+    """The fitted head as a Keras model: features (N, D) -> probabilities (N, K).
+
+    A binary head's sigmoid unit p becomes a two-column softmax over logits [0, z],
+    which is exactly [1 - p, p]: every exported model has K softmax outputs.
+    """
+    import keras
+
+    inputs = keras.Input((head.n_features_,), name="features")
+    if head.name == "dense" and getattr(head, "hidden", 0):
+        logits = head.model_(inputs)
+        if logits.shape[-1] == 1:
+            pad = keras.layers.Dense(2, use_bias=False, trainable=False, name="binary_logits")
+            logits = pad(logits)
+            pad.set_weights([np.array([[0.0, 1.0]], np.float32)])
+        outputs = keras.layers.Softmax(name="probabilities")(logits)
+        return keras.Model(inputs, outputs, name="head")
+    kernel, bias, activation = head.dense_weights()
+    if activation == "sigmoid":
+        kernel = np.concatenate([np.zeros_like(kernel), kernel], axis=1)
+        bias = np.concatenate([np.zeros_like(bias), bias])
+    dense = keras.layers.Dense(kernel.shape[1], activation="softmax", name="probabilities")
+    outputs = dense(inputs)
+    dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return keras.Model(inputs, outputs, name="head")
+
+
+def build_classifier(features: FeaturesConfig, head: Head, *, weights_key: str | None = None):
+    """Raw uint8 images (N, H, W, 3), any H and W -> probabilities (N, K).
+
+    `weights_key` is the weights identity stored with the features; if the weights
+    file changed since, the backbone would not match the head, so that is an error.
+    """
+    import keras
+
+    if weights_key is not None and weights_identity(features.weights_arg) != weights_key:
+        raise CacheError(
+            f"The backbone weights {features.weights!r} are not the ones the features were "
+            f"extracted with ({weights_key}). Rerun `make features` and `make head`."
+        )
+    spec = get_backbone(features.backbone)
+    extractor = build_extractor(spec, image_size=features.image_size, weights=features.weights_arg,
+                                pooling=features.pooling)
+    images = keras.Input((None, None, 3), dtype="uint8", name="images")
+    # Resizing keeps an integer input's dtype, rounding the interpolated pixels; stage 1
+    # resized in float32, so cast first or the exported model sees other pixels.
+    pixels = keras.ops.cast(images, "float32")
+    resized = keras.layers.Resizing(features.image_size, features.image_size, interpolation="bilinear",
+                                    name="resize")(pixels)
+    outputs = probability_head(head)(extractor(resized))
+    return keras.Model(images, outputs, name=f"{spec.name}_classifier")
+
+
+@dataclass(frozen=True)
+class Export:
+    directory: Path
+    files: tuple[Path, ...]
+
+
+def export_run(run_dir: Path, *, saved_model: bool = True, tflite: bool = False) -> Export:
+    """Writes `<run_dir>/export/`: model.keras, saved_model/, [model.tflite], labels.txt."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise CacheError(f"No head run in {run_dir}. Run `make head` with the same variables first.")
+    record = json.loads((run_dir / "config.json").read_text())
+    features = FeaturesConfig.from_dict(record["features"])
+    model = build_classifier(features, load_head(run_dir), weights_key=record["features_key"]["weights"])
+    out = run_dir / EXPORT_DIR
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir()
+    files = [out / KERAS_FILE, out / "labels.txt"]
+    model.save(files[0])
+    shutil.copy(run_dir / "labels.txt", files[1])
+    if saved_model or tflite:
+        model.export(str(out / "saved_model"), format="tf_saved_model", verbose=False)
+        files.append(out / "saved_model")
+    if tflite:
+        import tensorflow as tf
+
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(out / "saved_model"))
+        (out / "model.tflite").write_bytes(converter.convert())
+        files.append(out / "model.tflite")
+    (out / "export.json").write_text(json.dumps({"run": str(run_dir), **record}, indent=2, sort_keys=True) + "\n")
+    return Export(directory=out, files=tuple(files))
+
+
+def load_classifier(run_dir: Path):
+    """The exported Keras model of a run and its class names."""
+    import keras
+
+    import pipeline.backbones  # noqa: F401  registers the Preprocess layer for deserialization
+
+    path = Path(run_dir) / EXPORT_DIR / KERAS_FILE
+    if not path.exists():
+        raise CacheError(f"No exported model at {path}. Run `make export` with the same variables first.")
+    names = (Path(run_dir) / EXPORT_DIR / "labels.txt").read_text().splitlines()
+    return keras.saving.load_model(path), names
+
+
+def expand_images(patterns: Sequence[str]) -> list[Path]:
+    """Files, folders (searched recursively for images) and globs -> sorted image paths."""
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"No image found for {pattern!r}: expected a file, a folder or a glob.")
+            found += matches
+    return found
+
+
+def predict_images(model, class_names: Sequence[str], paths: Iterable[Path]) -> list[tuple[Path, np.ndarray]]:
+    """(path, probabilities (K,)) per image; an unreadable image is an error naming it."""
+    import tensorflow as tf
+
+    results = []
+    for path in paths:
+        try:
+            image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+        except tf.errors.OpError as err:
+            message = getattr(err, "message", str(err)).split("}}", 1)[-1].split(" [Op:")[0].strip()
+            raise DataError(f"Cannot read image {path}: {message}") from err
+        probabilities = model(image[tf.newaxis], training=False)
+        results.append((Path(path), np.asarray(probabilities)[0]))
+    return results
+
+
+def format_predictions(results, class_names: Sequence[str], top: int) -> list[str]:
+    lines = []
+    for path, proba in results:
+        order = np.argsort(-proba)[:top]
+        lines.append(f"{path}: " + ", ".join(f"{class_names[i]} {proba[i]:.4f}" for i in order))
+    return lines
+
+
+def write_csv(results, class_names: Sequence[str], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "predicted", *class_names])
+        for image, proba in results:
+            writer.writerow([str(image), class_names[int(np.argmax(proba))], *(f"{p:.6f}" for p in proba)])
+    return path
+
+
+def check_top(top: int, class_names: Sequence[str]) -> int:
+    if top < 1:
+        raise ConfigError(f"top must be >= 1. Received: top={top}.")
+    return min(top, len(class_names))

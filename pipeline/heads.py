@@ -1,0 +1,868 @@
+"""Light classifier heads trained on cached feature arrays (stage 2).
+
+A head maps pooled backbone features, float32 `(N, D)`, to class probabilities,
+float32 `(N, K)`. Heads follow the scikit-learn estimator shape: the constructor only
+stores hyper-parameters, `fit` validates its inputs and sets trailing-underscore
+state (`params_`, `n_features_`, `n_classes_`, ...), and an unfitted head raises
+`sklearn.exceptions.NotFittedError`. Everything here is numpy in, numpy out; reading
+feature files and writing run directories belongs to the callers.
+
+Two heads are registered in `HEADS` and built by name with `create_head`:
+
+- `"logistic"`: `LogisticHead`, a standardized multinomial logistic regression whose
+  `C` is picked on the validation split (the linear-probe protocol of Kornblith et
+  al. 2019 and CLIP).
+- `"dense"`: `DenseHead`, the Keras transfer-learning guide's head (dropout and one
+  Dense layer on logits, optionally one hidden ReLU layer), trained with Adam and
+  early stopping on the validation loss.
+
+A saved head is a directory::
+
+    head_dir/
+        head.json      # {"head": "logistic"|"dense", hyper-parameters, params_, ...}
+        head.joblib    # LogisticHead: the fitted scaler and LogisticRegression
+        head.keras     # DenseHead: the Keras model (logits out)
+
+`load_head(head_dir)` reads `head.json` and dispatches on its `"head"` name.
+
+Binary problems (`K == 2`) still get two probability columns, `[1 - p, p]`, where
+`p` is the probability of class 1; `dense_weights()` then returns one sigmoid unit
+that computes `p`.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+
+from pipeline.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+JSON_NAME = "head.json"
+FORMAT_VERSION = 1
+#: The C grid of the logistic sweep: 13 values, 1e-4 ... 1e2, half a decade apart.
+DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
+CLASS_WEIGHTS = (None, "balanced")
+#: Logit given by `LogisticHead.dense_weights` to a class that was absent from
+#: `y_train` (possible with an explicit `n_classes`): `exp(-1e4)` is 0 in float32,
+#: so the exported layer gives it probability 0, as `predict_proba` does, while the
+#: logit stays finite (no NaN gradients when the layer warm-starts fine-tuning).
+ABSENT_CLASS_LOGIT = -1.0e4
+_LOG_LOSS_EPS = 1e-15
+_PREDICT_BATCH = 4096
+
+
+# --------------------------------------------------------------------------- checks
+def _as_features(X: Any, name: str, *, n_features: int | None = None) -> np.ndarray:
+    """Return `X` as a finite float32 `(N, D)` array, or raise `DataError`."""
+    try:
+        X = np.asarray(X, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise DataError(
+            f"{name} must be a numeric (N, D) feature array. Received: {err}. "
+            "Fix: pass the features as a numpy array."
+        ) from None
+    if X.ndim != 2:
+        raise DataError(
+            f"{name} must be a 2-D array of features (N, D). Received: shape "
+            f"{X.shape}. Fix: pass pooled features, e.g. X.reshape(len(X), -1)."
+        )
+    if X.shape[0] == 0:
+        raise DataError(
+            f"{name} must hold at least one example. Received: shape {X.shape}. "
+            "Fix: check that the split is not empty."
+        )
+    if n_features is not None and X.shape[1] != n_features:
+        raise DataError(
+            f"{name} must have the feature width of X_train ({n_features}). "
+            f"Received: shape {X.shape}. Fix: use features from the same backbone "
+            "and pooling for every split."
+        )
+    bad = ~np.isfinite(X)
+    if bad.any():
+        raise DataError(
+            f"{name}: features contain {int(bad.sum())} NaN/inf values (in "
+            f"{int(bad.any(axis=1).sum())} of {len(X)} rows). Expected finite "
+            "floats. Fix: re-extract the features (float16 overflow?) or drop those "
+            "rows."
+        )
+    return X
+
+
+def _as_labels(y: Any, name: str, n_rows: int, x_name: str) -> np.ndarray:
+    """Return `y` as an int64 `(N,)` array of non-negative labels, or raise."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(
+            f"{name} must be a 1-D array of integer class indices. Received: shape "
+            f"{y.shape}. Fix: pass sparse labels, e.g. y.argmax(axis=1) for one-hot."
+        )
+    if len(y) != n_rows:
+        raise DataError(
+            f"{x_name} and {name} must have the same length. Received: {n_rows} "
+            f"feature rows and {len(y)} labels. Fix: pass labels aligned with the "
+            "features."
+        )
+    if y.dtype.kind not in "iub":
+        if y.dtype.kind != "f" or not np.all(np.isfinite(y) & (y == np.round(y))):
+            raise DataError(
+                f"{name} must hold integer class indices. Received: dtype "
+                f"{y.dtype}. Fix: encode the labels as 0..K-1."
+            )
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise DataError(
+            f"{name} must hold class indices in [0, K). Received: labels are negative "
+            f"(minimum {int(y.min())}). Fix: encode the labels as 0..K-1."
+        )
+    return y
+
+
+def _validate_fit_inputs(
+    X_train: Any,
+    y_train: Any,
+    X_val: Any,
+    y_val: Any,
+    n_classes: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, int]:
+    """Check the arrays given to `fit`; return them converted, and K.
+
+    K is `n_classes` when given (so a class absent from `y_train` is still an output
+    column), else `max(y_train) + 1`.
+    """
+    X = _as_features(X_train, "X_train")
+    y = _as_labels(y_train, "y_train", len(X), "X_train")
+    present = np.unique(y)
+    if len(present) < 2:
+        raise DataError(
+            f"y_train needs at least 2 classes; got {len(present)}: "
+            f"{present.tolist()}. Fix: check the labels and the split of the training "
+            "data."
+        )
+    max_label = int(y.max())
+    if n_classes is None:
+        K = max_label + 1
+    else:
+        if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)):
+            raise ConfigError(
+                f"n_classes must be an integer or None. Received: n_classes="
+                f"{n_classes!r}."
+            )
+        K = int(n_classes)
+        if K <= max_label:
+            raise ConfigError(
+                f"n_classes must exceed the largest label in y_train ({max_label}). "
+                f"Received: n_classes={K}. Fix: pass the number of class names, or "
+                "leave n_classes=None."
+            )
+    if (X_val is None) != (y_val is None):
+        raise ConfigError(
+            "X_val and y_val go together. Received: "
+            f"X_val={'None' if X_val is None else 'an array'}, "
+            f"y_val={'None' if y_val is None else 'an array'}. Fix: pass both or "
+            "neither."
+        )
+    if X_val is None:
+        return X, y, None, None, K
+    Xv = _as_features(X_val, "X_val", n_features=X.shape[1])
+    yv = _as_labels(y_val, "y_val", len(Xv), "X_val")
+    _check_label_range(yv, "y_val", K)
+    return X, y, Xv, yv, K
+
+
+def _check_label_range(y: np.ndarray, name: str, K: int) -> None:
+    outside = np.unique(y[y >= K])
+    if len(outside):
+        raise DataError(
+            f"{name} labels must lie in [0, {K}) (K = max(y_train) + 1 or "
+            f"n_classes). Received: labels {outside[:10].tolist()}. Fix: pass "
+            "n_classes=len(class_names) to fit so every class has an output."
+        )
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{name} must be one of {list(choices)}. Received: {name}={value!r}."
+        )
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+) -> None:
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        bounds = (
+            f"{'[' if low_inclusive else '('}{'-inf' if low is None else low}, "
+            f"{'inf' if high is None else high})"
+        )
+        what = "an integer" if integer else "a number"
+        raise ConfigError(
+            f"The '{name}' parameter must be {what} in {bounds}. Received: "
+            f"{name}={value!r}."
+        )
+
+
+# ----------------------------------------------------------------------- numerics
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    # exp of a non-positive number only: no overflow warnings for large |z|.
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _binary_columns(p: np.ndarray) -> np.ndarray:
+    """`(N,)` probabilities of class 1 -> float32 `(N, 2)` columns `[1 - p, p]`."""
+    p = np.asarray(p, dtype=np.float64).reshape(-1)
+    return np.stack([1.0 - p, p], axis=1).astype(np.float32)
+
+
+def _accuracy_and_log_loss(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    accuracy = float(np.mean(proba.argmax(axis=1) == y))
+    picked = np.clip(proba[np.arange(len(y)), y].astype(np.float64), _LOG_LOSS_EPS, 1)
+    return accuracy, float(-np.mean(np.log(picked)))
+
+
+def _balanced_weights(y: np.ndarray) -> dict[int, float]:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    classes = np.unique(y)
+    weights = compute_class_weight("balanced", classes=classes, y=y)
+    return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays and tuples (recursively) to JSON types."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)`, then rename onto `path`: no half-written heads."""
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- base
+class Head(BaseEstimator, abc.ABC):
+    """A classifier on `(N, D)` float32 features; see the module docstring.
+
+    Subclasses set `name` and implement `_fit`, `_predict_proba`, `_save_model`,
+    `_load_model` and `dense_weights`. After `fit`: `n_features_` (D), `n_classes_`
+    (K), `classes_present_` (labels seen in `y_train`) and `params_` (chosen
+    hyper-parameters, `fit_seconds`, `n_features`, `n_classes`, ...).
+    """
+
+    name: ClassVar[str]
+    model_file: ClassVar[str]
+
+    # ----------------------------------------------------------------- public API
+    def fit(
+        self,
+        X_train: Any,
+        y_train: Any,
+        X_val: Any = None,
+        y_val: Any = None,
+        *,
+        n_classes: int | None = None,
+        callbacks: Sequence[Any] | None = None,
+        verbose: int = 0,
+    ) -> "Head":
+        """Train on `X_train` float32 `(N, D)` and `y_train` int64 `(N,)` in [0, K).
+
+        `X_val`/`y_val` (optional, together) select hyper-parameters or stop early.
+        `n_classes` fixes K when a class may be absent from `y_train`; it defaults to
+        `max(y_train) + 1`. `callbacks` are Keras callbacks (DenseHead only).
+        Returns self.
+        """
+        self._check_hyperparameters()
+        X, y, Xv, yv, K = _validate_fit_inputs(X_train, y_train, X_val, y_val, n_classes)
+        self.n_features_ = int(X.shape[1])
+        self.n_classes_ = K
+        self.classes_present_ = np.unique(y)
+        start = time.perf_counter()
+        params = self._fit(X, y, Xv, yv, callbacks=callbacks, verbose=verbose)
+        params["fit_seconds"] = round(time.perf_counter() - start, 4)
+        params.update(
+            n_features=self.n_features_,
+            n_classes=K,
+            n_train=len(X),
+            n_val=0 if Xv is None else len(Xv),
+            classes_present=self.classes_present_.tolist(),
+        )
+        self.params_ = _jsonable(params)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Float32 `(N, K)` class probabilities; rows sum to 1.
+
+        For K == 2 the columns are `[1 - p, p]` with `p` the probability of class 1.
+        """
+        self._check_fitted("predict_proba")
+        X = _as_features(X, "X", n_features=self.n_features_)
+        return self._predict_proba(X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Int64 `(N,)` most probable class per row."""
+        return self.predict_proba(X).argmax(axis=1).astype(np.int64)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the head into `directory` (created if needed); return the model file.
+
+        The model file is written first and `head.json` last, each atomically, so a
+        directory with a `head.json` always holds a complete head.
+        """
+        self._check_fitted("save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model_path = directory / self.model_file
+        _write_atomic(model_path, self._save_model)
+        record = {
+            "head": self.name,
+            "format_version": FORMAT_VERSION,
+            "model_file": self.model_file,
+            "hyperparameters": self.get_params(),
+            "n_features": self.n_features_,
+            "n_classes": self.n_classes_,
+            "classes_present": self.classes_present_.tolist(),
+            "params": self.params_,
+            "versions": _library_versions(),
+            **self._extra_record(),
+        }
+        text = json.dumps(_jsonable(record), indent=2, allow_nan=False)
+        _write_atomic(directory / JSON_NAME, lambda p: p.write_text(text + "\n"))
+        return model_path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Head":
+        """Rebuild a head saved by `save` (of this class) from `directory`."""
+        directory = Path(directory)
+        record = _read_record(directory)
+        if record["head"] != cls.name:
+            raise DataError(
+                f"Expected a saved '{cls.name}' head in {directory}. Received: a "
+                f"'{record['head']}' head. Fix: use load_head(), which dispatches on "
+                "the saved name."
+            )
+        model_path = directory / cls.model_file
+        if not model_path.is_file():
+            raise DataError(
+                f"Expected {model_path} beside {JSON_NAME}. Received: no such file. "
+                "Fix: train and save the head again."
+            )
+        saved = _library_versions()
+        for lib, version in record.get("versions", {}).items():
+            if saved.get(lib) != version:
+                log.warning(
+                    "Head in %s was saved with %s %s; loading with %s.",
+                    directory, lib, version, saved.get(lib),
+                )
+        head = cls(**record["hyperparameters"])
+        head.n_features_ = int(record["n_features"])
+        head.n_classes_ = int(record["n_classes"])
+        head.classes_present_ = np.asarray(record["classes_present"], dtype=np.int64)
+        head.params_ = record["params"]
+        head._load_model(model_path, record)
+        return head
+
+    @abc.abstractmethod
+    def dense_weights(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """`(kernel (D, U), bias (U,), activation)` of one Dense layer on raw features.
+
+        `activation(X @ kernel + bias)` reproduces `predict_proba(X)`: with
+        activation "softmax", U == K; with "sigmoid" (K == 2), U == 1 and the unit
+        is the probability of class 1, i.e. `predict_proba(X)[:, 1]`.
+        """
+
+    # ------------------------------------------------------------ for subclasses
+    @abc.abstractmethod
+    def _check_hyperparameters(self) -> None: ...
+
+    @abc.abstractmethod
+    def _fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        Xv: np.ndarray | None,
+        yv: np.ndarray | None,
+        *,
+        callbacks: Sequence[Any] | None,
+        verbose: int,
+    ) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def _predict_proba(self, X: np.ndarray) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _save_model(self, path: Path) -> None: ...
+
+    @abc.abstractmethod
+    def _load_model(self, path: Path, record: Mapping[str, Any]) -> None: ...
+
+    def _extra_record(self) -> dict[str, Any]:
+        return {}
+
+    def _check_fitted(self, method: str) -> None:
+        if not hasattr(self, "params_"):
+            raise NotFittedError(
+                f"This {type(self).__name__} is not fitted yet; call fit(X_train, "
+                f"y_train, ...) before {method}()."
+            )
+
+
+def _library_versions() -> dict[str, str]:
+    import keras
+    import sklearn
+
+    return {"numpy": np.__version__, "sklearn": sklearn.__version__,
+            "keras": keras.__version__}
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    path = directory / JSON_NAME
+    if not path.is_file():
+        raise DataError(
+            f"Expected a saved head in {directory} ({JSON_NAME}). Received: no such "
+            "file. Fix: train the head first (make head)."
+        )
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}). Fix: retrain the head.")
+    if record.get("format_version") != FORMAT_VERSION or "head" not in record:
+        raise DataError(
+            f"Expected {path} with format_version {FORMAT_VERSION}. Received: "
+            f"format_version={record.get('format_version')!r}. Fix: retrain the head."
+        )
+    return record
+
+
+# ----------------------------------------------------------------------- logistic
+class LogisticHead(Head):
+    """Standardized logistic regression (lbfgs; multinomial when K > 2).
+
+    If `C` is None, `fit` sweeps `Cs` from strongest to weakest regularization,
+    warm-starting each fit from the previous solution, and keeps the C with the best
+    validation accuracy (ties: lower validation log-loss, then smaller C); the head
+    is then refitted from scratch on the training split with that C, so choosing
+    C=0.1 and passing C=0.1 give the same model. `params_["grid"]` records the
+    scores of every C. Scaler statistics come from the training split only.
+
+    Args:
+        C: inverse L2 strength; None selects it on the validation split.
+        Cs: the grid searched when `C` is None (default `DEFAULT_CS`).
+        class_weight: None or "balanced" (inverse class frequency).
+        max_iter: lbfgs iterations per fit. A final fit that does not converge is
+            logged once and recorded as `params_["converged"] = False`.
+        seed: recorded for symmetry; lbfgs is deterministic.
+    """
+
+    name = "logistic"
+    model_file = "head.joblib"
+
+    def __init__(
+        self,
+        C: float | None = None,
+        Cs: Sequence[float] = DEFAULT_CS,
+        class_weight: str | None = None,
+        max_iter: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        self.C = C
+        self.Cs = Cs
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.seed = seed
+
+    def _check_hyperparameters(self) -> None:
+        if self.C is not None:
+            _check_number("C", self.C, low=0, low_inclusive=False)
+        if isinstance(self.Cs, (str, bytes)) or len(np.atleast_1d(self.Cs)) == 0:
+            raise ConfigError(
+                f"The 'Cs' parameter must be a non-empty sequence of positive floats. "
+                f"Received: Cs={self.Cs!r}."
+            )
+        for c in np.atleast_1d(self.Cs).tolist():
+            _check_number("Cs", c, low=0, low_inclusive=False)
+        _check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
+        _check_number("max_iter", self.max_iter, integer=True, low=1)
+        _check_number("seed", self.seed, integer=True, low=0)
+
+    def _fit(self, X, y, Xv, yv, *, callbacks, verbose):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        if callbacks:
+            raise ConfigError(
+                "callbacks are Keras callbacks and apply to the 'dense' head only. "
+                f"Received: callbacks={list(callbacks)!r} for head='logistic'. Fix: "
+                "pass callbacks=None."
+            )
+        self.scaler_ = StandardScaler().fit(X)
+        Z = self.scaler_.transform(X)
+        params: dict[str, Any] = {"class_weight": self.class_weight}
+
+        def new_model(C: float, warm_start: bool) -> LogisticRegression:
+            return LogisticRegression(
+                C=C, class_weight=self.class_weight, max_iter=self.max_iter,
+                random_state=self.seed, warm_start=warm_start,
+            )
+
+        Zv = None if Xv is None else self.scaler_.transform(Xv)
+        if self.C is None:
+            if Xv is None:
+                raise ConfigError(
+                    "LogisticHead with C=None selects C on validation data. Received: "
+                    "X_val=None. Fix: pass X_val and y_val, or set C (e.g. C=1.0)."
+                )
+            grid = []
+            sweep = new_model(1.0, warm_start=True)
+            sweep_start = time.perf_counter()
+            for C in sorted(float(c) for c in np.atleast_1d(self.Cs)):
+                sweep.set_params(C=C)
+                converged = _fit_quietly(sweep, Z, y)
+                self.model_ = sweep
+                accuracy, loss = _accuracy_and_log_loss(self._proba_scaled(Zv), yv)
+                grid.append({"C": C, "val_accuracy": accuracy, "val_log_loss": loss,
+                             "converged": converged,
+                             "n_iter": int(np.max(sweep.n_iter_))})
+                log.log(logging.INFO if verbose else logging.DEBUG,
+                        "logistic C=%.3g: val_accuracy=%.4f val_log_loss=%.4f",
+                        C, accuracy, loss)
+            best = min(grid, key=lambda g: (-g["val_accuracy"], g["val_log_loss"], g["C"]))
+            C = best["C"]
+            params.update(C_selected_on="validation", grid=grid,
+                          sweep_seconds=round(time.perf_counter() - sweep_start, 4))
+        else:
+            C = float(self.C)
+            params["C_selected_on"] = "given"
+        model = new_model(C, warm_start=False)
+        converged = _fit_quietly(model, Z, y)
+        self.model_ = model
+        if not converged:
+            log.warning(
+                "LogisticHead: lbfgs did not converge in max_iter=%d iterations at "
+                "C=%g; increase max_iter or lower C.", self.max_iter, C,
+            )
+        params.update(C=C, converged=converged, n_iter=int(np.max(model.n_iter_)))
+        if Zv is not None:
+            accuracy, loss = _accuracy_and_log_loss(self._proba_scaled(Zv), yv)
+            params.update(val_accuracy=accuracy, val_log_loss=loss)
+        return params
+
+    def _proba_scaled(self, Z: np.ndarray) -> np.ndarray:
+        """Probabilities of standardized features, one column per class in [0, K)."""
+        present = self.model_.predict_proba(Z)
+        if len(self.classes_present_) == self.n_classes_:
+            return present.astype(np.float32)
+        proba = np.zeros((len(Z), self.n_classes_), dtype=np.float32)
+        proba[:, self.model_.classes_] = present
+        return proba
+
+    def _predict_proba(self, X):
+        return self._proba_scaled(self.scaler_.transform(X))
+
+    def dense_weights(self):
+        """See `Head.dense_weights`; the standardization is folded into the layer.
+
+        With z = (x - mean) / scale, `z @ coef.T + b == x @ (coef / scale).T + (b -
+        (mean / scale) @ coef.T)`. A class absent from `y_train` gets a zero kernel
+        column and the bias `ABSENT_CLASS_LOGIT`.
+        """
+        self._check_fitted("dense_weights")
+        mean = self.scaler_.mean_ if self.scaler_.mean_ is not None else 0.0
+        scale = self.scaler_.scale_ if self.scaler_.scale_ is not None else 1.0
+        coef = np.asarray(self.model_.coef_, dtype=np.float64) / scale  # (C, D)
+        bias = np.asarray(self.model_.intercept_, dtype=np.float64) - coef @ np.broadcast_to(
+            mean, (self.n_features_,)
+        )
+        if self.n_classes_ == 2:
+            return coef.T.astype(np.float32), bias.astype(np.float32), "sigmoid"
+        if coef.shape[0] == 1:
+            # Binary fit inside a K-class head: sigmoid(z) == softmax([0, z])[1].
+            coef = np.concatenate([np.zeros_like(coef), coef])
+            bias = np.concatenate([[0.0], bias])
+        kernel = np.zeros((self.n_features_, self.n_classes_))
+        full_bias = np.full(self.n_classes_, ABSENT_CLASS_LOGIT)
+        kernel[:, self.model_.classes_] = coef.T
+        full_bias[self.model_.classes_] = bias
+        return kernel.astype(np.float32), full_bias.astype(np.float32), "softmax"
+
+    def _save_model(self, path):
+        import joblib
+
+        joblib.dump({"scaler": self.scaler_, "model": self.model_}, path)
+
+    def _load_model(self, path, record):
+        import joblib
+
+        state = joblib.load(path)
+        self.scaler_ = state["scaler"]
+        self.model_ = state["model"]
+
+
+def _fit_quietly(model: Any, X: np.ndarray, y: np.ndarray) -> bool:
+    """Fit `model` with ConvergenceWarning silenced; return whether it converged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(X, y)
+    converged = True
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            converged = False
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return converged
+
+
+# -------------------------------------------------------------------------- dense
+class DenseHead(Head):
+    """The Keras transfer-learning guide's head, trained on cached features.
+
+    Architecture: `Input(D) -> Dropout(dropout) -> [Dense(hidden, relu) ->
+    Dropout(dropout)] -> Dense(U)` with logits out: U == 1 and binary
+    cross-entropy for K == 2, U == K and sparse categorical cross-entropy otherwise.
+    Adam(learning_rate); with validation data, EarlyStopping on `val_loss` with
+    `restore_best_weights=True` (the restored epoch is `params_["best_epoch"]`,
+    1-based). The same seed gives identical weights: `fit` calls
+    `keras.utils.set_random_seed(seed)` (which also seeds Python's and numpy's global
+    generators) and seeds the initializers, dropout and shuffling explicitly.
+
+    After fit: `model_` (the Keras model, logits out), `history_` (the History dict:
+    loss, accuracy, val_loss, val_accuracy per epoch), `params_` with `best_epoch`,
+    `epochs_run`, `stopped_early` and the balanced `class_weights` if any.
+    """
+
+    name = "dense"
+    model_file = "head.keras"
+
+    def __init__(
+        self,
+        hidden: int = 0,
+        dropout: float = 0.2,
+        epochs: int = 20,
+        batch_size: int = 32,
+        learning_rate: float = 1e-3,
+        patience: int = 5,
+        class_weight: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.hidden = hidden
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.class_weight = class_weight
+        self.seed = seed
+
+    def _check_hyperparameters(self) -> None:
+        _check_number("hidden", self.hidden, integer=True, low=0)
+        _check_number("dropout", self.dropout, low=0, high=1)
+        _check_number("epochs", self.epochs, integer=True, low=1)
+        _check_number("batch_size", self.batch_size, integer=True, low=1)
+        _check_number("learning_rate", self.learning_rate, low=0, low_inclusive=False)
+        _check_number("patience", self.patience, integer=True, low=0)
+        _check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
+        _check_number("seed", self.seed, integer=True, low=0)
+
+    def _build(self, n_features: int, units: int) -> Any:
+        import keras
+
+        init = keras.initializers.GlorotUniform
+        inputs = keras.Input(shape=(n_features,), name="features")
+        x = keras.layers.Dropout(self.dropout, seed=self.seed, name="dropout")(inputs)
+        if self.hidden:
+            x = keras.layers.Dense(self.hidden, activation="relu",
+                                   kernel_initializer=init(seed=self.seed + 1),
+                                   name="hidden")(x)
+            x = keras.layers.Dropout(self.dropout, seed=self.seed + 2,
+                                     name="hidden_dropout")(x)
+        outputs = keras.layers.Dense(units, kernel_initializer=init(seed=self.seed + 3),
+                                     name="logits")(x)
+        return keras.Model(inputs, outputs, name=f"{self.name}_head")
+
+    def _fit(self, X, y, Xv, yv, *, callbacks, verbose):
+        import keras
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(self.seed)
+        binary = self.n_classes_ == 2
+        self.model_ = self._build(X.shape[1], 1 if binary else self.n_classes_)
+        if binary:
+            loss = keras.losses.BinaryCrossentropy(from_logits=True)
+            # Logits: class 1 iff the logit is positive.
+            accuracy = keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")
+        else:
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.model_.compile(
+            optimizer=keras.optimizers.Adam(self.learning_rate),
+            loss=loss, metrics=[accuracy],
+        )
+
+        def targets(labels: np.ndarray) -> np.ndarray:
+            return labels.astype(np.float32)[:, None] if binary else labels
+
+        params: dict[str, Any] = {"class_weight": self.class_weight, "class_weights": None}
+        tensors: tuple[np.ndarray, ...] = (X, targets(y))
+        if self.class_weight == "balanced":
+            weights = _balanced_weights(y)
+            params["class_weights"] = weights
+            lookup = np.zeros(self.n_classes_, dtype=np.float32)
+            lookup[list(weights)] = list(weights.values())
+            tensors += (lookup[y],)
+        train = (
+            tf.data.Dataset.from_tensor_slices(tensors)
+            .shuffle(len(X), seed=self.seed, reshuffle_each_iteration=True)
+            .batch(self.batch_size)
+        )
+        all_callbacks = list(callbacks or [])
+        validation = None
+        stopper = None
+        if Xv is not None:
+            validation = tf.data.Dataset.from_tensor_slices((Xv, targets(yv))).batch(
+                max(self.batch_size, 1024)
+            )
+            stopper = keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=self.patience, restore_best_weights=True
+            )
+            all_callbacks.append(stopper)
+        history = self.model_.fit(
+            train, validation_data=validation, epochs=self.epochs,
+            callbacks=all_callbacks, verbose=verbose,
+        )
+        self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        epochs_run = len(self.history_["loss"])
+        params.update(
+            epochs_run=epochs_run,
+            best_epoch=epochs_run if stopper is None else stopper.best_epoch + 1,
+            stopped_early=epochs_run < self.epochs,
+        )
+        if stopper is not None:
+            best = params["best_epoch"] - 1
+            params.update(val_loss=self.history_["val_loss"][best],
+                          val_accuracy=self.history_["val_accuracy"][best])
+        return params
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        return np.concatenate([
+            np.asarray(self.model_(X[i:i + _PREDICT_BATCH], training=False))
+            for i in range(0, len(X), _PREDICT_BATCH)
+        ])
+
+    def _predict_proba(self, X):
+        logits = self._logits(X)
+        if self.n_classes_ == 2:
+            return _binary_columns(_sigmoid(logits[:, 0]))
+        return _softmax(logits).astype(np.float32)
+
+    def dense_weights(self):
+        """See `Head.dense_weights`; only for `hidden=0` (one Dense layer)."""
+        self._check_fitted("dense_weights")
+        if self.hidden:
+            raise ConfigError(
+                "dense_weights() needs a head that is one Dense layer on the features. "
+                f"Received: a DenseHead with a hidden ReLU layer (hidden={self.hidden}), "
+                "whose probabilities are not an affine map of the features. Fix: "
+                "export head.model_ itself, or train with hidden=0."
+            )
+        kernel, bias = (np.asarray(w, dtype=np.float32)
+                        for w in self.model_.get_layer("logits").get_weights())
+        return kernel, bias, "sigmoid" if self.n_classes_ == 2 else "softmax"
+
+    def _extra_record(self):
+        return {"history": self.history_}
+
+    def _save_model(self, path):
+        self.model_.save(path)
+
+    def _load_model(self, path, record):
+        import keras
+
+        self.model_ = keras.saving.load_model(path, compile=False)
+        self.history_ = record.get("history", {})
+
+
+# ----------------------------------------------------------------------- registry
+HEADS: dict[str, type[Head]] = {"logistic": LogisticHead, "dense": DenseHead}
+
+
+def list_heads() -> list[str]:
+    """Sorted names accepted by `create_head`."""
+    return sorted(HEADS)
+
+
+def create_head(name: str, **params: Any) -> Head:
+    """Build an unfitted head by registry name with the given hyper-parameters."""
+    if name not in HEADS:
+        raise ConfigError(
+            f"Unknown head '{name}'. Expected one of: {', '.join(list_heads())}. "
+            f"Received: head={name!r}."
+        )
+    cls = HEADS[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"Unknown parameter(s) {', '.join(unknown)} for head '{name}'. Expected "
+            f"some of: {', '.join(accepted)}. Received: {params!r}."
+        )
+    return cls(**params)
+
+
+def load_head(directory: str | os.PathLike) -> Head:
+    """Load a saved head of any registered kind, dispatching on its `head.json`."""
+    record = _read_record(Path(directory))
+    name = record["head"]
+    if name not in HEADS:
+        raise DataError(
+            f"Unknown head '{name}' in {Path(directory) / JSON_NAME}. Expected one "
+            f"of: {', '.join(list_heads())}. Fix: retrain the head."
+        )
+    return HEADS[name].load(directory)

@@ -1,0 +1,81 @@
+"""Figures people would rather look at than read, written straight to PNG.
+
+Uses matplotlib's object API (`Figure`) rather than pyplot: no global figure state,
+no display needed, nothing shown mid-run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+
+def learning_curves(history: Mapping[str, Sequence[float]], path: Path, *, marker: int | None = None,
+                    marker_label: str = "start fine-tuning") -> Path:
+    """Accuracy and loss per epoch, training and validation (the tutorials' figure).
+
+    `marker` draws a vertical line after that many epochs, where a later phase begins.
+    """
+    figure = Figure(figsize=(8, 7), layout="constrained")
+    axes = figure.subplots(2, 1, sharex=True)
+    epochs = np.arange(1, len(history.get("loss", [])) + 1)
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        for prefix, label in (("", "training"), ("val_", "validation")):
+            values = history.get(prefix + metric)
+            if values:
+                ax.plot(epochs[: len(values)], values, marker="o", markersize=3, label=f"{label} {metric}")
+        if marker is not None:
+            ax.axvline(marker + 0.5, color="grey", linestyle="--", label=marker_label)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_title("Training and validation accuracy")
+    axes[1].set_xlabel("epoch")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, *, title: str) -> Path:
+    """Counts with row-normalized shading: rows are true classes, columns predictions."""
+    counts = np.asarray(matrix)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    figure = Figure(figsize=(size, size), layout="constrained")
+    ax = figure.subplots()
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    if len(class_names) <= 30:
+        for i, j in np.ndindex(counts.shape):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center",
+                    color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def predictions_grid(images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str],
+                     confidence: Sequence[float], path: Path, *, title: str) -> Path:
+    """Images with predicted (and confidence) vs true labels; mistakes in red."""
+    columns = min(4, max(1, len(images)))
+    rows = max(1, math.ceil(len(images) / columns))
+    figure = Figure(figsize=(3 * columns, 3.2 * rows), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, t, p, c in zip(axes, images, true, predicted, confidence):
+        ax.imshow(np.asarray(image).astype(np.uint8))
+        ax.set_title(f"pred: {p} ({c:.0%})\ntrue: {t}", fontsize=9, color="black" if p == t else "red")
+    figure.suptitle(title)
+    figure.savefig(path, dpi=100)
+    return path

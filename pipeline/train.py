@@ -1,0 +1,217 @@
+"""Stage 2: train a light head on cached features, evaluate it, write a run directory.
+
+The backbone never runs here, which is why a retrain takes seconds. Hyper-parameters
+are chosen on the validation split only; the test split is scored once, at the end.
+
+A run directory (`runs/<feature file>__<head>/`) holds::
+
+    head.joblib | head.keras, head.json    the fitted head
+    labels.txt                             class names in output order
+    config.json                            features config + key, head config
+    metrics.json                           validation and test metrics, chosen hyper-parameters
+    history.csv, tensorboard/              dense head only
+    learning_curves.png                    dense head only
+    confusion_matrix.png, predictions.png  on test (validation if there is no test split)
+    report.md                              the table and the plots
+
+It is assembled in a temporary directory and moved into place at the end, so a
+failed run never leaves a half-written directory or clobbers the previous one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from pipeline import plots
+from pipeline.config import FeaturesConfig, HeadConfig
+from pipeline.errors import DataError
+from pipeline.heads import Head, create_head
+from pipeline.metrics import classification_metrics
+from pipeline.store import FeatureSet, read_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadRun:
+    """A finished stage-2 run."""
+
+    run_dir: Path
+    head: Head
+    metrics: dict[str, Any]
+
+    def summary(self) -> str:
+        parts = [f"head: {self.head.name}"]
+        for split in ("validation", "test"):
+            if self.metrics.get(split):
+                parts.append(f"{split} accuracy {self.metrics[split]['accuracy']:.4f}")
+        parts.append(f"trained in {self.metrics['training_seconds']:.2f} s -> {self.run_dir}")
+        return ", ".join(parts)
+
+
+def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
+    return Path(config.runs_dir) / f"{Path(features_path).stem}__{config.head}"
+
+
+def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None) -> HeadRun:
+    """Fits `config.head` on the train split of `features_path` and writes its run directory."""
+    cached = read_features(features_path, expect=expect)
+    _check_splits(cached)
+    class_names = list(cached.class_names)
+    train, validation = cached.splits["train"], cached.splits["validation"]
+    test = cached.splits.get("test")
+    if test is None:
+        log.warning("%s has no test split: reporting validation metrics only.", features_path)
+
+    run_dir = run_dir_for(features_path, config)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    try:
+        head = create_head(config.head, **config.head_params())
+        head.fit(
+            train.features, train.labels, validation.features, validation.labels,
+            n_classes=len(class_names), callbacks=_callbacks(head, work),
+        )
+        metrics = {
+            "head": config.head,
+            "features": str(features_path),
+            "hyperparameters": head.params_,
+            "training_seconds": head.params_["fit_seconds"],
+            "validation": classification_metrics(head.predict_proba(validation.features), validation.labels, class_names),
+            "test": classification_metrics(head.predict_proba(test.features), test.labels, class_names) if test else None,
+        }
+        if test is None:
+            metrics["note"] = "no test split: validation metrics only"
+        _write_run(work, head, cached, config, metrics)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        os.replace(work, run_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return HeadRun(run_dir=run_dir, head=head, metrics=metrics)
+
+
+def _check_splits(cached: FeatureSet) -> None:
+    k = len(cached.class_names)
+    missing = [s for s in ("train", "validation") if s not in cached.splits]
+    if missing:
+        raise DataError(
+            f"{cached.path} has no {' or '.join(missing)} split; a head needs train and validation "
+            f"(available: {', '.join(cached.splits)}). Rebuild the features with both splits."
+        )
+    for name, split in cached.splits.items():
+        bad = (split.labels < 0) | (split.labels >= k)
+        if bad.any():
+            raise DataError(
+                f"{cached.path}: split '{name}' has {int(bad.sum())} labels outside the {k} classes "
+                f"{cached.class_names} (first: {int(split.labels[bad][0])}). The file is inconsistent; rebuild it."
+            )
+
+
+def _callbacks(head: Head, work: Path) -> list[Any] | None:
+    if head.name != "dense":
+        return None
+    import keras
+
+    return [keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"))]
+
+
+def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any]) -> None:
+    class_names = list(cached.class_names)
+    head.save(work)
+    (work / "labels.txt").write_text("\n".join(class_names) + "\n")
+    (work / "config.json").write_text(json.dumps(
+        {"features": cached.config, "features_key": cached.key, "features_path": str(cached.path),
+         "head": config.to_dict()}, indent=2, sort_keys=True) + "\n")
+    (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    figures = []
+    history = getattr(head, "history_", None)
+    if history:
+        with open(work / "history.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            names = list(history)
+            writer.writerow(["epoch", *names])
+            for epoch, row in enumerate(zip(*(history[n] for n in names)), start=1):
+                writer.writerow([epoch, *row])
+        figures.append(plots.learning_curves(history, work / "learning_curves.png"))
+    scored = "test" if metrics["test"] else "validation"
+    figures.append(plots.confusion_matrix(
+        metrics[scored]["confusion_matrix"], class_names, work / "confusion_matrix.png",
+        title=f"{config.head} head, {scored} split",
+    ))
+    grid = _predictions_grid(head, cached, scored, config, work / "predictions.png")
+    if grid:
+        figures.append(grid)
+    (work / "report.md").write_text(report(metrics, class_names, [f.name for f in figures]))
+
+
+def _predictions_grid(head: Head, cached: FeatureSet, split: str, config: HeadConfig, path: Path) -> Path | None:
+    """A grid of images with predicted vs true labels, read back from the data source."""
+    if config.grid_images == 0:
+        return None
+    rows = cached.splits[split]
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.choice(len(rows), size=min(config.grid_images, len(rows)), replace=False))
+    try:
+        images = load_images(FeaturesConfig.from_dict(cached.config), split, rows.index[chosen])
+    except Exception as err:  # the images may have moved since extraction; the plot is optional
+        log.warning("No predictions grid: cannot read the %s images back (%s).", split, err)
+        return None
+    proba = head.predict_proba(rows.features[chosen])
+    names = cached.class_names
+    return plots.predictions_grid(
+        [images[int(i)] for i in rows.index[chosen]],
+        [names[label] for label in rows.labels[chosen]],
+        [names[p] for p in proba.argmax(axis=1)],
+        proba.max(axis=1).tolist(),
+        path,
+        title=f"{head.name} head on {split} images",
+    )
+
+
+def load_images(config: FeaturesConfig, split: str, positions: np.ndarray) -> dict[int, np.ndarray]:
+    """The images at `positions` of a split, decoded and resized as the backbone saw them."""
+    import tensorflow as tf
+
+    from pipeline.data import load_source
+    from pipeline.extract import decode_and_resize
+
+    source = load_source(config.data, seed=config.seed)
+    wanted = tf.constant(np.asarray(positions, np.int64))
+    records = source.splits[split].records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))
+    return {
+        int(r["index"]): decode_and_resize(r["image"], config.image_size).numpy()
+        for r in records
+    }
+
+
+def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str]) -> str:
+    """A short markdown report: headline numbers, per-class table, the figures."""
+    splits = [s for s in ("validation", "test") if metrics.get(s)]
+    lines = [f"# {metrics['head']} head", "", f"Features: `{metrics['features']}`", ""]
+    lines += ["| split | n | accuracy | mean per-class accuracy | loss |", "|---|---:|---:|---:|---:|"]
+    for s in splits:
+        m = metrics[s]
+        lines.append(f"| {s} | {m['n']} | {m['accuracy']:.4f} | {m['mean_per_class_accuracy']:.4f} | {m['loss']:.4f} |")
+    if metrics.get("note"):
+        lines += ["", f"Note: {metrics['note']}."]
+    chosen = {k: v for k, v in metrics["hyperparameters"].items() if k in ("C", "best_epoch", "epochs_run", "converged")}
+    lines += ["", f"Training: {metrics['training_seconds']:.2f} s; {json.dumps(chosen)}", ""]
+    last = splits[-1]
+    lines += [f"Per class ({last}):", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name in class_names:
+        c = metrics[last]["per_class"][name]
+        lines.append(f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
+    lines.append("")
+    lines += [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
