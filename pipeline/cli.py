@@ -226,7 +226,7 @@ def _cmd_bench_features(args: argparse.Namespace) -> int:
         result = bench_features(
             data_dir=Path(args.data_dir), weights=weights, work_dir=Path(work), backbone=args.backbone,
             image_size=args.image_size, batch_size=args.batch_size, sizes=args.sizes,
-            forward_seconds=args.forward_seconds,
+            repeats=args.repeats, forward_seconds=args.forward_seconds,
         )
     table = features_table(result)
     paths = write_results(result, table, Path(args.out), "features")
@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image-size", type=int, default=160)
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000], help="dataset sizes to run")
-    bench.add_argument("--forward-seconds", type=float, default=20.0, help="duration of the forward-pass baseline")
+    bench.add_argument("--repeats", type=int, default=3, help="extraction runs of the largest size")
+    bench.add_argument("--forward-seconds", type=float, default=10.0, help="duration of each forward-pass measurement")
     bench.add_argument("--out", default="bench", help="folder for features.json and features.md")
     bench.set_defaults(run=_cmd_bench_features)
 
