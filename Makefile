@@ -69,7 +69,7 @@ HEAD_FLAGS = $(if $(FEATURES),--features '$(FEATURES)') --head $(HEAD) $(if $(C)
 
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
-.PHONY: help features head export predict backbones bench-features test test-all clean-venv
+.PHONY: help features head export predict backbones bench bench-features bench-head test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -97,6 +97,15 @@ predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file,
 
 bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forward pass, peak memory) -> bench/features.{json,md}
 	$(PY) -m pipeline bench-features --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --image-size $(BENCH_IMAGE_SIZE) --batch-size $(BATCH_SIZE)
+
+BENCH_FEATURE_FLAGS = --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --image-size $(BENCH_IMAGE_SIZE) \
+	--output-dir '$(FEATURES_DIR)'
+
+bench-head: $(VENV)/.installed ## benchmark stage 2: head training seconds on the benchmark's cached features -> bench/head.{json,md}
+	$(PY) -m pipeline features $(BENCH_FEATURE_FLAGS)
+	$(PY) -m pipeline bench-head $(BENCH_FEATURE_FLAGS)
+
+bench: bench-features bench-head ## all benchmarks
 
 backbones: $(VENV)/.installed ## list the registered backbones
 	$(PY) -m pipeline backbones

@@ -235,6 +235,18 @@ def _cmd_bench_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_head(args: argparse.Namespace) -> int:
+    from pipeline.bench import bench_head, head_table, write_results
+
+    path, _ = _features_file(args)
+    result = bench_head(path, repeats=args.repeats, seed=args.seed)
+    table = head_table(result)
+    paths = write_results(result, table, Path(args.out), "head")
+    print(table)
+    print(f"bench-head: results in {paths[0]} and {paths[1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -283,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--forward-seconds", type=float, default=10.0, help="duration of each forward-pass measurement")
     bench.add_argument("--out", default="bench", help="folder for features.json and features.md")
     bench.set_defaults(run=_cmd_bench_features)
+
+    bench_heads = commands.add_parser("bench-head", help="benchmark stage 2: head training seconds on cached features")
+    _add_features_flags(bench_heads)
+    bench_heads.add_argument("--features", help="feature file (default: the one the feature flags describe)")
+    bench_heads.add_argument("--repeats", type=int, default=3)
+    bench_heads.add_argument("--out", default="bench", help="folder for head.json and head.md")
+    bench_heads.set_defaults(run=_cmd_bench_head)
 
     listing = commands.add_parser("backbones", help="list the registered backbones")
     listing.set_defaults(run=_cmd_backbones)

@@ -183,3 +183,26 @@ def test_real_heads_reach_the_reference_accuracy(real_features, tmp_path, size, 
     dense = train_head(result.path, HeadConfig(head="dense", runs_dir=str(tmp_path), grid_images=0), expect=key)
     assert logistic.metrics["validation"]["accuracy"] >= logistic_min, logistic.metrics["validation"]["accuracy"]
     assert dense.metrics["validation"]["accuracy"] >= dense_min, dense.metrics["validation"]["accuracy"]
+
+
+def test_saved_model_and_tflite_exports_agree_with_keras(tiny_features, tmp_path):
+    import tensorflow as tf
+
+    folder, _, path, key = tiny_features
+    run = train_head(path, head_config(tmp_path), expect=key)
+    exported = export_run(run.run_dir, saved_model=True, tflite=True)
+    model, _ = load_classifier(run.run_dir)
+    image = tf.io.decode_image(tf.io.read_file(str(folder / "fox" / "fox.0.jpg")), channels=3)[tf.newaxis]
+    expected = np.asarray(model(image))
+
+    saved_model = tf.saved_model.load(str(exported.directory / "saved_model"))
+    np.testing.assert_allclose(np.asarray(saved_model.serve(image)), expected, atol=1e-5)
+
+    interpreter = tf.lite.Interpreter(model_path=str(exported.directory / "model.tflite"))
+    (detail,) = interpreter.get_input_details()
+    interpreter.resize_tensor_input(detail["index"], image.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(detail["index"], image.numpy())
+    interpreter.invoke()
+    lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(lite, expected, atol=1e-4)
