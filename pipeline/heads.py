@@ -63,6 +63,10 @@ CLASS_WEIGHTS = (None, "balanced")
 ABSENT_CLASS_LOGIT = -1.0e4
 _LOG_LOSS_EPS = 1e-15
 _PREDICT_BATCH = 4096
+#: Keras `steps_per_execution` of DenseHead: 16 train steps per graph call is ~1.8x
+#: faster on CPU for these tiny models and gives identical weights; batch-level
+#: callbacks (e.g. TensorBoard with update_freq="batch") see every 16th batch.
+_STEPS_PER_EXECUTION = 16
 
 
 # --------------------------------------------------------------------------- checks
@@ -320,6 +324,9 @@ class Head(BaseEstimator, abc.ABC):
         `max(y_train) + 1`. `callbacks` are Keras callbacks (DenseHead only).
         Returns self.
         """
+        # A failed refit must not leave the previous fit's state looking valid.
+        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
+            delattr(self, attr)
         self._check_hyperparameters()
         X, y, Xv, yv, K = _validate_fit_inputs(X_train, y_train, X_val, y_val, n_classes)
         self.n_features_ = int(X.shape[1])
@@ -395,12 +402,12 @@ class Head(BaseEstimator, abc.ABC):
                 f"Expected {model_path} beside {JSON_NAME}. Received: no such file. "
                 "Fix: train and save the head again."
             )
-        saved = _library_versions()
+        current = _library_versions()
         for lib, version in record.get("versions", {}).items():
-            if saved.get(lib) != version:
+            if current.get(lib) != version:
                 log.warning(
                     "Head in %s was saved with %s %s; loading with %s.",
-                    directory, lib, version, saved.get(lib),
+                    directory, lib, version, current.get(lib),
                 )
         head = cls(**record["hyperparameters"])
         head.n_features_ = int(record["n_features"])
@@ -499,7 +506,14 @@ class LogisticHead(Head):
         class_weight: None or "balanced" (inverse class frequency).
         max_iter: lbfgs iterations per fit. A final fit that does not converge is
             logged once and recorded as `params_["converged"] = False`.
-        seed: recorded for symmetry; lbfgs is deterministic.
+        seed: passed as `random_state`; lbfgs itself is deterministic.
+        tol: lbfgs stopping tolerance on the gradient of the *mean* loss. Tighter
+            than scikit-learn's 1e-4, at which warm-started fits at large C stop
+            after 0 iterations and the grid scores of large C are stale copies.
+        blas_threads: BLAS threads while fitting (threadpoolctl, restored after).
+            The products here are thin, `(N, D) @ (D, K)`: one thread is as fast as
+            two on an idle 2-core machine and 5-10x faster on a busy one. None
+            keeps the BLAS default (worth it only for large N and K on many cores).
     """
 
     name = "logistic"
@@ -512,12 +526,16 @@ class LogisticHead(Head):
         class_weight: str | None = None,
         max_iter: int = 1000,
         seed: int = 0,
+        tol: float = 1e-6,
+        blas_threads: int | None = 1,
     ) -> None:
         self.C = C
         self.Cs = Cs
         self.class_weight = class_weight
         self.max_iter = max_iter
         self.seed = seed
+        self.tol = tol
+        self.blas_threads = blas_threads
 
     def _check_hyperparameters(self) -> None:
         if self.C is not None:
@@ -532,8 +550,17 @@ class LogisticHead(Head):
         _check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
         _check_number("max_iter", self.max_iter, integer=True, low=1)
         _check_number("seed", self.seed, integer=True, low=0)
+        _check_number("tol", self.tol, low=0, low_inclusive=False)
+        if self.blas_threads is not None:
+            _check_number("blas_threads", self.blas_threads, integer=True, low=1)
 
     def _fit(self, X, y, Xv, yv, *, callbacks, verbose):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=self.blas_threads, user_api="blas"):
+            return self._fit_logistic(X, y, Xv, yv, callbacks=callbacks, verbose=verbose)
+
+    def _fit_logistic(self, X, y, Xv, yv, *, callbacks, verbose):
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
@@ -543,17 +570,21 @@ class LogisticHead(Head):
                 f"Received: callbacks={list(callbacks)!r} for head='logistic'. Fix: "
                 "pass callbacks=None."
             )
-        self.scaler_ = StandardScaler().fit(X)
-        Z = self.scaler_.transform(X)
+        # Standardize and fit in float64: float32 means/variances and loss gradients
+        # are too coarse for tol=1e-6, and float64 costs no more time at these shapes.
+        X64 = X.astype(np.float64)
+        self.scaler_ = StandardScaler().fit(X64)
+        Z = self.scaler_.transform(X64)
+        del X64
         params: dict[str, Any] = {"class_weight": self.class_weight}
 
         def new_model(C: float, warm_start: bool) -> LogisticRegression:
             return LogisticRegression(
                 C=C, class_weight=self.class_weight, max_iter=self.max_iter,
-                random_state=self.seed, warm_start=warm_start,
+                tol=self.tol, random_state=self.seed, warm_start=warm_start,
             )
 
-        Zv = None if Xv is None else self.scaler_.transform(Xv)
+        Zv = None if Xv is None else self.scaler_.transform(Xv.astype(np.float64))
         if self.C is None:
             if Xv is None:
                 raise ConfigError(
@@ -615,19 +646,18 @@ class LogisticHead(Head):
         column and the bias `ABSENT_CLASS_LOGIT`.
         """
         self._check_fitted("dense_weights")
-        mean = self.scaler_.mean_ if self.scaler_.mean_ is not None else 0.0
-        scale = self.scaler_.scale_ if self.scaler_.scale_ is not None else 1.0
+        D = self.n_features_
+        mean = np.broadcast_to(0.0 if self.scaler_.mean_ is None else self.scaler_.mean_, D)
+        scale = 1.0 if self.scaler_.scale_ is None else self.scaler_.scale_
         coef = np.asarray(self.model_.coef_, dtype=np.float64) / scale  # (C, D)
-        bias = np.asarray(self.model_.intercept_, dtype=np.float64) - coef @ np.broadcast_to(
-            mean, (self.n_features_,)
-        )
+        bias = np.asarray(self.model_.intercept_, dtype=np.float64) - coef @ mean
         if self.n_classes_ == 2:
             return coef.T.astype(np.float32), bias.astype(np.float32), "sigmoid"
         if coef.shape[0] == 1:
             # Binary fit inside a K-class head: sigmoid(z) == softmax([0, z])[1].
             coef = np.concatenate([np.zeros_like(coef), coef])
             bias = np.concatenate([[0.0], bias])
-        kernel = np.zeros((self.n_features_, self.n_classes_))
+        kernel = np.zeros((D, self.n_classes_))
         full_bias = np.full(self.n_classes_, ABSENT_CLASS_LOGIT)
         kernel[:, self.model_.classes_] = coef.T
         full_bias[self.model_.classes_] = bias
@@ -743,7 +773,7 @@ class DenseHead(Head):
             accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.model_.compile(
             optimizer=keras.optimizers.Adam(self.learning_rate),
-            loss=loss, metrics=[accuracy],
+            loss=loss, metrics=[accuracy], steps_per_execution=_STEPS_PER_EXECUTION,
         )
 
         def targets(labels: np.ndarray) -> np.ndarray:
@@ -775,7 +805,7 @@ class DenseHead(Head):
             all_callbacks.append(stopper)
         history = self.model_.fit(
             train, validation_data=validation, epochs=self.epochs,
-            callbacks=all_callbacks, verbose=verbose,
+            callbacks=all_callbacks, verbose=verbose, shuffle=False,  # tf.data shuffles
         )
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         epochs_run = len(self.history_["loss"])
