@@ -9,6 +9,7 @@ SHELL := /bin/bash
 DATASET ?= cats_vs_dogs#          tensorflow-datasets name (ignored when DATA_DIR is set)
 DATA_DIR ?=#                      image folder: one sub-folder per class, or train/ validation/ [test/]
 TFDS_DIR ?=#                      tensorflow-datasets data_dir (prepared data)
+NO_DOWNLOAD ?=#                   1: never download tfds data (fail at once offline)
 SPLITS ?=#                        tfds split specs, default train=train[:40%],validation=train[40%:50%],test=train[50%:60%]
 VAL_FRACTION ?= 0.1#              image folder without split sub-folders
 TEST_FRACTION ?= 0.1#             image folder without split sub-folders
@@ -57,7 +58,7 @@ BENCH_IMAGE_SIZE ?= 160
 
 PY := $(VENV)/bin/python
 FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)') \
-	$(if $(TFDS_DIR),--tfds-dir '$(TFDS_DIR)') $(if $(SPLITS),--splits '$(SPLITS)') \
+	$(if $(TFDS_DIR),--tfds-dir '$(TFDS_DIR)') $(if $(NO_DOWNLOAD),--no-download) $(if $(SPLITS),--splits '$(SPLITS)') \
 	--val-fraction $(VAL_FRACTION) --test-fraction $(TEST_FRACTION) --test-from-validation $(TEST_FROM_VALIDATION) \
 	--backbone $(BACKBONE) --weights '$(WEIGHTS)' $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --pooling $(POOLING) \
 	--batch-size $(BATCH_SIZE) --dtype $(DTYPE) --seed $(SEED) --shard $(SHARD) --num-shards $(NUM_SHARDS) \

@@ -75,9 +75,7 @@ def extract_features(config: FeaturesConfig, *, progress: bool = True) -> Extrac
             f"{path} exists but was built with other settings or is unfinished; it is "
             "never mixed with this run. Delete it to rebuild."
         )
-    source = load_source(
-        config.data, seed=config.seed, shard_index=config.shard_index, num_shards=config.num_shards
-    )
+    # The backbone first: missing weights fail in a second, before a dataset download.
     spec = backbones.get_backbone(config.backbone)
     model = backbones.build_extractor(
         spec,
@@ -85,6 +83,9 @@ def extract_features(config: FeaturesConfig, *, progress: bool = True) -> Extrac
         weights=config.weights_arg,
         pooling=config.pooling,
         mixed_precision=config.mixed_precision,
+    )
+    source = load_source(
+        config.data, seed=config.seed, shard_index=config.shard_index, num_shards=config.num_shards
     )
     attrs = _file_attrs(config, key, source, spec)
     splits = {

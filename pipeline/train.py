@@ -35,7 +35,7 @@ import numpy as np
 from pipeline import plots
 from pipeline.config import FeaturesConfig, HeadConfig
 from pipeline.errors import DataError
-from pipeline.heads import Head, create_head
+from pipeline.heads import Head, create_head, load_head
 from pipeline.metrics import classification_metrics
 from pipeline.store import FeatureSet, read_features
 
@@ -44,14 +44,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HeadRun:
-    """A finished stage-2 run."""
+    """A finished stage-2 run; `up_to_date` means it was found finished, not retrained."""
 
     run_dir: Path
     head: Head
     metrics: dict[str, Any]
+    up_to_date: bool = False
 
     def summary(self) -> str:
-        parts = [f"head: {self.head.name}"]
+        parts = [f"head: {self.head.name}" + (" (up to date, not retrained)" if self.up_to_date else "")]
         for split in ("validation", "test"):
             if self.metrics.get(split):
                 parts.append(f"{split} accuracy {self.metrics[split]['accuracy']:.4f}")
@@ -66,6 +67,10 @@ def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
 def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None) -> HeadRun:
     """Fits `config.head` on the train split of `features_path` and writes its run directory."""
     cached = read_features(features_path, expect=expect)
+    run_dir = run_dir_for(features_path, config)
+    finished = _finished_run(run_dir, cached, config)
+    if finished:
+        return finished
     _check_splits(cached)
     class_names = list(cached.class_names)
     train, validation = cached.splits["train"], cached.splits["validation"]
@@ -73,7 +78,6 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
     if test is None:
         log.warning("%s has no test split: reporting validation metrics only.", features_path)
 
-    run_dir = run_dir_for(features_path, config)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
     try:
@@ -99,6 +103,21 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return HeadRun(run_dir=run_dir, head=head, metrics=metrics)
+
+
+def _finished_run(run_dir: Path, cached: FeatureSet, config: HeadConfig) -> HeadRun | None:
+    """The run in `run_dir` if it was trained on these features with this config.
+
+    Training is deterministic for a seed, so such a run is what a retrain would give.
+    """
+    try:
+        record = json.loads((run_dir / "config.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("features_key") != cached.key or record.get("head") != config.to_dict():
+        return None
+    return HeadRun(run_dir=run_dir, head=load_head(run_dir), metrics=metrics, up_to_date=True)
 
 
 def _check_splits(cached: FeatureSet) -> None:

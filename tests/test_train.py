@@ -206,3 +206,14 @@ def test_saved_model_and_tflite_exports_agree_with_keras(tiny_features, tmp_path
     interpreter.invoke()
     lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(lite, expected, atol=1e-4)
+
+
+def test_a_finished_run_with_the_same_settings_is_not_retrained(tiny_features, tmp_path):
+    _, _, path, key = tiny_features
+    first = train_head(path, head_config(tmp_path), expect=key)
+    stamp = (first.run_dir / "metrics.json").stat().st_mtime_ns
+    again = train_head(path, head_config(tmp_path), expect=key)
+    assert again.up_to_date and "up to date" in again.summary()
+    assert (again.run_dir / "metrics.json").stat().st_mtime_ns == stamp
+    other = train_head(path, head_config(tmp_path, C=0.5), expect=key)
+    assert not other.up_to_date and other.metrics["hyperparameters"]["C"] == 0.5
