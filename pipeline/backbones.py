@@ -267,6 +267,7 @@ def _build_base(spec: BackboneSpec, *, image_size: int, weights: str | None):
     """Calls the spec's builder, turning Keras's failures into pipeline errors."""
     models_dir = _keras_models_dir()
     cached_before = _listdir(models_dir) if weights == "imagenet" else set()
+    broken_links = {f for f in cached_before if not os.path.exists(os.path.join(models_dir, f))}
     try:
         return spec.builder(
             include_top=False,
@@ -287,6 +288,12 @@ def _build_base(spec: BackboneSpec, *, image_size: int, weights: str | None):
         file_name = _failed_download(err)
         if weights != "imagenet" or file_name is None:
             raise
+        if file_name in broken_links:
+            raise WeightsUnavailableError(
+                f"Cannot use ImageNet weights for {spec.name}: "
+                f"{os.path.join(models_dir, file_name)} is a broken "
+                "symbolic link. Point it at the weights file, or pass WEIGHTS=/path/to/that.h5."
+            ) from err
         if file_name in cached_before:
             # get_file re-downloads a cached file whose hash differs from the
             # official one, and deletes it when that download fails.

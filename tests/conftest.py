@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shared_assets(pytestconfig) -> Path:
     """../shared/assets, or skip the test when it is absent."""
-    assets = Path(pytestconfig.getoption("--shared")) / "assets"
+    assets = Path(pytestconfig.getoption("--shared")).resolve() / "assets"  # absolute: tests symlink to it
     if not assets.is_dir():
         pytest.skip(f"real assets not found at {assets}")
     return assets

@@ -424,3 +424,10 @@ def test_mobilenet_075_loads_its_asset(shared_assets):
         weights=str(_asset(shared_assets, MOBILENET_075_FILE)),
     )
     _assert_informative(model(_images(224)), 768)
+
+
+def test_offline_imagenet_names_a_broken_symlink(keras_home):
+    link = keras_home / "models" / MOBILENET_V2_FILE
+    link.symlink_to(keras_home / "nowhere.h5")
+    with pytest.raises(WeightsUnavailableError, match="is a broken symbolic link"):
+        build_extractor("mobilenet_v2", image_size=224, weights="imagenet")
