@@ -50,7 +50,7 @@ def _add_features_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--tfds-dir", help="tensorflow-datasets data_dir")
     data.add_argument("--no-download", action="store_true", help="never download tfds data")
     default_splits = ",".join(f"{k}={v}" for k, v in DEFAULT_TFDS_SPLITS.items())
-    data.add_argument("--splits", type=_parse_splits, default=None, help=f"tfds split specs (default: {default_splits})")
+    data.add_argument("--splits", type=_parse_splits, default=None, help=f"tfds split specs (default: {default_splits})".replace("%", "%%"))
     data.add_argument("--val-fraction", type=float, default=0.1, help="image folder without split sub-folders: validation fraction")
     data.add_argument("--test-fraction", type=float, default=0.1, help="image folder without split sub-folders: test fraction")
     data.add_argument("--test-from-validation", type=float, default=0.0, help="move this fraction of validation to test (tutorial: 0.2)")
@@ -136,6 +136,13 @@ def _add_head_flags(parser: argparse.ArgumentParser) -> None:
     head.add_argument("--class-weight", choices=["balanced"], default=None)
     head.add_argument("--runs-dir", default="runs")
     head.add_argument("--grid-images", type=int, default=16, help="images in the predictions grid (0: none)")
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """A stage-2 run is found by --run, or by the feature and head flags that made it."""
+    _add_features_flags(parser)
+    _add_head_flags(parser)
+    parser.add_argument("--run", dest="run_dir", help="run directory (default: the one the flags describe)")
 
 
 def head_config(args: argparse.Namespace) -> HeadConfig:
@@ -263,18 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     head.set_defaults(run=_cmd_head)
 
     export = commands.add_parser("export", help="one Keras model: raw images in, class probabilities out")
-    _add_features_flags(export)
-    _add_head_flags(export)
-    export.add_argument("--run", dest="run_dir", help="run directory (default: the one the flags describe)")
+    _add_run_flags(export)
     export.add_argument("--tflite", action="store_true", help="also write model.tflite")
     export.add_argument("--no-saved-model", action="store_true", help="only write model.keras")
     export.set_defaults(run=_cmd_export)
 
     predict = commands.add_parser("predict", help="top classes per image with the exported model")
-    _add_features_flags(predict)
-    _add_head_flags(predict)
+    _add_run_flags(predict)
     predict.add_argument("images", nargs="*", help="image files, folders or globs")
-    predict.add_argument("--run", dest="run_dir", help="run directory (default: the one the flags describe)")
     predict.add_argument("--top", type=int, default=3)
     predict.add_argument("--csv", help="also write all probabilities to this CSV file")
     predict.set_defaults(run=_cmd_predict)

@@ -429,7 +429,9 @@ def merge_shards(paths: Sequence[Path], out: Path) -> Path:
     """Joins the finished shard files of one run into a file equal to a one-process run.
 
     Every shard must carry the same key but for its shard number, and all N shards
-    must be present. Rows are put back in source order by their `index`.
+    must be present. Rows are put back in source order by their `index`. The shards
+    are joined in memory (a consolidated copy); fine for feature sizes up to a few GB,
+    a streaming k-way merge can replace it when the distributed runner needs one.
     """
     if not paths:
         raise CacheError("merge needs at least one shard file.")
