@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted: finished batches are saved; rerun the same command to resume.",
+            "\ninterrupted: finished batches are saved; rerun the same command to resume.",
             file=sys.stderr,
         )
         return 130

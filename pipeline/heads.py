@@ -480,7 +480,7 @@ def _read_record(directory: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err}). Fix: retrain the head.")
+        raise DataError(f"{path} is not valid JSON ({err}). Fix: retrain the head.") from err
     if record.get("format_version") != FORMAT_VERSION or "head" not in record:
         raise DataError(
             f"Expected {path} with format_version {FORMAT_VERSION}. Received: "

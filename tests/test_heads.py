@@ -230,7 +230,7 @@ def test_logistic_records_chosen_c(fitted):
 
 def test_logistic_refit_equals_explicit_c(fitted):
     chosen = fitted("logistic", 4)
-    (X, y), (Xv, yv) = DATA[4]["train"], DATA[4]["val"]
+    X, y = DATA[4]["train"]
     given = LogisticHead(C=chosen.params_["C"]).fit(X, y)
     assert given.params_["C_selected_on"] == "given" and "grid" not in given.params_
     Xt, _ = DATA[4]["test"]
