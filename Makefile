@@ -40,6 +40,12 @@ LEARNING_RATE ?= 0.001
 PATIENCE ?= 5#                    dense: early stopping on validation loss
 CLASS_WEIGHT ?=#                  balanced: weight classes by inverse frequency
 RUNS_DIR ?= runs
+## Augmentation (make finetune, and AUG_VIEWS in make features)
+AUG_FLIP ?= horizontal#           horizontal, vertical, horizontal_and_vertical or none
+AUG_ROTATION ?= 0.1#              fraction of a full turn (0.1: up to 36 degrees)
+AUG_ZOOM ?= 0#                    fraction of the image side
+AUG_CONTRAST ?= 0#                contrast factor
+AUG_TRANSLATION ?= 0#             fraction of the image side
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
@@ -67,6 +73,9 @@ FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)'
 HEAD_FLAGS = $(if $(FEATURES),--features '$(FEATURES)') --head $(HEAD) $(if $(C),--C $(C)) --hidden $(HIDDEN) \
 	--dropout $(DROPOUT) --epochs $(EPOCHS) --head-batch-size $(HEAD_BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
 	--patience $(PATIENCE) $(if $(CLASS_WEIGHT),--class-weight $(CLASS_WEIGHT)) --runs-dir '$(RUNS_DIR)'
+
+AUG_FLAGS = --aug-flip $(AUG_FLIP) --aug-rotation $(AUG_ROTATION) --aug-zoom $(AUG_ZOOM) \
+	--aug-contrast $(AUG_CONTRAST) --aug-translation $(AUG_TRANSLATION)
 
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 

@@ -20,6 +20,8 @@ from pipeline.config import (
     HEAD_NAMES,
     POOLINGS,
     SPLIT_NAMES,
+    FLIPS,
+    AugmentConfig,
     DataConfig,
     FeaturesConfig,
     HeadConfig,
@@ -69,6 +71,21 @@ def _add_features_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--strict", action="store_true", help="fail on any unreadable image instead of skipping it")
     run.add_argument("--output-dir", default="features")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_augment_flags(parser: argparse.ArgumentParser) -> None:
+    """The augmentation of fine-tuning and of cached views (one definition, `pipeline.augment`)."""
+    aug = parser.add_argument_group("augmentation")
+    aug.add_argument("--aug-flip", choices=FLIPS, default="horizontal")
+    aug.add_argument("--aug-rotation", type=float, default=0.1, help="fraction of a full turn (0.1: +-36 degrees)")
+    aug.add_argument("--aug-zoom", type=float, default=0.0, help="fraction of the image side")
+    aug.add_argument("--aug-contrast", type=float, default=0.0, help="contrast factor")
+    aug.add_argument("--aug-translation", type=float, default=0.0, help="fraction of the image side")
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    return AugmentConfig(flip=args.aug_flip, rotation=args.aug_rotation, zoom=args.aug_zoom,
+                         contrast=args.aug_contrast, translation=args.aug_translation)
 
 
 def features_config(args: argparse.Namespace) -> FeaturesConfig:

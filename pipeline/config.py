@@ -215,6 +215,43 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
     return "__".join(parts) + ".h5"
 
 
+FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The random augmentation of stage 3 and of the cached augmented views.
+
+    Factors mean what they mean for `keras.layers.Random*`: `rotation` is a fraction
+    of a full turn (0.1 = up to +-36 degrees), `zoom` and `translation` fractions of
+    the image side, `contrast` the contrast factor. 0 (or flip "none") turns a layer
+    off. The default is the TensorFlow tutorial's: horizontal flip, rotation 0.1.
+    """
+
+    flip: str = "horizontal"
+    rotation: float = 0.1
+    zoom: float = 0.0
+    contrast: float = 0.0
+    translation: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.flip not in FLIPS:
+            raise ConfigError(f"flip must be one of {', '.join(FLIPS)}. Received: flip={self.flip!r}.")
+        for name in ("rotation", "zoom", "contrast", "translation"):
+            _check_fraction(name, getattr(self, name))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.flip == "none" and not (self.rotation or self.zoom or self.contrast or self.translation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> AugmentConfig:
+        return _build(cls, raw, "augment")
+
+
 HEAD_NAMES = ("logistic", "dense")
 
 
