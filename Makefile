@@ -46,6 +46,15 @@ AUG_ROTATION ?= 0.1#              fraction of a full turn (0.1: up to 36 degrees
 AUG_ZOOM ?= 0#                    fraction of the image side
 AUG_CONTRAST ?= 0#                contrast factor
 AUG_TRANSLATION ?= 0#             fraction of the image side
+## Fine-tuning (stage 3; also uses LEARNING_RATE, DROPOUT, MIXED_PRECISION and AUG_*)
+FINE_TUNE_AT ?= 100#              first trainable layer: index, layer name (prefix), blocks:N or all
+FINE_TUNE_EPOCHS ?= 10
+FINE_TUNE_LEARNING_RATE ?=#       default: 1e-5 with adam (Keras guide), LEARNING_RATE/10 otherwise (TF tutorial)
+FINE_TUNE_BATCH_SIZE ?= 32
+FINE_TUNE_PATIENCE ?= 3#          early stopping on validation loss, best epoch kept (0: never stop)
+OPTIMIZER ?= adam#                adam, rmsprop or sgd
+HEAD_EPOCHS ?= 0#                 N > 0: train a fresh head on images N epochs first instead of using `make head`
+FROM_SCRATCH ?=#                  1: train everything from random weights (needs WEIGHTS=none)
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
@@ -77,9 +86,14 @@ HEAD_FLAGS = $(if $(FEATURES),--features '$(FEATURES)') --head $(HEAD) $(if $(C)
 AUG_FLAGS = --aug-flip $(AUG_FLIP) --aug-rotation $(AUG_ROTATION) --aug-zoom $(AUG_ZOOM) \
 	--aug-contrast $(AUG_CONTRAST) --aug-translation $(AUG_TRANSLATION)
 
+FINETUNE_FLAGS = --fine-tune-at '$(FINE_TUNE_AT)' --fine-tune-epochs $(FINE_TUNE_EPOCHS) \
+	$(if $(FINE_TUNE_LEARNING_RATE),--fine-tune-learning-rate $(FINE_TUNE_LEARNING_RATE)) \
+	--fine-tune-batch-size $(FINE_TUNE_BATCH_SIZE) --fine-tune-patience $(FINE_TUNE_PATIENCE) --optimizer $(OPTIMIZER) \
+	--head-epochs $(HEAD_EPOCHS) $(if $(FROM_SCRATCH),--from-scratch)
+
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
-.PHONY: help features head export predict backbones bench bench-features bench-head test test-all clean-venv
+.PHONY: help features head finetune export predict backbones bench bench-features bench-head test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -98,6 +112,10 @@ features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache fea
 
 head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
 	$(PY) -m pipeline head $(FEATURE_FLAGS) $(HEAD_FLAGS)
+
+# Warm-starting needs the stage-2 head; HEAD_EPOCHS or FROM_SCRATCH train without one.
+finetune: $(if $(filter-out 0,$(HEAD_EPOCHS))$(FROM_SCRATCH),$(VENV)/.installed,head) ## stage 3: augmented fine-tuning of the top of the backbone, warm-started from the head
+	$(PY) -m pipeline finetune $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS)
 
 export: head ## one Keras model, raw images in and probabilities out (.keras, SavedModel, TFLITE=1) in RUN/export
 	$(PY) -m pipeline export $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)

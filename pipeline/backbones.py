@@ -214,10 +214,10 @@ def build_extractor(
         )
     if weights is not None and weights != "imagenet":
         weights = _check_weights(weights)
-    if weights is not None and not spec.pretrained:
+    if weights == "imagenet" and not spec.pretrained:
         raise ConfigError(
-            f"Backbone {spec.name!r} has no pretrained weights; use weights=None "
-            f"(random initialization). Received: weights={weights!r}."
+            f"Backbone {spec.name!r} has no ImageNet weights; use weights=None (random "
+            f"initialization) or a weights file saved from it. Received: weights={weights!r}."
         )
 
     previous_policy = keras.config.dtype_policy()
@@ -357,14 +357,17 @@ def _tiny_convnet(
 ) -> keras.Model:
     """A three-block convnet for tests and smoke runs, called like keras.applications.
 
+    `weights` is None or the path of a file saved from it: fine-tuning tests use one
+    as their "pretrained" backbone.
+
     Its initializers carry fixed seeds, so every build has identical weights
     without touching the global random state. It has BatchNormalization layers
     so fine-tuning code paths meet them as they would in a real backbone.
     """
-    if weights is not None:
+    if weights == "imagenet":
         raise ConfigError(
-            "Backbone 'tiny' has no pretrained weights; use weights=None. "
-            f"Received: weights={weights!r}."
+            "Backbone 'tiny' has no ImageNet weights; use weights=None or a weights file "
+            f"saved from it. Received: weights={weights!r}."
         )
     if input_tensor is None:
         inputs = keras.Input(shape=input_shape or (None, None, 3))
@@ -395,7 +398,11 @@ def _tiny_convnet(
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":
         x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    return keras.Model(inputs, x, name=name)
+    model = keras.Model(inputs, x, name=name)
+    if weights is not None:
+        # A file saved from tiny (`save_weights`), like keras.applications' weights=path.
+        model.load_weights(weights)
+    return model
 
 
 def _register_all() -> None:
@@ -489,7 +496,7 @@ def _register_all() -> None:
             default_size=32,
             feature_dim=32,
             min_size=16,
-            pretrained=False,
+            pretrained=False,  # no ImageNet weights; a file saved from it loads
         )
     )
 

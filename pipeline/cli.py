@@ -18,12 +18,14 @@ from pipeline.config import (
     DEFAULT_TFDS_SPLITS,
     DTYPES,
     HEAD_NAMES,
+    OPTIMIZERS,
     POOLINGS,
     SPLIT_NAMES,
     FLIPS,
     AugmentConfig,
     DataConfig,
     FeaturesConfig,
+    FinetuneConfig,
     HeadConfig,
 )
 from pipeline.errors import ConfigError, PipelineError
@@ -220,6 +222,43 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    tune = parser.add_argument_group("fine-tuning")
+    tune.add_argument("--fine-tune-at", default="100",
+                      help="first trainable backbone layer: an index, a layer name (prefix), blocks:N or all")
+    tune.add_argument("--fine-tune-epochs", type=int, default=10)
+    tune.add_argument("--head-epochs", type=int, default=0,
+                      help="train a fresh head on images for N epochs first, instead of starting from `make head`")
+    tune.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    tune.add_argument("--fine-tune-learning-rate", type=float, default=None,
+                      help="default: 1e-5 for adam (Keras guide), else a tenth of --learning-rate (TF tutorial)")
+    tune.add_argument("--fine-tune-batch-size", type=int, default=32)
+    tune.add_argument("--fine-tune-patience", type=int, default=3,
+                      help="stop after N epochs without a better validation loss (0: never)")
+    tune.add_argument("--from-scratch", action="store_true",
+                      help="train everything from random weights (needs --weights none); the control experiment")
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    return FinetuneConfig(
+        fine_tune_at=args.fine_tune_at, epochs=args.fine_tune_epochs, head_epochs=args.head_epochs,
+        optimizer=args.optimizer, learning_rate=args.fine_tune_learning_rate,
+        head_learning_rate=args.learning_rate, batch_size=args.fine_tune_batch_size,
+        patience=args.fine_tune_patience, dropout=args.dropout, augment=augment_config(args),
+        from_scratch=args.from_scratch, mixed_precision=args.mixed_precision, seed=args.seed,
+        runs_dir=args.runs_dir, grid_images=args.grid_images,
+    )
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from pipeline.finetune import finetune
+
+    run = finetune(features_config(args), head_config(args), finetune_config(args),
+                   head_run=Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress)
+    print(run.summary())
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pipeline.store import merge_shards
 
@@ -291,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tflite", action="store_true", help="also write model.tflite")
     export.add_argument("--no-saved-model", action="store_true", help="only write model.keras")
     export.set_defaults(run=_cmd_export)
+
+    tune = commands.add_parser("finetune", help="stage 3: augmented end-to-end fine-tuning from the stage-2 head")
+    _add_run_flags(tune)
+    _add_augment_flags(tune)
+    _add_finetune_flags(tune)
+    tune.set_defaults(run=_cmd_finetune)
 
     predict = commands.add_parser("predict", help="top classes per image with the exported model")
     _add_run_flags(predict)

@@ -305,3 +305,76 @@ class HeadConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> HeadConfig:
         return _build(cls, raw, "head")
+
+
+OPTIMIZERS = ("adam", "rmsprop", "sgd")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage 3: end-to-end fine-tuning, warm-started from a stage-2 head.
+
+    `fine_tune_at` says where the trainable top of the backbone begins: a layer index
+    (the TensorFlow tutorial unfreezes MobileNetV2 from layer 100), a layer name or
+    name prefix, `blocks:N` for the top N blocks, or `all`. BatchNormalization layers
+    stay frozen everywhere.
+
+    `head_epochs > 0` trains a fresh head on images with the backbone frozen first
+    (the tutorials' first phase) instead of starting from the stage-2 head;
+    `from_scratch` trains everything from random weights (`weights=none`), the
+    control row of `make compare`. `learning_rate=None` follows the seeds: Adam at
+    1e-5 (Keras guide), otherwise a tenth of the head's rate (TensorFlow tutorial).
+    """
+
+    fine_tune_at: str = "100"
+    epochs: int = 10
+    head_epochs: int = 0
+    optimizer: str = "adam"
+    learning_rate: float | None = None
+    head_learning_rate: float = 1e-3
+    batch_size: int = 32
+    patience: int = 3
+    dropout: float = 0.2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    from_scratch: bool = False
+    mixed_precision: bool = False
+    seed: int = 0
+    runs_dir: str = "runs"
+    grid_images: int = 16
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}. Received: optimizer={self.optimizer!r}."
+            )
+        for name in ("epochs", "head_epochs", "patience", "grid_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0. Received: {name}={getattr(self, name)}.")
+        if self.epochs + self.head_epochs == 0:
+            raise ConfigError("Nothing to train: epochs and head_epochs are both 0.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1. Received: batch_size={self.batch_size}.")
+        for name in ("learning_rate", "head_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0. Received: {name}={value}.")
+        _check_fraction("dropout", self.dropout)
+        if not str(self.fine_tune_at).strip():
+            raise ConfigError("fine_tune_at must not be empty: a layer index, a layer name, blocks:N or all.")
+        object.__setattr__(self, "fine_tune_at", str(self.fine_tune_at).strip())
+        if isinstance(self.augment, Mapping):
+            object.__setattr__(self, "augment", AugmentConfig.from_dict(self.augment))
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        """The fine-tuning rate: as given, else the seeds' defaults (see the class docstring)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-5 if self.optimizer == "adam" else self.head_learning_rate / 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> FinetuneConfig:
+        return _build(cls, raw, "finetune")

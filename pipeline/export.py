@@ -32,41 +32,74 @@ EXPORT_DIR = "export"
 KERAS_FILE = "model.keras"
 
 
-def probability_head(head: Head):
-    """The fitted head as a Keras model: features (N, D) -> probabilities (N, K).
+def logits_head(head: Head):
+    """The fitted head as a Keras model: features (N, D) -> logits (N, U).
 
-    A binary head's sigmoid unit p becomes a two-column softmax over logits [0, z],
-    which is exactly [1 - p, p]: every exported model has K softmax outputs.
+    U == 1 for a binary head (the logit of class 1) and K otherwise, the form the
+    losses with `from_logits=True` train. A dense head is copied with its weights
+    (its Dropout layers included); a logistic head becomes one Dense layer carrying
+    its standardization-folded coefficients.
     """
     import keras
 
+    if head.name == "dense":
+        model = keras.models.clone_model(head.model_)
+        model.set_weights(head.model_.get_weights())
+        model.name = "head"
+        return model
+    kernel, bias, _ = head.dense_weights()
     inputs = keras.Input((head.n_features_,), name="features")
-    if head.name == "dense" and getattr(head, "hidden", 0):
-        logits = head.model_(inputs)
-        if logits.shape[-1] == 1:
-            pad = keras.layers.Dense(2, use_bias=False, trainable=False, name="binary_logits")
-            logits = pad(logits)
-            pad.set_weights([np.array([[0.0, 1.0]], np.float32)])
-        outputs = keras.layers.Softmax(name="probabilities")(logits)
-        return keras.Model(inputs, outputs, name="head")
-    kernel, bias, activation = head.dense_weights()
-    if activation == "sigmoid":
-        kernel = np.concatenate([np.zeros_like(kernel), kernel], axis=1)
-        bias = np.concatenate([np.zeros_like(bias), bias])
-    dense = keras.layers.Dense(kernel.shape[1], activation="softmax", name="probabilities")
+    dense = keras.layers.Dense(kernel.shape[1], name="logits")
     outputs = dense(inputs)
-    dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    dense.set_weights([kernel, bias])
     return keras.Model(inputs, outputs, name="head")
 
 
-def build_classifier(features: FeaturesConfig, head: Head, *, weights_key: str | None = None):
+def probabilities(logits):
+    """Logits (N, U) -> K softmax probabilities as a layer output.
+
+    A binary head's single logit z becomes a softmax over [0, z], which is exactly
+    [1 - sigmoid(z), sigmoid(z)]: every exported model has K softmax outputs.
+    """
+    import keras
+
+    if logits.shape[-1] == 1:
+        pad = keras.layers.Dense(2, use_bias=False, trainable=False, name="binary_logits")
+        logits = pad(logits)
+        pad.set_weights([np.array([[0.0, 1.0]], np.float32)])
+    return keras.layers.Softmax(name="probabilities", dtype="float32")(logits)
+
+
+def probability_head(head: Head):
+    """The fitted head as a Keras model: features (N, D) -> probabilities (N, K)."""
+    import keras
+
+    inputs = keras.Input((head.n_features_,), name="features")
+    return keras.Model(inputs, probabilities(logits_head(head)(inputs)), name="head_probabilities")
+
+
+def image_classifier(extractor, head_logits, *, image_size: int, name: str):
     """Raw uint8 images (N, H, W, 3), any H and W -> probabilities (N, K).
+
+    `extractor` maps (N, S, S, 3) float 0-255 images to features and `head_logits`
+    features to logits; both are reused as they are, trained weights included.
+    """
+    import keras
+
+    images = keras.Input((None, None, 3), dtype="uint8", name="images")
+    # Resizing keeps an integer input's dtype, rounding the interpolated pixels; stage 1
+    # resized in float32, so cast first or the exported model sees other pixels.
+    pixels = keras.ops.cast(images, "float32")
+    resized = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(pixels)
+    return keras.Model(images, probabilities(head_logits(extractor(resized))), name=name)
+
+
+def build_classifier(features: FeaturesConfig, head: Head, *, weights_key: str | None = None):
+    """The stage-2 classifier: raw uint8 images of any size -> probabilities (N, K).
 
     `weights_key` is the weights identity stored with the features; if the weights
     file changed since, the backbone would not match the head, so that is an error.
     """
-    import keras
-
     if weights_key is not None and weights_identity(features.weights_arg) != weights_key:
         raise CacheError(
             f"The backbone weights {features.weights!r} are not the ones the features were "
@@ -75,14 +108,8 @@ def build_classifier(features: FeaturesConfig, head: Head, *, weights_key: str |
     spec = get_backbone(features.backbone)
     extractor = build_extractor(spec, image_size=features.image_size, weights=features.weights_arg,
                                 pooling=features.pooling)
-    images = keras.Input((None, None, 3), dtype="uint8", name="images")
-    # Resizing keeps an integer input's dtype, rounding the interpolated pixels; stage 1
-    # resized in float32, so cast first or the exported model sees other pixels.
-    pixels = keras.ops.cast(images, "float32")
-    resized = keras.layers.Resizing(features.image_size, features.image_size, interpolation="bilinear",
-                                    name="resize")(pixels)
-    outputs = probability_head(head)(extractor(resized))
-    return keras.Model(images, outputs, name=f"{spec.name}_classifier")
+    return image_classifier(extractor, logits_head(head), image_size=features.image_size,
+                            name=f"{spec.name}_classifier")
 
 
 @dataclass(frozen=True)

@@ -272,14 +272,16 @@ def test_missing_weights_file(tmp_path):
         build_extractor("mobilenet_v2", image_size=32, weights=str(tmp_path))
 
 
-def test_tiny_rejects_pretrained_weights(tmp_path):
-    message = "'tiny' has no pretrained weights; use weights=None"
-    with pytest.raises(ConfigError, match=message):
+def test_tiny_has_no_imagenet_weights_but_loads_a_saved_file(tmp_path):
+    with pytest.raises(ConfigError, match="'tiny' has no ImageNet weights"):
         build_extractor("tiny", image_size=32, weights="imagenet")
-    path = tmp_path / "weights.h5"
-    path.write_bytes(b"not weights")
-    with pytest.raises(ConfigError, match=message):
-        build_extractor("tiny", image_size=32, weights=str(path))
+    source = build_extractor("tiny", image_size=32, weights=None).get_layer("backbone")
+    source.set_weights([w + 1.0 for w in source.get_weights()])
+    path = tmp_path / "tiny.weights.h5"
+    source.save_weights(path)
+    loaded = build_extractor("tiny", image_size=32, weights=str(path)).get_layer("backbone")
+    for a, b in zip(source.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_keras_value_errors_become_config_errors():

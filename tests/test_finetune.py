@@ -1,0 +1,213 @@
+"""Stage 3 on the tiny backbone: what stays frozen, the warm start, resumption, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_folder
+from test_extract import tiny_config
+
+from pipeline.backbones import build_extractor
+from pipeline.cli import main
+from pipeline.config import AugmentConfig, FinetuneConfig, HeadConfig
+from pipeline.data import load_source
+from pipeline.errors import CacheError, ConfigError
+from pipeline.extract import extract_features
+from pipeline.finetune import (
+    block_starts,
+    build_model,
+    finetune,
+    image_dataset,
+    predict,
+    resolve_fine_tune_at,
+)
+from pipeline.heads import load_head
+from pipeline.store import read_features
+from pipeline.train import train_head
+
+AT = "block2_conv"  # tiny: input, then conv/bn/relu for blocks 1-3; block 2 starts at layer 4
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory):
+    """A "pretrained" tiny backbone (saved, perturbed weights), its features and a dense head."""
+    root = tmp_path_factory.mktemp("stage3")
+    backbone = build_extractor("tiny", image_size=32, weights=None).get_layer("backbone")
+    rng = np.random.default_rng(0)
+    backbone.set_weights([w + 0.05 * rng.standard_normal(w.shape).astype(w.dtype) for w in backbone.get_weights()])
+    weights = root / "tiny.weights.h5"
+    backbone.save_weights(weights)
+    folder = make_folder(root / "images", 12, classes=("cat", "dog"))
+    features = tiny_config(folder, root / "features", weights=str(weights))
+    path = extract_features(features, progress=False).path
+    head = HeadConfig(head="dense", epochs=5, runs_dir=str(root / "runs"), grid_images=2)
+    run = train_head(path, head)
+    return features, head, run, path
+
+
+def tune(tmp_path, **kwargs) -> FinetuneConfig:
+    defaults = dict(fine_tune_at=AT, epochs=2, patience=0, learning_rate=1e-2, runs_dir=str(tmp_path / "runs"),
+                    grid_images=2)
+    return FinetuneConfig(**{**defaults, **kwargs})
+
+
+class Snapshot(keras.callbacks.Callback):
+    """The training model's weights by layer, at the end of training."""
+
+    def on_train_end(self, logs=None):
+        backbone = self.model.get_layer("tiny_extractor").get_layer("backbone")
+        self.weights = [[np.array(w) for w in layer.get_weights()] for layer in backbone.layers]
+
+
+def test_layers_below_fine_tune_at_and_every_batch_norm_stay_bit_identical(stage2, tmp_path):
+    features, head, _, _ = stage2
+    snapshot = Snapshot()
+    run = finetune(features, head, tune(tmp_path), progress=False, callbacks=[snapshot])
+    before = build_extractor("tiny", image_size=32, weights=features.weights).get_layer("backbone")
+    assert run.metrics["fine_tune_at"]["index"] == 4
+    changed = []
+    for index, layer in enumerate(before.layers):
+        for old, new in zip(layer.get_weights(), snapshot.weights[index]):
+            if index < 4 or isinstance(layer, keras.layers.BatchNormalization):
+                np.testing.assert_array_equal(old, new, err_msg=layer.name)  # statistics too
+            elif not np.array_equal(old, new):
+                changed.append(layer.name)
+    assert changed == ["block2_conv", "block3_conv"]
+
+
+def test_trainable_counts_are_the_unfrozen_convolutions_and_the_head(stage2, tmp_path):
+    features, head, _, _ = stage2
+    run = finetune(features, head, tune(tmp_path, epochs=1), progress=False)
+    counts = run.metrics["parameters"]
+    head_params = 32 + 1  # Dense(1) on 32 features
+    assert counts["frozen"]["trainable"] == head_params
+    # block2_conv 3x3x16x32 and block3_conv 3x3x32x32, no biases; BN stays frozen.
+    assert counts["finetune"]["trainable"] == 3 * 3 * 16 * 32 + 3 * 3 * 32 * 32 + head_params
+    total = sum(counts["frozen"].values())
+    assert sum(counts["finetune"].values()) == total
+
+
+def test_at_step_zero_the_model_predicts_what_the_stage2_head_predicts(stage2, tmp_path):
+    features, _, run, path = stage2
+    config = tune(tmp_path, augment=AugmentConfig(flip="horizontal_and_vertical", rotation=0.3, zoom=0.2))
+    head = load_head(run.run_dir)
+    parts = build_model(features.resolved(32), config, head, n_classes=2)
+    split = load_source(features.data, seed=features.seed).splits["validation"]
+    proba, labels = predict(parts.model, image_dataset(split, 32, 8, binary=True))
+    cached = read_features(path).splits["validation"]
+    np.testing.assert_array_equal(labels, cached.labels)
+    np.testing.assert_allclose(proba, head.predict_proba(cached.features), atol=1e-5)
+
+
+def test_run_directory_before_and_after_metrics_and_exported_model(stage2, tmp_path):
+    features, head, stage2_run, _ = stage2
+    run = finetune(features, head, tune(tmp_path), progress=False)
+    files = {p.name for p in run.run_dir.iterdir()}
+    assert {"model.keras", "labels.txt", "config.json", "metrics.json", "history.csv", "learning_curves.png",
+            "confusion_matrix.png", "predictions.png", "report.md", "tensorboard"} <= files
+    assert not list(run.run_dir.parent.glob("*.partial-*"))
+    metrics = run.metrics
+    assert metrics["before"]["validation"]["loss"] == pytest.approx(stage2_run.metrics["validation"]["loss"], abs=1e-5)
+    assert metrics["after"]["validation"]["loss"] <= metrics["before"]["validation"]["loss"]  # best epoch kept
+    rows = (run.run_dir / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,phase,loss") and len(rows) == 3
+    model = keras.saving.load_model(run.run_dir / "model.keras")
+    images = np.random.default_rng(0).integers(0, 256, (3, 50, 41, 3), dtype=np.uint8)
+    proba = np.asarray(model(images))
+    assert proba.shape == (3, 2) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    again = finetune(features, head, tune(tmp_path), progress=False)
+    assert again.up_to_date and again.metrics == json.loads((run.run_dir / "metrics.json").read_text())
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_epoch: int):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt
+
+
+class Epochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.started = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started.append(epoch)
+
+
+def test_an_interrupted_run_resumes_from_the_next_epoch(stage2, tmp_path):
+    features, head, _, _ = stage2
+    config = tune(tmp_path, epochs=4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(features, head, config, progress=False, callbacks=[Interrupt(2)])
+    partial = list((tmp_path / "runs").glob("*.partial-*"))
+    assert len(partial) == 1 and json.loads((partial[0] / "state.json").read_text())["history"][-1]["epoch"] == 2
+    epochs = Epochs()
+    run = finetune(features, head, config, progress=False, callbacks=[epochs])
+    assert epochs.started == [2, 3]
+    history = (run.run_dir / "history.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in history] == [1, 2, 3, 4]
+
+
+def test_head_epochs_train_a_fresh_head_on_images_first(stage2, tmp_path):
+    features, head, _, _ = stage2
+    run = finetune(features, head, tune(tmp_path, head_epochs=2, epochs=1), progress=False)
+    assert run.run_dir.name.endswith("__images2__ft-block2_conv")
+    phases = [row.split(",")[1] for row in (run.run_dir / "history.csv").read_text().splitlines()[1:]]
+    assert phases == ["head", "head", "finetune"]
+
+
+def test_blocks_and_names_resolve_on_mobilenet_v2():
+    backbone = build_extractor("mobilenet_v2", image_size=32, weights=None).get_layer("backbone")
+    assert len(backbone.layers) == 154
+    assert len(block_starts(backbone)) == 16  # block_1 ... block_16; the stem and Conv_1 join their neighbours
+    assert backbone.layers[resolve_fine_tune_at(backbone, "blocks:1")].name == "block_16_expand"
+    assert resolve_fine_tune_at(backbone, "100") == 100
+    assert resolve_fine_tune_at(backbone, "all") == 0
+    assert backbone.layers[resolve_fine_tune_at(backbone, "block_16")].name == "block_16_expand"
+    assert resolve_fine_tune_at(backbone, "Conv_1") == [la.name for la in backbone.layers].index("Conv_1")
+
+
+@pytest.mark.parametrize("at, message", [
+    ("999", r"FINE_TUNE_AT=999 is out of range: backbone has 10 layers \(0-9\)"),
+    ("-1", "out of range"),
+    ("blocks:7", r"expected blocks:N with 1 <= N <= 3"),
+    ("block9", "neither a layer index"),
+    ("blok2_conv", "Did you mean block2_conv"),
+])
+def test_an_invalid_fine_tune_at_is_a_clear_error(stage2, tmp_path, at, message):
+    features, head, _, _ = stage2
+    with pytest.raises(ConfigError, match=message):
+        finetune(features, head, tune(tmp_path, fine_tune_at=at), progress=False)
+
+
+def test_a_missing_head_a_random_backbone_or_another_image_size_are_errors(stage2, tmp_path):
+    features, head, run, _ = stage2
+    with pytest.raises(CacheError, match=r"No stage-2 head .* `make head HEAD=dense` .* HEAD_EPOCHS=N"):
+        finetune(features, dataclasses.replace(head, head="logistic"), tune(tmp_path), progress=False)
+    with pytest.raises(ConfigError, match="needs a pretrained backbone, but WEIGHTS=none"):
+        finetune(dataclasses.replace(features, weights="none"), head, tune(tmp_path), progress=False)
+    with pytest.raises(CacheError, match="image_size: head 32, asked 48"):
+        finetune(dataclasses.replace(features, image_size=48), head, tune(tmp_path), head_run=run.run_dir,
+                 progress=False)
+    with pytest.raises(ConfigError, match="FROM_SCRATCH=1 trains from random weights: set WEIGHTS=none"):
+        finetune(features, head, tune(tmp_path, from_scratch=True), progress=False)
+
+
+def test_make_style_cli_runs_stage3(stage2, tmp_path, capsys):
+    features, _, run, _ = stage2
+    args = ["finetune", "--data-dir", features.data.data_dir, "--backbone", "tiny", "--weights", features.weights,
+            "--image-size", "32", "--output-dir", features.output_dir, "--val-fraction", "0.25",
+            "--test-fraction", "0.25", "--run", str(run.run_dir), "--runs-dir", str(tmp_path / "runs"),
+            "--fine-tune-epochs", "1", "--no-progress", "--grid-images", "0"]
+    assert main([*args, "--fine-tune-at", "blocks:1"]) == 0
+    assert "finetune, validation accuracy" in capsys.readouterr().out
+    assert main([*args, "--fine-tune-at", "nope"]) == 2
+    assert "FINE_TUNE_AT='nope'" in capsys.readouterr().err
