@@ -55,6 +55,9 @@ FINE_TUNE_PATIENCE ?= 3#          early stopping on validation loss, best epoch 
 OPTIMIZER ?= adam#                adam, rmsprop or sgd
 HEAD_EPOCHS ?= 0#                 N > 0: train a fresh head on images N epochs first instead of using `make head`
 FROM_SCRATCH ?=#                  1: train everything from random weights (needs WEIGHTS=none)
+## Compare
+COMPARE_ROWS ?= logistic,dense,finetune-top,finetune-all,scratch#  rows of `make compare`
+COMPARE_DIR ?=#                   default: compare/<data>__<backbone>__<size>px
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
@@ -93,7 +96,7 @@ FINETUNE_FLAGS = --fine-tune-at '$(FINE_TUNE_AT)' --fine-tune-epochs $(FINE_TUNE
 
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
-.PHONY: help features head finetune export predict backbones bench bench-features bench-head test test-all clean-venv
+.PHONY: help features head finetune compare export predict backbones bench bench-features bench-head test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -116,6 +119,10 @@ head: features ## stage 2: train HEAD on the cached features; metrics, plots and
 # Warm-starting needs the stage-2 head; HEAD_EPOCHS or FROM_SCRATCH train without one.
 finetune: $(if $(filter-out 0,$(HEAD_EPOCHS))$(FROM_SCRATCH),$(VENV)/.installed,head) ## stage 3: augmented fine-tuning of the top of the backbone, warm-started from the head
 	$(PY) -m pipeline finetune $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS)
+
+compare: $(VENV)/.installed ## logistic / dense on cached features vs fine-tuning the top block / everything vs from scratch: table and plots
+	$(PY) -m pipeline compare $(FEATURE_FLAGS) $(HEAD_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS) --rows '$(COMPARE_ROWS)' \
+		$(if $(COMPARE_DIR),--out '$(COMPARE_DIR)')
 
 export: head ## one Keras model, raw images in and probabilities out (.keras, SavedModel, TFLITE=1) in RUN/export
 	$(PY) -m pipeline export $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)

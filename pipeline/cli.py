@@ -259,6 +259,23 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import compare
+    from pipeline.extract import resolve
+
+    features = features_config(args)
+    if args.out:
+        out = Path(args.out)
+    else:
+        resolved = resolve(features)[0]
+        out = Path("compare") / f"{resolved.data.name}__{resolved.backbone}__{resolved.image_size}px"
+    result = compare(features, head_config(args), finetune_config(args), out_dir=out,
+                     rows=[r for r in args.rows.split(",") if r], progress=not args.no_progress)
+    print(result.table)
+    print(f"compare: {', '.join(str(f) for f in result.files)}")
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pipeline.store import merge_shards
 
@@ -343,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top", type=int, default=3)
     predict.add_argument("--csv", help="also write all probabilities to this CSV file")
     predict.set_defaults(run=_cmd_predict)
+
+    comparison = commands.add_parser("compare", help="cached heads vs fine-tuning vs from scratch: table and plots")
+    _add_features_flags(comparison)
+    _add_head_flags(comparison)
+    _add_augment_flags(comparison)
+    _add_finetune_flags(comparison)
+    comparison.add_argument("--rows", default="logistic,dense,finetune-top,finetune-all,scratch",
+                            help="comma-separated rows to run")
+    comparison.add_argument("--out", help="output folder (default: compare/<data>__<backbone>__<size>px)")
+    comparison.set_defaults(run=_cmd_compare)
 
     merge = commands.add_parser("merge", help="join the shard files of one features run")
     merge.add_argument("shards", nargs="+", help="shard files (.h5)")

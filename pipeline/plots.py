@@ -79,3 +79,46 @@ def predictions_grid(images: Sequence[np.ndarray], true: Sequence[str], predicte
     figure.suptitle(title)
     figure.savefig(path, dpi=100)
     return path
+
+
+def comparison_bars(names: Sequence[str], validation: Sequence[float | None], test: Sequence[float | None],
+                    seconds: Sequence[float], path: Path, *, title: str) -> Path:
+    """Accuracy per approach (validation and test bars) beside its wall time (log scale)."""
+    figure = Figure(figsize=(max(7.0, 1.6 * len(names) + 3), 4.5), layout="constrained")
+    acc_ax, time_ax = figure.subplots(1, 2, width_ratios=[3, 2])
+    x = np.arange(len(names))
+    for offset, values, label in ((-0.2, validation, "validation"), (0.2, test, "test")):
+        heights = [np.nan if v is None else v for v in values]
+        if not all(np.isnan(heights)):
+            bars = acc_ax.bar(x + offset, heights, width=0.4, label=label)
+            acc_ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    acc_ax.set_xticks(x, names, rotation=20, ha="right")
+    acc_ax.set_ylim(0, 1.08)
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.legend(loc="lower right")
+    acc_ax.grid(axis="y", alpha=0.3)
+    bars = time_ax.barh(x, seconds, color="grey")
+    time_ax.bar_label(bars, fmt="%.0f s", fontsize=7, padding=2)
+    time_ax.set_yticks(x, names)
+    time_ax.invert_yaxis()
+    time_ax.set_xscale("log")
+    time_ax.set_xlabel("wall s incl. prerequisites (log)")
+    figure.suptitle(title)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def overlaid_curves(curves: Mapping[str, Sequence[float]], path: Path, *, ylabel: str) -> Path:
+    """One line per approach, epoch on x: how fast each one gets where."""
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for name, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend()
+    figure.savefig(path, dpi=100)
+    return path

@@ -32,15 +32,20 @@ from pipeline.train import train_head
 AT = "block2_conv"  # tiny: input, then conv/bn/relu for blocks 1-3; block 2 starts at layer 4
 
 
-@pytest.fixture(scope="module")
-def stage2(tmp_path_factory):
-    """A "pretrained" tiny backbone (saved, perturbed weights), its features and a dense head."""
-    root = tmp_path_factory.mktemp("stage3")
+def save_tiny_weights(path):
+    """A "pretrained" tiny backbone: its seeded weights, perturbed, saved to `path`."""
     backbone = build_extractor("tiny", image_size=32, weights=None).get_layer("backbone")
     rng = np.random.default_rng(0)
     backbone.set_weights([w + 0.05 * rng.standard_normal(w.shape).astype(w.dtype) for w in backbone.get_weights()])
-    weights = root / "tiny.weights.h5"
-    backbone.save_weights(weights)
+    backbone.save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory):
+    """A "pretrained" tiny backbone, its features and a dense head."""
+    root = tmp_path_factory.mktemp("stage3")
+    weights = save_tiny_weights(root / "tiny.weights.h5")
     folder = make_folder(root / "images", 12, classes=("cat", "dog"))
     features = tiny_config(folder, root / "features", weights=str(weights))
     path = extract_features(features, progress=False).path
