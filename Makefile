@@ -40,12 +40,15 @@ LEARNING_RATE ?= 0.001
 PATIENCE ?= 5#                    dense: early stopping on validation loss
 CLASS_WEIGHT ?=#                  balanced: weight classes by inverse frequency
 RUNS_DIR ?= runs
+VIEWS ?=#                         augmented train views to train on (default: dense all the file has, logistic none; 0: none)
+TRAIN_PER_CLASS ?=#               train on a seeded, stratified subset of N train examples per class (few-shot)
 ## Augmentation (make finetune, and AUG_VIEWS in make features)
 AUG_FLIP ?= horizontal#           horizontal, vertical, horizontal_and_vertical or none
 AUG_ROTATION ?= 0.1#              fraction of a full turn (0.1: up to 36 degrees)
 AUG_ZOOM ?= 0#                    fraction of the image side
 AUG_CONTRAST ?= 0#                contrast factor
 AUG_TRANSLATION ?= 0#             fraction of the image side
+AUG_VIEWS ?= 0#                   make features: also cache K augmented views of every train image (seeded by SEED)
 ## Fine-tuning (stage 3; also uses LEARNING_RATE, DROPOUT, MIXED_PRECISION and AUG_*)
 FINE_TUNE_AT ?= 100#              first trainable layer: index, layer name (prefix), blocks:N or all
 FINE_TUNE_EPOCHS ?= 10
@@ -72,7 +75,11 @@ PYTEST_ARGS ?=
 ## Benchmarks
 BENCH_DATA ?= $(SHARED)/assets/datasets/cats_and_dogs_filtered
 BENCH_WEIGHTS ?= $(SHARED)/assets/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
+BENCH_BACKBONE ?= mobilenet_v2
 BENCH_IMAGE_SIZE ?= 160
+BENCH_EPOCHS ?= 10#               make bench: epochs of the seed workflow (the TF tutorial's 10)
+BENCH_QUICK ?=#                   1: make bench on a tiny backbone and generated images, 2 epochs (CI, about a minute)
+BENCH_OUT ?=#                     make bench: results folder (default: bench, quick mode bench/quick)
 
 PY := $(VENV)/bin/python
 FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)') \
@@ -84,7 +91,8 @@ FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)'
 
 HEAD_FLAGS = $(if $(FEATURES),--features '$(FEATURES)') --head $(HEAD) $(if $(C),--C $(C)) --hidden $(HIDDEN) \
 	--dropout $(DROPOUT) --epochs $(EPOCHS) --head-batch-size $(HEAD_BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
-	--patience $(PATIENCE) $(if $(CLASS_WEIGHT),--class-weight $(CLASS_WEIGHT)) --runs-dir '$(RUNS_DIR)'
+	--patience $(PATIENCE) $(if $(CLASS_WEIGHT),--class-weight $(CLASS_WEIGHT)) --runs-dir '$(RUNS_DIR)' \
+	$(if $(VIEWS),--views $(VIEWS)) $(if $(TRAIN_PER_CLASS),--train-per-class $(TRAIN_PER_CLASS))
 
 AUG_FLAGS = --aug-flip $(AUG_FLIP) --aug-rotation $(AUG_ROTATION) --aug-zoom $(AUG_ZOOM) \
 	--aug-contrast $(AUG_CONTRAST) --aug-translation $(AUG_TRANSLATION)
@@ -111,7 +119,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
-	$(PY) -m pipeline features $(FEATURE_FLAGS)
+	$(PY) -m pipeline features $(FEATURE_FLAGS) --aug-views $(AUG_VIEWS) $(AUG_FLAGS)
 
 head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
 	$(PY) -m pipeline head $(FEATURE_FLAGS) $(HEAD_FLAGS)
@@ -131,16 +139,21 @@ predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file,
 	$(PY) -m pipeline predict $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) --top $(TOP) $(if $(CSV),--csv '$(CSV)') $(IMAGES)
 
 bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forward pass, peak memory) -> bench/features.{json,md}
-	$(PY) -m pipeline bench-features --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --image-size $(BENCH_IMAGE_SIZE) --batch-size $(BATCH_SIZE)
+	$(PY) -m pipeline bench-features --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' \
+		--image-size $(BENCH_IMAGE_SIZE) --batch-size $(BATCH_SIZE)
 
-BENCH_FEATURE_FLAGS = --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --image-size $(BENCH_IMAGE_SIZE) \
+BENCH_FEATURE_FLAGS = --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) \
 	--output-dir '$(FEATURES_DIR)'
 
 bench-head: $(VENV)/.installed ## benchmark stage 2: head training seconds on the benchmark's cached features -> bench/head.{json,md}
 	$(PY) -m pipeline features $(BENCH_FEATURE_FLAGS)
 	$(PY) -m pipeline bench-head $(BENCH_FEATURE_FLAGS)
 
-bench: bench-features bench-head ## all benchmarks
+# Quick mode generates its own data and backbone, so it takes none of the asset variables.
+bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, storage, memory -> bench/results.{json,md}
+	$(PY) -m pipeline bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick,--data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
+		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) --epochs $(BENCH_EPOCHS)) \
+		--batch-size $(BATCH_SIZE) $(if $(BENCH_OUT),--out '$(BENCH_OUT)')
 
 backbones: $(VENV)/.installed ## list the registered backbones
 	$(PY) -m pipeline backbones

@@ -17,16 +17,17 @@ from typing import Sequence
 from pipeline.config import (
     DEFAULT_TFDS_SPLITS,
     DTYPES,
+    FLIPS,
     HEAD_NAMES,
     OPTIMIZERS,
     POOLINGS,
     SPLIT_NAMES,
-    FLIPS,
     AugmentConfig,
     DataConfig,
     FeaturesConfig,
     FinetuneConfig,
     HeadConfig,
+    ViewsConfig,
 )
 from pipeline.errors import ConfigError, PipelineError
 
@@ -90,6 +91,16 @@ def augment_config(args: argparse.Namespace) -> AugmentConfig:
                          contrast=args.aug_contrast, translation=args.aug_translation)
 
 
+def _add_views_flags(parser: argparse.ArgumentParser) -> None:
+    """Augmented views cached by `features` (with the --aug-* flags of `_add_augment_flags`)."""
+    parser.add_argument("--aug-views", type=int, default=0,
+                        help="also cache this many augmented views of every train image (seeded by --seed)")
+
+
+def views_config(args: argparse.Namespace) -> ViewsConfig:
+    return ViewsConfig(num_views=args.aug_views, augment=augment_config(args), seed=args.seed)
+
+
 def features_config(args: argparse.Namespace) -> FeaturesConfig:
     """Flags -> FeaturesConfig; the one place where the two meet."""
     if args.dataset and args.data_dir:
@@ -136,7 +147,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     if args.print_path:
         print(resolve(config)[2])
         return 0
-    result = extract_features(config, progress=not args.no_progress)
+    result = extract_features(config, views=views_config(args), progress=not args.no_progress)
     print(result.summary())
     return 0
 
@@ -155,6 +166,11 @@ def _add_head_flags(parser: argparse.ArgumentParser) -> None:
     head.add_argument("--class-weight", choices=["balanced"], default=None)
     head.add_argument("--runs-dir", default="runs")
     head.add_argument("--grid-images", type=int, default=16, help="images in the predictions grid (0: none)")
+    head.add_argument("--views", type=int, default=None,
+                      help="augmented train views to train on, the first V of the file "
+                           "(default: dense all of them, logistic none; 0: none)")
+    head.add_argument("--train-per-class", type=int, default=None,
+                      help="train on a seeded, stratified subset of N train examples per class")
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +185,7 @@ def head_config(args: argparse.Namespace) -> HeadConfig:
         head=args.head, C=args.C, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
         batch_size=args.head_batch_size, learning_rate=args.learning_rate, patience=args.patience,
         class_weight=args.class_weight, seed=args.seed, runs_dir=args.runs_dir, grid_images=args.grid_images,
+        views=args.views, train_per_class=args.train_per_class,
     )
 
 
@@ -209,7 +226,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.export import check_top, expand_images, format_predictions, load_classifier, predict_images, write_csv
+    from pipeline.export import (
+        check_top,
+        expand_images,
+        format_predictions,
+        load_classifier,
+        predict_images,
+        write_csv,
+    )
 
     if not args.images:
         raise ConfigError("predict needs images: IMAGES=<file, folder or glob> (several allowed).")
@@ -327,6 +351,46 @@ def _cmd_bench_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline import bench
+
+    settings = dict(bench.QUICK_SETTINGS if args.quick else bench.FULL_SETTINGS)
+    given = {"backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
+             "epochs": args.epochs, "extraction_sizes": args.extraction_sizes,
+             "extraction_repeats": args.extraction_repeats, "forward_seconds": args.forward_seconds,
+             "head_repeats": args.head_repeats}
+    if args.quick and any(v is not None for v in (args.data_dir, args.weights, args.backbone, args.image_size)):
+        raise ConfigError("Quick mode (BENCH_QUICK=1) generates its images and uses the tiny backbone: drop "
+                          "--data-dir/--weights/--backbone/--image-size (BENCH_DATA/BENCH_WEIGHTS), or drop --quick.")
+    settings.update({k: v for k, v in given.items() if v is not None})
+    out = Path(args.out or ("bench/quick" if args.quick else "bench"))
+    if not args.quick:
+        hint = "Run the quick benchmark with BENCH_QUICK=1, or set SHARED=... or BENCH_DATA/BENCH_WEIGHTS."
+        if not args.data_dir or not Path(args.data_dir).is_dir():
+            raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA). {hint}")
+        weights = args.weights or "imagenet"
+        if weights.lower() not in ("imagenet", "none") and not Path(weights).is_file():
+            raise ConfigError(f"Benchmark weights not found. Received: --weights={weights!r} (BENCH_WEIGHTS). {hint}")
+    with tempfile.TemporaryDirectory(prefix="bench-") as work:
+        if args.quick:
+            data_dir, weights = bench.write_quick_assets(Path(work))
+        else:
+            data_dir = Path(args.data_dir)
+        minutes = bench.expected_seconds(bench.count_images(data_dir), settings) / 60
+        print(f"bench: {'quick mode, ' if args.quick else ''}{settings['backbone']} at {settings['image_size']} px, "
+              f"{settings['epochs']} seed epochs; expected duration about {max(minutes, 1):.0f} min on 2 CPUs "
+              "(less with more cores or a GPU)", flush=True)
+        result = bench.bench_pipeline(data_dir=data_dir, weights=str(weights), work_dir=Path(work),
+                                      quick=args.quick, **settings)
+    table = bench.pipeline_table(result)
+    paths = bench.write_results(result, table, out, "results")
+    print(table)
+    print(f"bench: results in {paths[0]} and {paths[1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -335,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     features = commands.add_parser("features", help="stage 1: cache backbone features to HDF5")
     _add_features_flags(features)
     features.add_argument("--print-path", action="store_true", help="print the feature file path and exit")
+    _add_augment_flags(features)
+    _add_views_flags(features)
     features.set_defaults(run=_cmd_features)
 
     head = commands.add_parser("head", help="stage 2: train a head on cached features, evaluate, plot")
@@ -394,6 +460,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench_heads.add_argument("--repeats", type=int, default=3)
     bench_heads.add_argument("--out", default="bench", help="folder for head.json and head.md")
     bench_heads.set_defaults(run=_cmd_bench_head)
+
+    full = commands.add_parser("bench", help="benchmark the pipeline against the seed workflow (make bench)")
+    full.add_argument("--quick", action="store_true",
+                      help="tiny backbone on generated images, 2 epochs: checks the benchmark code in about a minute")
+    full.add_argument("--data-dir", help="image folder with train/ and validation/ (Make: BENCH_DATA)")
+    full.add_argument("--weights", help="imagenet or a path to an .h5 weights file (Make: BENCH_WEIGHTS)")
+    full.add_argument("--backbone", help="registry name (default: mobilenet_v2)")
+    full.add_argument("--image-size", type=int, help="pixels (default: 160, the TF tutorial's)")
+    full.add_argument("--batch-size", type=int, help="extraction batch size (default: 32)")
+    full.add_argument("--epochs", type=int, help="seed workflow epochs (default: 10, quick 2)")
+    full.add_argument("--extraction-sizes", type=int, nargs="+",
+                      help="dataset sizes of the extraction vs forward-pass runs (default: 1000 3000)")
+    full.add_argument("--extraction-repeats", type=int, help="extraction runs of the largest size (default: 1)")
+    full.add_argument("--forward-seconds", type=float, help="seconds per forward-pass measurement (default: 5)")
+    full.add_argument("--head-repeats", type=int, help="head fits timed on cached features (default: 3, quick 1)")
+    full.add_argument("--out", help="folder for results.json and results.md (default: bench, quick: bench/quick)")
+    full.set_defaults(run=_cmd_bench)
 
     listing = commands.add_parser("backbones", help="list the registered backbones")
     listing.set_defaults(run=_cmd_backbones)

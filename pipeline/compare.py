@@ -143,6 +143,13 @@ def _cached_head(name: str) -> Callable[..., dict[str, Any]]:
     return run
 
 
+def _unfrozen(at: dict[str, Any]) -> str:
+    """How much of the backbone a fine-tuning row trains, in words for the table."""
+    if at["index"] == 0:
+        return f"fine-tune all {at['layers']} layers"
+    return f"fine-tune the top {at['layers'] - at['index']} of {at['layers']} layers (from {at['layer']})"
+
+
 def _finetuned(name: str, **changes: Any) -> Callable[..., dict[str, Any]]:
     def run(settings: Settings, done: dict[str, Any], progress: bool) -> dict[str, Any]:
         from pipeline.finetune import finetune
@@ -162,8 +169,7 @@ def _finetuned(name: str, **changes: Any) -> Callable[..., dict[str, Any]]:
         metrics = result.metrics
         curve = _history_column(result.run_dir / "history.csv", "val_accuracy")
         return {
-            "kind": f"fine-tune from {metrics['fine_tune_at']['layer']} ({metrics['fine_tune_at']['index']} of "
-                    f"{metrics['fine_tune_at']['layers']} layers)" + (", random weights" if scratch else ""),
+            "kind": _unfrozen(metrics["fine_tune_at"]) + (", random weights" if scratch else ""),
             "run_dir": str(result.run_dir),
             "validation": _accuracy(metrics["after"], "validation"),
             "test": _accuracy(metrics["after"], "test"),

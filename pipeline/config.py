@@ -252,6 +252,52 @@ class AugmentConfig:
         return _build(cls, raw, "augment")
 
 
+#: A view's random draws are seeded by the example's position times this stride plus
+#: the draw number, so positions must stay below (2**31 - 2) / VIEW_DRAW_STRIDE (TF's
+#: stateless seeds are int32); 16 covers the at most 7 draws of the augmentation layers.
+VIEW_DRAW_STRIDE = 16
+MAX_VIEW_POSITION = (2**31 - 2) // VIEW_DRAW_STRIDE
+
+
+@dataclass(frozen=True)
+class ViewsConfig:
+    """Augmented views of the train split cached beside its plain features (stage 1).
+
+    `num_views` views of every train image, each the backbone's features of the image
+    after `augment` (the layers of `pipeline.augment`, shared with stage 3). View `v`
+    of the example at position `p` depends only on (`seed`, `v`, `p`), never on batch
+    size, shards or interruptions. Views are not part of the features' key: adding
+    them to a finished file keeps its plain features, and `num_views` may grow later
+    with the same `augment` and `seed` (the first views stay as they are).
+    """
+
+    num_views: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, Mapping):
+            object.__setattr__(self, "augment", AugmentConfig.from_dict(self.augment))
+        if self.num_views < 0:
+            raise ConfigError(f"num_views must be >= 0. Received: num_views={self.num_views} (AUG_VIEWS).")
+        if self.num_views and self.augment.is_identity:
+            raise ConfigError(
+                "Augmented views need at least one augmentation, but every AUG_* setting is off "
+                f"(Received: augment={self.augment.to_dict()}). Set e.g. AUG_FLIP=horizontal, or AUG_VIEWS=0."
+            )
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for stored views to be reused or extended: augmentation and seed."""
+        return {"augment": self.augment.to_dict(), "seed": self.seed}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ViewsConfig:
+        return _build(cls, raw, "views")
+
+
 HEAD_NAMES = ("logistic", "dense")
 
 
@@ -261,6 +307,12 @@ class HeadConfig:
 
     `C=None` lets the logistic head choose C on the validation split. The dense head
     stops early on validation loss and keeps its best epoch.
+
+    `views` is how many of the file's augmented train views to train on (the first
+    ones): `None` means all of them for the dense head and none for the logistic one
+    (its sweep over C would pay for every stacked row), 0 turns them off.
+    `train_per_class` trains on a seeded, stratified subset of the train split with
+    that many examples per class (few-shot runs); validation and test stay whole.
     """
 
     head: str = "logistic"
@@ -275,6 +327,8 @@ class HeadConfig:
     seed: int = 0
     runs_dir: str = "runs"
     grid_images: int = 16
+    views: int | None = None
+    train_per_class: int | None = None
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_NAMES:
@@ -288,6 +342,29 @@ class HeadConfig:
             )
         if self.grid_images < 0:
             raise ConfigError(f"grid_images must be >= 0. Received: grid_images={self.grid_images}.")
+        if self.views is not None and self.views < 0:
+            raise ConfigError(f"views must be >= 0 or unset. Received: views={self.views} (VIEWS).")
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise ConfigError(
+                f"train_per_class must be >= 1 or unset. Received: train_per_class={self.train_per_class} "
+                "(TRAIN_PER_CLASS)."
+            )
+
+    def views_used(self, available: int) -> int:
+        """The number of views to train on, given the file's `available` views.
+
+        Asking for more views than the file has, or for views of a file without any,
+        is an error rather than a silent fallback to fewer.
+        """
+        if self.views is None:
+            return available if self.head == "dense" else 0
+        if self.views > available:
+            have = f"only {available}" if available else "no"
+            raise ConfigError(
+                f"Asked to train on {self.views} augmented views, but the feature file has {have} views. "
+                f"Run `make features AUG_VIEWS={self.views}` (same AUG_* settings) first, or lower VIEWS."
+            )
+        return self.views
 
     def head_params(self) -> dict[str, Any]:
         """The constructor arguments of the chosen head."""

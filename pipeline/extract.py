@@ -9,6 +9,14 @@ Images that cannot be decoded are dropped by `ignore_errors` inside the pipeline
 nothing is lost silently, because every record carries its position in the split:
 the positions missing from the file are exactly the skipped images, and they are
 decoded once more, alone, to report why.
+
+With `views` (AUG_VIEWS=K), the train images then go through the backbone K more
+times, each time augmented by the layers of `pipeline.augment` (shared with stage
+3). That buys most of data augmentation's benefit for the heads while the backbone
+still runs a fixed number of times, not once per epoch. A view depends only on
+(seed, view number, example position), so views resume after an interruption like
+the plain features, and adding views to a finished file reuses its plain features.
+Validation and test are never augmented.
 """
 
 from __future__ import annotations
@@ -21,17 +29,22 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__, backbones
-from pipeline.config import FeaturesConfig, feature_file_name
+from pipeline.config import MAX_VIEW_POSITION, FeaturesConfig, ViewsConfig, feature_file_name
 from pipeline.data import DataSource, SplitSource, data_fingerprint, load_source
-from pipeline.errors import CacheError, DataError
-from pipeline.store import FORMAT_VERSION, FeatureWriter, read_attrs
+from pipeline.errors import CacheError, ConfigError, DataError
+from pipeline.store import FORMAT_VERSION, VIEWS_SPLIT, FeatureWriter, _key_diff, read_attrs, read_view_attrs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ExtractionResult:
-    """What a `features` run did; `up_to_date` means it found the file finished."""
+    """What a `features` run did; `up_to_date` means it found the file finished.
+
+    `images` and `seconds` count the plain features computed by this run; `view_images`
+    and `view_seconds` the augmented views it computed. `view_attrs` are the finished
+    file's /train/views attributes (the cost per view over all the runs that made them).
+    """
 
     path: Path
     images: int = 0
@@ -39,18 +52,56 @@ class ExtractionResult:
     seconds: float = 0.0
     up_to_date: bool = False
     skipped_items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    view_images: int = 0
+    view_seconds: float = 0.0
+    view_attrs: dict[str, Any] | None = None
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
+    @property
+    def num_views(self) -> int:
+        return int(self.view_attrs["num_views"]) if self.view_attrs else 0
+
+    def views_summary(self) -> str:
+        """'2 augmented views per train image, 31.2 s and 9.8 MB per view', or '' without views.
+
+        The cost per view is the file's: all the runs that computed its views.
+        """
+        if not self.num_views:
+            return ""
+        a = self.view_attrs
+        return (
+            f"{self.num_views} augmented views per train image, {a['seconds_per_view']:.1f} s and "
+            f"{_size(a['bytes_per_view'])} per view"
+        )
+
     def summary(self) -> str:
         if self.up_to_date:
-            return f"features: up to date, nothing to do: {self.path}"
-        return (
-            f"features: {self.images} images, {self.skipped} skipped, {self.seconds:.1f} s, "
-            f"{self.images_per_second:.1f} img/s -> {self.path}"
-        )
+            views = f" ({self.views_summary()})" if self.num_views else ""
+            return f"features: up to date, nothing to do: {self.path}{views}"
+        if self.images == 0 and self.view_images:
+            text = "features: plain features kept"
+        else:
+            text = (
+                f"features: {self.images} images, {self.skipped} skipped, {self.seconds:.1f} s, "
+                f"{self.images_per_second:.1f} img/s"
+            )
+        if self.num_views:
+            text += f"; views: {self.view_images} images in {self.view_seconds:.1f} s; {self.views_summary()}"
+        return f"{text} -> {self.path}"
+
+
+def _size(n_bytes: float) -> str:
+    """1536 -> '1.5 kB'."""
+    if n_bytes < 1000:
+        return f"{n_bytes:.0f} B"
+    for unit in ("kB", "MB"):
+        n_bytes /= 1000
+        if n_bytes < 1000:
+            return f"{n_bytes:.1f} {unit}"
+    return f"{n_bytes / 1000:.1f} GB"
 
 
 def resolve(config: FeaturesConfig) -> tuple[FeaturesConfig, dict[str, Any], Path]:
@@ -64,17 +115,30 @@ def resolve(config: FeaturesConfig) -> tuple[FeaturesConfig, dict[str, Any], Pat
     return config, key, Path(config.output_dir) / feature_file_name(config, key)
 
 
-def extract_features(config: FeaturesConfig, *, progress: bool = True) -> ExtractionResult:
-    """Runs stage 1 for `config`; a finished file with the same key is left as it is."""
+def extract_features(
+    config: FeaturesConfig, *, views: ViewsConfig | None = None, progress: bool = True
+) -> ExtractionResult:
+    """Runs stage 1 for `config`; a finished file with the same key is left as it is.
+
+    `views` also caches `views.num_views` augmented views of every train image. A
+    finished file that lacks them (or has fewer) is extended: its rows are copied, not
+    recomputed. A file with at least as many views of the same augmentation and seed
+    is up to date; views of another augmentation or seed are an error, never mixed.
+    """
     config, key, path = resolve(config)
+    views = views if views is not None and views.num_views else None
+    extend = None
     if path.exists():
         attrs = read_attrs(path)
-        if attrs.get("complete") and attrs.get("key") == key:
-            return ExtractionResult(path=path, up_to_date=True)
-        raise CacheError(
-            f"{path} exists but was built with other settings or is unfinished; it is "
-            "never mixed with this run. Delete it to rebuild."
-        )
+        if not (attrs.get("complete") and attrs.get("key") == key):
+            raise CacheError(
+                f"{path} exists but was built with other settings or is unfinished; it is "
+                "never mixed with this run. Delete it to rebuild."
+            )
+        stored = read_view_attrs(path)
+        if not _needs_views(path, stored, views):
+            return ExtractionResult(path=path, up_to_date=True, view_attrs=stored)
+        extend = path
     # The backbone first: missing weights fail in a second, before a dataset download.
     spec = backbones.get_backbone(config.backbone)
     model = backbones.build_extractor(
@@ -87,16 +151,26 @@ def extract_features(config: FeaturesConfig, *, progress: bool = True) -> Extrac
     source = load_source(
         config.data, seed=config.seed, shard_index=config.shard_index, num_shards=config.num_shards
     )
+    if views is not None:
+        _check_views_source(source, views)
     attrs = _file_attrs(config, key, source, spec)
     splits = {
         name: {"spec": split.spec, "num_inputs": split.size, "num_inputs_all_shards": split.total}
         for name, split in source.splits.items()
     }
+    view_attrs = None if views is None else {
+        "num_views": views.num_views, "seed": views.seed, "augment": views.augment.to_dict(),
+        "config": views.to_dict(),
+    }
     forward = compiled_forward(model, config.image_size)
     started = time.perf_counter()
     images = 0
+    view_images, view_seconds = 0, 0.0
     skipped: dict[str, list[dict[str, Any]]] = {}
-    with FeatureWriter(path, attrs=attrs, splits=splits, feature_dim=spec.feature_dim, dtype=config.dtype) as writer:
+    with FeatureWriter(
+        path, attrs=attrs, splits=splits, feature_dim=spec.feature_dim, dtype=config.dtype,
+        views=view_attrs, extend=extend,
+    ) as writer:
         for split in source.splits.values():
             images += _extract_split(split, writer, forward, config, progress=progress)
             skipped[split.name] = _skipped(split, writer, config)
@@ -109,12 +183,48 @@ def extract_features(config: FeaturesConfig, *, progress: bool = True) -> Extrac
                         f"read (first: {skipped[split.name][0]['id']}: {skipped[split.name][0]['reason']}) "
                         "and --strict is set. Fix or remove them, or drop --strict to skip them."
                     )
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if views is not None:
+            view_images, view_seconds = _extract_views(
+                source.splits[VIEWS_SPLIT], writer, forward, config, views, progress=progress
+            )
     writer.finish(skipped)
     total_skipped = sum(len(v) for v in skipped.values())
     return ExtractionResult(
-        path=path, images=images, skipped=total_skipped, seconds=seconds, skipped_items=skipped
+        path=path, images=images, skipped=total_skipped, seconds=seconds, skipped_items=skipped,
+        view_images=view_images, view_seconds=view_seconds, view_attrs=read_view_attrs(path),
     )
+
+
+def _needs_views(path: Path, stored: dict[str, Any] | None, views: ViewsConfig | None) -> bool:
+    """Whether the finished file at `path` must get (more) views; refuses other views."""
+    if views is None:
+        return False
+    if stored is None:
+        return True
+    asked = views.identity()
+    have = {"augment": stored.get("augment"), "seed": stored.get("seed")}
+    if have != asked:
+        raise CacheError(
+            f"{path} holds {stored['num_views']} augmented views made with other settings "
+            f"({_key_diff(have, asked)}); views are never mixed. Rerun with the file's AUG_* "
+            "settings and SEED, or delete the file to rebuild it."
+        )
+    return int(stored["num_views"]) < views.num_views
+
+
+def _check_views_source(source: DataSource, views: ViewsConfig) -> None:
+    split = source.splits.get(VIEWS_SPLIT)
+    if split is None:
+        raise ConfigError(
+            f"Augmented views are made of the '{VIEWS_SPLIT}' split, which this dataset lacks. "
+            f"Received: splits {', '.join(source.splits)} and AUG_VIEWS={views.num_views}."
+        )
+    if split.total > MAX_VIEW_POSITION:
+        raise ConfigError(
+            f"Augmented views support train splits of up to {MAX_VIEW_POSITION} images. "
+            f"Received: {split.total}. Use shards of a smaller split, or AUG_VIEWS=0."
+        )
 
 
 def _file_attrs(config: FeaturesConfig, key, source: DataSource, spec) -> dict[str, Any]:
@@ -182,6 +292,30 @@ def image_batches(split: SplitSource, *, start: int, image_size: int, batch_size
     return ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def view_batches(
+    split: SplitSource, *, start: int, image_size: int, batch_size: int, augment, view: int, keep
+):
+    """Batches of (images, labels, ids, index) of augmented view `view`, from the `start`-th record.
+
+    Only the positions in `keep` (the train rows of the plain features) are read, so
+    images skipped there are not tried again. `augment` is
+    `pipeline.augment.example_augmenter(...)`: it runs per image, in parallel, after
+    decoding, and its result depends only on (seed, view, position).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    wanted = np.zeros(split.total, bool)
+    wanted[np.asarray(keep, np.int64)] = True
+    wanted = tf.constant(wanted)
+    ds = split.records(start).filter(lambda r: tf.gather(wanted, r["index"])).map(
+        lambda r: (augment(decode_and_resize(r["image"], image_size), view, r["index"]), r["label"], r["id"], r["index"]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def compiled_forward(model, image_size: int):
     """The backbone as one traced graph for every batch size, warmed up.
 
@@ -224,6 +358,69 @@ def _extract_split(split: SplitSource, writer: FeatureWriter, forward, config: F
             done = position
         bar.update(split.size - done)
     return written
+
+
+def _extract_views(
+    split: SplitSource, writer: FeatureWriter, forward, config: FeaturesConfig, views: ViewsConfig, *, progress: bool
+) -> tuple[int, float]:
+    """Appends the missing views of the train rows, view by view; returns (rows, seconds).
+
+    The views table is view-major (row v*N + r is view v of train row r), so the
+    committed row count says which view and which train row to resume at.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from pipeline.augment import example_augmenter
+
+    source_index = writer.written_index(split.name)
+    n = len(source_index)
+    total = views.num_views * n
+    done = writer.views_committed()
+    if n == 0 or done >= total:
+        return 0, 0.0
+    augment = example_augmenter(views.augment, seed=views.seed)
+    written, seconds = 0, 0.0
+    # Each batch is charged the time since the previous one was saved, so building each
+    # view's pipeline counts too: the sum is the wall time of the views.
+    tick = time.perf_counter()
+    with tqdm(
+        total=total, initial=done, desc=f"{split.name} views", unit="img", disable=not progress,
+        dynamic_ncols=True, mininterval=0.5,
+    ) as bar:
+        while done < total:
+            view, row = divmod(done, n)
+            for images, labels, _, index in view_batches(
+                split, start=int(source_index[row]) // config.num_shards, image_size=config.image_size,
+                batch_size=config.batch_size, augment=augment, view=view, keep=source_index[row:],
+            ):
+                index = index.numpy()
+                # Only train rows are read (`keep`), so a difference is a row that failed now.
+                expected = source_index[row : row + len(index)]
+                if not np.array_equal(expected, index):
+                    raise _lost_view_image(split, view, int(expected[np.argmax(expected != index)]))
+                features = forward(images).numpy()
+                now = time.perf_counter()
+                writer.append_views(features, labels.numpy(), index, np.full(len(index), view, np.int64), now - tick)
+                seconds += now - tick
+                tick = now
+                row += len(index)
+                written += len(index)
+                done += len(index)
+                bar.update(len(index))
+            if row != n:
+                raise _lost_view_image(split, view, int(source_index[row]))
+    log.info("views: %d rows of %d views in %.1f s", written, views.num_views, seconds)
+    return written, seconds
+
+
+def _lost_view_image(split: SplitSource, view: int, position: int) -> DataError:
+    """A train image that decoded for the plain features but not for a view: never left out silently."""
+    return DataError(
+        f"The {split.name} image at position {position} was read for the plain features but not for "
+        f"augmented view {view} (did the image folder change?). Rerun to resume; the views finished "
+        "so far are kept."
+    )
 
 
 def _skipped(split: SplitSource, writer: FeatureWriter, config: FeaturesConfig) -> list[dict[str, Any]]:

@@ -187,6 +187,26 @@ def _validate_fit_inputs(
     return X, y, Xv, yv, K
 
 
+def _as_views(views: Any, n_rows: int, n_features: int) -> np.ndarray:
+    """Return augmented views as a finite float32 `(V, N, D)` array aligned with X_train, or raise."""
+    try:
+        views = np.asarray(views, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"views must be a numeric (V, N, D) array. Received: {err}.") from None
+    if views.ndim != 3 or views.shape[1:] != (n_rows, n_features):
+        raise DataError(
+            f"views must have shape (V, {n_rows}, {n_features}): V augmented views of every X_train row, "
+            f"in X_train's order. Received: shape {views.shape}. Fix: pass store.load_views(...) of the "
+            "same train rows."
+        )
+    if not np.isfinite(views).all():
+        raise DataError(
+            f"views contain {int((~np.isfinite(views)).sum())} NaN/inf values. Expected finite floats. "
+            "Fix: re-extract the views (float16 overflow?)."
+        )
+    return views
+
+
 def _check_label_range(y: np.ndarray, name: str, K: int) -> None:
     outside = np.unique(y[y >= K])
     if len(outside):
@@ -316,28 +336,35 @@ class Head(BaseEstimator, abc.ABC):
         n_classes: int | None = None,
         callbacks: Sequence[Any] | None = None,
         verbose: int = 0,
+        views: Any = None,
     ) -> "Head":
         """Train on `X_train` float32 `(N, D)` and `y_train` int64 `(N,)` in [0, K).
 
         `X_val`/`y_val` (optional, together) select hyper-parameters or stop early.
         `n_classes` fixes K when a class may be absent from `y_train`; it defaults to
         `max(y_train) + 1`. `callbacks` are Keras callbacks (DenseHead only).
-        Returns self.
+        `views` (optional) are augmented views of the train rows, float32 `(V, N, D)`
+        with `views[v, r]` a view of row r (label `y_train[r]`); each head says how
+        it trains on them. Returns self.
         """
         # A failed refit must not leave the previous fit's state looking valid.
         for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
             delattr(self, attr)
         self._check_hyperparameters()
         X, y, Xv, yv, K = _validate_fit_inputs(X_train, y_train, X_val, y_val, n_classes)
+        V = None if views is None else _as_views(views, len(X), X.shape[1])
+        if V is not None and len(V) == 0:
+            V = None
         self.n_features_ = int(X.shape[1])
         self.n_classes_ = K
         self.classes_present_ = np.unique(y)
         start = time.perf_counter()
-        params = self._fit(X, y, Xv, yv, callbacks=callbacks, verbose=verbose)
+        params = self._fit(X, y, Xv, yv, callbacks=callbacks, verbose=verbose, views=V)
         params["fit_seconds"] = round(time.perf_counter() - start, 4)
         params.update(
             n_features=self.n_features_,
             n_classes=K,
+            n_views=0 if V is None else len(V),
             n_train=len(X),
             n_val=0 if Xv is None else len(Xv),
             classes_present=self.classes_present_.tolist(),
@@ -440,6 +467,7 @@ class Head(BaseEstimator, abc.ABC):
         *,
         callbacks: Sequence[Any] | None,
         verbose: int,
+        views: np.ndarray | None = None,
     ) -> dict[str, Any]: ...
 
     @abc.abstractmethod
@@ -554,11 +582,20 @@ class LogisticHead(Head):
         if self.blas_threads is not None:
             _check_number("blas_threads", self.blas_threads, integer=True, low=1)
 
-    def _fit(self, X, y, Xv, yv, *, callbacks, verbose):
+    def _fit(self, X, y, Xv, yv, *, callbacks, verbose, views=None):
         from threadpoolctl import threadpool_limits
 
+        if views is not None:
+            # A convex fit has no epochs to draw a fresh view in: every view is a row
+            # of its own, with its source's label (the scaler sees them too).
+            X = np.concatenate([X, views.reshape(-1, X.shape[1])])
+            y = np.tile(y, len(views) + 1)
         with threadpool_limits(limits=self.blas_threads, user_api="blas"):
-            return self._fit_logistic(X, y, Xv, yv, callbacks=callbacks, verbose=verbose)
+            params = self._fit_logistic(X, y, Xv, yv, callbacks=callbacks, verbose=verbose)
+        if views is not None:
+            params.update(view_use="stacked: plain rows and every view as rows of their own",
+                          n_train_rows=len(X))
+        return params
 
     def _fit_logistic(self, X, y, Xv, yv, *, callbacks, verbose):
         from sklearn.linear_model import LogisticRegression
@@ -703,6 +740,14 @@ class DenseHead(Head):
     `keras.utils.set_random_seed(seed)` (which also seeds Python's and numpy's global
     generators) and seeds the initializers, dropout and shuffling explicitly.
 
+    With augmented `views` (V, N, D), each epoch is still one pass over the N train
+    examples, but every example comes as one of its V + 1 versions (the plain
+    features or one of its views), drawn uniformly and afresh each epoch (seeded).
+    Keeping the plain version among the draws keeps the un-augmented images, which
+    are what validation, test and prediction see, in the training distribution; an
+    epoch costs what it costs without views, and the head meets a new augmentation
+    of an example in most epochs, as it would when augmenting images on the fly.
+
     After fit: `model_` (the Keras model, logits out), `history_` (the History dict:
     loss, accuracy, val_loss, val_accuracy per epoch), `params_` with `best_epoch`,
     `epochs_run`, `stopped_early` and the balanced `class_weights` if any.
@@ -757,7 +802,7 @@ class DenseHead(Head):
                                      name="logits")(x)
         return keras.Model(inputs, outputs, name=f"{self.name}_head")
 
-    def _fit(self, X, y, Xv, yv, *, callbacks, verbose):
+    def _fit(self, X, y, Xv, yv, *, callbacks, verbose, views=None):
         import keras
         import tensorflow as tf
 
@@ -787,11 +832,15 @@ class DenseHead(Head):
             lookup = np.zeros(self.n_classes_, dtype=np.float32)
             lookup[list(weights)] = list(weights.values())
             tensors += (lookup[y],)
-        train = (
-            tf.data.Dataset.from_tensor_slices(tensors)
-            .shuffle(len(X), seed=self.seed, reshuffle_each_iteration=True)
-            .batch(self.batch_size)
-        )
+        if views is None:
+            train = (
+                tf.data.Dataset.from_tensor_slices(tensors)
+                .shuffle(len(X), seed=self.seed, reshuffle_each_iteration=True)
+                .batch(self.batch_size)
+            )
+        else:
+            train = self._view_dataset(X, views, tensors[1:])
+            params.update(view_use="sampled: one of plain + views per example per epoch, uniformly")
         all_callbacks = list(callbacks or [])
         validation = None
         stopper = None
@@ -819,6 +868,27 @@ class DenseHead(Head):
             params.update(val_loss=self.history_["val_loss"][best],
                           val_accuracy=self.history_["val_accuracy"][best])
         return params
+
+    def _view_dataset(self, X: np.ndarray, views: np.ndarray, columns: tuple[np.ndarray, ...]):
+        """Batches of (features, targets[, weights]): each row one of its V + 1 versions.
+
+        Rows are shuffled and versions drawn afresh every epoch, both seeded (tf.data
+        re-randomizes them on each pass, deterministically for the seed).
+        """
+        import tensorflow as tf
+
+        table = tf.constant(np.concatenate([X[None], views]))  # (V + 1, N, D)
+        columns = tuple(tf.constant(c) for c in columns)
+        versions = len(views) + 1
+        rows = tf.data.Dataset.range(len(X)).shuffle(len(X), seed=self.seed, reshuffle_each_iteration=True)
+        draws = tf.data.Dataset.random(seed=self.seed + 4, rerandomize_each_iteration=True)
+
+        def pick(row, draw):
+            version = tf.math.floormod(draw, versions)
+            features = tf.gather_nd(table, tf.stack([version, row], axis=1))
+            return (features, *(tf.gather(c, row) for c in columns))
+
+        return tf.data.Dataset.zip(rows, draws).batch(self.batch_size).map(pick)
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         return np.concatenate([

@@ -13,6 +13,13 @@ Schema of a finished file (readable with plain h5py, see README.md)::
     /<split>/index         (N,) int64: the example's position in the full split
     /<split>               attrs: spec, num_inputs, num_skipped, skipped (JSON list of
                                   {index, id, reason})
+    /train/views/features  (K*N, D) augmented views of the train rows, view-major: row
+                           v*N + r is view v of train row r (only with AUG_VIEWS=K)
+    /train/views/labels    (K*N,) int64, the label of the source row
+    /train/views/index     (K*N,) int64, the source example's `index`
+    /train/views/view      (K*N,) int64, the view number v in [0, K)
+    /train/views           attrs: num_views, seed, augment (JSON), config (JSON),
+                                  seconds, seconds_per_view, bytes, bytes_per_view
 
 Writing goes to `<name>.partial`, opened in HDF5's SWMR mode, which keeps the file
 readable however the writer dies (Ctrl-C, kill -9, power loss); every batch is
@@ -21,6 +28,11 @@ to the counter are always whole batches. HDF5 cannot reopen a crashed SWMR file
 for writing, so resuming copies the committed rows into a fresh partial file. The
 finished file is written afresh (no SWMR, so older readers can open it) and renamed
 into place: a file at the final path is always complete.
+
+Views are not part of the key. Adding views to a finished file copies its rows into a
+new partial file (nothing is recomputed), appends the views there with the same
+commit protocol, and replaces the finished file at the end; views with another
+augmentation or seed are never mixed in.
 """
 
 from __future__ import annotations
@@ -43,6 +55,9 @@ FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 _COPY_ROWS = 4096
 _STR = h5py.string_dtype("utf-8")
+#: The only split that gets augmented views; validation and test are never augmented.
+VIEWS_SPLIT = "train"
+_VIEW_COLUMNS = ("labels", "index", "view")
 
 
 def partial_path(path: Path) -> Path:
@@ -70,6 +85,12 @@ class FeatureSet:
     attrs: dict[str, Any]
     splits: dict[str, SplitArrays]
     split_attrs: dict[str, dict[str, Any]]
+    #: The attributes of /train/views (num_views, seed, augment, ...); None without views.
+    view_attrs: dict[str, Any] | None = None
+
+    @property
+    def num_views(self) -> int:
+        return int(self.view_attrs["num_views"]) if self.view_attrs else 0
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -92,6 +113,11 @@ class FeatureWriter:
 
     Use as a context manager; `committed(split)` tells where to resume. `attrs` must
     hold a JSON-able `key`: a partial file with another key is refused, not mixed.
+
+    `views` (the attributes of /train/views: `num_views`, `seed`, `augment`,
+    `config`) adds a views table, filled by `append_views`. `extend` names a finished
+    file whose rows (and views of the same augmentation and seed) seed a new partial
+    file, so views can be added without recomputing anything.
     """
 
     def __init__(
@@ -102,6 +128,8 @@ class FeatureWriter:
         splits: Mapping[str, Mapping[str, Any]],
         feature_dim: int,
         dtype: str,
+        views: Mapping[str, Any] | None = None,
+        extend: Path | None = None,
     ) -> None:
         self.path = Path(path)
         self.partial = partial_path(self.path)
@@ -109,12 +137,18 @@ class FeatureWriter:
         self.split_attrs = {name: dict(a) for name, a in splits.items()}
         self.feature_dim = feature_dim
         self.dtype = np.dtype(dtype)
+        self.views = dict(views) if views else None
+        if self.views is not None and VIEWS_SPLIT not in self.split_attrs:
+            raise CacheError(f"Augmented views need a '{VIEWS_SPLIT}' split. Received splits: {', '.join(self.split_attrs)}.")
+        self.extend = Path(extend) if extend is not None else None
         self._file: h5py.File | None = None
 
     def __enter__(self) -> FeatureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.partial.exists():
             self._recover()
+        elif self.extend is not None:
+            self._recover(self.extend)
         else:
             self._create(self.partial)
         self._file = h5py.File(self.partial, "a", libver="latest")
@@ -127,12 +161,12 @@ class FeatureWriter:
             self._file = None
 
     def _create(self, target: Path) -> h5py.File:
+        chunk_rows = max(1, min(256, (1 << 20) // (self.feature_dim * self.dtype.itemsize)))
         with h5py.File(target, "w", libver="latest") as f:
             _write_attrs(f.attrs, {**self.attrs, "complete": False})
             for name, split_attrs in self.split_attrs.items():
                 group = f.create_group(name)
                 _write_attrs(group.attrs, split_attrs)
-                chunk_rows = max(1, min(256, (1 << 20) // (self.feature_dim * self.dtype.itemsize)))
                 group.create_dataset(
                     "features", shape=(0, self.feature_dim), maxshape=(None, self.feature_dim),
                     dtype=self.dtype, chunks=(chunk_rows, self.feature_dim),
@@ -140,22 +174,38 @@ class FeatureWriter:
                 for name_, dtype in (("labels", np.int64), ("index", np.int64), ("id_ends", np.int64), ("id_bytes", np.uint8)):
                     group.create_dataset(name_, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
                 group.create_dataset("committed", data=np.zeros(1, np.int64))
+            if self.views is not None:
+                views = f[VIEWS_SPLIT].create_group("views")
+                _write_attrs(views.attrs, self.views)
+                views.create_dataset(
+                    "features", shape=(0, self.feature_dim), maxshape=(None, self.feature_dim),
+                    dtype=self.dtype, chunks=(chunk_rows, self.feature_dim),
+                )
+                for name_ in _VIEW_COLUMNS:
+                    views.create_dataset(name_, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+                views.create_dataset("committed", data=np.zeros(1, np.int64))
+                views.create_dataset("seconds", data=np.zeros(1, np.float64))
         return target
 
-    def _recover(self) -> None:
-        """Copies the committed rows of a partial file (perhaps crashed) into a new one."""
+    def _recover(self, source: Path | None = None) -> None:
+        """Copies the committed rows of a partial file (perhaps crashed) into a new one.
+
+        With `source`, a finished file is copied instead (to add views to it).
+        """
+        finished = source is not None
+        source = source if finished else self.partial
         try:
-            old = h5py.File(self.partial, "r", swmr=True, libver="latest")
+            old = h5py.File(source, "r", swmr=not finished, libver="latest")
         except OSError as err:
             raise CacheError(
-                f"Cannot read the unfinished feature file {self.partial} ({err}). "
+                f"Cannot read the {'feature' if finished else 'unfinished feature'} file {source} ({err}). "
                 "Delete it to start over."
             ) from err
         with old:
             stored = _read_attrs(old.attrs).get("key")
             if stored != self.attrs["key"]:
                 raise CacheError(
-                    f"The unfinished feature file {self.partial} was started with other "
+                    f"The {'feature' if finished else 'unfinished feature'} file {source} was started with other "
                     f"settings ({_key_diff(stored, self.attrs['key'])}); it is not mixed "
                     "with this run. Delete it, or rerun with its settings."
                 )
@@ -163,11 +213,47 @@ class FeatureWriter:
             self._create(fresh)
             with h5py.File(fresh, "a", libver="latest") as new:
                 for name in self.split_attrs:
-                    rows = _committed_rows(old[name]) if name in old else _empty_rows(self.feature_dim, self.dtype)
+                    rows = (
+                        (_finished_rows if finished else _committed_rows)(old[name])
+                        if name in old else _empty_rows(self.feature_dim, self.dtype)
+                    )
                     _append(new[name], *rows)
                     new[name]["committed"][0] = len(rows[1])
-                    log.info("Resuming %s: %d %s rows already written", self.path.name, len(rows[1]), name)
+                    log.info("%s %s: %d %s rows already written", "Extending" if finished else "Resuming",
+                             self.path.name, len(rows[1]), name)
+                self._carry_views(old, new, source, finished=finished)
         os.replace(fresh, self.partial)
+
+    def _carry_views(self, old: h5py.File, new: h5py.File, source: Path, *, finished: bool) -> None:
+        """Copies the views of `old` that this run can keep: same augmentation and seed.
+
+        Views of another augmentation or seed are refused, never mixed; views beyond
+        the `num_views` asked are dropped (they are recomputed identically if asked again).
+        """
+        group = old[VIEWS_SPLIT].get("views") if VIEWS_SPLIT in old else None
+        if group is None:
+            return
+        stored = _read_attrs(group.attrs)
+        rows = len(group["index"]) if finished else int(group["committed"][0])
+        if self.views is None:
+            if rows:
+                log.info("Dropping %d view rows of %s: no views asked in this run.", rows, source.name)
+            return
+        if _views_identity(stored) != _views_identity(self.views):
+            raise CacheError(
+                f"{source} holds views made with other settings "
+                f"({_key_diff(_views_identity(stored), _views_identity(self.views))}); they are never "
+                "mixed. Rerun with its AUG_* settings and SEED, or delete the file to rebuild."
+            )
+        rows = min(rows, int(self.views["num_views"]) * int(new[VIEWS_SPLIT]["committed"][0]))
+        target = new[VIEWS_SPLIT]["views"]
+        for start in range(0, rows, _COPY_ROWS):
+            stop = min(rows, start + _COPY_ROWS)
+            _append_views(target, group["features"][start:stop],
+                          *(group[c][start:stop] for c in _VIEW_COLUMNS))
+        target["committed"][0] = rows
+        target["seconds"][0] = float(stored.get("seconds", 0.0)) if finished else float(group["seconds"][0])
+        log.info("%s %s: %d view rows already written", "Extending" if finished else "Resuming", self.path.name, rows)
 
     def committed(self, split: str) -> tuple[int, int]:
         """(rows written, last written `index` or -1) for `split`."""
@@ -179,6 +265,20 @@ class FeatureWriter:
         """The `index` of every committed row of `split`."""
         n, _ = self.committed(split)
         return self._file[split]["index"][:n]
+
+    def views_committed(self) -> int:
+        """View rows written so far (view-major: row v*N + r is view v of train row r)."""
+        return int(self._file[VIEWS_SPLIT]["views"]["committed"][0])
+
+    def append_views(self, features: np.ndarray, labels: np.ndarray, index: np.ndarray, view: np.ndarray,
+                     seconds: float) -> None:
+        """Appends one batch of views, adds the `seconds` it took, and makes both durable."""
+        group = self._file[VIEWS_SPLIT]["views"]
+        _append_views(group, features.astype(self.dtype, copy=False), labels, index, view)
+        self._file.flush()
+        group["seconds"][0] = float(group["seconds"][0]) + seconds
+        group["committed"][0] = group["index"].shape[0]
+        self._file.flush()
 
     def append(self, split: str, features: np.ndarray, labels: np.ndarray, index: np.ndarray, ids: Sequence[bytes]) -> None:
         """Appends one batch and makes it durable before returning."""
@@ -200,7 +300,21 @@ class FeatureWriter:
                     _chunks(old[name], int(old[name]["committed"][0])),
                     {**split_attrs, "num_skipped": len(items), "skipped": items},
                 )
-            write_features(self.path, attrs=self.attrs, splits=splits, feature_dim=self.feature_dim, dtype=self.dtype)
+            views = None
+            if self.views is not None:
+                group = old[VIEWS_SPLIT]["views"]
+                rows, expected = int(group["committed"][0]), int(self.views["num_views"]) * int(old[VIEWS_SPLIT]["committed"][0])
+                if rows != expected:
+                    raise CacheError(
+                        f"{self.partial} holds {rows} view rows, expected {expected}; rerun the same command to finish them."
+                    )
+                seconds = float(group["seconds"][0])
+                views = (_view_chunks(group, rows), {
+                    **self.views, "seconds": round(seconds, 3),
+                    "seconds_per_view": round(seconds / int(self.views["num_views"]), 3),
+                })
+            write_features(self.path, attrs=self.attrs, splits=splits, feature_dim=self.feature_dim,
+                           dtype=self.dtype, views=views)
         self.partial.unlink()
         return self.path
 
@@ -223,6 +337,35 @@ def _append(group: h5py.Group, features, labels, index, ids) -> None:
     m = group["id_bytes"].shape[0]
     group["id_bytes"].resize(m + len(blob), axis=0)
     group["id_bytes"][m:] = blob
+
+
+def _append_views(group: h5py.Group, features, labels, index, view) -> None:
+    n = group["index"].shape[0]
+    k = len(index)
+    for name, values in (("features", features), ("labels", labels), ("index", index), ("view", view)):
+        group[name].resize(n + k, axis=0)
+        group[name][n:] = values
+
+
+def _view_chunks(group: h5py.Group, n: int) -> Iterator[tuple]:
+    for start in range(0, n, _COPY_ROWS):
+        stop = min(n, start + _COPY_ROWS)
+        yield (group["features"][start:stop], *(group[c][start:stop] for c in _VIEW_COLUMNS))
+
+
+def _views_identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two sets of views compatible (see `ViewsConfig.identity`)."""
+    return {"augment": attrs.get("augment"), "seed": attrs.get("seed")}
+
+
+def _finished_rows(group: h5py.Group):
+    """All rows of a split of a finished file, as `_committed_rows` gives them."""
+    return (
+        group["features"][:],
+        group["labels"][:],
+        group["index"][:],
+        [i.encode() for i in group["ids"].asstr()[:]],
+    )
 
 
 def _committed_rows(group: h5py.Group):
@@ -267,9 +410,12 @@ def write_features(
     splits: Mapping[str, tuple[Iterable[tuple], Mapping[str, Any]]],
     feature_dim: int,
     dtype: np.dtype,
+    views: tuple[Iterable[tuple], Mapping[str, Any]] | None = None,
 ) -> Path:
     """Writes a finished file from per-split chunks of (features, labels, index, ids).
 
+    `views`: chunks of (features, labels, index, view) and the attributes of
+    /train/views, whose storage size (`bytes`, `bytes_per_view`) is measured here.
     Written under a temporary name and renamed, so the final path never holds a
     half-written file; memory stays flat because rows arrive in chunks.
     """
@@ -302,9 +448,34 @@ def write_features(
                     dataset.resize(n + k, axis=0)
                     dataset[n:] = values[key]
                 n += k
+        if views is not None:
+            _write_views(f[VIEWS_SPLIT].create_group("views"), views, feature_dim, dtype)
         f.attrs["complete"] = True
     os.replace(tmp, path)
     return path
+
+
+def _write_views(group: h5py.Group, views: tuple[Iterable[tuple], Mapping[str, Any]], feature_dim: int, dtype) -> None:
+    chunks, attrs = views
+    datasets = {
+        "features": group.create_dataset(
+            "features", shape=(0, feature_dim), maxshape=(None, feature_dim), dtype=dtype,
+            chunks=(max(1, min(1024, (1 << 20) // (feature_dim * np.dtype(dtype).itemsize))), feature_dim),
+            compression="gzip", compression_opts=4, shuffle=True,
+        ),
+        **{name: group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(16384,),
+                                      compression="gzip") for name in _VIEW_COLUMNS},
+    }
+    n = 0
+    for chunk in chunks:
+        k = len(chunk[0])
+        for dataset, values in zip(datasets.values(), chunk):
+            dataset.resize(n + k, axis=0)
+            dataset[n:] = values
+        n += k
+    stored = sum(d.id.get_storage_size() for d in datasets.values())
+    num_views = int(attrs["num_views"])
+    _write_attrs(group.attrs, {**attrs, "bytes": int(stored), "bytes_per_view": int(round(stored / num_views))})
 
 
 # --- reading ------------------------------------------------------------------------
@@ -327,7 +498,7 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) for v in value)
 
 
-_JSON_ATTRS = frozenset({"key", "config", "splits", "skipped", "class_counts"})
+_JSON_ATTRS = frozenset({"key", "config", "splits", "skipped", "class_counts", "augment"})
 
 
 def _read_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
@@ -408,7 +579,50 @@ def read_features(
             for name in wanted
         }
         split_attrs = {name: _read_attrs(f[name].attrs) for name in wanted}
-    return FeatureSet(path=path, attrs=attrs, splits=loaded, split_attrs=split_attrs)
+        views = f[VIEWS_SPLIT].get("views") if VIEWS_SPLIT in f else None
+        view_attrs = _read_attrs(views.attrs) if views is not None else None
+    return FeatureSet(path=path, attrs=attrs, splits=loaded, split_attrs=split_attrs, view_attrs=view_attrs)
+
+
+def read_view_attrs(path: Path) -> dict[str, Any] | None:
+    """The attributes of a finished file's /train/views, or None when it has no views."""
+    with h5py.File(path, "r") as f:
+        views = f[VIEWS_SPLIT].get("views") if VIEWS_SPLIT in f else None
+        return _read_attrs(views.attrs) if views is not None else None
+
+
+def load_views(cached: FeatureSet, count: int) -> np.ndarray:
+    """The first `count` augmented views of the train rows of `cached`: `(count, N, D)`.
+
+    `views[v, r]` is view v of train row r, so `cached.splits["train"].labels[r]` is
+    its label. The stored source index, view number and label of every row are
+    checked against the train split, so a view can never be paired with the wrong
+    example.
+    """
+    if count > cached.num_views:
+        raise CacheError(
+            f"{cached.path} has {cached.num_views} augmented views, {count} asked. "
+            f"Run `make features AUG_VIEWS={count}` with the same settings first."
+        )
+    train = cached.splits.get(VIEWS_SPLIT)
+    if train is None:
+        raise CacheError(f"Views belong to the '{VIEWS_SPLIT}' split; load it too (splits=None).")
+    n = len(train)
+    if count == 0:
+        return np.zeros((0, n, train.features.shape[1]), train.features.dtype)
+    with h5py.File(cached.path, "r") as f:
+        group = f[VIEWS_SPLIT]["views"]
+        features = group["features"][: count * n].reshape(count, n, -1)
+        index, view, labels = (group[c][: count * n].reshape(count, n) for c in ("index", "view", "labels"))
+    if not (
+        (index == train.index).all() and (labels == train.labels).all()
+        and (view == np.arange(count)[:, None]).all()
+    ):
+        raise CacheError(
+            f"{cached.path}: the stored views do not line up with the train rows (source index, "
+            "label or view number differ). The file is inconsistent; rebuild it."
+        )
+    return features
 
 
 def _key_diff(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> str:
@@ -432,6 +646,8 @@ def merge_shards(paths: Sequence[Path], out: Path) -> Path:
     must be present. Rows are put back in source order by their `index`. The shards
     are joined in memory (a consolidated copy); fine for feature sizes up to a few GB,
     a streaming k-way merge can replace it when the distributed runner needs one.
+    Augmented views are merged the same way, view by view; since a view depends only
+    on its example, the merged views equal a one-process run's too.
     """
     if not paths:
         raise CacheError("merge needs at least one shard file.")
@@ -470,5 +686,31 @@ def merge_shards(paths: Sequence[Path], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_features(
         out, attrs=attrs, splits=splits, feature_dim=sets[0].attrs["feature_dim"],
-        dtype=sets[0].splits[next(iter(sets[0].splits))].features.dtype,
+        dtype=sets[0].splits[next(iter(sets[0].splits))].features.dtype, views=_merge_views(sets),
     )
+
+
+def _merge_views(sets: Sequence[FeatureSet]) -> tuple[list[tuple], dict[str, Any]] | None:
+    """The views of all shards in source order, view-major, or None when no shard has views."""
+    described = {(s.num_views, json.dumps(_views_identity(s.view_attrs or {}), sort_keys=True)) for s in sets}
+    if len(described) > 1:
+        raise CacheError(
+            "The shards hold different augmented views (number, augmentation or seed); rerun "
+            "`make features` for every shard with the same AUG_VIEWS and AUG_* settings. Received: "
+            + ", ".join(f"{s.path.name}: {s.num_views} views" for s in sets) + "."
+        )
+    num_views = sets[0].num_views
+    if not num_views:
+        return None
+    parts = [(s.splits[VIEWS_SPLIT], load_views(s, num_views)) for s in sets]
+    order = np.argsort(np.concatenate([train.index for train, _ in parts]), kind="stable")
+    index = np.concatenate([train.index for train, _ in parts])[order]
+    labels = np.concatenate([train.labels for train, _ in parts])[order]
+    chunks = [
+        (np.concatenate([views[v] for _, views in parts])[order], labels, index, np.full(len(index), v, np.int64))
+        for v in range(num_views)
+    ]
+    attrs = {k: v for k, v in sets[0].view_attrs.items() if k not in ("bytes", "bytes_per_view")}
+    attrs["seconds"] = round(sum(float(s.view_attrs.get("seconds", 0.0)) for s in sets), 3)
+    attrs["seconds_per_view"] = round(attrs["seconds"] / num_views, 3)
+    return chunks, attrs

@@ -16,6 +16,11 @@ A run directory (`runs/<feature file>__<head>/`) holds::
 
 It is assembled in a temporary directory and moved into place at the end, so a
 failed run never leaves a half-written directory or clobbers the previous one.
+
+Augmented views of the train split (stage 1 with AUG_VIEWS) are used as
+`HeadConfig.views` says: by default all of them for the dense head, none for the
+logistic one. `HeadConfig.train_per_class` trains on a seeded, stratified subset
+of the train split (few-shot); the views of the chosen examples come with them.
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ import numpy as np
 
 from pipeline import plots
 from pipeline.config import FeaturesConfig, HeadConfig
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.heads import Head, create_head, load_head
 from pipeline.metrics import classification_metrics
-from pipeline.store import FeatureSet, read_features
+from pipeline.store import FeatureSet, SplitArrays, load_views, read_features
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,11 @@ class HeadRun:
 
     def summary(self) -> str:
         parts = [f"head: {self.head.name}" + (" (up to date, not retrained)" if self.up_to_date else "")]
+        used = self.metrics.get("views") or {}
+        if used.get("train_per_class"):
+            parts.append(f"{used['train_per_class']} train examples per class")
+        if used.get("used"):
+            parts.append(f"{used['used']} augmented views ({used['how']})")
         for split in ("validation", "test"):
             if self.metrics.get(split):
                 parts.append(f"{split} accuracy {self.metrics[split]['accuracy']:.4f}")
@@ -61,14 +71,26 @@ class HeadRun:
 
 
 def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
-    return Path(config.runs_dir) / f"{Path(features_path).stem}__{config.head}"
+    """`runs/<feature file>__<head>[__views-V][__N-per-class]`.
+
+    Explicit VIEWS and TRAIN_PER_CLASS name their own runs, so runs of one file with
+    0, 2 or 5 views, or few-shot subsets, sit side by side; the default (VIEWS unset)
+    keeps the plain name.
+    """
+    name = f"{Path(features_path).stem}__{config.head}"
+    if config.views is not None:
+        name += f"__views-{config.views}"
+    if config.train_per_class is not None:
+        name += f"__{config.train_per_class}-per-class"
+    return Path(config.runs_dir) / name
 
 
 def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None) -> HeadRun:
     """Fits `config.head` on the train split of `features_path` and writes its run directory."""
     cached = read_features(features_path, expect=expect)
     run_dir = run_dir_for(features_path, config)
-    finished = _finished_run(run_dir, cached, config)
+    used = _views_record(cached, config)
+    finished = _finished_run(run_dir, cached, config, used)
     if finished:
         return finished
     _check_splits(cached)
@@ -77,6 +99,11 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
     test = cached.splits.get("test")
     if test is None:
         log.warning("%s has no test split: reporting validation metrics only.", features_path)
+    views = load_views(cached, used["used"]) if used["used"] else None
+    if config.train_per_class is not None:
+        rows = stratified_rows(train.labels, config.train_per_class, class_names, seed=config.seed)
+        train = _subset(train, rows)
+        views = None if views is None else views[:, rows]
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
@@ -84,11 +111,13 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
         head = create_head(config.head, **config.head_params())
         head.fit(
             train.features, train.labels, validation.features, validation.labels,
-            n_classes=len(class_names), callbacks=_callbacks(head, work),
+            n_classes=len(class_names), callbacks=_callbacks(head, work), views=views,
         )
         metrics = {
             "head": config.head,
             "features": str(features_path),
+            "train_examples": len(train),
+            "views": used,
             "hyperparameters": head.params_,
             "training_seconds": head.params_["fit_seconds"],
             "validation": classification_metrics(head.predict_proba(validation.features), validation.labels, class_names),
@@ -96,7 +125,7 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
         }
         if test is None:
             metrics["note"] = "no test split: validation metrics only"
-        _write_run(work, head, cached, config, metrics)
+        _write_run(work, head, cached, config, metrics, used)
         if run_dir.exists():
             shutil.rmtree(run_dir)
         os.replace(work, run_dir)
@@ -105,19 +134,70 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
     return HeadRun(run_dir=run_dir, head=head, metrics=metrics)
 
 
-def _finished_run(run_dir: Path, cached: FeatureSet, config: HeadConfig) -> HeadRun | None:
+def _finished_run(run_dir: Path, cached: FeatureSet, config: HeadConfig, used: dict[str, Any]) -> HeadRun | None:
     """The run in `run_dir` if it was trained on these features with this config.
 
     Training is deterministic for a seed, so such a run is what a retrain would give.
+    Views are not in the features' key, so the views used are compared too: a file
+    that gained views since makes the default dense run stale (a run on its first V
+    views stays valid, since views never change once written).
     """
     try:
         record = json.loads((run_dir / "config.json").read_text())
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    if record.get("features_key") != cached.key or record.get("head") != config.to_dict():
+    if (
+        record.get("features_key") != cached.key or record.get("head") != config.to_dict()
+        or _without_available(record.get("views", _NO_VIEWS)) != _without_available(used)
+    ):
         return None
     return HeadRun(run_dir=run_dir, head=load_head(run_dir), metrics=metrics, up_to_date=True)
+
+
+_NO_VIEWS = {"used": 0}
+
+
+def _without_available(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "available"}
+
+
+def _views_record(cached: FeatureSet, config: HeadConfig) -> dict[str, Any]:
+    """Which views a run uses and what they are (their augmentation and seed), as stored in config.json."""
+    used = config.views_used(cached.num_views)
+    record: dict[str, Any] = dict(_NO_VIEWS)
+    if used:
+        a = cached.view_attrs
+        record = {
+            "used": used, "available": cached.num_views, "augment": a["augment"], "seed": a["seed"],
+            "how": "sampled per example per epoch" if config.head == "dense" else "stacked as rows",
+        }
+    if config.train_per_class is not None:
+        record["train_per_class"] = config.train_per_class
+    return record
+
+
+def stratified_rows(labels: np.ndarray, per_class: int, class_names: list[str], *, seed: int) -> np.ndarray:
+    """Sorted rows of a seeded subset with `per_class` examples of every class.
+
+    The same seed picks the same examples, whatever head trains on them; a class
+    with fewer than `per_class` examples is an error, not a smaller class.
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels, minlength=len(class_names))
+    short = [f"{class_names[c]}: {int(n)}" for c, n in enumerate(counts) if n < per_class]
+    if short:
+        raise ConfigError(
+            f"TRAIN_PER_CLASS={per_class} needs that many train examples in every class. Received: "
+            f"{', '.join(short)}. Lower TRAIN_PER_CLASS."
+        )
+    rows = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(len(class_names))]
+    return np.sort(np.concatenate(rows))
+
+
+def _subset(split: SplitArrays, rows: np.ndarray) -> SplitArrays:
+    return SplitArrays(features=split.features[rows], labels=split.labels[rows], ids=split.ids[rows],
+                       index=split.index[rows])
 
 
 def _check_splits(cached: FeatureSet) -> None:
@@ -145,13 +225,15 @@ def _callbacks(head: Head, work: Path) -> list[Any] | None:
     return [keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"))]
 
 
-def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any]) -> None:
+def _write_run(
+    work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any], used: dict[str, Any]
+) -> None:
     class_names = list(cached.class_names)
     head.save(work)
     (work / "labels.txt").write_text("\n".join(class_names) + "\n")
     (work / "config.json").write_text(json.dumps(
         {"features": cached.config, "features_key": cached.key, "features_path": str(cached.path),
-         "head": config.to_dict()}, indent=2, sort_keys=True) + "\n")
+         "head": config.to_dict(), "views": used}, indent=2, sort_keys=True) + "\n")
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     figures = []
     history = getattr(head, "history_", None)
@@ -226,6 +308,13 @@ def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str
         lines += ["", f"Note: {metrics['note']}."]
     chosen = {k: v for k, v in metrics["hyperparameters"].items() if k in ("C", "best_epoch", "epochs_run", "converged")}
     lines += ["", f"Training: {metrics['training_seconds']:.2f} s; {json.dumps(chosen)}", ""]
+    views = metrics.get("views") or {}
+    if views.get("used") or views.get("train_per_class"):
+        lines[-1:] = [f"Train split: {metrics.get('train_examples')} examples"
+                      + (f" ({views['train_per_class']} per class)" if views.get("train_per_class") else "")
+                      + (f", {views['used']} augmented views each, {views['how']} (augmentation "
+                         f"{json.dumps(views['augment'])}, seed {views['seed']})" if views.get("used") else ""),
+                      ""]
     last = splits[-1]
     lines += [f"Per class ({last}):", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for name in class_names:
