@@ -59,7 +59,7 @@ OPTIMIZER ?= adam#                adam, rmsprop or sgd
 HEAD_EPOCHS ?= 0#                 N > 0: train a fresh head on images N epochs first instead of using `make head`
 FROM_SCRATCH ?=#                  1: train everything from random weights (needs WEIGHTS=none)
 ## Compare
-COMPARE_ROWS ?= logistic,dense,finetune-top,finetune-all,scratch#  rows of `make compare`
+COMPARE_ROWS ?= logistic,dense,finetune-top,finetune-all,scratch#  rows of `make compare` (also: seed, dense-views-K, logistic-views-K)
 COMPARE_DIR ?=#                   default: compare/<data>__<backbone>__<size>px
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)

@@ -292,7 +292,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         out = Path(args.out)
     else:
         resolved = resolve(features)[0]
-        out = Path("compare") / f"{resolved.data.name}__{resolved.backbone}__{resolved.image_size}px"
+        few = f"__{args.train_per_class}-per-class" if args.train_per_class else ""
+        out = Path("compare") / f"{resolved.data.name}__{resolved.backbone}__{resolved.image_size}px{few}"
     result = compare(features, head_config(args), finetune_config(args), out_dir=out,
                      rows=[r for r in args.rows.split(",") if r], progress=not args.no_progress)
     print(result.table)
@@ -433,8 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_augment_flags(comparison)
     _add_finetune_flags(comparison)
     comparison.add_argument("--rows", default="logistic,dense,finetune-top,finetune-all,scratch",
-                            help="comma-separated rows to run")
-    comparison.add_argument("--out", help="output folder (default: compare/<data>__<backbone>__<size>px)")
+                            help="comma-separated rows: logistic, dense, finetune-top, finetune-all, scratch, "
+                                 "seed, dense-views-K, logistic-views-K")
+    comparison.add_argument("--out", help="output folder (default: compare/<data>__<backbone>__<size>px"
+                                          "[__<N>-per-class])")
     comparison.set_defaults(run=_cmd_compare)
 
     merge = commands.add_parser("merge", help="join the shard files of one features run")

@@ -14,7 +14,8 @@ The head starts from the stage-2 run (a dense head is copied with its Dropout; a
 logistic head becomes Dropout + a Dense layer carrying its coefficients), so at step
 0 the model predicts what the stage-2 head predicts, and a low learning rate only
 refines a converged head. `head_epochs > 0` instead trains a fresh head on images
-with the backbone frozen first, the tutorials' first phase.
+with the backbone frozen first, the tutorials' first phase. A few-shot head
+(`TRAIN_PER_CLASS=N`) is fine-tuned on the same N images per class it was trained on.
 
 Run directory `runs/<stage-2 run>__ft-<fine_tune_at>/`::
 
@@ -67,7 +68,7 @@ from pipeline.export import image_classifier, logits_head
 from pipeline.extract import decode_and_resize, resolve
 from pipeline.heads import Head, load_head
 from pipeline.metrics import classification_metrics
-from pipeline.train import load_images, run_dir_for
+from pipeline.train import load_images, run_dir_for, stratified_rows
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class FinetuneModel:
     model: Any
     extractor: Any
     head: Any
-    fine_tune_at: int
+    fine_tune_at: int | None  # None: no fine-tuning phase (the seed workflow), nothing to unfreeze
 
     @property
     def backbone(self):
@@ -192,7 +193,8 @@ def build_model(features: FeaturesConfig, config: FinetuneConfig, head: Head | N
     spec = get_backbone(features.backbone)
     extractor = build_extractor(spec, image_size=features.image_size, weights=features.weights_arg,
                                 pooling=features.pooling, mixed_precision=config.mixed_precision)
-    at = resolve_fine_tune_at(extractor.get_layer("backbone"), config.fine_tune_at)
+    # Without a fine-tuning phase FINE_TUNE_AT is unused, so it is not held against small backbones.
+    at = resolve_fine_tune_at(extractor.get_layer("backbone"), config.fine_tune_at) if config.epochs else None
     units = 1 if n_classes == 2 else n_classes
     if head is None:
         head_model = _fresh_head(spec.feature_dim, units, config)
@@ -413,10 +415,11 @@ def finetune_run_dir(features: FeaturesConfig, head: HeadConfig, config: Finetun
                      *, head_run: Path | None = None) -> Path:
     """`runs/<stage-2 run>__ft-<at>`; without a stage-2 head, `<features>__<origin>__ft-<at>`."""
     _, _, path = resolve(features)
+    few = f"__{head.train_per_class}-per-class" if head.train_per_class is not None else ""
     if config.from_scratch:
-        base = f"{path.stem}__scratch"
+        base = f"{path.stem}__scratch{few}"
     elif config.head_epochs:
-        base = f"{path.stem}__images{config.head_epochs}"
+        base = f"{path.stem}__images{config.head_epochs}{few}"
     else:
         base = Path(head_run).name if head_run else run_dir_for(path, head).name
     at = "frozen" if config.epochs == 0 else slugify(config.fine_tune_at.replace(":", ""))
@@ -435,8 +438,9 @@ def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
     _check_options(features, config)
     origin = _origin(features, key, features_path, head, config, head_run)
     run_dir = finetune_run_dir(features, head, config, head_run=origin.run_dir)
+    per_class, subset_seed = _few_shot_setting(origin, head)
     identity = {"features": features.to_dict(), "features_key": key, "finetune": config.to_dict(),
-                "head_run": _head_identity(origin)}
+                "head_run": _head_identity(origin), "train_per_class": per_class}
     finished = _finished(run_dir, identity)
     if finished:
         return finished
@@ -447,7 +451,10 @@ def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
     binary = len(class_names) == 2
     parts = build_model(features, config, origin.head, len(class_names))
     size, batch = features.image_size, config.batch_size
-    train = image_dataset(source.splits["train"], size, batch, binary=binary, shuffle_seed=config.seed)
+    train_split = source.splits["train"]
+    if per_class is not None:
+        train_split = few_shot(train_split, per_class, class_names, seed=subset_seed)
+    train = image_dataset(train_split, size, batch, binary=binary, shuffle_seed=config.seed)
     validation = image_dataset(source.splits["validation"], size, batch, binary=binary)
     test = image_dataset(source.splits["test"], size, batch, binary=binary) if "test" in source.splits else None
 
@@ -497,12 +504,14 @@ def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
     metrics = {
         "stage": "finetune",
         "backbone": features.backbone,
-        "fine_tune_at": {"requested": config.fine_tune_at, "index": parts.fine_tune_at,
-                         "layer": parts.backbone.layers[parts.fine_tune_at].name,
-                         "layers": len(parts.backbone.layers)},
+        "fine_tune_at": None if parts.fine_tune_at is None else {
+            "requested": config.fine_tune_at, "index": parts.fine_tune_at,
+            "layer": parts.backbone.layers[parts.fine_tune_at].name, "layers": len(parts.backbone.layers)},
         "learning_rate": config.resolved_learning_rate,
         "optimizer": config.optimizer,
         "head_run": str(origin.run_dir) if origin.run_dir else origin.name,
+        "train_examples": train_split.size,
+        "train_per_class": per_class,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epochs_done,
         "stopped_early": state.stopped,
@@ -517,6 +526,34 @@ def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
         shutil.rmtree(run_dir)
     os.replace(work, run_dir)
     return FinetuneRun(run_dir=run_dir, metrics=metrics)
+
+
+def few_shot(split: SplitSource, per_class: int, class_names: Sequence[str], *, seed: int) -> SplitSource:
+    """`split` restricted to the examples `make head TRAIN_PER_CLASS=per_class` trains on.
+
+    The subset is chosen by split index (`train.stratified_rows`), so it is the one the
+    stage-2 head saw, and the seed workflow of `make bench`/`make compare` trains on the
+    same few shots as the heads it is measured against.
+    """
+    import tensorflow as tf
+
+    labels, index = [], []
+    for label, position in split.records(0).map(lambda r: (r["label"], r["index"])).as_numpy_iterator():
+        labels.append(label)
+        index.append(position)
+    labels, index = np.asarray(labels, dtype=np.int64), np.asarray(index, dtype=np.int64)
+    keep = tf.constant(index[stratified_rows(labels, index, per_class, list(class_names), seed=seed)])
+
+    def records(start: int):
+        return split.records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], keep))).skip(start)
+
+    return dataclasses.replace(split, size=int(keep.shape[0]), records=records)
+
+
+def _few_shot_setting(origin: _Origin, head: HeadConfig) -> tuple[int | None, int]:
+    """(examples per class, seed) to train on: the stage-2 head's own, else `head`'s."""
+    chosen = origin.record["head"] if origin.record else head.to_dict()
+    return chosen.get("train_per_class"), chosen.get("seed", 0)
 
 
 def _check_options(features: FeaturesConfig, config: FinetuneConfig) -> None:
@@ -706,9 +743,11 @@ def _labels_at(features: FeaturesConfig, split: str, positions: Sequence[int]) -
 def report(metrics: Mapping[str, Any], figures: list[str]) -> str:
     """Before/after accuracy, parameter counts and time per epoch, then the figures."""
     at = metrics["fine_tune_at"]
+    unfrozen = (f"Unfrozen from layer {at['index']} ({at['layer']}) of {at['layers']}" if at
+                else "No fine-tuning phase: the backbone stayed frozen")
     lines = [f"# Fine-tuned {metrics['backbone']}", "",
-             f"Warm start: {metrics['head_run']}. Unfrozen from layer {at['index']} ({at['layer']}) of "
-             f"{at['layers']}; {metrics['optimizer']} at {metrics['learning_rate']:g}.", "",
+             f"Warm start: {metrics['head_run']}. {unfrozen}; {metrics['optimizer']} at "
+             f"{metrics['learning_rate']:g}.", "",
              "| split | n | accuracy before | accuracy after | loss before | loss after |",
              "|---|---:|---:|---:|---:|---:|"]
     for split in ("validation", "test"):

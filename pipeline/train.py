@@ -26,6 +26,7 @@ of the train split (few-shot); the views of the chosen examples come with them.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -101,7 +102,7 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
         log.warning("%s has no test split: reporting validation metrics only.", features_path)
     views = load_views(cached, used["used"]) if used["used"] else None
     if config.train_per_class is not None:
-        rows = stratified_rows(train.labels, config.train_per_class, class_names, seed=config.seed)
+        rows = stratified_rows(train.labels, train.index, config.train_per_class, class_names, seed=config.seed)
         train = _subset(train, rows)
         views = None if views is None else views[:, rows]
 
@@ -177,13 +178,16 @@ def _views_record(cached: FeatureSet, config: HeadConfig) -> dict[str, Any]:
     return record
 
 
-def stratified_rows(labels: np.ndarray, per_class: int, class_names: list[str], *, seed: int) -> np.ndarray:
+def stratified_rows(labels: np.ndarray, index: np.ndarray, per_class: int, class_names: list[str], *,
+                    seed: int) -> np.ndarray:
     """Sorted rows of a seeded subset with `per_class` examples of every class.
 
-    The same seed picks the same examples, whatever head trains on them; a class
-    with fewer than `per_class` examples is an error, not a smaller class.
+    Each class keeps the examples whose split `index` ranks first under a seeded hash,
+    so the choice depends on the examples, not on their rows: the head on cached
+    features and stage 3 on images (which may hold images the cache skipped) pick
+    the same ones. A class with fewer than `per_class` examples is an error, not a
+    smaller class.
     """
-    rng = np.random.default_rng(seed)
     counts = np.bincount(labels, minlength=len(class_names))
     short = [f"{class_names[c]}: {int(n)}" for c, n in enumerate(counts) if n < per_class]
     if short:
@@ -191,8 +195,16 @@ def stratified_rows(labels: np.ndarray, per_class: int, class_names: list[str], 
             f"TRAIN_PER_CLASS={per_class} needs that many train examples in every class. Received: "
             f"{', '.join(short)}. Lower TRAIN_PER_CLASS."
         )
-    rows = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(len(class_names))]
+    ranks = np.array([_rank(seed, int(i)) for i in index], dtype=np.uint64)
+    rows = []
+    for c in range(len(class_names)):
+        members = np.flatnonzero(labels == c)
+        rows.append(members[np.argsort(ranks[members], kind="stable")[:per_class]])
     return np.sort(np.concatenate(rows))
+
+
+def _rank(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "big")
 
 
 def _subset(split: SplitArrays, rows: np.ndarray) -> SplitArrays:

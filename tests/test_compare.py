@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,31 @@ def test_unknown_rows_are_an_error(tmp_path):
     features, head, tune = settings(tmp_path)
     with pytest.raises(ConfigError, match="Unknown comparison rows \\['best'\\]"):
         compare(features, head, tune, out_dir=tmp_path / "c", rows=["logistic", "best"])
+
+
+def test_views_rows_and_the_seed_workflow_share_the_augmentation_and_the_few_shots(tmp_path):
+    features, head, tune = settings(tmp_path)
+    few = HeadConfig(epochs=2, grid_images=0, train_per_class=4)
+    out = tmp_path / "compare"
+    result = compare(features, few, tune, out_dir=out, rows=["dense", "dense-views-2", "logistic-views-1", "seed"],
+                     progress=False)
+    by_row = {r["row"]: r for r in result.rows}
+    recorded = json.loads((out / "rows.json").read_text())["_features"]
+    assert recorded["views"] == 2 and recorded["seconds_per_view"] > 0
+    used = {name: json.loads((Path(by_row[name]["run_dir"]) / "metrics.json").read_text()) for name in by_row
+            if name != "seed"}
+    assert used["dense"]["views"]["used"] == 0  # the plain row ignores the views another row cached
+    assert used["dense-views-2"]["views"]["used"] == 2 and used["logistic-views-1"]["views"]["used"] == 1
+    assert all(m["train_examples"] == 8 for m in used.values())
+    assert by_row["dense-views-2"]["total_seconds"] >= (by_row["dense-views-2"]["own_seconds"]
+                                                         + 2 * recorded["seconds_per_view"])
+    seed = json.loads((Path(by_row["seed"]["run_dir"]) / "metrics.json").read_text())
+    assert seed["train_examples"] == 8 and seed["epochs_run"] == 2
+    assert "seed workflow" in by_row["seed"]["kind"] and len(by_row["seed"]["val_accuracy_curve"]) == 2
+    assert "4 train images per class" in result.table
+
+
+def test_a_views_row_needs_a_positive_count(tmp_path):
+    features, head, tune = settings(tmp_path)
+    with pytest.raises(ConfigError, match="dense-views-K"):
+        compare(features, head, tune, out_dir=tmp_path / "c", rows=["dense-views-0"])

@@ -20,6 +20,7 @@ from pipeline.extract import extract_features
 from pipeline.finetune import (
     block_starts,
     build_model,
+    few_shot,
     finetune,
     image_dataset,
     predict,
@@ -27,7 +28,7 @@ from pipeline.finetune import (
 )
 from pipeline.heads import load_head
 from pipeline.store import read_features
-from pipeline.train import train_head
+from pipeline.train import stratified_rows, train_head
 
 AT = "block2_conv"  # tiny: input, then conv/bn/relu for blocks 1-3; block 2 starts at layer 4
 
@@ -167,6 +168,26 @@ def test_head_epochs_train_a_fresh_head_on_images_first(stage2, tmp_path):
     assert run.run_dir.name.endswith("__images2__ft-block2_conv")
     phases = [row.split(",")[1] for row in (run.run_dir / "history.csv").read_text().splitlines()[1:]]
     assert phases == ["head", "head", "finetune"]
+
+
+def test_a_few_shot_head_is_fine_tuned_on_its_own_few_shots(stage2, tmp_path):
+    features, head, _, path = stage2
+    few = dataclasses.replace(head, train_per_class=3, runs_dir=str(tmp_path / "runs"))
+    stage2_run = train_head(path, few)
+    cached = read_features(path).splits["train"]
+    chosen = stratified_rows(cached.labels, cached.index, 3, ["cat", "dog"], seed=few.seed)
+    source = load_source(features.data, seed=features.seed)
+    subset = few_shot(source.splits["train"], 3, ["cat", "dog"], seed=few.seed)
+    ids = sorted(r["id"].decode() for r in subset.records(0).as_numpy_iterator())
+    assert subset.size == 6 and ids == sorted(i.decode() if isinstance(i, bytes) else i for i in cached.ids[chosen])
+
+    run = finetune(features, few, tune(tmp_path, epochs=1), progress=False)
+    assert run.run_dir.name == f"{stage2_run.run_dir.name}__ft-block2_conv"
+    assert run.metrics["train_examples"] == 6 and run.metrics["train_per_class"] == 3
+    # Without a stage-2 head (the seed workflow), the head's settings pick the same shots.
+    seed_run = finetune(features, few, tune(tmp_path, head_epochs=1, epochs=0), progress=False)
+    assert seed_run.run_dir.name.endswith("__images1__3-per-class__ft-frozen")
+    assert seed_run.metrics["train_examples"] == 6
 
 
 def test_blocks_and_names_resolve_on_mobilenet_v2():

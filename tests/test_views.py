@@ -278,13 +278,19 @@ def test_logistic_stacks_views_as_rows_with_their_labels():
 
 
 def test_train_per_class_is_a_seeded_stratified_subset(with_views, tmp_path):
-    labels = np.array([0] * 10 + [1] * 6)
-    rows = stratified_rows(labels, 4, ["cat", "dog"], seed=0)
+    labels, index = np.array([0] * 10 + [1] * 6), np.arange(16)
+    rows = stratified_rows(labels, index, 4, ["cat", "dog"], seed=0)
     assert np.bincount(labels[rows]).tolist() == [4, 4] and rows.tolist() == sorted(rows.tolist())
-    assert rows.tolist() == stratified_rows(labels, 4, ["cat", "dog"], seed=0).tolist()
-    assert rows.tolist() != stratified_rows(labels, 4, ["cat", "dog"], seed=1).tolist()
+    assert rows.tolist() == stratified_rows(labels, index, 4, ["cat", "dog"], seed=0).tolist()
+    assert rows.tolist() != stratified_rows(labels, index, 4, ["cat", "dog"], seed=1).tolist()
+    # The choice follows the examples' split index, not their rows: without an
+    # unchosen example (as when the cache skipped it) the same examples are picked.
+    dropped = next(i for i in range(16) if i not in rows)
+    keep = index != dropped
+    again = stratified_rows(labels[keep], index[keep], 4, ["cat", "dog"], seed=0)
+    assert index[keep][again].tolist() == index[rows].tolist()
     with pytest.raises(ConfigError, match="TRAIN_PER_CLASS=7 needs that many train examples in every class. Received: dog: 6"):
-        stratified_rows(labels, 7, ["cat", "dog"], seed=0)
+        stratified_rows(labels, index, 7, ["cat", "dog"], seed=0)
     _, _, result = with_views
     run = train_head(result.path, HeadConfig(head="dense", epochs=2, train_per_class=3,
                                              runs_dir=str(tmp_path), grid_images=0))
