@@ -202,7 +202,8 @@ def _finetuned(name: str, **changes: Any) -> Callable[..., dict[str, Any]]:
                     "through the frozen backbone")
             parameters = metrics["parameters"]["frozen"]["trainable"]
         else:
-            kind = _unfrozen(metrics["fine_tune_at"]) + (", random weights" if scratch else "")
+            at = metrics["fine_tune_at"]
+            kind = f"train all {at['layers']} layers from random weights" if scratch else _unfrozen(at)
             parameters = metrics["parameters"]["finetune"]["trainable"]
         return {
             "kind": kind,
