@@ -66,7 +66,7 @@ from pipeline.data import DataSource, SplitSource, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.export import image_classifier, logits_head
 from pipeline.extract import decode_and_resize, resolve
-from pipeline.heads import Head, load_head
+from pipeline.heads import Head, load_head, logits_loss_and_accuracy
 from pipeline.metrics import classification_metrics
 from pipeline.train import load_images, run_dir_for, stratified_rows
 
@@ -229,12 +229,7 @@ def _compile(model, config: FinetuneConfig, learning_rate: float, binary: bool) 
     optimizer = optimizers[config.optimizer](learning_rate)
     if config.mixed_precision:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    if binary:
-        loss = keras.losses.BinaryCrossentropy(from_logits=True)
-        accuracy = keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    loss, accuracy = logits_loss_and_accuracy(binary)
     model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy])
 
 

@@ -809,13 +809,7 @@ class DenseHead(Head):
         keras.utils.set_random_seed(self.seed)
         binary = self.n_classes_ == 2
         self.model_ = self._build(X.shape[1], 1 if binary else self.n_classes_)
-        if binary:
-            loss = keras.losses.BinaryCrossentropy(from_logits=True)
-            # Logits: class 1 iff the logit is positive.
-            accuracy = keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")
-        else:
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-            accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        loss, accuracy = logits_loss_and_accuracy(binary)
         self.model_.compile(
             optimizer=keras.optimizers.Adam(self.learning_rate),
             loss=loss, metrics=[accuracy], steps_per_execution=_STEPS_PER_EXECUTION,
@@ -966,3 +960,18 @@ def load_head(directory: str | os.PathLike) -> Head:
             f"of: {', '.join(list_heads())}. Fix: retrain the head."
         )
     return HEADS[name].load(directory)
+
+
+def logits_loss_and_accuracy(binary: bool) -> tuple[Any, Any]:
+    """Loss and accuracy for a head that outputs logits: one for 2 classes, K otherwise.
+
+    Shared by the dense head and stage 3, which continues training the same head.
+    """
+    import keras
+
+    if binary:
+        # One logit: class 1 iff it is positive.
+        return (keras.losses.BinaryCrossentropy(from_logits=True),
+                keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy"))
+    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
