@@ -60,7 +60,7 @@ HEAD_EPOCHS ?= 0#                 N > 0: train a fresh head on images N epochs f
 FROM_SCRATCH ?=#                  1: train everything from random weights (needs WEIGHTS=none)
 ## Compare
 COMPARE_ROWS ?= logistic,dense,finetune-top,finetune-all,scratch#  rows of `make compare` (also: seed, dense-views-K, logistic-views-K)
-COMPARE_DIR ?=#                   default: compare/<data>__<backbone>__<size>px
+COMPARE_DIR ?=#                   default: compare/<data>__<backbone>__<size>px[__<N>-per-class]
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
@@ -128,7 +128,7 @@ head: features ## stage 2: train HEAD on the cached features; metrics, plots and
 finetune: $(if $(filter-out 0,$(HEAD_EPOCHS))$(FROM_SCRATCH),$(VENV)/.installed,head) ## stage 3: augmented fine-tuning of the top of the backbone, warm-started from the head
 	$(PY) -m pipeline finetune $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS)
 
-compare: $(VENV)/.installed ## logistic / dense on cached features vs fine-tuning the top block / everything vs from scratch: table and plots
+compare: $(VENV)/.installed ## cached heads vs fine-tuning the top block / everything vs from scratch (+ views, seed workflow): table and plots
 	$(PY) -m pipeline compare $(FEATURE_FLAGS) $(HEAD_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS) --rows '$(COMPARE_ROWS)' \
 		$(if $(COMPARE_DIR),--out '$(COMPARE_DIR)')
 
