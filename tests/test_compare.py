@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_folder
+from pipeline.cli import main
 from pipeline.compare import ROWS, compare
 from pipeline.config import FinetuneConfig, HeadConfig
 from pipeline.errors import ConfigError
@@ -79,3 +80,17 @@ def test_a_views_row_needs_a_positive_count(tmp_path):
     features, head, tune = settings(tmp_path)
     with pytest.raises(ConfigError, match="dense-views-K"):
         compare(features, head, tune, out_dir=tmp_path / "c", rows=["dense-views-0"])
+
+
+def test_make_style_cli_writes_a_few_shot_comparison_beside_the_others(tmp_path, monkeypatch, capsys):
+    features, _, _ = settings(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = ["compare", "--data-dir", features.data.data_dir, "--backbone", "tiny", "--weights", features.weights,
+            "--image-size", "32", "--val-fraction", "0.25", "--test-fraction", "0.25", "--epochs", "2",
+            "--train-per-class", "3", "--grid-images", "0", "--no-progress"]
+    assert main([*args, "--rows", "logistic,dense-views-1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 train images per class" in out and "| dense-views-1 |" in out
+    assert (tmp_path / "compare" / "images__tiny__32px__3-per-class" / "comparison.md").exists()
+    assert main([*args, "--rows", "logistic,dense-views-x"]) == 2
+    assert "Unknown comparison rows ['dense-views-x']" in capsys.readouterr().err
