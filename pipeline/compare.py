@@ -178,7 +178,7 @@ def _unfrozen(at: dict[str, Any]) -> str:
     return f"fine-tune the top {at['layers'] - at['index']} of {at['layers']} layers (from {at['layer']})"
 
 
-def _finetuned(name: str, **changes: Any) -> Callable[..., dict[str, Any]]:
+def _finetuned(**changes: Any) -> Callable[..., dict[str, Any]]:
     def run(settings: Settings, done: dict[str, Any], progress: bool) -> dict[str, Any]:
         from pipeline.finetune import finetune
 
@@ -221,15 +221,15 @@ def _finetuned(name: str, **changes: Any) -> Callable[..., dict[str, Any]]:
 
 def _seed_workflow(settings: Settings, done: dict[str, Any], progress: bool) -> dict[str, Any]:
     """Stage 3 with a fresh head and no fine-tuning, for as many epochs as the heads get."""
-    return _finetuned("seed", head_epochs=settings.head.epochs, epochs=0)(settings, done, progress)
+    return _finetuned(head_epochs=settings.head.epochs, epochs=0)(settings, done, progress)
 
 
 ROW_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "logistic": _cached_head("logistic"),
     "dense": _cached_head("dense"),
-    "finetune-top": _finetuned("finetune-top", fine_tune_at="blocks:1"),
-    "finetune-all": _finetuned("finetune-all", fine_tune_at="all"),
-    "scratch": _finetuned("scratch", fine_tune_at="all", from_scratch=True),
+    "finetune-top": _finetuned(fine_tune_at="blocks:1"),
+    "finetune-all": _finetuned(fine_tune_at="all"),
+    "scratch": _finetuned(fine_tune_at="all", from_scratch=True),
     "seed": _seed_workflow,
 }
 

@@ -32,7 +32,15 @@ from pipeline import __version__, backbones
 from pipeline.config import MAX_VIEW_POSITION, FeaturesConfig, ViewsConfig, feature_file_name
 from pipeline.data import DataSource, SplitSource, data_fingerprint, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
-from pipeline.store import FORMAT_VERSION, VIEWS_SPLIT, FeatureWriter, _key_diff, read_attrs, read_view_attrs
+from pipeline.store import (
+    FORMAT_VERSION,
+    VIEWS_SPLIT,
+    FeatureWriter,
+    key_diff,
+    read_attrs,
+    read_view_attrs,
+    views_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,12 +210,11 @@ def _needs_views(path: Path, stored: dict[str, Any] | None, views: ViewsConfig |
         return False
     if stored is None:
         return True
-    asked = views.identity()
-    have = {"augment": stored.get("augment"), "seed": stored.get("seed")}
+    asked, have = views.identity(), views_identity(stored)
     if have != asked:
         raise CacheError(
             f"{path} holds {stored['num_views']} augmented views made with other settings "
-            f"({_key_diff(have, asked)}); views are never mixed. Rerun with the file's AUG_* "
+            f"({key_diff(have, asked)}); views are never mixed. Rerun with the file's AUG_* "
             "settings and SEED, or delete the file to rebuild it."
         )
     return int(stored["num_views"]) < views.num_views

@@ -537,12 +537,15 @@ def few_shot(split: SplitSource, per_class: int, class_names: Sequence[str], *, 
         labels.append(label)
         index.append(position)
     labels, index = np.asarray(labels, dtype=np.int64), np.asarray(index, dtype=np.int64)
-    keep = tf.constant(index[stratified_rows(labels, index, per_class, list(class_names), seed=seed)])
+    keep = index[stratified_rows(labels, index, per_class, list(class_names), seed=seed)]
+    wanted = np.zeros(split.total, bool)
+    wanted[keep] = True
+    wanted = tf.constant(wanted)
 
     def records(start: int):
-        return split.records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], keep))).skip(start)
+        return split.records(0).filter(lambda r: tf.gather(wanted, r["index"])).skip(start)
 
-    return dataclasses.replace(split, size=int(keep.shape[0]), records=records)
+    return dataclasses.replace(split, size=len(keep), records=records)
 
 
 def _few_shot_setting(origin: _Origin, head: HeadConfig) -> tuple[int | None, int]:

@@ -206,7 +206,7 @@ class FeatureWriter:
             if stored != self.attrs["key"]:
                 raise CacheError(
                     f"The {'feature' if finished else 'unfinished feature'} file {source} was started with other "
-                    f"settings ({_key_diff(stored, self.attrs['key'])}); it is not mixed "
+                    f"settings ({key_diff(stored, self.attrs['key'])}); it is not mixed "
                     "with this run. Delete it, or rerun with its settings."
                 )
             fresh = self.partial.with_name(self.partial.name + ".new")
@@ -239,18 +239,16 @@ class FeatureWriter:
             if rows:
                 log.info("Dropping %d view rows of %s: no views asked in this run.", rows, source.name)
             return
-        if _views_identity(stored) != _views_identity(self.views):
+        if views_identity(stored) != views_identity(self.views):
             raise CacheError(
                 f"{source} holds views made with other settings "
-                f"({_key_diff(_views_identity(stored), _views_identity(self.views))}); they are never "
+                f"({key_diff(views_identity(stored), views_identity(self.views))}); they are never "
                 "mixed. Rerun with its AUG_* settings and SEED, or delete the file to rebuild."
             )
         rows = min(rows, int(self.views["num_views"]) * int(new[VIEWS_SPLIT]["committed"][0]))
         target = new[VIEWS_SPLIT]["views"]
-        for start in range(0, rows, _COPY_ROWS):
-            stop = min(rows, start + _COPY_ROWS)
-            _append_views(target, group["features"][start:stop],
-                          *(group[c][start:stop] for c in _VIEW_COLUMNS))
+        for chunk in _view_chunks(group, rows):
+            _append_views(target, *chunk)
         target["committed"][0] = rows
         target["seconds"][0] = float(stored.get("seconds", 0.0)) if finished else float(group["seconds"][0])
         log.info("%s %s: %d view rows already written", "Extending" if finished else "Resuming", self.path.name, rows)
@@ -353,8 +351,8 @@ def _view_chunks(group: h5py.Group, n: int) -> Iterator[tuple]:
         yield (group["features"][start:stop], *(group[c][start:stop] for c in _VIEW_COLUMNS))
 
 
-def _views_identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """What makes two sets of views compatible (see `ViewsConfig.identity`)."""
+def views_identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two sets of views compatible, from their attributes (as `ViewsConfig.identity`)."""
     return {"augment": attrs.get("augment"), "seed": attrs.get("seed")}
 
 
@@ -557,7 +555,7 @@ def read_features(
                 "Delete it and rerun `make features`."
             )
         if expect:
-            diff = _key_diff(attrs["key"], {**attrs["key"], **expect})
+            diff = key_diff(attrs["key"], {**attrs["key"], **expect})
             if diff:
                 raise CacheError(
                     f"{path} was built with other settings than asked: {diff}. Run "
@@ -579,16 +577,19 @@ def read_features(
             for name in wanted
         }
         split_attrs = {name: _read_attrs(f[name].attrs) for name in wanted}
-        views = f[VIEWS_SPLIT].get("views") if VIEWS_SPLIT in f else None
-        view_attrs = _read_attrs(views.attrs) if views is not None else None
+        view_attrs = _view_attrs(f)
     return FeatureSet(path=path, attrs=attrs, splits=loaded, split_attrs=split_attrs, view_attrs=view_attrs)
 
 
 def read_view_attrs(path: Path) -> dict[str, Any] | None:
     """The attributes of a finished file's /train/views, or None when it has no views."""
     with h5py.File(path, "r") as f:
-        views = f[VIEWS_SPLIT].get("views") if VIEWS_SPLIT in f else None
-        return _read_attrs(views.attrs) if views is not None else None
+        return _view_attrs(f)
+
+
+def _view_attrs(f: h5py.File) -> dict[str, Any] | None:
+    views = f[VIEWS_SPLIT].get("views") if VIEWS_SPLIT in f else None
+    return _read_attrs(views.attrs) if views is not None else None
 
 
 def load_views(cached: FeatureSet, count: int) -> np.ndarray:
@@ -625,7 +626,7 @@ def load_views(cached: FeatureSet, count: int) -> np.ndarray:
     return features
 
 
-def _key_diff(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> str:
+def key_diff(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> str:
     stored = stored or {}
     fields = sorted(set(stored) | set(wanted))
     parts = [
@@ -661,7 +662,7 @@ def merge_shards(paths: Sequence[Path], out: Path) -> Path:
         )
     base = {k: v for k, v in sets[0].key.items() if k != "shard"}
     for s in sets[1:]:
-        diff = _key_diff(base, {k: v for k, v in s.key.items() if k != "shard"})
+        diff = key_diff(base, {k: v for k, v in s.key.items() if k != "shard"})
         if diff:
             raise CacheError(f"{s.path} belongs to another run than {sets[0].path}: {diff}.")
     attrs = dict(sets[0].attrs)
@@ -692,7 +693,7 @@ def merge_shards(paths: Sequence[Path], out: Path) -> Path:
 
 def _merge_views(sets: Sequence[FeatureSet]) -> tuple[list[tuple], dict[str, Any]] | None:
     """The views of all shards in source order, view-major, or None when no shard has views."""
-    described = {(s.num_views, json.dumps(_views_identity(s.view_attrs or {}), sort_keys=True)) for s in sets}
+    described = {(s.num_views, json.dumps(views_identity(s.view_attrs or {}), sort_keys=True)) for s in sets}
     if len(described) > 1:
         raise CacheError(
             "The shards hold different augmented views (number, augmentation or seed); rerun "

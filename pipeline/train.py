@@ -126,7 +126,7 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
         }
         if test is None:
             metrics["note"] = "no test split: validation metrics only"
-        _write_run(work, head, cached, config, metrics, used)
+        _write_run(work, head, cached, config, metrics)
         if run_dir.exists():
             shutil.rmtree(run_dir)
         os.replace(work, run_dir)
@@ -237,15 +237,13 @@ def _callbacks(head: Head, work: Path) -> list[Any] | None:
     return [keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"))]
 
 
-def _write_run(
-    work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any], used: dict[str, Any]
-) -> None:
+def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any]) -> None:
     class_names = list(cached.class_names)
     head.save(work)
     (work / "labels.txt").write_text("\n".join(class_names) + "\n")
     (work / "config.json").write_text(json.dumps(
         {"features": cached.config, "features_key": cached.key, "features_path": str(cached.path),
-         "head": config.to_dict(), "views": used}, indent=2, sort_keys=True) + "\n")
+         "head": config.to_dict(), "views": metrics["views"]}, indent=2, sort_keys=True) + "\n")
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     figures = []
     history = getattr(head, "history_", None)
