@@ -72,6 +72,7 @@ PYTHON ?= python3#                interpreter used to create the virtual environ
 VENV ?= .venv
 SHARED ?= ../shared#              real assets for the asset tests and benchmarks
 PYTEST_ARGS ?=
+VERBOSE ?=#                       1: debug logging and TensorFlow's own INFO/WARNING logs
 ## Benchmarks
 BENCH_DATA ?= $(SHARED)/assets/datasets/cats_and_dogs_filtered
 BENCH_WEIGHTS ?= $(SHARED)/assets/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
@@ -82,6 +83,7 @@ BENCH_QUICK ?=#                   1: make bench on a tiny backbone and generated
 BENCH_OUT ?=#                     make bench: results folder (default: bench, quick mode bench/quick)
 
 PY := $(VENV)/bin/python
+PIPELINE = $(PY) -m pipeline $(if $(VERBOSE),--verbose)
 FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)') \
 	$(if $(TFDS_DIR),--tfds-dir '$(TFDS_DIR)') $(if $(NO_DOWNLOAD),--no-download) $(if $(SPLITS),--splits '$(SPLITS)') \
 	--val-fraction $(VAL_FRACTION) --test-fraction $(TEST_FRACTION) --test-from-validation $(TEST_FROM_VALIDATION) \
@@ -119,44 +121,44 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
-	$(PY) -m pipeline features $(FEATURE_FLAGS) --aug-views $(AUG_VIEWS) $(AUG_FLAGS)
+	$(PIPELINE) features $(FEATURE_FLAGS) --aug-views $(AUG_VIEWS) $(AUG_FLAGS)
 
 head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
-	$(PY) -m pipeline head $(FEATURE_FLAGS) $(HEAD_FLAGS)
+	$(PIPELINE) head $(FEATURE_FLAGS) $(HEAD_FLAGS)
 
 # Warm-starting needs the stage-2 head; HEAD_EPOCHS or FROM_SCRATCH train without one.
 finetune: $(if $(filter-out 0,$(HEAD_EPOCHS))$(FROM_SCRATCH),$(VENV)/.installed,head) ## stage 3: augmented fine-tuning of the top of the backbone, warm-started from the head
-	$(PY) -m pipeline finetune $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS)
+	$(PIPELINE) finetune $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS)
 
 compare: $(VENV)/.installed ## cached heads vs fine-tuning the top block / everything vs from scratch (+ views, seed workflow): table and plots
-	$(PY) -m pipeline compare $(FEATURE_FLAGS) $(HEAD_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS) --rows '$(COMPARE_ROWS)' \
+	$(PIPELINE) compare $(FEATURE_FLAGS) $(HEAD_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS) --rows '$(COMPARE_ROWS)' \
 		$(if $(COMPARE_DIR),--out '$(COMPARE_DIR)')
 
 export: head ## one Keras model, raw images in and probabilities out (.keras, SavedModel, TFLITE=1) in RUN/export
-	$(PY) -m pipeline export $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
+	$(PIPELINE) export $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
 
 predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file, folder or glob> [CSV=out.csv]
-	$(PY) -m pipeline predict $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) --top $(TOP) $(if $(CSV),--csv '$(CSV)') $(IMAGES)
+	$(PIPELINE) predict $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) --top $(TOP) $(if $(CSV),--csv '$(CSV)') $(IMAGES)
 
 bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forward pass, peak memory) -> bench/features.{json,md}
-	$(PY) -m pipeline bench-features --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' \
+	$(PIPELINE) bench-features --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' \
 		--image-size $(BENCH_IMAGE_SIZE) --batch-size $(BATCH_SIZE)
 
 BENCH_FEATURE_FLAGS = --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) \
 	--output-dir '$(FEATURES_DIR)'
 
 bench-head: $(VENV)/.installed ## benchmark stage 2: head training seconds on the benchmark's cached features -> bench/head.{json,md}
-	$(PY) -m pipeline features $(BENCH_FEATURE_FLAGS)
-	$(PY) -m pipeline bench-head $(BENCH_FEATURE_FLAGS)
+	$(PIPELINE) features $(BENCH_FEATURE_FLAGS)
+	$(PIPELINE) bench-head $(BENCH_FEATURE_FLAGS)
 
 # Quick mode generates its own data and backbone, so it takes none of the asset variables.
 bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, storage, memory -> bench/results.{json,md}
-	$(PY) -m pipeline bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick,--data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
+	$(PIPELINE) bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick,--data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
 		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) --epochs $(BENCH_EPOCHS)) \
 		--batch-size $(BATCH_SIZE) $(if $(BENCH_OUT),--out '$(BENCH_OUT)')
 
 backbones: $(VENV)/.installed ## list the registered backbones
-	$(PY) -m pipeline backbones
+	$(PIPELINE) backbones
 
 test: $(VENV)/.installed ## run the test suite (real-asset tests skip when SHARED is absent)
 	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest $(PYTEST_ARGS)

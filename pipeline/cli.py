@@ -394,7 +394,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging and TensorFlow's own INFO/WARNING logs (Make: VERBOSE=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     features = commands.add_parser("features", help="stage 1: cache backbone features to HDF5")
@@ -486,14 +487,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> int:
+    """The console entry point (`python -m pipeline`, `pipeline`): `main` with TensorFlow's native logs filtered.
+
+    Tests call `main` directly, so the file-descriptor plumbing of `pipeline.quiet` stays
+    out of their captured output.
+    """
+    if "-v" in sys.argv[1:2] or "--verbose" in sys.argv[1:2]:
+        return main()
+    from pipeline.quiet import NativeLogFilter
+
+    native = NativeLogFilter()
+    try:
+        return main()
+    finally:
+        native.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    # TensorFlow's C++ start-up chatter hides the messages that matter.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's own INFO and WARNING logs hide the messages that matter; --verbose shows them
+    # (set before TensorFlow is imported, which only the commands do).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.verbose else "2")
+    if not args.verbose:
+        for name in ("tensorflow", "absl"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.run(args)
     except PipelineError as err:

@@ -45,3 +45,51 @@ def test_user_errors_print_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("line, kept", [
+    ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR", False),
+    ("I0000 00:00:1796056469.364410   21895 port.cc:153] oneDNN custom operations are on.", False),
+    ("W0000 00:00:1796056469.364410   21895 loop.cc:12] Local rendezvous is aborting", False),
+    ("E0000 00:00:1796056474.418383   21895 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)", False),
+    ("E1130 16:40:01.000001   21895 gpu_device.cc:9] Resource exhausted: OOM when allocating tensor", True),
+    ("F1130 16:40:01.000001   21895 check.cc:9] Check failed: x", True),
+    ("error: Image folder not found", True),
+    ("train:  50%|#####     | 8/16", True),
+])
+def test_native_tensorflow_logs_are_filtered_but_real_errors_kept(line, kept):
+    from pipeline.quiet import keep_line
+
+    assert keep_line(line) is kept
+
+
+def _tiny_folder(root):
+    from conftest import make_folder
+
+    return make_folder(root / "images", 10)
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["default", "verbose"])
+def test_commands_print_no_tensorflow_start_up_chatter_unless_verbose(tmp_path, verbose):
+    """A new user's terminal shows our lines only; VERBOSE=1 (--verbose) shows TensorFlow's own too."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    folder = _tiny_folder(tmp_path)
+    argv = [sys.executable, "-m", "pipeline", *(["--verbose"] if verbose else []), "features", "--data-dir",
+            str(folder), "--backbone", "tiny", "--weights", "none", "--output-dir", str(tmp_path / "f"),
+            "--no-progress"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("features: 20 images")
+    assert "INFO pipeline.backbones: Built tiny_extractor" in done.stderr
+    native = [line for line in done.stderr.splitlines()
+              if "absl::InitializeLog" in line or line[:1] in "IWE" and line[1:5].isdigit()]
+    if verbose:
+        assert native and "DEBUG" in done.stderr
+    else:
+        assert native == [], native
