@@ -184,7 +184,7 @@ def bench_features(
     compared with the mean of the forward measurements just before and after it, and
     the median of those ratios is reported, with every individual figure.
     """
-    from pipeline.backbones import build_extractor
+    from pipeline.extractor import build_extractor
     from pipeline.extract import compiled_forward
 
     forward = compiled_forward(build_extractor(backbone, image_size=image_size, weights=weights), image_size)
@@ -390,7 +390,7 @@ def write_quick_assets(root: Path, *, seed: int = 0) -> tuple[Path, Path]:
     import numpy as np
     from PIL import Image
 
-    from pipeline.backbones import build_extractor
+    from pipeline.extractor import build_extractor
 
     rng = np.random.default_rng(seed)
     colors = {"cats": (200, 70, 60), "dogs": (60, 80, 200)}

@@ -20,7 +20,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.backbones import build_extractor, get_backbone, weights_identity
+from pipeline.backbones import get_backbone, weights_identity
+from pipeline.extractor import build_extractor
 from pipeline.config import FeaturesConfig
 from pipeline.data import IMAGE_EXTENSIONS
 from pipeline.errors import CacheError, ConfigError, DataError
@@ -150,7 +151,7 @@ def load_classifier(run_dir: Path):
     """The exported Keras model of a run and its class names."""
     import keras
 
-    import pipeline.backbones  # noqa: F401  registers the Preprocess layer for deserialization
+    import pipeline.extractor  # noqa: F401  registers the Preprocess layer for deserialization
 
     path = Path(run_dir) / EXPORT_DIR / KERAS_FILE
     if not path.exists():

@@ -148,8 +148,10 @@ def extract_features(
             return ExtractionResult(path=path, up_to_date=True, view_attrs=stored)
         extend = path
     # The backbone first: missing weights fail in a second, before a dataset download.
+    from pipeline.extractor import build_extractor
+
     spec = backbones.get_backbone(config.backbone)
-    model = backbones.build_extractor(
+    model = build_extractor(
         spec,
         image_size=config.image_size,
         weights=config.weights_arg,

@@ -54,7 +54,8 @@ import numpy as np
 
 from pipeline import plots
 from pipeline.augment import augmentation_layers
-from pipeline.backbones import build_extractor, get_backbone
+from pipeline.backbones import get_backbone
+from pipeline.extractor import build_extractor
 from pipeline.config import (
     FeaturesConfig,
     FinetuneConfig,

@@ -136,7 +136,7 @@ def test_spec_is_consistent(name):
 def test_spec_preprocessing_matches_its_keras_module(name):
     """Each module's own preprocess_input is the reference (identity for "none")."""
     spec = get_backbone(name)
-    module = sys.modules[spec.builder.__module__]
+    module = sys.modules[spec.resolve_builder().__module__]
     x = _images(8)
     expected = module.preprocess_input(x.copy())
     actual = keras.ops.convert_to_numpy(Preprocess(spec.preprocessing)(x))
