@@ -164,7 +164,7 @@ def _cached_head(name: str, views: int = 0) -> Callable[..., dict[str, Any]]:
             "test": _accuracy(run.metrics, "test"),
             "own_seconds": round(own, 2),
             "total_seconds": round(own + prerequisite, 2),
-            "trainable_parameters": _head_parameters(head),
+            "trainable_parameters": head.parameter_count,
             "val_accuracy_curve": history.get("val_accuracy", []),
         }
 
@@ -262,13 +262,6 @@ def _digest(value: Any) -> str:
 
 def _accuracy(metrics: dict[str, Any], split: str) -> float | None:
     return metrics[split]["accuracy"] if metrics.get(split) else None
-
-
-def _head_parameters(head) -> int:
-    if head.name == "dense":
-        return int(head.model_.count_params())
-    kernel, bias, _ = head.dense_weights()
-    return int(kernel.size + bias.size)
 
 
 def _history_column(path: Path, column: str) -> list[float]:

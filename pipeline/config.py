@@ -350,14 +350,15 @@ class HeadConfig:
                 "(TRAIN_PER_CLASS)."
             )
 
-    def views_used(self, available: int) -> int:
+    def views_used(self, available: int, *, default: int) -> int:
         """The number of views to train on, given the file's `available` views.
 
+        `default` is the head's own choice when VIEWS is unset (`Head.default_views`).
         Asking for more views than the file has, or for views of a file without any,
         is an error rather than a silent fallback to fewer.
         """
         if self.views is None:
-            return available if self.head == "dense" else 0
+            return default
         if self.views > available:
             have = f"only {available}" if available else "no"
             raise ConfigError(
@@ -365,16 +366,6 @@ class HeadConfig:
                 f"Run `make features AUG_VIEWS={self.views}` (same AUG_* settings) first, or lower VIEWS."
             )
         return self.views
-
-    def head_params(self) -> dict[str, Any]:
-        """The constructor arguments of the chosen head."""
-        if self.head == "logistic":
-            return {"C": self.C, "class_weight": self.class_weight, "seed": self.seed}
-        return {
-            "hidden": self.hidden, "dropout": self.dropout, "epochs": self.epochs,
-            "batch_size": self.batch_size, "learning_rate": self.learning_rate,
-            "patience": self.patience, "class_weight": self.class_weight, "seed": self.seed,
-        }
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,29 +33,6 @@ EXPORT_DIR = "export"
 KERAS_FILE = "model.keras"
 
 
-def logits_head(head: Head):
-    """The fitted head as a Keras model: features (N, D) -> logits (N, U).
-
-    U == 1 for a binary head (the logit of class 1) and K otherwise, the form the
-    losses with `from_logits=True` train. A dense head is copied with its weights
-    (its Dropout layers included); a logistic head becomes one Dense layer carrying
-    its standardization-folded coefficients.
-    """
-    import keras
-
-    if head.name == "dense":
-        model = keras.models.clone_model(head.model_)
-        model.set_weights(head.model_.get_weights())
-        model.name = "head"
-        return model
-    kernel, bias, _ = head.dense_weights()
-    inputs = keras.Input((head.n_features_,), name="features")
-    dense = keras.layers.Dense(kernel.shape[1], name="logits")
-    outputs = dense(inputs)
-    dense.set_weights([kernel, bias])
-    return keras.Model(inputs, outputs, name="head")
-
-
 def probabilities(logits):
     """Logits (N, U) -> K softmax probabilities as a layer output.
 
@@ -76,7 +53,7 @@ def probability_head(head: Head):
     import keras
 
     inputs = keras.Input((head.n_features_,), name="features")
-    return keras.Model(inputs, probabilities(logits_head(head)(inputs)), name="head_probabilities")
+    return keras.Model(inputs, probabilities(head.logits_model()(inputs)), name="head_probabilities")
 
 
 def image_classifier(extractor, head_logits, *, image_size: int, name: str):
@@ -109,7 +86,7 @@ def build_classifier(features: FeaturesConfig, head: Head, *, weights_key: str |
     spec = get_backbone(features.backbone)
     extractor = build_extractor(spec, image_size=features.image_size, weights=features.weights_arg,
                                 pooling=features.pooling)
-    return image_classifier(extractor, logits_head(head), image_size=features.image_size,
+    return image_classifier(extractor, head.logits_model(), image_size=features.image_size,
                             name=f"{spec.name}_classifier")
 
 

@@ -65,10 +65,10 @@ from pipeline.config import (
 )
 from pipeline.data import DataSource, SplitSource, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
-from pipeline.export import image_classifier, logits_head
+from pipeline.export import image_classifier
 from pipeline.extract import decode_and_resize, resolve
 from pipeline.heads import Head, load_head, logits_loss_and_accuracy
-from pipeline.metrics import classification_metrics
+from pipeline.metrics import classification_metrics, probabilities
 from pipeline.train import load_images, run_dir_for, stratified_rows
 
 log = logging.getLogger(__name__)
@@ -199,12 +199,8 @@ def build_model(features: FeaturesConfig, config: FinetuneConfig, head: Head | N
     units = 1 if n_classes == 2 else n_classes
     if head is None:
         head_model = _fresh_head(spec.feature_dim, units, config)
-    elif head.name == "dense":
-        head_model = logits_head(head)  # carries its own Dropout
     else:
-        inputs = keras.Input((head.n_features_,), name="features")
-        x = keras.layers.Dropout(config.dropout, seed=config.seed, name="dropout")(inputs)
-        head_model = keras.Model(inputs, logits_head(head)(x), name="head")
+        head_model = head.finetune_model(dropout=config.dropout, seed=config.seed)
     images = keras.Input((features.image_size, features.image_size, 3), name="images")
     x = augmentation_layers(config.augment, seed=config.seed)(images)
     logits = head_model(extractor(x))
@@ -264,18 +260,11 @@ def predict(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     `predict_on_batch` reuses the model's one compiled predict function, so every
     evaluation shares a single trace.
     """
-    from scipy.special import expit, softmax
-
     logits, labels = [], []
     for images, y in dataset:
         logits.append(np.asarray(model.predict_on_batch(images), np.float64))
         labels.append(np.asarray(y).reshape(-1))
-    z = np.concatenate(logits)
-    y = np.concatenate(labels).astype(np.int64)
-    if z.shape[1] == 1:
-        p = expit(z[:, 0])
-        return np.stack([1 - p, p], axis=1), y
-    return softmax(z, axis=1), y
+    return probabilities(np.concatenate(logits)), np.concatenate(labels).astype(np.int64)
 
 
 # --------------------------------------------------------------- training state

@@ -48,6 +48,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 from pipeline.errors import ConfigError, DataError
+from pipeline.metrics import accuracy, log_loss, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ CLASS_WEIGHTS = (None, "balanced")
 #: so the exported layer gives it probability 0, as `predict_proba` does, while the
 #: logit stays finite (no NaN gradients when the layer warm-starts fine-tuning).
 ABSENT_CLASS_LOGIT = -1.0e4
-_LOG_LOSS_EPS = 1e-15
 _PREDICT_BATCH = 4096
 #: Keras `steps_per_execution` of DenseHead: 16 train steps per graph call is ~1.8x
 #: faster on CPU for these tiny models and gives identical weights; batch-level
@@ -253,31 +253,9 @@ def _check_number(
 
 
 # ----------------------------------------------------------------------- numerics
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    # exp of a non-positive number only: no overflow warnings for large |z|.
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-def _binary_columns(p: np.ndarray) -> np.ndarray:
-    """`(N,)` probabilities of class 1 -> float32 `(N, 2)` columns `[1 - p, p]`."""
-    p = np.asarray(p, dtype=np.float64).reshape(-1)
-    return np.stack([1.0 - p, p], axis=1).astype(np.float32)
-
-
 def _accuracy_and_log_loss(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    accuracy = float(np.mean(proba.argmax(axis=1) == y))
-    picked = np.clip(proba[np.arange(len(y)), y].astype(np.float64), _LOG_LOSS_EPS, 1)
-    return accuracy, float(-np.mean(np.log(picked)))
+    """Scored exactly as the run's metrics score it (`pipeline.metrics`)."""
+    return accuracy(proba, y), log_loss(proba, y)
 
 
 def _balanced_weights(y: np.ndarray) -> dict[int, float]:
@@ -324,6 +302,62 @@ class Head(BaseEstimator, abc.ABC):
 
     name: ClassVar[str]
     model_file: ClassVar[str]
+    #: The libraries a saved head depends on; their versions are stored with it.
+    libraries: ClassVar[tuple[str, ...]]
+    #: How `fit` uses augmented views, in words for reports.
+    views_use: ClassVar[str]
+
+    # ------------------------------------------------------- what callers need
+    @classmethod
+    def from_config(cls, config: Any) -> "Head":
+        """An unfitted head with the hyper-parameters of a `HeadConfig` that it takes.
+
+        The config names each option once; every head picks the ones its constructor
+        accepts, so adding a head needs no table of its arguments elsewhere.
+        """
+        values = config.to_dict()
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        return cls(**{name: values[name] for name in accepted if name in values})
+
+    @classmethod
+    def default_views(cls, available: int) -> int:
+        """Augmented views to train on when VIEWS is unset, given the file's `available` views."""
+        return 0
+
+    def training_callbacks(self, work_dir: Path) -> list[Any] | None:
+        """Keras callbacks for `fit` that write into the run directory being assembled."""
+        return None
+
+    @property
+    def parameter_count(self) -> int:
+        """Trainable parameters: what the head learns on the features."""
+        kernel, bias, _ = self.dense_weights()
+        return int(kernel.size + bias.size)
+
+    def logits_model(self) -> Any:
+        """The fitted head as a Keras model: features (N, D) -> logits (N, U).
+
+        U == 1 for a binary head (the logit of class 1) and K otherwise, the form the
+        losses with `from_logits=True` train. The default is one Dense layer carrying
+        `dense_weights()`.
+        """
+        import keras
+
+        self._check_fitted("logits_model")
+        kernel, bias, _ = self.dense_weights()
+        inputs = keras.Input((self.n_features_,), name="features")
+        dense = keras.layers.Dense(kernel.shape[1], name="logits")
+        outputs = dense(inputs)
+        dense.set_weights([kernel, bias])
+        return keras.Model(inputs, outputs, name="head")
+
+    def finetune_model(self, *, dropout: float, seed: int) -> Any:
+        """`logits_model` with the Dropout that stage 3 trains it under (features -> logits)."""
+        import keras
+
+        inputs = keras.Input((self.n_features_,), name="features")
+        x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(inputs)
+        return keras.Model(inputs, self.logits_model()(x), name="head")
 
     # ----------------------------------------------------------------- public API
     def fit(
@@ -405,7 +439,7 @@ class Head(BaseEstimator, abc.ABC):
             "n_classes": self.n_classes_,
             "classes_present": self.classes_present_.tolist(),
             "params": self.params_,
-            "versions": _library_versions(),
+            "versions": _library_versions(self.libraries),
             **self._extra_record(),
         }
         text = json.dumps(_jsonable(record), indent=2, allow_nan=False)
@@ -429,9 +463,9 @@ class Head(BaseEstimator, abc.ABC):
                 f"Expected {model_path} beside {JSON_NAME}. Received: no such file. "
                 "Fix: train and save the head again."
             )
-        current = _library_versions()
+        current = _library_versions(cls.libraries)
         for lib, version in record.get("versions", {}).items():
-            if current.get(lib) != version:
+            if lib in current and current[lib] != version:
                 log.warning(
                     "Head in %s was saved with %s %s; loading with %s.",
                     directory, lib, version, current.get(lib),
@@ -490,12 +524,11 @@ class Head(BaseEstimator, abc.ABC):
             )
 
 
-def _library_versions() -> dict[str, str]:
-    import keras
-    import sklearn
+def _library_versions(libraries: Sequence[str]) -> dict[str, str]:
+    """Versions of the libraries a head depends on (importing only those)."""
+    import importlib
 
-    return {"numpy": np.__version__, "sklearn": sklearn.__version__,
-            "keras": keras.__version__}
+    return {name: importlib.import_module(name).__version__ for name in libraries}
 
 
 def _read_record(directory: Path) -> dict[str, Any]:
@@ -546,6 +579,8 @@ class LogisticHead(Head):
 
     name = "logistic"
     model_file = "head.joblib"
+    libraries = ("numpy", "sklearn")
+    views_use = "stacked as rows"
 
     def __init__(
         self,
@@ -755,6 +790,37 @@ class DenseHead(Head):
 
     name = "dense"
     model_file = "head.keras"
+    libraries = ("numpy", "keras")
+    views_use = "sampled per example per epoch"
+
+    @classmethod
+    def default_views(cls, available: int) -> int:
+        """Every view the file has: sampling one per example per epoch costs nothing extra."""
+        return available
+
+    def training_callbacks(self, work_dir: Path) -> list[Any]:
+        import keras
+
+        return [keras.callbacks.TensorBoard(log_dir=str(Path(work_dir) / "tensorboard"))]
+
+    @property
+    def parameter_count(self) -> int:
+        self._check_fitted("parameter_count")
+        return int(self.model_.count_params())
+
+    def logits_model(self) -> Any:
+        """A copy of the trained Keras model, its Dropout layers included."""
+        import keras
+
+        self._check_fitted("logits_model")
+        model = keras.models.clone_model(self.model_)
+        model.set_weights(self.model_.get_weights())
+        model.name = "head"
+        return model
+
+    def finetune_model(self, *, dropout: float, seed: int) -> Any:
+        """The head's own copy: it carries its trained Dropout already."""
+        return self.logits_model()
 
     def __init__(
         self,
@@ -891,10 +957,7 @@ class DenseHead(Head):
         ])
 
     def _predict_proba(self, X):
-        logits = self._logits(X)
-        if self.n_classes_ == 2:
-            return _binary_columns(_sigmoid(logits[:, 0]))
-        return _softmax(logits).astype(np.float32)
+        return probabilities(self._logits(X))
 
     def dense_weights(self):
         """See `Head.dense_weights`; only for `hidden=0` (one Dense layer)."""
@@ -934,12 +997,7 @@ def list_heads() -> list[str]:
 
 def create_head(name: str, **params: Any) -> Head:
     """Build an unfitted head by registry name with the given hyper-parameters."""
-    if name not in HEADS:
-        raise ConfigError(
-            f"Unknown head '{name}'. Expected one of: {', '.join(list_heads())}. "
-            f"Received: head={name!r}."
-        )
-    cls = HEADS[name]
+    cls = head_class(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
@@ -948,6 +1006,16 @@ def create_head(name: str, **params: Any) -> Head:
             f"some of: {', '.join(accepted)}. Received: {params!r}."
         )
     return cls(**params)
+
+
+def head_class(name: str) -> type[Head]:
+    """The registered head class called `name`; an unknown name lists the valid ones."""
+    if name not in HEADS:
+        raise ConfigError(
+            f"Unknown head '{name}'. Expected one of: {', '.join(list_heads())}. "
+            f"Received: head={name!r}."
+        )
+    return HEADS[name]
 
 
 def load_head(directory: str | os.PathLike) -> Head:

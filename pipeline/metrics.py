@@ -1,11 +1,48 @@
-"""Classification metrics, computed the same way for every head and stage."""
+"""Classification metrics and the numerics behind them, the same for every head and stage.
+
+numpy only at import: the logistic head's fast path should not pay for scikit-learn's
+metrics module unless a report is written.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn import metrics as skm
+
+#: Probabilities are clipped to [LOG_LOSS_EPS, 1] (and rows renormalized) before the log:
+#: float32 probabilities hold nothing finer, and one confident mistake must not make the
+#: loss infinite.
+LOG_LOSS_EPS = 1e-7
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Logits `(N, U)` -> float32 class probabilities `(N, K)`, rows summing to 1.
+
+    U == 1 is a binary head's single logit z: the columns are `[1 - sigmoid(z),
+    sigmoid(z)]`. Otherwise a softmax over the K == U logits. Computed in float64
+    without overflow for any finite logit.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.shape[1] == 1:
+        e = np.exp(-np.abs(z[:, 0]))  # exp of a non-positive number only
+        p = np.where(z[:, 0] >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        return np.stack([1.0 - p, p], axis=1).astype(np.float32)
+    z = z - z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z.astype(np.float32)
+
+
+def log_loss(proba: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-probability of the true labels (cross-entropy), clipped as above."""
+    clipped = np.clip(np.asarray(proba, dtype=np.float64), LOG_LOSS_EPS, 1.0)
+    clipped /= clipped.sum(axis=1, keepdims=True)
+    return float(-np.mean(np.log(clipped[np.arange(len(labels)), np.asarray(labels, np.int64)])))
+
+
+def accuracy(proba: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.asarray(proba).argmax(axis=1) == labels))
 
 
 def classification_metrics(proba: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -15,6 +52,8 @@ def classification_metrics(proba: np.ndarray, labels: np.ndarray, class_names: S
     from `labels` count in the matrix and per-class table but not in the mean
     per-class accuracy, which would otherwise be dragged down by empty classes.
     """
+    from sklearn import metrics as skm
+
     k = len(class_names)
     predicted = proba.argmax(axis=1)
     everything = list(range(k))
@@ -24,12 +63,11 @@ def classification_metrics(proba: np.ndarray, labels: np.ndarray, class_names: S
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         labels, predicted, labels=everything, zero_division=0
     )
-    clipped = np.clip(proba, 1e-7, 1.0)
     return {
         "n": int(len(labels)),
-        "accuracy": float(np.mean(predicted == labels)),
+        "accuracy": accuracy(proba, labels),
         "mean_per_class_accuracy": float(recall_per_class[present].mean()),
-        "loss": float(skm.log_loss(labels, clipped / clipped.sum(axis=1, keepdims=True), labels=everything)),
+        "loss": log_loss(proba, labels),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(class_names, precision, recall, f1, support)

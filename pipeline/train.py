@@ -41,7 +41,7 @@ import numpy as np
 from pipeline import plots
 from pipeline.config import FeaturesConfig, HeadConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.heads import Head, create_head, load_head
+from pipeline.heads import Head, head_class, load_head
 from pipeline.metrics import classification_metrics
 from pipeline.store import FeatureSet, SplitArrays, load_views, read_features
 
@@ -109,10 +109,10 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
     try:
-        head = create_head(config.head, **config.head_params())
+        head = head_class(config.head).from_config(config)
         head.fit(
             train.features, train.labels, validation.features, validation.labels,
-            n_classes=len(class_names), callbacks=_callbacks(head, work), views=views,
+            n_classes=len(class_names), callbacks=head.training_callbacks(work), views=views,
         )
         metrics = {
             "head": config.head,
@@ -165,13 +165,14 @@ def _without_available(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _views_record(cached: FeatureSet, config: HeadConfig) -> dict[str, Any]:
     """Which views a run uses and what they are (their augmentation and seed), as stored in config.json."""
-    used = config.views_used(cached.num_views)
+    kind = head_class(config.head)
+    used = config.views_used(cached.num_views, default=kind.default_views(cached.num_views))
     record: dict[str, Any] = dict(_NO_VIEWS)
     if used:
         a = cached.view_attrs
         record = {
             "used": used, "available": cached.num_views, "augment": a["augment"], "seed": a["seed"],
-            "how": "sampled per example per epoch" if config.head == "dense" else "stacked as rows",
+            "how": kind.views_use,
         }
     if config.train_per_class is not None:
         record["train_per_class"] = config.train_per_class
@@ -227,14 +228,6 @@ def _check_splits(cached: FeatureSet) -> None:
                 f"{cached.path}: split '{name}' has {int(bad.sum())} labels outside the {k} classes "
                 f"{cached.class_names} (first: {int(split.labels[bad][0])}). The file is inconsistent; rebuild it."
             )
-
-
-def _callbacks(head: Head, work: Path) -> list[Any] | None:
-    if head.name != "dense":
-        return None
-    import keras
-
-    return [keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"))]
 
 
 def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any]) -> None:
