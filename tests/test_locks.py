@@ -160,6 +160,8 @@ def test_two_features_runs_of_one_key_give_one_file(tmp_path):
     path = resolve(tiny_config(folder, out))[2]
     with exclusive(path, what="feature file"):
         runs = [cli("features", *feature_flags(folder, out)) for _ in range(2)]
+        # A one-process run to compare with, made while the two start up.
+        reference = read_features(extract_features(tiny_config(folder, tmp_path / "one"), progress=False).path)
         for run in runs:
             assert f"PID {os.getpid()}" in run.wait_for("waiting")
     results = [run.finish() for run in runs]
@@ -170,7 +172,6 @@ def test_two_features_runs_of_one_key_give_one_file(tmp_path):
     assert not partial_path(path).exists() and not holder_path(path).exists()
     assert sorted(p.name for p in out.iterdir() if not is_lock_file(p)) == [path.name]
 
-    reference = read_features(extract_features(tiny_config(folder, tmp_path / "one"), progress=False).path)
     written = read_features(path)
     assert written.key == reference.key
     for name, split in reference.splits.items():
@@ -189,6 +190,7 @@ def test_two_head_runs_of_one_run_directory_train_once(tmp_path):
     flags = [*feature_flags(folder, tmp_path / "features"), "--runs-dir", config.runs_dir, "--grid-images", "0"]
     with exclusive(run_dir, what="run directory"):
         runs = [cli("head", *flags) for _ in range(2)]
+        reference = train_head(features, HeadConfig(runs_dir=str(tmp_path / "one"), grid_images=0))
         for run in runs:
             assert f"PID {os.getpid()}" in run.wait_for("waiting")
     results = [run.finish() for run in runs]
@@ -198,7 +200,6 @@ def test_two_head_runs_of_one_run_directory_train_once(tmp_path):
     assert all(s.startswith("head: logistic") and s.endswith(str(run_dir)) for s in summaries)
     assert sorted(p.name for p in run_dir.parent.iterdir() if not is_lock_file(p)) == [run_dir.name]  # no temp dirs
 
-    reference = train_head(features, HeadConfig(runs_dir=str(tmp_path / "one"), grid_images=0))
     written = json.loads((run_dir / "metrics.json").read_text())
     for split in ("validation", "test"):
         got, want = written[split], reference.metrics[split]
