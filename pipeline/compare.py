@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 from pipeline import plots
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadConfig, ViewsConfig, key_digest
 from pipeline.errors import ConfigError
+from pipeline.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,25 @@ class Comparison:
 
 def compare(features: FeaturesConfig, head: HeadConfig, finetune: FinetuneConfig, *, out_dir: Path,
             rows: Sequence[str] = ROWS, progress: bool = True) -> Comparison:
-    """Runs (or reuses) each row in `rows` and writes the table, bar chart and curves to `out_dir`."""
+    """Runs (or reuses) each row in `rows` and writes the table, bar chart and curves to `out_dir`.
+
+    One comparison writes `out_dir` at a time (`pipeline.locks.exclusive`, held to the
+    end; the stages lock their own outputs inside it): a second one with the same
+    folder waits, then reuses the rows the first one finished.
+    """
     unknown = [r for r in rows if _runner(r) is None]
     if unknown or not rows:
         raise ConfigError(f"Unknown comparison rows {unknown or rows!r}. Expected some of: "
                           f"{', '.join(ROW_RUNNERS)}, dense-views-K, logistic-views-K (K >= 1).")
+    out_dir = Path(out_dir)
+    with exclusive(out_dir, what="comparison folder"):
+        return _compare(features, head, finetune, out_dir, rows, progress)
+
+
+def _compare(features: FeaturesConfig, head: HeadConfig, finetune: FinetuneConfig, out_dir: Path,
+             rows: Sequence[str], progress: bool) -> Comparison:
     from pipeline.extract import resolve
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(resolve(features)[0], head, finetune, out_dir)
     done = _load_rows(out_dir)

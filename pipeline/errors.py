@@ -24,3 +24,7 @@ class WeightsUnavailableError(PipelineError):
 
 class CacheError(PipelineError):
     """A feature file that is missing, incomplete, or built with other settings."""
+
+
+class LockError(PipelineError):
+    """An output whose lock file cannot be taken (a filesystem without locks, permissions)."""

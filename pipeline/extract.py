@@ -32,6 +32,7 @@ from pipeline import __version__, backbones
 from pipeline.config import MAX_VIEW_POSITION, FeaturesConfig, ViewsConfig, feature_file_name
 from pipeline.data import DataSource, SplitSource, data_fingerprint, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
+from pipeline.locks import exclusive
 from pipeline.store import (
     FORMAT_VERSION,
     VIEWS_SPLIT,
@@ -132,8 +133,20 @@ def extract_features(
     finished file that lacks them (or has fewer) is extended: its rows are copied, not
     recomputed. A file with at least as many views of the same augmentation and seed
     is up to date; views of another augmentation or seed are an error, never mixed.
+
+    One run writes a file at a time: the lock on it (`pipeline.locks.exclusive`) is
+    held from the "is it up to date?" check to the rename, so a second run with the
+    same settings waits, then finds the file finished or resumes its partial file.
     """
     config, key, path = resolve(config)
+    with exclusive(path, what="feature file"):
+        return _extract(config, key, path, views=views, progress=progress)
+
+
+def _extract(
+    config: FeaturesConfig, key: dict[str, Any], path: Path, *, views: ViewsConfig | None, progress: bool
+) -> ExtractionResult:
+    """`extract_features` for a resolved config, under the lock on `path`."""
     views = views if views is not None and views.num_views else None
     extend = None
     if path.exists():

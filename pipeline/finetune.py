@@ -68,6 +68,7 @@ from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.export import image_classifier
 from pipeline.extract import decode_and_resize, resolve
 from pipeline.heads import Head, load_head, logits_loss_and_accuracy
+from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics, probabilities
 from pipeline.train import load_images, run_dir_for, stratified_rows
 
@@ -394,6 +395,7 @@ class _Origin:
     run_dir: Path | None = None
     head: Head | None = None
     record: Mapping[str, Any] | None = None
+    trained: int | None = None  # st_mtime_ns of its metrics.json: which training of that run
 
 
 def finetune_run_dir(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
@@ -417,7 +419,10 @@ def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
     """Runs stage 3 and writes its run directory; see the module docstring.
 
     `features` and `head` locate the stage-2 run (or `head_run` names it); `callbacks`
-    are extra Keras callbacks (tests interrupt training with one).
+    are extra Keras callbacks (tests interrupt training with one). The stage-2 run is
+    read under its lock, then the run directory is locked from the "is it up to date?"
+    check to the rename (`pipeline.locks.exclusive`; never both at once), so a second
+    run with the same settings waits, then finds the run finished.
     """
     features, key, features_path = resolve(features)
     _check_options(features, config)
@@ -426,6 +431,15 @@ def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
     per_class, subset_seed = _few_shot_setting(origin, head)
     identity = {"features": features.to_dict(), "features_key": key, "finetune": config.to_dict(),
                 "head_run": _head_identity(origin), "train_per_class": per_class}
+    with exclusive(run_dir, what="fine-tuning run directory"):
+        return _finetune(features, config, origin, run_dir, identity, per_class, subset_seed,
+                         progress=progress, callbacks=callbacks)
+
+
+def _finetune(features: FeaturesConfig, config: FinetuneConfig, origin: _Origin, run_dir: Path,
+              identity: Mapping[str, Any], per_class: int | None, subset_seed: int, *, progress: bool,
+              callbacks: Sequence[Any]) -> FinetuneRun:
+    """`finetune` under the lock on `run_dir`, which also guards its `.partial-<digest>` folder."""
     finished = _finished(run_dir, identity)
     if finished:
         return finished
@@ -569,8 +583,16 @@ def _origin(features: FeaturesConfig, key: Mapping[str, Any], features_path: Pat
     if config.head_epochs:
         return _Origin(f"a fresh head trained {config.head_epochs} epochs on images")
     run_dir = Path(head_run) if head_run else run_dir_for(features_path, head)
+    if not run_dir.parent.is_dir():
+        return _read_origin(run_dir, key)  # nothing there to wait for: the error says what to do
+    with exclusive(run_dir, what="run directory"):  # not while `make head` replaces it
+        return _read_origin(run_dir, key)
+
+
+def _read_origin(run_dir: Path, key: Mapping[str, Any]) -> _Origin:
     try:
         record = json.loads((run_dir / "config.json").read_text())
+        trained = (run_dir / "metrics.json").stat().st_mtime_ns
     except (OSError, ValueError):
         raise CacheError(
             f"No stage-2 head to warm-start from in {run_dir}. Train one first with `make head HEAD=dense` "
@@ -587,14 +609,14 @@ def _origin(features: FeaturesConfig, key: Mapping[str, Any], features_path: Pat
             f"({'; '.join(differs)}). Use the same BACKBONE/IMAGE_SIZE/POOLING/WEIGHTS/data as its "
             "`make head`, or train a head for these settings."
         )
-    return _Origin(run_dir.name, run_dir=run_dir, head=load_head(run_dir), record=record)
+    return _Origin(run_dir.name, run_dir=run_dir, head=load_head(run_dir), record=record, trained=trained)
 
 
 def _head_identity(origin: _Origin) -> Any:
     if origin.run_dir is None:
         return origin.name
     return {"run": str(origin.run_dir), "head": origin.record["head"],
-            "trained": (origin.run_dir / "metrics.json").stat().st_mtime_ns}
+            "trained": origin.trained}
 
 
 def _check_source(source: DataSource, origin: _Origin) -> None:

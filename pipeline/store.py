@@ -48,6 +48,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import CacheError
+from pipeline.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -684,11 +685,11 @@ def merge_shards(paths: Sequence[Path], out: Path) -> Path:
         )
         splits[name] = ([rows], split_attrs)
     attrs["num_skipped"] = sum(len(a["skipped"]) for _, a in splits.values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return write_features(
-        out, attrs=attrs, splits=splits, feature_dim=sets[0].attrs["feature_dim"],
-        dtype=sets[0].splits[next(iter(sets[0].splits))].features.dtype, views=_merge_views(sets),
-    )
+    with exclusive(out, what="merged feature file"):  # one writer of `out` and its temporary file
+        return write_features(
+            out, attrs=attrs, splits=splits, feature_dim=sets[0].attrs["feature_dim"],
+            dtype=sets[0].splits[next(iter(sets[0].splits))].features.dtype, views=_merge_views(sets),
+        )
 
 
 def _merge_views(sets: Sequence[FeatureSet]) -> tuple[list[tuple], dict[str, Any]] | None:

@@ -42,6 +42,7 @@ from pipeline import plots
 from pipeline.config import FeaturesConfig, HeadConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.heads import Head, head_class, load_head
+from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
 from pipeline.store import FeatureSet, SplitArrays, load_views, read_features
 
@@ -87,9 +88,20 @@ def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
 
 
 def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None) -> HeadRun:
-    """Fits `config.head` on the train split of `features_path` and writes its run directory."""
-    cached = read_features(features_path, expect=expect)
+    """Fits `config.head` on the train split of `features_path` and writes its run directory.
+
+    The lock on the run directory (`pipeline.locks.exclusive`) is held from the "is it
+    up to date?" check to the rename: a second run of the same head waits, then finds
+    the run finished.
+    """
     run_dir = run_dir_for(features_path, config)
+    with exclusive(run_dir, what="run directory"):
+        return _train_head(features_path, config, run_dir, expect=expect)
+
+
+def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
+                expect: Mapping[str, Any] | None) -> HeadRun:
+    cached = read_features(features_path, expect=expect)
     used = _views_record(cached, config)
     finished = _finished_run(run_dir, cached, config, used)
     if finished:
