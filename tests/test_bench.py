@@ -47,6 +47,7 @@ def test_bench_user_errors_are_one_line(argv, message, capsys):
         assert "BENCH_QUICK=1" in err
 
 
+@pytest.mark.slow  # seven `python -m pipeline` processes: about 40 s on 2 CPUs
 def test_quick_benchmark_writes_consistent_results(tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["bench", "--quick", "--out", str(out)]) == 0

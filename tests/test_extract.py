@@ -179,6 +179,7 @@ def test_tfds_dataset_end_to_end(dummy_tfds_dir, tmp_path):
 
 
 @pytest.mark.assets
+@pytest.mark.slow  # extracts 3000 real images: about 50 s on 2 CPUs
 def test_real_mobilenet_v2_features_separate_cats_from_dogs(real_features):
     """The issue's acceptance check: ImageNet MobileNetV2 at 224 px on cats_and_dogs_filtered,
     then a logistic regression on the features: >= 98.5% validation accuracy."""

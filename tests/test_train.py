@@ -175,6 +175,7 @@ def test_predict_on_an_unreadable_image_is_an_error(tiny_features, tmp_path):
 
 
 @pytest.mark.assets
+@pytest.mark.slow  # extracts 3000 real images per size: 40-50 s each on 2 CPUs
 @pytest.mark.parametrize("size, logistic_min, dense_min", [(224, 0.985, 0.980), (160, 0.970, 0.965)])
 def test_real_heads_reach_the_reference_accuracy(real_features, tmp_path, size, logistic_min, dense_min):
     """cats_and_dogs_filtered, ImageNet MobileNetV2: the issue's accuracy floors per head and size."""
