@@ -40,11 +40,12 @@ class DataConfig:
     """Where images come from and how they are split.
 
     Exactly one of `dataset` (a tensorflow-datasets name, split by `splits` slicing
-    specs) and `data_dir` (a folder with one sub-folder per class) is set. A folder
-    that has `train/` and `validation/` (and optionally `test/`) sub-folders is used
-    as already split; otherwise `val_fraction` and `test_fraction` carve stratified,
-    seeded splits out of it. `test_from_validation` moves that fraction of the
-    validation split to test, as the TensorFlow tutorial does (0.2).
+    specs) and `data_dir` (a folder with one sub-folder per class) is set. Split
+    sub-folders (`train/`, `validation/`, `test/` and their aliases, see
+    `pipeline.data.scan_folder`) are used as given; `val_fraction` and `test_fraction`
+    carve the splits a folder lacks out of train as stratified, seeded splits.
+    `test_from_validation` moves that fraction of the validation split to test, as
+    the TensorFlow tutorial does (0.2).
     """
 
     dataset: str | None = "cats_vs_dogs"

@@ -64,33 +64,95 @@ class DataSource:
 
 @dataclass(frozen=True)
 class FolderScan:
-    """The files of an image folder, assigned to splits; no image is opened yet."""
+    """The files of an image folder, assigned to splits; no image is opened yet.
+
+    `layout` names the layout recognised and what was carved (see `FOLDER_LAYOUTS`);
+    `warnings` are the surprises worth a user's attention, logged by `folder_source`.
+    """
 
     root: Path
     class_names: tuple[str, ...]
     splits: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, label)]
-    layout: str  # "presplit" or "fractions"
+    layout: str
     ignored: tuple[str, ...]
     fingerprint: str
+    warnings: tuple[str, ...] = ()
+
+
+# Split folder names, lower-cased, -> the split they hold. Kaggle uses Training/ and
+# Testing/, Roboflow train/ valid/ test/, the TF tutorial's cats_and_dogs_filtered
+# train/ validation/.
+SPLIT_FOLDER_NAMES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "test": "test",
+    "testing": "test",
+}
+SPLIT_ORDER = ("train", "validation", "test")
+
+Files = dict[str, list[tuple[str, int]]]
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """A recognised folder layout: its name (stored in split specs) and how it carves
+    the splits it lacks out of train. `carve(files, config, seed)` -> files."""
+
+    name: str
+    carve: Callable[[Files, DataConfig, int], Files]
+
+
+def _as_given(files: Files, config: DataConfig, seed: int) -> Files:
+    return files
+
+
+def _carve_validation(files: Files, config: DataConfig, seed: int) -> Files:
+    train, validation = _stratified_split(files["train"], config.val_fraction, seed)
+    return {"train": train, "validation": validation, "test": files["test"]}
+
+
+def _carve_validation_and_test(files: Files, config: DataConfig, seed: int) -> Files:
+    return _split_by_fractions(files["train"], config.val_fraction, config.test_fraction, seed)
+
+
+# Which splits have labelled folders -> the layout. A flat folder (class folders at
+# the top) is the train-only case with its classes one level up.
+FOLDER_LAYOUTS = {
+    "flat": FolderLayout("flat, validation+test carved", _carve_validation_and_test),
+    ("train",): FolderLayout("train only, validation+test carved", _carve_validation_and_test),
+    ("train", "test"): FolderLayout("train+test, validation carved", _carve_validation),
+    ("train", "validation"): FolderLayout("presplit", _as_given),
+    ("train", "validation", "test"): FolderLayout("presplit", _as_given),
+}
 
 
 def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     """Lists and splits an image folder; deterministic for a given seed.
 
-    Two layouts are understood::
+    Two kinds of folder are understood::
 
         root/                          root/
-          train/                         cats/
-            cats/cat.0.jpg ...             cat.0.jpg ...
-            dogs/...                     dogs/
-          validation/                      ...
-            cats/ ... dogs/ ...
-          test/ (optional)
+          cats/                          train/        (or training/, any case)
+            cat.0.jpg ...                  cats/cat.0.jpg ...
+          dogs/                            dogs/...
+            ...                          validation/   (or val/, valid/; optional)
+                                           cats/ ... dogs/ ...
+                                         test/         (or testing/; optional)
+                                           cats/ ... dogs/ ...
 
-    The left one is used as given (the layout of cats_and_dogs_filtered); the right
-    one is split into train/validation/test by `val_fraction` and `test_fraction`,
-    stratified by class. Hidden files and files without an image extension are
-    ignored and logged; class folders are searched recursively.
+    Left, a flat folder: classes at the top, split into train/validation/test by
+    `val_fraction` and `test_fraction`, stratified by class and seeded. Right, a split
+    folder, recognised by any top-level sub-folder named like a split; then every one
+    must be (a mix of split and class folders is an error, not a guess). Splits given
+    are used as given; a missing validation split is carved out of train by
+    `val_fraction`, a missing test split (with validation missing too) by
+    `test_fraction`. A split folder with images but no class sub-folders (Kaggle's
+    unlabelled test/) is not used, with a warning. `test_from_validation` then moves
+    that fraction of validation to test. Hidden files and files without an image
+    extension are ignored and logged; class folders are searched recursively.
     """
     root = Path(config.data_dir).expanduser()
     if not root.is_dir():
@@ -98,11 +160,21 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
             f"Image folder not found: expected a directory with one sub-folder per "
             f"class. Received: DATA_DIR={config.data_dir!r}."
         )
-    presplit = (root / "train").is_dir() and (root / "validation").is_dir()
     ignored: list[str] = []
-    if presplit:
-        split_dirs = {s: root / s for s in ("train", "validation", "test") if (root / s).is_dir()}
-        listed = {s: _list_classes(d, root, ignored) for s, d in split_dirs.items()}
+    warnings: list[str] = []
+    split_dirs = _split_folders(root)
+    if split_dirs is None:
+        layout = FOLDER_LAYOUTS["flat"]
+        classes = _list_classes(root, root, ignored)
+        class_names = tuple(sorted(classes))
+        files = {"train": [(path, class_names.index(c)) for c in class_names for path in classes[c]]}
+    else:
+        ignored += [e.name for e in sorted(root.iterdir()) if e.name.startswith(".") or not e.is_dir()]
+        listed = {}
+        for split, directory in split_dirs.items():
+            classes = _list_split(split, directory, root, ignored, warnings)
+            if classes is not None:
+                listed[split] = classes
         class_names = tuple(sorted(listed["train"]))
         for split, classes in listed.items():
             extra = sorted(set(classes) - set(class_names))
@@ -111,18 +183,16 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
                     f"Split '{split}' has classes that train lacks: {', '.join(extra)}. "
                     f"Expected a subset of: {', '.join(class_names)}."
                 )
+        layout = FOLDER_LAYOUTS[tuple(listed)]
         files = {
             split: [(path, class_names.index(c)) for c in sorted(classes) for path in classes[c]]
             for split, classes in listed.items()
         }
-    else:
-        classes = _list_classes(root, root, ignored)
-        class_names = tuple(sorted(classes))
-        everything = [(path, class_names.index(c)) for c in class_names for path in classes[c]]
-        files = _split_by_fractions(everything, config.val_fraction, config.test_fraction, seed)
     _check_classes(class_names, root)
+    files = layout.carve({"validation": [], "test": [], **files}, config, seed)
+    layout_name = layout.name
     if config.test_from_validation:
-        if "test" in files and files["test"]:
+        if files["test"]:
             raise ConfigError(
                 "test_from_validation carves a test split out of validation, but "
                 f"{root} already has a test split. Received: "
@@ -131,15 +201,82 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         files["validation"], files["test"] = _stratified_split(
             files["validation"], config.test_from_validation, seed + 1
         )
-    files = {split: entries for split, entries in files.items() if entries}
+        layout_name += ", test carved from validation"
+    files = {split: files[split] for split in SPLIT_ORDER if files[split]}
     return FolderScan(
         root=root,
         class_names=class_names,
         splits=files,
-        layout="presplit" if presplit else "fractions",
+        layout=layout_name,
         ignored=tuple(ignored),
         fingerprint=_fingerprint(root, files),
+        warnings=tuple(warnings),
     )
+
+
+def _split_folders(root: Path) -> dict[str, Path] | None:
+    """split -> its folder, in SPLIT_ORDER, or None for a flat folder (no sub-folder
+    named like a split). Mixed, duplicate or train-less split folders are errors."""
+    folders = sorted(e for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+    named = [f for f in folders if f.name.lower() in SPLIT_FOLDER_NAMES]
+    if not named:
+        return None
+    others = [f.name for f in folders if f not in named]
+    if others:
+        raise DataError(
+            f"Image folder {root} mixes split folders ({', '.join(f.name for f in named)}) with "
+            f"other folders ({', '.join(others)}). Expected either only split folders "
+            f"({', '.join(SPLIT_FOLDER_NAMES)}, each with one sub-folder per class) or only "
+            "class folders: move the other folders into the splits, or out of the folder."
+        )
+    by_split: dict[str, list[Path]] = {}
+    for folder in named:
+        by_split.setdefault(SPLIT_FOLDER_NAMES[folder.name.lower()], []).append(folder)
+    for split, same in by_split.items():
+        if len(same) > 1:
+            raise DataError(
+                f"Image folder {root} has {len(same)} folders for the {split} split: "
+                f"{', '.join(f.name for f in same)}. Expected one: merge them or rename one."
+            )
+    if "train" not in by_split:
+        raise DataError(
+            f"Image folder {root} has split folders ({', '.join(f.name for f in named)}) but no "
+            "train folder. Expected train/ (or training/) with one sub-folder per class; "
+            "rename the split that holds the training images."
+        )
+    return {split: by_split[split][0] for split in SPLIT_ORDER if split in by_split}
+
+
+def _list_split(split: str, directory: Path, root: Path, ignored: list[str],
+                warnings: list[str]) -> dict[str, list[str]] | None:
+    """The classes of a split folder, or None (with a warning) for one without class
+    sub-folders, whose images have no label; a train folder like that is an error."""
+    has_classes = any(e.is_dir() and not e.name.startswith(".") for e in directory.iterdir())
+    if not has_classes:
+        loose = _list_images(directory, root, [])
+        if split == "train":
+            raise DataError(
+                f"Expected one sub-folder per class in the train folder {directory}. Received: "
+                f"{len(loose)} images and no sub-folders, so no labels. Sort the images into "
+                "class sub-folders (train/<class>/<image>)."
+            )
+        if loose:
+            warnings.append(
+                f"The {split} folder {directory} has {len(loose)} images but no class sub-folders: "
+                f"they are unlabelled and not used. To classify them, use "
+                f"`make predict IMAGES={directory}` after `make head`."
+            )
+        else:
+            warnings.append(f"The {split} folder {directory} is empty: not used.")
+        return None
+    classes = _list_classes(directory, root, ignored)
+    for name in classes:
+        if name.lower() in SPLIT_FOLDER_NAMES:
+            warnings.append(
+                f"Class folder {directory / name} is named like a split folder; it is used as "
+                f"the class '{name}' of the {split} split. If it holds a split, move it up to {root}."
+            )
+    return classes
 
 
 def _list_classes(directory: Path, root: Path, ignored: list[str]) -> dict[str, list[str]]:
@@ -223,6 +360,8 @@ def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]]) -> str:
 
 def folder_source(scan: FolderScan, *, shard_index: int = 0, num_shards: int = 1) -> DataSource:
     """Wraps a `FolderScan` as a `DataSource` (one shard of it)."""
+    for warning in scan.warnings:
+        log.warning("%s", warning)
     if scan.ignored:
         shown = ", ".join(scan.ignored[:5]) + (", ..." if len(scan.ignored) > 5 else "")
         log.info("Ignored %d hidden or non-image files under %s: %s", len(scan.ignored), scan.root, shown)

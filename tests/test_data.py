@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import zlib
+
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import make_folder, write_image
+from conftest import COLORS, make_folder, write_image
 from pipeline.config import DataConfig
 from pipeline.data import folder_source, load_source, scan_folder, tfds_source
 from pipeline.errors import ConfigError, DataError
@@ -15,21 +18,157 @@ def folder_config(path, **kwargs) -> DataConfig:
     return DataConfig(dataset=None, data_dir=str(path), **kwargs)
 
 
+def make_splits(root, per_class: dict, classes=("cat", "dog")):
+    """Split folders named as given, e.g. {"Training": 10, "Testing": 4}: images per class."""
+    for split, n in per_class.items():
+        for name in classes:
+            for i in range(n):
+                write_image(root / split / name / f"{name}.{i}.jpg", COLORS[name], seed=zlib.crc32(f"{split}/{name}/{i}".encode()))
+    return root
+
+
+def sizes(scan) -> dict:
+    return {split: len(entries) for split, entries in scan.splits.items()}
+
+
+def per_class(entries) -> dict:
+    labels = [label for _, label in entries]
+    return {label: labels.count(label) for label in sorted(set(labels))}
+
+
 def test_presplit_folder_is_used_as_given(presplit_folder):
+    (presplit_folder / "LICENSE.txt").write_text("top-level file")
     scan = scan_folder(folder_config(presplit_folder), seed=0)
     assert scan.layout == "presplit"
     assert scan.class_names == ("cat", "dog")
     assert {s: len(v) for s, v in scan.splits.items()} == {"train": 16, "validation": 8, "test": 8}
     assert scan.splits["train"][0] == ("train/cat/cat.0.jpg", 0)
     assert all(path.startswith("validation/") for path, _ in scan.splits["validation"])
+    assert scan.ignored == ("LICENSE.txt",) and scan.warnings == ()
+
+
+@pytest.mark.parametrize("names", [("Train", "Validation", "Test"), ("training", "VALID", "testing")])
+def test_split_folder_names_are_recognised_in_any_case(tmp_path, names):
+    root = make_splits(tmp_path / "data", dict(zip(names, (6, 3, 2))))
+    scan = scan_folder(folder_config(root), seed=0)
+    assert (scan.layout, scan.class_names) == ("presplit", ("cat", "dog"))
+    assert sizes(scan) == {"train": 12, "validation": 6, "test": 4}
+    assert scan.splits["test"][0] == (f"{names[2]}/cat/cat.0.jpg", 0)
+
+
+def test_train_and_val_folders_are_used_as_given(tmp_path):
+    root = make_splits(tmp_path / "data", {"train": 6, "val": 3})
+    scan = scan_folder(folder_config(root), seed=0)
+    assert (scan.layout, scan.class_names) == ("presplit", ("cat", "dog"))
+    assert sizes(scan) == {"train": 12, "validation": 6}
+    assert all(path.startswith("val/") for path, _ in scan.splits["validation"])
+
+
+def test_roboflow_train_valid_test_with_readme_files(tmp_path):
+    root = make_splits(tmp_path / "roboflow", {"train": 6, "valid": 3, "test": 2})
+    (root / "README.roboflow.txt").write_text("exported with roboflow")
+    (root / "README.dataset.txt").write_text("dataset card")
+    scan = scan_folder(folder_config(root), seed=0)
+    assert (scan.layout, scan.class_names) == ("presplit", ("cat", "dog"))
+    assert sizes(scan) == {"train": 12, "validation": 6, "test": 4}
+    assert set(scan.ignored) == {"README.roboflow.txt", "README.dataset.txt"}
+    specs = {name: s.spec for name, s in folder_source(scan).splits.items()}
+    assert specs == {"train": "folder:presplit:train", "validation": "folder:presplit:validation", "test": "folder:presplit:test"}
+
+
+def test_train_and_test_folders_carve_validation_from_train(tmp_path):
+    root = make_splits(tmp_path / "kaggle", {"train": 10, "test": 3})
+    config = folder_config(root, val_fraction=0.2)
+    scan = scan_folder(config, seed=0)
+    assert scan.layout == "train+test, validation carved"
+    assert sizes(scan) == {"train": 16, "validation": 4, "test": 6}
+    assert per_class(scan.splits["validation"]) == {0: 2, 1: 2}  # stratified
+    assert all(path.startswith("train/") for path, _ in scan.splits["validation"])
+    assert {p for p, _ in scan.splits["test"]} == {f"test/{c}/{c}.{i}.jpg" for c in ("cat", "dog") for i in range(3)}
+    assert not {p for p, _ in scan.splits["train"]} & {p for p, _ in scan.splits["validation"]}
+    again, other_seed = scan_folder(config, seed=0), scan_folder(config, seed=1)
+    assert again.splits == scan.splits and again.fingerprint == scan.fingerprint
+    assert other_seed.splits["validation"] != scan.splits["validation"]
+    assert other_seed.fingerprint != scan.fingerprint  # another assignment, another cache key
+    specs = {name: s.spec for name, s in folder_source(scan).splits.items()}
+    assert specs["validation"] == "folder:train+test, validation carved:validation"
+
+
+def test_kaggle_training_testing_folders(tmp_path):
+    root = make_splits(tmp_path / "brain-mri", {"Training": 10, "Testing": 2}, classes=("cat", "dog", "fox"))
+    scan = scan_folder(folder_config(root, val_fraction=0.2), seed=0)
+    assert (scan.layout, scan.class_names) == ("train+test, validation carved", ("cat", "dog", "fox"))
+    assert sizes(scan) == {"train": 24, "validation": 6, "test": 6}
+    assert per_class(scan.splits["validation"]) == {0: 2, 1: 2, 2: 2}
+
+
+def test_train_folder_alone_carves_validation_and_test(tmp_path):
+    root = make_splits(tmp_path / "data", {"train": 10})
+    scan = scan_folder(folder_config(root, val_fraction=0.2, test_fraction=0.2), seed=0)
+    assert scan.layout == "train only, validation+test carved"
+    assert sizes(scan) == {"train": 12, "validation": 4, "test": 4}
+    assert all(path.startswith("train/") for v in scan.splits.values() for path, _ in v)
+
+
+def test_split_and_class_folders_mixed_is_an_error_naming_both(tmp_path):
+    root = make_splits(tmp_path / "mixed", {"train": 2, "test": 2})
+    write_image(root / "bird" / "bird.0.jpg", (0, 255, 0))
+    with pytest.raises(DataError, match=r"mixes split folders \(test, train\) with other folders \(bird\)"):
+        scan_folder(folder_config(root), seed=0)
+
+
+def test_two_folders_for_one_split_is_an_error(tmp_path):
+    root = make_splits(tmp_path / "twice", {"train": 2, "val": 2, "validation": 2})
+    with pytest.raises(DataError, match=r"2 folders for the validation split: val, validation"):
+        scan_folder(folder_config(root), seed=0)
+
+
+def test_split_folders_without_train_is_an_error(tmp_path):
+    root = make_splits(tmp_path / "notrain", {"validation": 2, "test": 2})
+    with pytest.raises(DataError, match=r"split folders \(test, validation\) but no train folder"):
+        scan_folder(folder_config(root), seed=0)
+
+
+def test_unlabelled_test_folder_is_not_used_with_a_warning(tmp_path, caplog):
+    root = make_splits(tmp_path / "dogs-vs-cats", {"train": 10, "validation": 4})
+    for i in range(3):
+        write_image(root / "test" / f"{i}.jpg", (128, 128, 128), seed=i)
+    scan = scan_folder(folder_config(root), seed=0)
+    assert scan.layout == "presplit"
+    assert sizes(scan) == {"train": 20, "validation": 8}
+    assert not any(path.startswith("test/") for v in scan.splits.values() for path, _ in v)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        source = folder_source(scan)
+    assert set(source.splits) == {"train", "validation"}
+    assert "test folder" in caplog.text and "3 images but no class sub-folders" in caplog.text
+    assert "make predict IMAGES=" in caplog.text
+
+
+def test_unlabelled_train_folder_is_an_error(tmp_path):
+    root = make_splits(tmp_path / "data", {"test": 2})
+    for i in range(3):
+        write_image(root / "train" / f"cat.{i}.jpg", (128, 128, 128), seed=i)
+    with pytest.raises(DataError, match=r"one sub-folder per class in the train folder .*3 images and no sub-folders"):
+        scan_folder(folder_config(root), seed=0)
+
+
+def test_class_named_like_a_split_is_a_warning(tmp_path, caplog):
+    root = make_splits(tmp_path / "data", {"train": 4, "validation": 2}, classes=("cat", "dog"))
+    for i in range(4):
+        write_image(root / "train" / "test" / f"x.{i}.jpg", (0, 255, 0), seed=i)
+    scan = scan_folder(folder_config(root), seed=0)
+    assert scan.class_names == ("cat", "dog", "test")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        folder_source(scan)
+    assert "named like a split folder" in caplog.text and "class 'test'" in caplog.text
 
 
 def test_flat_folder_is_split_stratified_and_deterministic(tmp_path):
     root = make_folder(tmp_path / "flat", 20)
     config = folder_config(root, val_fraction=0.2, test_fraction=0.2)
     scan = scan_folder(config, seed=3)
-    sizes = {s: len(v) for s, v in scan.splits.items()}
-    assert sizes == {"train": 24, "validation": 8, "test": 8}
+    assert scan.layout == "flat, validation+test carved"
+    assert sizes(scan) == {"train": 24, "validation": 8, "test": 8}
     for split in scan.splits.values():  # stratified: both classes equally represented
         labels = [label for _, label in split]
         assert labels.count(0) == labels.count(1)
@@ -48,6 +187,7 @@ def test_test_split_carved_from_validation(presplit_folder, tmp_path):
     (root / "test").rmdir()
     scan = scan_folder(folder_config(root, test_from_validation=0.2), seed=0)
     assert len(scan.splits["validation"]) == 8 and len(scan.splits["test"]) == 2
+    assert scan.layout == "presplit, test carved from validation"
     with pytest.raises(ConfigError, match="already has a test split"):
         scan_folder(folder_config(presplit_folder, test_from_validation=0.2), seed=0)
 
