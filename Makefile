@@ -42,6 +42,13 @@ CLASS_WEIGHT ?=#                  balanced: weight classes by inverse frequency
 RUNS_DIR ?= runs
 VIEWS ?=#                         augmented train views to train on (default: dense all the file has, logistic none; 0: none)
 TRAIN_PER_CLASS ?=#               train on a seeded, stratified subset of N train examples per class (few-shot)
+EXCLUDE ?=#                       audit/<...>/audit.json: leave the train rows it flags out (validation/test never)
+EXCLUDE_KINDS ?=#                 with EXCLUDE: duplicates,label,outlier (default: all three)
+## Audit (make audit)
+AUDIT_DIR ?= audit#               the audit goes to AUDIT_DIR/<feature file stem>/
+FOLDS ?= 5#                       folds of the out-of-fold logistic probe (label errors, class overlap)
+DUPLICATE_THRESHOLD ?=#           cosine similarity from which two images are near-duplicates (default: calibrated, 0.85)
+AUDIT_TOP ?= 16#                  findings per contact sheet
 ## Augmentation (make finetune, and AUG_VIEWS in make features)
 AUG_FLIP ?= horizontal#           horizontal, vertical, horizontal_and_vertical or none
 AUG_ROTATION ?= 0.1#              fraction of a full turn (0.1: up to 36 degrees)
@@ -94,7 +101,11 @@ FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)'
 HEAD_FLAGS = $(if $(FEATURES),--features '$(FEATURES)') --head $(HEAD) $(if $(C),--C $(C)) --hidden $(HIDDEN) \
 	--dropout $(DROPOUT) --epochs $(EPOCHS) --head-batch-size $(HEAD_BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
 	--patience $(PATIENCE) $(if $(CLASS_WEIGHT),--class-weight $(CLASS_WEIGHT)) --runs-dir '$(RUNS_DIR)' \
-	$(if $(VIEWS),--views $(VIEWS)) $(if $(TRAIN_PER_CLASS),--train-per-class $(TRAIN_PER_CLASS))
+	$(if $(VIEWS),--views $(VIEWS)) $(if $(TRAIN_PER_CLASS),--train-per-class $(TRAIN_PER_CLASS)) \
+	$(if $(EXCLUDE),--exclude '$(EXCLUDE)') $(if $(EXCLUDE_KINDS),--exclude-kinds '$(EXCLUDE_KINDS)')
+
+AUDIT_FLAGS = $(if $(FEATURES),--features '$(FEATURES)') --audit-dir '$(AUDIT_DIR)' --folds $(FOLDS) $(if $(C),--C $(C)) \
+	$(if $(DUPLICATE_THRESHOLD),--duplicate-threshold $(DUPLICATE_THRESHOLD)) --top $(AUDIT_TOP)
 
 AUG_FLAGS = --aug-flip $(AUG_FLIP) --aug-rotation $(AUG_ROTATION) --aug-zoom $(AUG_ZOOM) \
 	--aug-contrast $(AUG_CONTRAST) --aug-translation $(AUG_TRANSLATION)
@@ -106,7 +117,7 @@ FINETUNE_FLAGS = --fine-tune-at '$(FINE_TUNE_AT)' --fine-tune-epochs $(FINE_TUNE
 
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
-.PHONY: help features head finetune compare export predict backbones bench bench-features bench-head test test-all clean-venv
+.PHONY: help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -125,6 +136,9 @@ features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache fea
 
 head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
 	$(PIPELINE) head $(FEATURE_FLAGS) $(HEAD_FLAGS)
+
+audit: features ## duplicates (leaks first), label errors, outliers, class overlap -> AUDIT_DIR/<features>/audit.{json,md}, contact sheets
+	$(PY) -m pipeline audit $(FEATURE_FLAGS) $(AUDIT_FLAGS)
 
 # Warm-starting needs the stage-2 head; HEAD_EPOCHS or FROM_SCRATCH train without one.
 finetune: $(if $(filter-out 0,$(HEAD_EPOCHS))$(FROM_SCRATCH),$(VENV)/.installed,head) ## stage 3: augmented fine-tuning of the top of the backbone, warm-started from the head
@@ -150,6 +164,10 @@ BENCH_FEATURE_FLAGS = --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --
 bench-head: $(VENV)/.installed ## benchmark stage 2: head training seconds on the benchmark's cached features -> bench/head.{json,md}
 	$(PIPELINE) features $(BENCH_FEATURE_FLAGS)
 	$(PIPELINE) bench-head $(BENCH_FEATURE_FLAGS)
+
+bench-audit: $(VENV)/.installed ## audit seconds and peak memory at 10k/100k generated rows; duplicate threshold calibrated on BENCH_DATA -> bench/audit.{json,md}
+	$(PY) -m pipeline features $(BENCH_FEATURE_FLAGS)
+	$(PY) -m pipeline bench-audit $(BENCH_FEATURE_FLAGS)
 
 # Quick mode generates its own data and backbone, so it takes none of the asset variables.
 bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, storage, memory -> bench/results.{json,md}

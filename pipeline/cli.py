@@ -22,6 +22,7 @@ from pipeline.config import (
     OPTIMIZERS,
     POOLINGS,
     SPLIT_NAMES,
+    AuditConfig,
     AugmentConfig,
     DataConfig,
     FeaturesConfig,
@@ -171,6 +172,11 @@ def _add_head_flags(parser: argparse.ArgumentParser) -> None:
                            "(default: dense all of them, logistic none; 0: none)")
     head.add_argument("--train-per-class", type=int, default=None,
                       help="train on a seeded, stratified subset of N train examples per class")
+    head.add_argument("--exclude", default=None,
+                      help="audit.json of `make audit` on this feature file: leave its flagged train rows out")
+    head.add_argument("--exclude-kinds", default=None,
+                      help="with --exclude: comma-separated findings to leave out "
+                           "(default: duplicates,label,outlier)")
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +192,7 @@ def head_config(args: argparse.Namespace) -> HeadConfig:
         batch_size=args.head_batch_size, learning_rate=args.learning_rate, patience=args.patience,
         class_weight=args.class_weight, seed=args.seed, runs_dir=args.runs_dir, grid_images=args.grid_images,
         views=args.views, train_per_class=args.train_per_class,
+        exclude=args.exclude, exclude_kinds=args.exclude_kinds,
     )
 
 
@@ -301,6 +308,35 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit_flags(parser: argparse.ArgumentParser) -> None:
+    audit = parser.add_argument_group("audit")
+    audit.add_argument("--features", help="feature file to audit (default: the one the feature flags describe)")
+    audit.add_argument("--audit-dir", default="audit", help="output folder; the audit goes to <dir>/<feature file stem>/")
+    audit.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold logistic probe")
+    audit.add_argument("--C", type=float, default=None,
+                       help="the probe's inverse L2 strength (default: chosen once on validation)")
+    audit.add_argument("--duplicate-threshold", type=float, default=None,
+                       help="cosine similarity of the features from which two images are near-duplicates "
+                            "(default: the calibrated one, see README)")
+    audit.add_argument("--top", type=int, default=None, help="findings per contact sheet (0: no sheets)")
+
+
+def audit_config(args: argparse.Namespace) -> AuditConfig:
+    given = {"duplicate_threshold": args.duplicate_threshold, "top": args.top}
+    return AuditConfig(folds=args.folds, C=args.C, seed=args.seed, audit_dir=args.audit_dir,
+                       **{k: v for k, v in given.items() if v is not None})
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pipeline.audit import audit_features
+
+    config = audit_config(args)
+    path, key = _features_file(args)
+    result = audit_features(path, config, expect=key)
+    print(result.summary())
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pipeline.store import merge_shards
 
@@ -349,6 +385,27 @@ def _cmd_bench_head(args: argparse.Namespace) -> int:
     paths = write_results(result, table, Path(args.out), "head")
     print(table)
     print(f"bench-head: results in {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _cmd_bench_audit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline.bench import audit_table, bench_audit, calibrate_duplicates, write_results
+
+    path = None if args.no_calibration else _features_file(args)[0]
+    if path is not None and not path.is_file():
+        raise ConfigError(f"The calibration needs the features of a real image folder. Received: {path} (missing). "
+                          "Run `make features` with the same variables, or pass --no-calibration.")
+    with tempfile.TemporaryDirectory(prefix="bench-audit-") as work:
+        result = bench_audit(work_dir=Path(work), sizes=args.sizes)
+        if path is not None:
+            result["calibration"] = calibrate_duplicates(path, work_dir=Path(work) / "planted", count=args.planted,
+                                                         seed=args.seed)
+    table = audit_table(result)
+    paths = write_results(result, table, Path(args.out), "audit")
+    print(table)
+    print(f"bench-audit: results in {paths[0]} and {paths[1]}")
     return 0
 
 
@@ -429,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", help="also write all probabilities to this CSV file")
     predict.set_defaults(run=_cmd_predict)
 
+    audit = commands.add_parser("audit", help="find duplicates, label errors, outliers and class overlap in the features")
+    _add_features_flags(audit)
+    _add_audit_flags(audit)
+    audit.set_defaults(run=_cmd_audit)
+
     comparison = commands.add_parser("compare", help="cached heads vs fine-tuning vs from scratch: table and plots")
     _add_features_flags(comparison)
     _add_head_flags(comparison)
@@ -464,6 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_heads.add_argument("--repeats", type=int, default=3)
     bench_heads.add_argument("--out", default="bench", help="folder for head.json and head.md")
     bench_heads.set_defaults(run=_cmd_bench_head)
+
+    bench_audit = commands.add_parser("bench-audit", help="benchmark the audit at 10k/100k generated rows; "
+                                                          "calibrate the duplicate threshold on real features")
+    _add_features_flags(bench_audit)
+    bench_audit.add_argument("--features", help="feature file of an image folder to calibrate on "
+                                                "(default: the one the feature flags describe)")
+    bench_audit.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="generated rows")
+    bench_audit.add_argument("--planted", type=int, default=300, help="photos altered for the calibration")
+    bench_audit.add_argument("--no-calibration", action="store_true", help="only the generated-rows benchmark")
+    bench_audit.add_argument("--out", default="bench", help="folder for audit.json and audit.md")
+    bench_audit.set_defaults(run=_cmd_bench_audit)
 
     full = commands.add_parser("bench", help="benchmark the pipeline against the seed workflow (make bench)")
     full.add_argument("--quick", action="store_true",

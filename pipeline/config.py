@@ -300,6 +300,19 @@ class ViewsConfig:
 
 
 HEAD_NAMES = ("logistic", "dense")
+#: The findings of `make audit` that `make head EXCLUDE=...` can leave out of training.
+AUDIT_KINDS = ("duplicates", "label", "outlier")
+
+
+def audit_kinds(text: str, where: str) -> str:
+    """'label, duplicates' -> 'duplicates,label': validated, in `AUDIT_KINDS` order."""
+    given = [k.strip() for k in str(text).split(",") if k.strip()]
+    unknown = sorted(set(given) - set(AUDIT_KINDS))
+    if unknown or not given:
+        raise ConfigError(
+            f"{where} must be a comma-separated subset of {','.join(AUDIT_KINDS)}. Received: {text!r}."
+        )
+    return ",".join(k for k in AUDIT_KINDS if k in given)
 
 
 @dataclass(frozen=True)
@@ -314,6 +327,9 @@ class HeadConfig:
     (its sweep over C would pay for every stacked row), 0 turns them off.
     `train_per_class` trains on a seeded, stratified subset of the train split with
     that many examples per class (few-shot runs); validation and test stay whole.
+    `exclude` names an `audit.json` of `make audit` on the same feature file: the
+    train rows it flags (of `exclude_kinds`, comma-separated, default all of
+    `AUDIT_KINDS`) are left out; validation and test rows never are.
     """
 
     head: str = "logistic"
@@ -330,8 +346,17 @@ class HeadConfig:
     grid_images: int = 16
     views: int | None = None
     train_per_class: int | None = None
+    exclude: str | None = None
+    exclude_kinds: str | None = None
 
     def __post_init__(self) -> None:
+        if self.exclude_kinds is not None:
+            object.__setattr__(self, "exclude_kinds", audit_kinds(self.exclude_kinds, "exclude_kinds (EXCLUDE_KINDS)"))
+        if self.exclude_kinds is not None and self.exclude is None:
+            raise ConfigError(
+                f"exclude_kinds (EXCLUDE_KINDS) selects findings of an audit; it needs exclude (EXCLUDE=audit/.../audit.json). "
+                f"Received: exclude_kinds={self.exclude_kinds!r} without exclude."
+            )
         if self.head not in HEAD_NAMES:
             raise ConfigError(
                 f"Unknown head {self.head!r}. Expected one of: {', '.join(HEAD_NAMES)}. "
@@ -447,3 +472,43 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> FinetuneConfig:
         return _build(cls, raw, "finetune")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """`make audit`: what to look for in the cached features, and how hard.
+
+    `folds`: stratified folds of the out-of-fold linear probe (label errors, class
+    overlap); `C`: its inverse regularization, None to pick it once with the logistic
+    head's validation sweep. `duplicate_threshold`: cosine similarity of the features
+    from which two rows are near-duplicates (calibrated for MobileNetV2, see README). `neighbours`: k of the kNN outlier score; `outlier_z`: robust z-score
+    from which a row is flagged as an outlier. `top`: findings per contact sheet.
+    `block_rows`: rows per block of the similarity search (memory is O(block_rows**2)).
+    """
+
+    folds: int = 5
+    C: float | None = None
+    duplicate_threshold: float = 0.85
+    neighbours: int = 10
+    outlier_z: float = 3.5
+    top: int = 16
+    seed: int = 0
+    audit_dir: str = "audit"
+    block_rows: int = 2048
+
+    def __post_init__(self) -> None:
+        checks = {
+            "folds": (self.folds >= 2, ">= 2 (FOLDS)"),
+            "C": (self.C is None or self.C > 0, "> 0 or unset (C)"),
+            "duplicate_threshold": (0 < self.duplicate_threshold <= 1, "in (0, 1] (DUPLICATE_THRESHOLD)"),
+            "neighbours": (self.neighbours >= 1, ">= 1"),
+            "outlier_z": (self.outlier_z > 0, "> 0"),
+            "top": (self.top >= 0, ">= 0 (AUDIT_TOP)"),
+            "block_rows": (self.block_rows >= 1, ">= 1"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"{name} must be {expected}. Received: {name}={getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -24,7 +24,7 @@ Run directory `runs/<stage-2 run>__ft-<fine_tune_at>/`::
     metrics.json                   validation/test before and after, parameter counts, s/epoch
     history.csv, tensorboard/      one row per epoch (warm-up and fine-tuning)
     learning_curves.png            the stage-2 curves continued, a "start fine-tuning" marker
-    confusion_matrix.png, predictions.png, report.md
+    confusion_matrix.png, top_losses.png, report.md
 
 While training, state lives in `<run dir>.partial-<digest>/`: the weights (optimizer
 included) of the last finished epoch and of the best one, and `state.json`, written
@@ -700,7 +700,7 @@ def _write_run(work: Path, parts: FinetuneModel, features: FeaturesConfig, origi
     scored = "test" if metrics["after"]["test"] else "validation"
     figures.append(plots.confusion_matrix(metrics["after"][scored]["confusion_matrix"], class_names,
                                           work / "confusion_matrix.png", title=f"fine-tuned, {scored} split"))
-    grid = _predictions_grid(parts, features, scored, class_names, config, work / "predictions.png")
+    grid = _predictions_grid(parts, features, scored, class_names, config, work / "top_losses.png")
     if grid:
         figures.append(grid)
     (work / "report.md").write_text(report(metrics, [f.name for f in figures]))
@@ -720,34 +720,48 @@ def _learning_curves(origin: _Origin, state: TrainingState, path: Path, config: 
 
 def _predictions_grid(parts: FinetuneModel, features: FeaturesConfig, split: str, class_names: list[str],
                       config: FinetuneConfig, path: Path) -> Path | None:
+    """The `grid_images` images of `split` the fine-tuned model gets most wrong or is
+    least sure of (highest -log p(true), fastai's top losses), one more pass over it."""
+    from pipeline.train import top_loss_rows
+
     if config.grid_images == 0:
         return None
-    source_size = load_source(features.data, seed=features.seed).splits[split].size
-    rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(source_size, size=min(config.grid_images, source_size), replace=False))
     try:
-        images = load_images(features, split, chosen)
+        proba, labels, positions = _split_predictions(parts.model, features, split, config.batch_size)
+        chosen = top_loss_rows(proba, labels, config.grid_images)
+        images = load_images(features, split, positions[chosen])
     except Exception as err:  # the plot is optional; the metrics are not
-        log.warning("No predictions grid: cannot read the %s images back (%s).", split, err)
+        log.warning("No top-losses grid: cannot read the %s images back (%s).", split, err)
         return None
-    order = sorted(images)
-    batch = np.stack([images[i] for i in order])
-    proba, _ = predict(parts.model, [(batch, np.zeros(len(batch)))])
-    labels = _labels_at(features, split, order)
-    return plots.predictions_grid(
-        [images[i] for i in order], [class_names[labels[i]] for i in order],
-        [class_names[p] for p in proba.argmax(axis=1)], proba.max(axis=1).tolist(), path,
-        title=f"fine-tuned model on {split} images",
+    picked, truth = proba[chosen], labels[chosen]
+    p_true = picked[np.arange(len(chosen)), truth]
+    return plots.top_losses(
+        [images[int(i)] for i in positions[chosen]], [class_names[t] for t in truth],
+        [class_names[p] for p in picked.argmax(axis=1)], picked.max(axis=1).tolist(), p_true.tolist(),
+        (-np.log(np.clip(p_true, 1e-15, 1))).tolist(), path,
+        title=f"fine-tuned model: top losses on {split} images",
     )
 
 
-def _labels_at(features: FeaturesConfig, split: str, positions: Sequence[int]) -> dict[int, int]:
+def _split_predictions(model, features: FeaturesConfig, split: str, batch_size: int,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities (N, K), labels (N,), split positions (N,)) of every readable image of `split`."""
     import tensorflow as tf
 
-    wanted = tf.constant(np.asarray(positions, np.int64))
     records = load_source(features.data, seed=features.seed).splits[split].records(0)
-    return {int(r["index"]): int(r["label"])
-            for r in records.filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))}
+    batches = records.map(
+        lambda r: (decode_and_resize(r["image"], features.image_size), r["label"], r["index"]),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+    ).ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    positions = []
+
+    def images_and_labels():
+        for images, labels, index in batches:
+            positions.append(np.asarray(index))
+            yield images, labels
+
+    proba, labels = predict(model, images_and_labels())
+    return proba, labels, np.concatenate(positions).astype(np.int64)
 
 
 def report(metrics: Mapping[str, Any], figures: list[str]) -> str:
