@@ -24,6 +24,7 @@ import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from pipeline.config import POOLINGS  # noqa: F401  re-exported: the extractor checks it
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREPROCESSING_MODES = ("tf", "caffe", "torch", "none")
-POOLINGS = ("avg", "max")
 
 _HASH_BLOCK_BYTES = 1 << 20
 #: Names the Keras side of this contract (`pipeline.extractor`) provides here too, loaded
