@@ -24,7 +24,6 @@ import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from pipeline.config import POOLINGS  # noqa: F401  re-exported: the extractor checks it
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
