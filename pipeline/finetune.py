@@ -66,8 +66,9 @@ from pipeline.config import (
 from pipeline.data import DataSource, SplitSource, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.export import image_classifier
-from pipeline.extract import decode_and_resize, resolve
+from pipeline.extract import resolve
 from pipeline.heads import Head, load_head, logits_loss_and_accuracy
+from pipeline.images import decode_and_resize
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics, probabilities
 from pipeline.train import load_images, run_dir_for, stratified_rows

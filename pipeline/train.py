@@ -324,7 +324,7 @@ def load_images(config: FeaturesConfig, split: str, positions: np.ndarray) -> di
     import tensorflow as tf
 
     from pipeline.data import load_source
-    from pipeline.extract import decode_and_resize
+    from pipeline.images import decode_and_resize
 
     source = load_source(config.data, seed=config.seed)
     wanted = tf.constant(np.asarray(positions, np.int64))
