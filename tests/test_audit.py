@@ -280,6 +280,22 @@ def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_pat
     assert main(["head", *flags, *runs, "--exclude-kinds", "label"]) == 2
 
 
+def test_tfds_thumbnails_are_read_back_with_the_tf_reader(dummy_tfds_dir, tmp_path):
+    from pipeline.audit import read_thumbnails, stack_splits
+    from pipeline.config import DataConfig, FeaturesConfig
+    from pipeline.extract import extract_features
+
+    data = DataConfig(dataset="dummy_mnist", tfds_dir=str(dummy_tfds_dir),
+                      splits={"train": "train", "validation": "test"})
+    config = FeaturesConfig(data=data, backbone="tiny", weights="none", image_size=32, output_dir=str(tmp_path))
+    cached = read_features(extract_features(config, progress=False).path)
+    rows = stack_splits(cached)
+    wanted = {(str(rows.splits[r]), str(rows.ids[r])) for r in (0, 5, 25)}
+    images = read_thumbnails(cached, rows, wanted)
+    assert set(images) == wanted
+    assert all(i.shape == (32, 32, 3) and i.dtype == np.uint8 for i in images.values())
+
+
 # ------------------------------------------------------------------ top losses
 def test_top_losses_are_the_rows_least_sure_of_their_true_label():
     proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.55, 0.45]])
