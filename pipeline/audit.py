@@ -715,7 +715,7 @@ def _short(text: str, width: int = 28) -> str:
 
 def _caption(f: Mapping[str, Any]) -> str:
     if f["kind"] == "duplicates":
-        ends = " | ".join(f"{s}: {_short(i, 22)}" for s, i in zip(f["splits"], f["ids"]))
+        ends = "\n".join(f"{s}: {_short(i, 34)}" for s, i in zip(f["splits"], f["ids"]))
         return f"{f['match']}, cosine {f['score']:.3f}, {' / '.join(f['labels'])}\n{ends}"
     if f["kind"] == "label":
         return (f"#{f['rank']} given {f['given']} -> {f['suggested']}\n"
@@ -895,6 +895,13 @@ def load_exclusion(audit: str | os.PathLike, cached: FeatureSet, kinds: str | No
                          "rerun `make audit`.")
     keep = np.ones(len(train), bool)
     keep[[position[i] for i in ids]] = False
+    left = np.unique(train.labels[keep])
+    if len(left) < 2:
+        raise ConfigError(
+            f"EXCLUDE={audit} with kinds {','.join(kinds_)} leaves {int(keep.sum())} of {len(train)} train rows "
+            f"({len(left)} classes); a head needs 2 classes. Look at the audit's contact sheets (a loose "
+            "DUPLICATE_THRESHOLD?) or choose fewer EXCLUDE_KINDS."
+        )
     leaks = tuple(c for c in record["clusters"] if c["cross_split"])
     kept = [(f["ids"][0], f["splits"][0], f["kind"]) for f in record["findings"]
             if f["kind"] in kinds_ and f["kind"] != "duplicates" and f["splits"][0] != "train"]

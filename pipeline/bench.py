@@ -12,6 +12,11 @@ found up to date instead of measured.
 pass on in-memory tensors (the ceiling: decoding and storage should hide behind the
 model), and records peak memory at two dataset sizes (it should stay flat).
 `bench_head` times head fits on a cached feature file.
+
+`bench_audit` (`make bench-audit`) times `make audit` on generated rows at 10k and
+100k (seconds per step and peak memory: the similarity search must stay out of
+O(N**2) memory), and `calibrate_duplicates` measures the duplicate threshold on
+altered copies of real photos against the distinct photos of a feature file.
 """
 
 from __future__ import annotations

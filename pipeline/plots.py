@@ -95,9 +95,9 @@ def contact_sheet(groups: Sequence[Sequence[np.ndarray | None]], captions: Seque
     Groups are laid out on rows of about eight images, so pairs come four to a row.
     """
     width = max([len(g) for g in groups] or [1])
-    per_row = max(1, 8 // width) if width > 1 else 6
+    per_row = min(max(1, 8 // width) if width > 1 else 6, max(1, len(groups)))
     rows = max(1, math.ceil(len(groups) / per_row))
-    figure = Figure(figsize=(2.3 * per_row * width, 2.9 * rows + 0.6), layout="constrained")
+    figure = Figure(figsize=(max(7.0, 2.3 * per_row * width), 2.9 * rows + 0.6), layout="constrained")
     grid = figure.add_gridspec(rows, per_row)
     if not groups:
         figure.text(0.5, 0.5, "no findings", ha="center", va="center", fontsize=14)

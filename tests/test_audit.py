@@ -261,15 +261,39 @@ def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_pat
     assert main(["features", *flags]) == 0
     capsys.readouterr()
     flags.remove("--no-progress")
-    assert main(["audit", *flags, "--audit-dir", str(tmp_path / "audit"), "--top", "4", "--folds", "3"]) == 0
+    # The random tiny backbone maps all these photos close together: only the copy is certain.
+    assert main(["audit", *flags, "--audit-dir", str(tmp_path / "audit"), "--top", "4", "--folds", "3",
+                 "--duplicate-threshold", "0.99999"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("audit: 33 rows; duplicates: ")
+    assert len(lines) == 1 and lines[0].startswith("audit: 33 rows; duplicates: 1 pairs in 1 clusters "
+                                                   "(1 across splits, 1 byte-identical); label issues: ")
     out = Path(lines[0].rpartition(" -> ")[2])
     assert {"audit.json", "audit.md", "duplicates.png", "label_issues.png", "outliers.png"} <= {p.name for p in out.iterdir()}
     exact = [f for f in findings(out, "duplicates") if f["match"] == "exact"]
     assert [sorted(f["ids"]) for f in exact] == [["test/cat/copy.jpg", "train/cat/cat.0.jpg"]]
     assert "# Data audit" in (out / "audit.md").read_text()
     assert main(["audit", *flags, "--audit-dir", str(tmp_path / "audit"), "--folds", "1"]) == 2
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--grid-images", "0"]
+    assert main(["head", *flags, *runs, "--exclude", str(out / "audit.json"), "--exclude-kinds", "duplicates"]) == 0
+    trained = json.loads(next((tmp_path / "runs").glob("*__excl-*/metrics.json")).read_text())
+    assert trained["train_examples"] == 15 and trained["exclude"]["ids"] == ["train/cat/cat.0.jpg"]
+    assert main(["head", *flags, *runs, "--exclude-kinds", "label"]) == 2
+
+
+def test_tfds_thumbnails_are_read_back_with_the_tf_reader(dummy_tfds_dir, tmp_path):
+    from pipeline.audit import read_thumbnails, stack_splits
+    from pipeline.config import DataConfig, FeaturesConfig
+    from pipeline.extract import extract_features
+
+    data = DataConfig(dataset="dummy_mnist", tfds_dir=str(dummy_tfds_dir),
+                      splits={"train": "train", "validation": "test"})
+    config = FeaturesConfig(data=data, backbone="tiny", weights="none", image_size=32, output_dir=str(tmp_path))
+    cached = read_features(extract_features(config, progress=False).path)
+    rows = stack_splits(cached)
+    wanted = {(str(rows.splits[r]), str(rows.ids[r])) for r in (0, 5, 25)}
+    images = read_thumbnails(cached, rows, wanted)
+    assert set(images) == wanted
+    assert all(i.shape == (32, 32, 3) and i.dtype == np.uint8 for i in images.values())
 
 
 # ------------------------------------------------------------------ top losses
