@@ -262,7 +262,7 @@ def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_pat
     capsys.readouterr()
     flags.remove("--no-progress")
     # The random tiny backbone maps all these photos close together: only the copy is certain.
-    assert main(["audit", *flags, "--audit-dir", str(tmp_path / "audit"), "--top", "4", "--folds", "3",
+    assert main(["audit", *flags, "--audit-dir", str(tmp_path / "audit"), "--audit-top", "4", "--folds", "3",
                  "--duplicate-threshold", "0.99999"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("audit: 33 rows; duplicates: 1 pairs in 1 clusters "
