@@ -734,19 +734,16 @@ def read_thumbnails(cached: FeatureSet, rows: Rows, wanted: set[tuple[str, str]]
     out: dict[tuple[str, str], np.ndarray] = {}
     failed = []
     if root is not None:
-        from PIL import Image
+        from pipeline.images import read_image_file
 
         for split, i in sorted(wanted):
             try:
-                with Image.open(root / i) as image:
-                    image = image.convert("RGB")
-                    image.thumbnail((_THUMBNAIL, _THUMBNAIL))
-                    out[(split, i)] = np.asarray(image)
+                out[(split, i)] = read_image_file(root / i, _THUMBNAIL)
             except (OSError, ValueError):
                 failed.append(i)
     elif cached.key.get("source") == "tfds":
         from pipeline.config import FeaturesConfig
-        from pipeline.train import load_images
+        from pipeline.images import load_images
 
         position = {(str(s), str(i)): int(p) for s, i, p in zip(rows.splits, rows.ids, rows.index)}
         for split in sorted({s for s, _ in wanted}):

@@ -68,10 +68,10 @@ from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.export import image_classifier
 from pipeline.extract import resolve
 from pipeline.heads import Head, load_head, logits_loss_and_accuracy
-from pipeline.images import decode_and_resize
+from pipeline.images import decode_and_resize, load_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics, probabilities
-from pipeline.train import load_images, run_dir_for, stratified_rows
+from pipeline.train import run_dir_for, stratified_rows
 
 log = logging.getLogger(__name__)
 

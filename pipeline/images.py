@@ -18,10 +18,13 @@ TIFF structure took about 140 ops, 15-20% of decoding and resizing a 23 kB JPEG;
 one RE2 match of the layouts that cameras and editors write (`_EXIF_ORIENTATION`)
 and a table look-up take about 15 ops, 3-5%.
 
-TensorFlow is imported inside the functions: importing this module is free.
+TensorFlow is imported inside the functions: importing this module is free. Pictures for
+people (`read_images`) are read with PIL where the data is an image folder.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 # Part of the features' cache key: features decoded by another decoder are not reused.
 DECODER = "decode_image, EXIF orientation applied"
@@ -110,3 +113,59 @@ def exif_orientation(image_bytes):
     matched = tf.equal(tf.strings.length(value), 1) & tf.equal(tf.strings.substr(image_bytes, 0, 2), b"\xff\xd8")
     number = tf.cast(tf.reduce_max(tf.io.decode_raw(value, tf.uint8, fixed_length=1)), tf.int32)
     return tf.where(matched, number, 1)
+
+
+# --- images for people to look at -------------------------------------------------------
+def read_image_file(path, size: int):
+    """An image file as upright uint8 RGB (H, W, 3) fitting in `size` x `size`, with PIL.
+
+    For pictures people look at (top losses, contact sheets), not for the backbone: PIL
+    needs no TensorFlow, so the logistic head's run and the audit stay quick.
+    `ImageOps.exif_transpose` applies the same orientation tag as `decode_image`.
+    Raises OSError or ValueError for an unreadable file.
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+    upright.thumbnail((size, size))
+    return np.asarray(upright)
+
+
+def load_images(config, split: str, positions):
+    """The images at `positions` of a split, decoded and resized as the backbone saw them.
+
+    position -> float32 (S, S, 3) in [0, 255]. Reads the data source with TensorFlow;
+    `read_images` is the cheap way to get pictures of an image folder.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline.data import load_source
+
+    source = load_source(config.data, seed=config.seed)
+    wanted = tf.constant(np.asarray(positions, np.int64))
+    records = source.splits[split].records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))
+    return {int(r["index"]): decode_and_resize(r["image"], config.image_size).numpy() for r in records}
+
+
+def read_images(config, split: str, ids_at, *, size: int = 160):
+    """Pictures of some examples of a split: {position: uint8 (H, W, 3)}; unreadable ones left out.
+
+    `ids_at` maps each position to its id (a path under the image folder, or a tfds id).
+    Image folders are read with PIL (`read_image_file`); tfds examples through the
+    stage-1 decoder (`load_images`).
+    """
+    import numpy as np
+
+    if config.data.data_dir is not None:
+        root, found = Path(config.data.data_dir), {}
+        for position, image_id in ids_at.items():
+            try:
+                found[int(position)] = read_image_file(root / str(image_id), size)
+            except (OSError, ValueError):
+                continue
+        return found
+    decoded = load_images(config, split, np.fromiter(ids_at, np.int64))
+    return {p: np.clip(image, 0, 255).astype(np.uint8) for p, image in decoded.items()}

@@ -44,6 +44,7 @@ from pipeline import plots
 from pipeline.config import FeaturesConfig, HeadConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.heads import Head, head_class, load_head
+from pipeline.images import read_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
 from pipeline.store import FeatureSet, SplitArrays, load_views, read_features
@@ -296,9 +297,14 @@ def _predictions_grid(head: Head, cached: FeatureSet, split: str, config: HeadCo
     proba = head.predict_proba(rows.features)
     chosen = top_loss_rows(proba, rows.labels, config.grid_images)
     try:
-        images = load_images(FeaturesConfig.from_dict(cached.config), split, rows.index[chosen])
+        images = read_images(FeaturesConfig.from_dict(cached.config), split,
+                             dict(zip(rows.index[chosen].tolist(), rows.ids[chosen])))
     except Exception as err:  # the images may have moved since extraction; the plot is optional
         log.warning("No top-losses grid: cannot read the %s images back (%s).", split, err)
+        return None
+    chosen = np.array([c for c in chosen if int(rows.index[c]) in images], np.int64)
+    if not len(chosen):
+        log.warning("No top-losses grid: none of the %s images can be read back (moved?).", split)
         return None
     names = cached.class_names
     labels, picked = rows.labels[chosen], proba[chosen]
@@ -317,22 +323,6 @@ def top_loss_rows(proba: np.ndarray, labels: np.ndarray, count: int) -> np.ndarr
     """Rows with the highest cross-entropy -log p(true label), highest first (ties: row order)."""
     p_true = np.asarray(proba, np.float64)[np.arange(len(labels)), labels]
     return np.argsort(p_true, kind="stable")[:count]
-
-
-def load_images(config: FeaturesConfig, split: str, positions: np.ndarray) -> dict[int, np.ndarray]:
-    """The images at `positions` of a split, decoded and resized as the backbone saw them."""
-    import tensorflow as tf
-
-    from pipeline.data import load_source
-    from pipeline.images import decode_and_resize
-
-    source = load_source(config.data, seed=config.seed)
-    wanted = tf.constant(np.asarray(positions, np.int64))
-    records = source.splits[split].records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))
-    return {
-        int(r["index"]): decode_and_resize(r["image"], config.image_size).numpy()
-        for r in records
-    }
 
 
 def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str]) -> str:
