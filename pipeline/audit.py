@@ -454,8 +454,8 @@ def audit_features(features_path: Path, config: AuditConfig, *,
     if root is not None:
         exact = byte_identical_pairs(file_digests(root, rows.ids))
     else:
-        log.info("audit: %s is a tfds dataset; no byte check (exact copies show as near-duplicates at "
-                 "cosine 1.0).", cached.attrs.get("dataset"))
+        log.info("audit: %s names no image folder (a tfds dataset?): no byte check; exact copies show as "
+                 "near-duplicates at cosine 1.0.", cached.path)
         exact = np.zeros((0, 2), np.int64)
     duplicates, clusters = _duplicate_findings(rows, unit, near, exact)
     timings["duplicates"] = time.perf_counter() - step
