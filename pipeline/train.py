@@ -40,6 +40,7 @@ import numpy as np
 
 from pipeline import plots
 from pipeline.config import FeaturesConfig, HeadConfig
+from pipeline.data import DataSource
 from pipeline.errors import ConfigError, DataError
 from pipeline.heads import Head, head_class, load_head
 from pipeline.locks import exclusive
@@ -295,14 +296,19 @@ def _predictions_grid(head: Head, cached: FeatureSet, split: str, config: HeadCo
     )
 
 
-def load_images(config: FeaturesConfig, split: str, positions: np.ndarray) -> dict[int, np.ndarray]:
-    """The images at `positions` of a split, decoded and resized as the backbone saw them."""
+def load_images(config: FeaturesConfig, split: str, positions: np.ndarray, *,
+                source: DataSource | None = None) -> dict[int, np.ndarray]:
+    """The images at `positions` of a split, decoded and resized as the backbone saw them.
+
+    `source`: the data source of `config` when the caller has loaded it already
+    (loading a folder source scans the folder); None loads it.
+    """
     import tensorflow as tf
 
     from pipeline.data import load_source
     from pipeline.extract import decode_and_resize
 
-    source = load_source(config.data, seed=config.seed)
+    source = source or load_source(config.data, seed=config.seed)
     wanted = tf.constant(np.asarray(positions, np.int64))
     records = source.splits[split].records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))
     return {
