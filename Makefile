@@ -5,67 +5,28 @@
 .DELETE_ON_ERROR:
 SHELL := /bin/bash
 
-## Data
-DATASET ?= cats_vs_dogs#          tensorflow-datasets name (ignored when DATA_DIR is set)
-DATA_DIR ?=#                      image folder: one sub-folder per class, or train/ validation/ [test/]
-TFDS_DIR ?=#                      tensorflow-datasets data_dir (prepared data)
-NO_DOWNLOAD ?=#                   1: never download tfds data (fail at once offline)
-SPLITS ?=#                        tfds split specs, default train=train[:40%],validation=train[40%:50%],test=train[50%:60%]
-VAL_FRACTION ?= 0.1#              image folder without split sub-folders
-TEST_FRACTION ?= 0.1#             image folder without split sub-folders
-TEST_FROM_VALIDATION ?= 0#        move this fraction of validation to test (TF tutorial: 0.2)
-## Backbone
-BACKBONE ?= mobilenet_v2#         `make backbones` lists them
-WEIGHTS ?= imagenet#              imagenet, none, or a path to an .h5 file
-IMAGE_SIZE ?=#                    pixels; default: the backbone's native size (160 reproduces the TF tutorial)
-POOLING ?= avg#                   avg or max
-## Run
-BATCH_SIZE ?= 32
-DTYPE ?= float32#                 storage dtype of the features: float32 or float16
-SEED ?= 0
-SHARD ?= 0#                       with NUM_SHARDS: process one shard (merge with `python -m pipeline merge`)
-NUM_SHARDS ?= 1
-STRICT ?=#                        1: fail on any unreadable image instead of skipping it
-MIXED_PRECISION ?=#               1: run the backbone in float16 (GPUs)
-FEATURES_DIR ?= features
-## Head (stage 2)
-HEAD ?= logistic#                 logistic (linear probe) or dense (Keras Dropout + Dense)
-FEATURES ?=#                      a feature file to use instead of the one the variables above describe
-C ?=#                             logistic: inverse regularization (default: chosen on validation)
-HIDDEN ?= 0#                      dense: units of an optional hidden layer
-DROPOUT ?= 0.2
-EPOCHS ?= 20
-HEAD_BATCH_SIZE ?= 32
-LEARNING_RATE ?= 0.001
-PATIENCE ?= 5#                    dense: early stopping on validation loss
-CLASS_WEIGHT ?=#                  balanced: weight classes by inverse frequency
-RUNS_DIR ?= runs
-VIEWS ?=#                         augmented train views to train on (default: dense all the file has, logistic none; 0: none)
-TRAIN_PER_CLASS ?=#               train on a seeded, stratified subset of N train examples per class (few-shot)
-## Augmentation (make finetune, and AUG_VIEWS in make features)
-AUG_FLIP ?= horizontal#           horizontal, vertical, horizontal_and_vertical or none
-AUG_ROTATION ?= 0.1#              fraction of a full turn (0.1: up to 36 degrees)
-AUG_ZOOM ?= 0#                    fraction of the image side
-AUG_CONTRAST ?= 0#                contrast factor
-AUG_TRANSLATION ?= 0#             fraction of the image side
-AUG_VIEWS ?= 0#                   make features: also cache K augmented views of every train image (seeded by SEED)
-## Fine-tuning (stage 3; also uses LEARNING_RATE, DROPOUT, MIXED_PRECISION and AUG_*)
-FINE_TUNE_AT ?= 100#              first trainable layer: index, layer name (prefix), blocks:N or all
-FINE_TUNE_EPOCHS ?= 10
-FINE_TUNE_LEARNING_RATE ?=#       default: 1e-5 with adam (Keras guide), LEARNING_RATE/10 otherwise (TF tutorial)
-FINE_TUNE_BATCH_SIZE ?= 32
-FINE_TUNE_PATIENCE ?= 3#          early stopping on validation loss, best epoch kept (0: never stop)
-OPTIMIZER ?= adam#                adam, rmsprop or sgd
-HEAD_EPOCHS ?= 0#                 N > 0: train a fresh head on images N epochs first instead of using `make head`
-FROM_SCRATCH ?=#                  1: train everything from random weights (needs WEIGHTS=none)
+## Options: each is passed on as its flag (`SEED=3` -> `--seed '3'`) only when set, so the
+## defaults live in one place, pipeline/config.py; `make help` prints them from there.
+DATA_OPTIONS := DATASET DATA_DIR TFDS_DIR NO_DOWNLOAD SPLITS VAL_FRACTION TEST_FRACTION TEST_FROM_VALIDATION
+FEATURES_OPTIONS := BACKBONE WEIGHTS IMAGE_SIZE POOLING DTYPE BATCH_SIZE SEED SHARD NUM_SHARDS STRICT \
+	MIXED_PRECISION FEATURES_DIR
+AUGMENT_OPTIONS := AUG_FLIP AUG_ROTATION AUG_ZOOM AUG_CONTRAST AUG_TRANSLATION
+VIEWS_OPTIONS := AUG_VIEWS
+HEAD_OPTIONS := HEAD C HIDDEN DROPOUT EPOCHS HEAD_BATCH_SIZE LEARNING_RATE PATIENCE CLASS_WEIGHT RUNS_DIR \
+	GRID_IMAGES VIEWS TRAIN_PER_CLASS EXCLUDE EXCLUDE_KINDS
+FINETUNE_OPTIONS := FINE_TUNE_AT FINE_TUNE_EPOCHS HEAD_EPOCHS OPTIMIZER FINE_TUNE_LEARNING_RATE \
+	FINE_TUNE_BATCH_SIZE FINE_TUNE_PATIENCE FROM_SCRATCH
+AUDIT_OPTIONS := FOLDS DUPLICATE_THRESHOLD NEIGHBOURS OUTLIER_Z AUDIT_TOP AUDIT_DIR AUDIT_BLOCK_ROWS
+## Command arguments
+FEATURES ?=#                      head, audit, ...: a feature file to use instead of the one the options describe
 ## Compare
-COMPARE_ROWS ?= logistic,dense,finetune-top,finetune-all,scratch#  rows of `make compare` (also: seed, dense-views-K, logistic-views-K)
+COMPARE_ROWS ?=#                  rows of `make compare`, comma-separated (default: the five of pipeline.compare.ROWS; also seed, dense-views-K, logistic-views-K)
 COMPARE_DIR ?=#                   default: compare/<data>__<backbone>__<size>px[__<N>-per-class]
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
 IMAGES ?=#                        predict: image files, folders or globs
-TOP ?= 3#                         predict: classes shown per image
+TOP ?=#                           predict: classes shown per image (default: 3)
 CSV ?=#                           predict: also write probabilities to this CSV file
 ## Tools
 PYTHON ?= python3#                interpreter used to create the virtual environment
@@ -84,34 +45,21 @@ BENCH_OUT ?=#                     make bench: results folder (default: bench, qu
 
 PY := $(VENV)/bin/python
 PIPELINE = $(PY) -m pipeline $(if $(VERBOSE),--verbose)
-FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)') \
-	$(if $(TFDS_DIR),--tfds-dir '$(TFDS_DIR)') $(if $(NO_DOWNLOAD),--no-download) $(if $(SPLITS),--splits '$(SPLITS)') \
-	--val-fraction $(VAL_FRACTION) --test-fraction $(TEST_FRACTION) --test-from-validation $(TEST_FROM_VALIDATION) \
-	--backbone $(BACKBONE) --weights '$(WEIGHTS)' $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) --pooling $(POOLING) \
-	--batch-size $(BATCH_SIZE) --dtype $(DTYPE) --seed $(SEED) --shard $(SHARD) --num-shards $(NUM_SHARDS) \
-	$(if $(STRICT),--strict) $(if $(MIXED_PRECISION),--mixed-precision) --output-dir '$(FEATURES_DIR)'
-
-HEAD_FLAGS = $(if $(FEATURES),--features '$(FEATURES)') --head $(HEAD) $(if $(C),--C $(C)) --hidden $(HIDDEN) \
-	--dropout $(DROPOUT) --epochs $(EPOCHS) --head-batch-size $(HEAD_BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
-	--patience $(PATIENCE) $(if $(CLASS_WEIGHT),--class-weight $(CLASS_WEIGHT)) --runs-dir '$(RUNS_DIR)' \
-	$(if $(VIEWS),--views $(VIEWS)) $(if $(TRAIN_PER_CLASS),--train-per-class $(TRAIN_PER_CLASS))
-
-AUG_FLAGS = --aug-flip $(AUG_FLIP) --aug-rotation $(AUG_ROTATION) --aug-zoom $(AUG_ZOOM) \
-	--aug-contrast $(AUG_CONTRAST) --aug-translation $(AUG_TRANSLATION)
-
-FINETUNE_FLAGS = --fine-tune-at '$(FINE_TUNE_AT)' --fine-tune-epochs $(FINE_TUNE_EPOCHS) \
-	$(if $(FINE_TUNE_LEARNING_RATE),--fine-tune-learning-rate $(FINE_TUNE_LEARNING_RATE)) \
-	--fine-tune-batch-size $(FINE_TUNE_BATCH_SIZE) --fine-tune-patience $(FINE_TUNE_PATIENCE) --optimizer $(OPTIMIZER) \
-	--head-epochs $(HEAD_EPOCHS) $(if $(FROM_SCRATCH),--from-scratch)
-
+lower = $(subst Z,z,$(subst Y,y,$(subst X,x,$(subst W,w,$(subst V,v,$(subst U,u,$(subst T,t,$(subst S,s,$(subst R,r,$(subst Q,q,$(subst P,p,$(subst O,o,$(subst N,n,$(subst M,m,$(subst L,l,$(subst K,k,$(subst J,j,$(subst I,i,$(subst H,h,$(subst G,g,$(subst F,f,$(subst E,e,$(subst D,d,$(subst C,c,$(subst B,b,$(subst A,a,$(1)))))))))))))))))))))))))))
+# The flags of the options in $(1) that are set: VAR=value -> --var 'value'.
+options = $(strip $(foreach v,$(1),$(if $($(v)),--$(subst _,-,$(call lower,$(v))) '$($(v))')))
+FEATURE_FLAGS = $(call options,$(DATA_OPTIONS) $(FEATURES_OPTIONS))
+STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
-.PHONY: help features head finetune compare export predict backbones bench bench-features bench-head test test-all clean-venv
+.PHONY: help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "Variables (make TARGET VAR=value):"
+	@echo "Options (make TARGET VAR=value; defaults from pipeline/config.py):"
+	@PYTHONPATH=. $(PYTHON) -m pipeline options
+	@echo "Other variables:"
 	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/ \?= ?/=/; s/#\s*/\t/' | awk -F'\t' '{printf "  %-32s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
@@ -121,41 +69,48 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
-	$(PIPELINE) features $(FEATURE_FLAGS) --aug-views $(AUG_VIEWS) $(AUG_FLAGS)
+	$(PIPELINE) features $(FEATURE_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(VIEWS_OPTIONS))
 
 head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
-	$(PIPELINE) head $(FEATURE_FLAGS) $(HEAD_FLAGS)
+	$(PIPELINE) head $(STAGE2_FLAGS)
+
+audit: features ## duplicates (leaks first), label errors, outliers, class overlap -> AUDIT_DIR/<features>/audit.{json,md}, contact sheets
+	$(PIPELINE) audit $(STAGE2_FLAGS) $(call options,$(AUDIT_OPTIONS))
 
 # Warm-starting needs the stage-2 head; HEAD_EPOCHS or FROM_SCRATCH train without one.
 finetune: $(if $(filter-out 0,$(HEAD_EPOCHS))$(FROM_SCRATCH),$(VENV)/.installed,head) ## stage 3: augmented fine-tuning of the top of the backbone, warm-started from the head
-	$(PIPELINE) finetune $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS)
+	$(PIPELINE) finetune $(STAGE2_FLAGS) $(RUN_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(FINETUNE_OPTIONS))
 
 compare: $(VENV)/.installed ## cached heads vs fine-tuning the top block / everything vs from scratch (+ views, seed workflow): table and plots
-	$(PIPELINE) compare $(FEATURE_FLAGS) $(HEAD_FLAGS) $(AUG_FLAGS) $(FINETUNE_FLAGS) --rows '$(COMPARE_ROWS)' \
-		$(if $(COMPARE_DIR),--out '$(COMPARE_DIR)')
+	$(PIPELINE) compare $(STAGE2_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(FINETUNE_OPTIONS)) \
+		$(if $(COMPARE_ROWS),--rows '$(COMPARE_ROWS)') $(if $(COMPARE_DIR),--out '$(COMPARE_DIR)')
 
 export: head ## one Keras model, raw images in and probabilities out (.keras, SavedModel, TFLITE=1) in RUN/export
-	$(PIPELINE) export $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
+	$(PIPELINE) export $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
 
 predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file, folder or glob> [CSV=out.csv]
-	$(PIPELINE) predict $(FEATURE_FLAGS) $(HEAD_FLAGS) $(RUN_FLAGS) --top $(TOP) $(if $(CSV),--csv '$(CSV)') $(IMAGES)
+	$(PIPELINE) predict $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TOP),--top $(TOP)) $(if $(CSV),--csv '$(CSV)') $(IMAGES)
 
 bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forward pass, peak memory) -> bench/features.{json,md}
 	$(PIPELINE) bench-features --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' \
-		--image-size $(BENCH_IMAGE_SIZE) --batch-size $(BATCH_SIZE)
+		--image-size $(BENCH_IMAGE_SIZE) $(call options,BATCH_SIZE)
 
 BENCH_FEATURE_FLAGS = --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) \
-	--output-dir '$(FEATURES_DIR)'
+	$(call options,FEATURES_DIR)
 
 bench-head: $(VENV)/.installed ## benchmark stage 2: head training seconds on the benchmark's cached features -> bench/head.{json,md}
 	$(PIPELINE) features $(BENCH_FEATURE_FLAGS)
 	$(PIPELINE) bench-head $(BENCH_FEATURE_FLAGS)
 
+bench-audit: $(VENV)/.installed ## audit seconds and peak memory at 10k/100k generated rows; duplicate threshold calibrated on BENCH_DATA -> bench/audit.{json,md}
+	$(PIPELINE) features $(BENCH_FEATURE_FLAGS)
+	$(PIPELINE) bench-audit $(BENCH_FEATURE_FLAGS)
+
 # Quick mode generates its own data and backbone, so it takes none of the asset variables.
 bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, storage, memory -> bench/results.{json,md}
 	$(PIPELINE) bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick,--data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
 		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) --epochs $(BENCH_EPOCHS)) \
-		--batch-size $(BATCH_SIZE) $(if $(BENCH_OUT),--out '$(BENCH_OUT)')
+		$(call options,BATCH_SIZE) $(if $(BENCH_OUT),--out '$(BENCH_OUT)')
 
 backbones: $(VENV)/.installed ## list the registered backbones
 	$(PIPELINE) backbones

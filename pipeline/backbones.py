@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREPROCESSING_MODES = ("tf", "caffe", "torch", "none")
-POOLINGS = ("avg", "max")
 
 _HASH_BLOCK_BYTES = 1 << 20
 #: Names the Keras side of this contract (`pipeline.extractor`) provides here too, loaded

@@ -8,136 +8,140 @@ Ctrl-C exits with 130 after saying how to resume.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+import typing
+from typing import Any, Sequence
 
 from pipeline.config import (
-    DEFAULT_TFDS_SPLITS,
-    DTYPES,
-    FLIPS,
-    HEAD_NAMES,
-    OPTIMIZERS,
-    POOLINGS,
-    SPLIT_NAMES,
-    AugmentConfig,
-    DataConfig,
+    SECTIONS,
+    AuditConfig,
     FeaturesConfig,
     FinetuneConfig,
     HeadConfig,
     ViewsConfig,
+    build_config,
+    options,
 )
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger("pipeline")
 
 
-def _parse_splits(text: str) -> dict[str, str]:
-    """'train=train[:40%],validation=train[40%:50%]' -> {'train': 'train[:40%]', ...}."""
-    splits = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, spec = part.partition("=")
-        if not sep or not spec or name not in SPLIT_NAMES:
-            raise argparse.ArgumentTypeError(
-                f"expected NAME=SPEC pairs separated by commas, NAME one of {', '.join(SPLIT_NAMES)}; "
-                f"received {part!r}"
-            )
-        splits[name] = spec
-    return splits
+#: The option sections each command takes (`pipeline.config.SECTIONS`); flags are generated from them.
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "features": ("data", "features", "augment", "views"),
+    "head": ("data", "features", "head"),
+    "audit": ("data", "features", "head", "audit"),
+    "export": ("data", "features", "head"),
+    "predict": ("data", "features", "head"),
+    "finetune": ("data", "features", "head", "augment", "finetune"),
+    "compare": ("data", "features", "head", "augment", "finetune"),
+    "bench-head": ("data", "features"),
+    "bench-audit": ("data", "features"),
+}
+#: Earlier spellings of flags, still accepted.
+_ALIASES = {"features_dir": ("--output-dir",), "C": ("--C",)}
 
 
-def _add_features_flags(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group("data (DATASET or DATA_DIR)")
-    data.add_argument("--dataset", help="tensorflow-datasets name (default: cats_vs_dogs unless --data-dir is given)")
-    data.add_argument("--data-dir", help="image folder with one sub-folder per class (or train/ validation/ [test/])")
-    data.add_argument("--tfds-dir", help="tensorflow-datasets data_dir")
-    data.add_argument("--no-download", action="store_true", help="never download tfds data")
-    default_splits = ",".join(f"{k}={v}" for k, v in DEFAULT_TFDS_SPLITS.items())
-    data.add_argument("--splits", type=_parse_splits, default=None, help=f"tfds split specs (default: {default_splits})".replace("%", "%%"))
-    data.add_argument("--val-fraction", type=float, default=0.1, help="image folder without split sub-folders: validation fraction")
-    data.add_argument("--test-fraction", type=float, default=0.1, help="image folder without split sub-folders: test fraction")
-    data.add_argument("--test-from-validation", type=float, default=0.0, help="move this fraction of validation to test (tutorial: 0.2)")
-    model = parser.add_argument_group("backbone")
-    model.add_argument("--backbone", default="mobilenet_v2", help="registry name (`python -m pipeline backbones` lists them)")
-    model.add_argument("--weights", default="imagenet", help="imagenet, none, or a path to an .h5 weights file")
-    model.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the backbone's native size)")
-    model.add_argument("--pooling", choices=POOLINGS, default="avg")
-    model.add_argument("--mixed-precision", action="store_true", help="run the backbone in float16 (GPUs)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype of the features")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--shard", type=int, default=0, help="process shard I of --num-shards")
-    run.add_argument("--num-shards", type=int, default=1)
-    run.add_argument("--strict", action="store_true", help="fail on any unreadable image instead of skipping it")
-    run.add_argument("--output-dir", default="features")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0, true/false, yes/no or on/off; received {text!r}")
 
 
-def _add_augment_flags(parser: argparse.ArgumentParser) -> None:
-    """The augmentation of fine-tuning and of cached views (one definition, `pipeline.augment`)."""
-    aug = parser.add_argument_group("augmentation")
-    aug.add_argument("--aug-flip", choices=FLIPS, default="horizontal")
-    aug.add_argument("--aug-rotation", type=float, default=0.1, help="fraction of a full turn (0.1: +-36 degrees)")
-    aug.add_argument("--aug-zoom", type=float, default=0.0, help="fraction of the image side")
-    aug.add_argument("--aug-contrast", type=float, default=0.0, help="contrast factor")
-    aug.add_argument("--aug-translation", type=float, default=0.0, help="fraction of the image side")
+def _parser_of(kind: Any, opt) -> Any:
+    """The text -> value function of a field: the option's own, else its type (`int | None` -> int)."""
+    if opt.parse is not None:
+        def parse(text: str) -> Any:
+            try:
+                return opt.parse(text)
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+        return parse
+    args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+    return args[0]
 
 
-def augment_config(args: argparse.Namespace) -> AugmentConfig:
-    return AugmentConfig(flip=args.aug_flip, rotation=args.aug_rotation, zoom=args.aug_zoom,
-                         contrast=args.aug_contrast, translation=args.aug_translation)
+def _add_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
+    """One flag per option of each section, generated from its declaration in pipeline.config.
+
+    Defaults are left to the configs (argparse's default is None: not given); `--help`
+    shows them, and the configs validate choices, so each is written once.
+    """
+    for section in sections:
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        defaults = {f.name: f for f in dataclasses.fields(cls)}
+        group = parser.add_argument_group(f"{section} options")
+        for name, opt in options(cls).items():
+            f = defaults[name]
+            shown = _shown_default(f, bool_field=hints[name] is bool, invert=opt.invert)
+            extra = f"; one of {', '.join(str(c) for c in opt.choices if c is not None)}" if opt.choices else ""
+            help_text = f"{opt.help} ({opt.make_variable}; default: {shown}{extra})".replace("%", "%%")
+            flags = [opt.flag, *_ALIASES.get(opt.name, ())]
+            if hints[name] is bool:
+                group.add_argument(*flags, dest=opt.name, nargs="?", const=True, type=_parse_bool, default=None,
+                                   help=help_text)
+            else:
+                group.add_argument(*flags, dest=opt.name, type=_parser_of(hints[name], opt), default=None,
+                                   metavar=opt.make_variable, help=help_text)
 
 
-def _add_views_flags(parser: argparse.ArgumentParser) -> None:
-    """Augmented views cached by `features` (with the --aug-* flags of `_add_augment_flags`)."""
-    parser.add_argument("--aug-views", type=int, default=0,
-                        help="also cache this many augmented views of every train image (seeded by --seed)")
+def _shown_default(f: dataclasses.Field, *, bool_field: bool, invert: bool) -> str:
+    """A field's default as its option is written (`make help`, `--help`)."""
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if bool_field:
+        return "1" if value != invert else "unset"  # the flag's own value: `download` is NO_DOWNLOAD
+    if value is None:
+        return "unset"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
-def views_config(args: argparse.Namespace) -> ViewsConfig:
-    return ViewsConfig(num_views=args.aug_views, augment=augment_config(args), seed=args.seed)
+def _cmd_options(args: argparse.Namespace) -> int:
+    """`make help`'s variables: every option of every section with its default, from the configs."""
+    for section, cls in SECTIONS.items():
+        print(f"  {section} options:")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, opt in options(cls).items():
+            shown = _shown_default(fields[name], bool_field=hints[name] is bool, invert=opt.invert)
+            choices = f" (one of {', '.join(str(c) for c in opt.choices if c is not None)})" if opt.choices else ""
+            print(f"    {opt.make_variable + '=' + shown:34} {opt.help}{choices}")
+    return 0
+
+
+def _config(cls: type, args: argparse.Namespace):
+    """The config of `cls` from the parsed flags: the one place where the two meet."""
+    return build_config(cls, vars(args))
 
 
 def features_config(args: argparse.Namespace) -> FeaturesConfig:
-    """Flags -> FeaturesConfig; the one place where the two meet."""
-    if args.dataset and args.data_dir:
-        raise ConfigError(
-            "Expected either a tfds name or an image folder, not both. Received: "
-            f"--dataset={args.dataset!r} and --data-dir={args.data_dir!r}."
-        )
-    if args.data_dir:
-        if args.splits:
-            raise ConfigError("--splits slices tfds datasets; image folders use --val-fraction/--test-fraction.")
-        source = {"dataset": None, "data_dir": args.data_dir}
-    else:
-        source = {"dataset": args.dataset or "cats_vs_dogs", "data_dir": None}
-    data = DataConfig(
-        **source,
-        tfds_dir=args.tfds_dir,
-        download=not args.no_download,
-        splits=args.splits or DEFAULT_TFDS_SPLITS,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        test_from_validation=args.test_from_validation,
-    )
-    return FeaturesConfig(
-        data=data,
-        backbone=args.backbone,
-        weights=args.weights,
-        image_size=args.image_size,
-        pooling=args.pooling,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        shard_index=args.shard,
-        num_shards=args.num_shards,
-        strict=args.strict,
-        mixed_precision=args.mixed_precision,
-        output_dir=args.output_dir,
-    )
+    return _config(FeaturesConfig, args)
+
+
+def views_config(args: argparse.Namespace) -> ViewsConfig:
+    return _config(ViewsConfig, args)
+
+
+def head_config(args: argparse.Namespace) -> HeadConfig:
+    return _config(HeadConfig, args)
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    return _config(FinetuneConfig, args)
+
+
+def audit_config(args: argparse.Namespace) -> AuditConfig:
+    return _config(AuditConfig, args)
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
@@ -150,43 +154,6 @@ def _cmd_features(args: argparse.Namespace) -> int:
     result = extract_features(config, views=views_config(args), progress=not args.no_progress)
     print(result.summary())
     return 0
-
-
-def _add_head_flags(parser: argparse.ArgumentParser) -> None:
-    head = parser.add_argument_group("head")
-    head.add_argument("--features", help="feature file to use (default: the one the feature flags describe)")
-    head.add_argument("--head", choices=HEAD_NAMES, default="logistic")
-    head.add_argument("--C", type=float, default=None, help="logistic: inverse L2 strength (default: chosen on validation)")
-    head.add_argument("--hidden", type=int, default=0, help="dense: units of an optional hidden layer")
-    head.add_argument("--dropout", type=float, default=0.2)
-    head.add_argument("--epochs", type=int, default=20)
-    head.add_argument("--head-batch-size", type=int, default=32)
-    head.add_argument("--learning-rate", type=float, default=1e-3)
-    head.add_argument("--patience", type=int, default=5, help="dense: early-stopping patience on validation loss")
-    head.add_argument("--class-weight", choices=["balanced"], default=None)
-    head.add_argument("--runs-dir", default="runs")
-    head.add_argument("--grid-images", type=int, default=16, help="images in the predictions grid (0: none)")
-    head.add_argument("--views", type=int, default=None,
-                      help="augmented train views to train on, the first V of the file "
-                           "(default: dense all of them, logistic none; 0: none)")
-    head.add_argument("--train-per-class", type=int, default=None,
-                      help="train on a seeded, stratified subset of N train examples per class")
-
-
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """A stage-2 run is found by --run, or by the feature and head flags that made it."""
-    _add_features_flags(parser)
-    _add_head_flags(parser)
-    parser.add_argument("--run", dest="run_dir", help="run directory (default: the one the flags describe)")
-
-
-def head_config(args: argparse.Namespace) -> HeadConfig:
-    return HeadConfig(
-        head=args.head, C=args.C, hidden=args.hidden, dropout=args.dropout, epochs=args.epochs,
-        batch_size=args.head_batch_size, learning_rate=args.learning_rate, patience=args.patience,
-        class_weight=args.class_weight, seed=args.seed, runs_dir=args.runs_dir, grid_images=args.grid_images,
-        views=args.views, train_per_class=args.train_per_class,
-    )
 
 
 def _features_file(args: argparse.Namespace) -> tuple[Path, dict]:
@@ -246,34 +213,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
-    tune = parser.add_argument_group("fine-tuning")
-    tune.add_argument("--fine-tune-at", default="100",
-                      help="first trainable backbone layer: an index, a layer name (prefix), blocks:N or all")
-    tune.add_argument("--fine-tune-epochs", type=int, default=10)
-    tune.add_argument("--head-epochs", type=int, default=0,
-                      help="train a fresh head on images for N epochs first, instead of starting from `make head`")
-    tune.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    tune.add_argument("--fine-tune-learning-rate", type=float, default=None,
-                      help="default: 1e-5 for adam (Keras guide), else a tenth of --learning-rate (TF tutorial)")
-    tune.add_argument("--fine-tune-batch-size", type=int, default=32)
-    tune.add_argument("--fine-tune-patience", type=int, default=3,
-                      help="stop after N epochs without a better validation loss (0: never)")
-    tune.add_argument("--from-scratch", action="store_true",
-                      help="train everything from random weights (needs --weights none); the control experiment")
-
-
-def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
-    return FinetuneConfig(
-        fine_tune_at=args.fine_tune_at, epochs=args.fine_tune_epochs, head_epochs=args.head_epochs,
-        optimizer=args.optimizer, learning_rate=args.fine_tune_learning_rate,
-        head_learning_rate=args.learning_rate, batch_size=args.fine_tune_batch_size,
-        patience=args.fine_tune_patience, dropout=args.dropout, augment=augment_config(args),
-        from_scratch=args.from_scratch, mixed_precision=args.mixed_precision, seed=args.seed,
-        runs_dir=args.runs_dir, grid_images=args.grid_images,
-    )
-
-
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pipeline.finetune import finetune
 
@@ -284,7 +223,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import compare
+    from pipeline.compare import ROWS, compare
     from pipeline.extract import resolve
 
     features = features_config(args)
@@ -295,9 +234,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         few = f"__{args.train_per_class}-per-class" if args.train_per_class else ""
         out = Path("compare") / f"{resolved.data.name}__{resolved.backbone}__{resolved.image_size}px{few}"
     result = compare(features, head_config(args), finetune_config(args), out_dir=out,
-                     rows=[r for r in args.rows.split(",") if r], progress=not args.no_progress)
+                     rows=[r for r in args.rows.split(",") if r] if args.rows else ROWS, progress=not args.no_progress)
     print(result.table)
     print(f"compare: {', '.join(str(f) for f in result.files)}")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pipeline.audit import audit_features
+
+    config = audit_config(args)
+    path, key = _features_file(args)
+    result = audit_features(path, config, expect=key)
+    print(result.summary())
     return 0
 
 
@@ -344,11 +293,32 @@ def _cmd_bench_head(args: argparse.Namespace) -> int:
     from pipeline.bench import bench_head, head_table, write_results
 
     path, _ = _features_file(args)
-    result = bench_head(path, repeats=args.repeats, seed=args.seed)
+    result = bench_head(path, repeats=args.repeats, seed=features_config(args).seed)
     table = head_table(result)
     paths = write_results(result, table, Path(args.out), "head")
     print(table)
     print(f"bench-head: results in {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _cmd_bench_audit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline.bench import audit_table, bench_audit, calibrate_duplicates, write_results
+
+    path = None if args.no_calibration else _features_file(args)[0]
+    if path is not None and not path.is_file():
+        raise ConfigError(f"The calibration needs the features of a real image folder. Received: {path} (missing). "
+                          "Run `make features` with the same variables, or pass --no-calibration.")
+    with tempfile.TemporaryDirectory(prefix="bench-audit-") as work:
+        result = bench_audit(work_dir=Path(work), sizes=args.sizes)
+        if path is not None:
+            result["calibration"] = calibrate_duplicates(path, work_dir=Path(work) / "planted", count=args.planted,
+                                                         seed=features_config(args).seed)
+    table = audit_table(result)
+    paths = write_results(result, table, Path(args.out), "audit")
+    print(table)
+    print(f"bench-audit: results in {paths[0]} and {paths[1]}")
     return 0
 
 
@@ -398,48 +368,43 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging and TensorFlow's own INFO/WARNING logs (Make: VERBOSE=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    features = commands.add_parser("features", help="stage 1: cache backbone features to HDF5")
-    _add_features_flags(features)
+    def stage(name: str, help: str, run, *, run_dir: bool = False, features_file: bool = False):
+        """A sub-command taking its option sections' flags (COMMAND_SECTIONS)."""
+        sub = commands.add_parser(name, help=help)
+        _add_options(sub, COMMAND_SECTIONS[name])
+        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if features_file:
+            sub.add_argument("--features", help="feature file to use (default: the one the options describe; "
+                                                "Make: FEATURES)")
+        if run_dir:
+            sub.add_argument("--run", dest="run_dir", help="run directory (default: the one the options describe; "
+                                                           "Make: RUN)")
+        sub.set_defaults(run=run)
+        return sub
+
+    features = stage("features", "stage 1: cache backbone features to HDF5", _cmd_features)
     features.add_argument("--print-path", action="store_true", help="print the feature file path and exit")
-    _add_augment_flags(features)
-    _add_views_flags(features)
-    features.set_defaults(run=_cmd_features)
-
-    head = commands.add_parser("head", help="stage 2: train a head on cached features, evaluate, plot")
-    _add_features_flags(head)
-    _add_head_flags(head)
-    head.set_defaults(run=_cmd_head)
-
-    export = commands.add_parser("export", help="one Keras model: raw images in, class probabilities out")
-    _add_run_flags(export)
-    export.add_argument("--tflite", action="store_true", help="also write model.tflite")
+    stage("head", "stage 2: train a head on cached features, evaluate, plot", _cmd_head, features_file=True)
+    export = stage("export", "one Keras model: raw images in, class probabilities out", _cmd_export,
+                   run_dir=True, features_file=True)
+    export.add_argument("--tflite", action="store_true", help="also write model.tflite (Make: TFLITE=1)")
     export.add_argument("--no-saved-model", action="store_true", help="only write model.keras")
-    export.set_defaults(run=_cmd_export)
-
-    tune = commands.add_parser("finetune", help="stage 3: augmented end-to-end fine-tuning from the stage-2 head")
-    _add_run_flags(tune)
-    _add_augment_flags(tune)
-    _add_finetune_flags(tune)
-    tune.set_defaults(run=_cmd_finetune)
-
-    predict = commands.add_parser("predict", help="top classes per image with the exported model")
-    _add_run_flags(predict)
-    predict.add_argument("images", nargs="*", help="image files, folders or globs")
-    predict.add_argument("--top", type=int, default=3)
-    predict.add_argument("--csv", help="also write all probabilities to this CSV file")
-    predict.set_defaults(run=_cmd_predict)
-
-    comparison = commands.add_parser("compare", help="cached heads vs fine-tuning vs from scratch: table and plots")
-    _add_features_flags(comparison)
-    _add_head_flags(comparison)
-    _add_augment_flags(comparison)
-    _add_finetune_flags(comparison)
-    comparison.add_argument("--rows", default="logistic,dense,finetune-top,finetune-all,scratch",
-                            help="comma-separated rows: logistic, dense, finetune-top, finetune-all, scratch, "
-                                 "seed, dense-views-K, logistic-views-K")
-    comparison.add_argument("--out", help="output folder (default: compare/<data>__<backbone>__<size>px"
-                                          "[__<N>-per-class])")
-    comparison.set_defaults(run=_cmd_compare)
+    stage("finetune", "stage 3: augmented end-to-end fine-tuning from the stage-2 head", _cmd_finetune,
+          run_dir=True, features_file=True)
+    predict = stage("predict", "top classes per image with the exported model", _cmd_predict, run_dir=True,
+                    features_file=True)
+    predict.add_argument("images", nargs="*", help="image files, folders or globs (Make: IMAGES)")
+    predict.add_argument("--top", type=int, default=3, help="classes shown per image (Make: TOP; default: 3)")
+    predict.add_argument("--csv", help="also write all probabilities to this CSV file (Make: CSV)")
+    stage("audit", "find duplicates, label errors, outliers and class overlap in the features", _cmd_audit,
+          features_file=True)
+    comparison = stage("compare", "cached heads vs fine-tuning vs from scratch: table and plots", _cmd_compare,
+                       features_file=True)
+    comparison.add_argument("--rows", default=None,
+                            help="comma-separated rows (Make: COMPARE_ROWS; default: the five of "
+                                 "pipeline.compare.ROWS); also seed, dense-views-K, logistic-views-K")
+    comparison.add_argument("--out", help="output folder (Make: COMPARE_DIR; default: compare/<data>__<backbone>__"
+                                          "<size>px[__<N>-per-class])")
 
     merge = commands.add_parser("merge", help="join the shard files of one features run")
     merge.add_argument("shards", nargs="+", help="shard files (.h5)")
@@ -458,12 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench", help="folder for features.json and features.md")
     bench.set_defaults(run=_cmd_bench_features)
 
-    bench_heads = commands.add_parser("bench-head", help="benchmark stage 2: head training seconds on cached features")
-    _add_features_flags(bench_heads)
-    bench_heads.add_argument("--features", help="feature file (default: the one the feature flags describe)")
+    bench_heads = stage("bench-head", "benchmark stage 2: head training seconds on cached features",
+                        _cmd_bench_head, features_file=True)
     bench_heads.add_argument("--repeats", type=int, default=3)
     bench_heads.add_argument("--out", default="bench", help="folder for head.json and head.md")
-    bench_heads.set_defaults(run=_cmd_bench_head)
+
+    bench_audit = stage("bench-audit", "benchmark the audit at 10k/100k generated rows; calibrate the duplicate "
+                                       "threshold on real features", _cmd_bench_audit, features_file=True)
+    bench_audit.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="generated rows")
+    bench_audit.add_argument("--planted", type=int, default=300, help="photos altered for the calibration")
+    bench_audit.add_argument("--no-calibration", action="store_true", help="only the generated-rows benchmark")
+    bench_audit.add_argument("--out", default="bench", help="folder for audit.json and audit.md")
 
     full = commands.add_parser("bench", help="benchmark the pipeline against the seed workflow (make bench)")
     full.add_argument("--quick", action="store_true",
@@ -481,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     full.add_argument("--head-repeats", type=int, help="head fits timed on cached features (default: 3, quick 1)")
     full.add_argument("--out", help="folder for results.json and results.md (default: bench, quick: bench/quick)")
     full.set_defaults(run=_cmd_bench)
+
+    listing = commands.add_parser("options", help="every option with its Make variable and default (make help)")
+    listing.set_defaults(run=_cmd_options)
 
     listing = commands.add_parser("backbones", help="list the registered backbones")
     listing.set_defaults(run=_cmd_backbones)

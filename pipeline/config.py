@@ -14,7 +14,8 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+import typing
+from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.errors import ConfigError
 
@@ -24,6 +25,7 @@ DEFAULT_TFDS_SPLITS = {
     "validation": "train[40%:50%]",
     "test": "train[50%:60%]",
 }
+DEFAULT_DATASET = "cats_vs_dogs"
 POOLINGS = ("avg", "max")
 DTYPES = ("float32", "float16")
 
@@ -33,6 +35,118 @@ def _check_fraction(name: str, value: float, *, upper: float = 1.0) -> None:
         raise ConfigError(
             f"{name} must be a fraction in [0, {upper}). Received: {name}={value!r}."
         )
+
+
+# --- options: each declared once, here --------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """How a config field is set from outside: one declaration, read by the CLI, Make and checks.
+
+    The flag is `--<name>` (lower case, `_` -> `-`) and the Make variable `<NAME>`; `name`
+    defaults to the field's own. `choices` are validated by the config itself (one layer,
+    one message) and listed in `--help` and `make help`. `parse` turns a flag's text into the
+    value (default: the field's type); `invert` makes a boolean field the negation of its
+    flag (`download` <- `--no-download`).
+    """
+
+    help: str
+    name: str = ""
+    choices: tuple[Any, ...] | None = None
+    parse: Callable[[str], Any] | None = None
+    invert: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+    @property
+    def make_variable(self) -> str:
+        return self.name.upper()
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, name: str = "",
+           choices: Sequence[Any] | None = None, parse: Callable[[str], Any] | None = None,
+           invert: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that is a user option (see `Option`)."""
+    meta = {"option": Option(help=help, name=name, choices=None if choices is None else tuple(choices),
+                             parse=parse, invert=invert)}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def derived(source: str, default: Any) -> Any:
+    """A field set from the option named `source` of another section (one option, several readers).
+
+    The seed, for example, is one option (`SEED`) that the features' key, the head, the views,
+    fine-tuning and the audit all record; it is declared once and copied here by `build_config`.
+    """
+    return field(default=default, metadata={"derived": source})
+
+
+def options(cls: type) -> dict[str, Option]:
+    """`{field name: Option}` of a config class, with every option's public name resolved."""
+    found = {}
+    for f in dataclasses.fields(cls):
+        declared = f.metadata.get("option")
+        if declared is not None:
+            found[f.name] = declared if declared.name else dataclasses.replace(declared, name=f.name)
+    return found
+
+
+def derived_fields(cls: type) -> dict[str, str]:
+    """`{field name: source option name}` of a config class."""
+    return {f.name: f.metadata["derived"] for f in dataclasses.fields(cls) if "derived" in f.metadata}
+
+
+def nested_fields(cls: type) -> dict[str, type]:
+    """Fields holding another config section (`FeaturesConfig.data`, `...augment`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints[f.name] in SECTIONS.values()}
+
+
+def build_config(cls: type, values: Mapping[str, Any]):
+    """A config of `cls` from option values by public name (None: not given, so the default).
+
+    Nested sections are built from the same values, and derived fields copy the option
+    they name, so every option given once reaches every field that records it.
+    """
+    kwargs: dict[str, Any] = {}
+    for name, opt in options(cls).items():
+        if values.get(opt.name) is not None:
+            value = values[opt.name]
+            kwargs[name] = (not value) if opt.invert else value
+    for name, source in derived_fields(cls).items():
+        if values.get(source) is not None:
+            kwargs[name] = values[source]
+    for name, section in nested_fields(cls).items():
+        kwargs[name] = build_config(section, values)
+    return cls(**kwargs)
+
+
+def check_choices(config: Any) -> None:
+    """The one check of every option's `choices` (the CLI lists them but does not check)."""
+    for name, opt in options(type(config)).items():
+        value = getattr(config, name)
+        if opt.choices is not None and value not in opt.choices:
+            shown = ", ".join(str(c) for c in opt.choices)
+            raise ConfigError(
+                f"{name} must be one of {shown}. Received: {name}={value!r} ({opt.make_variable})."
+            )
+
+
+def parse_splits(text: str) -> dict[str, str]:
+    """'train=train[:40%],validation=train[40%:50%]' -> {'train': 'train[:40%]', ...}."""
+    splits = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, spec = part.partition("=")
+        if not sep or not spec or name not in SPLIT_NAMES:
+            raise ValueError(
+                f"expected NAME=SPEC pairs separated by commas, NAME one of {', '.join(SPLIT_NAMES)}; "
+                f"received {part!r}"
+            )
+        splits[name] = spec
+    return splits
 
 
 @dataclass(frozen=True)
@@ -48,20 +162,27 @@ class DataConfig:
     the TensorFlow tutorial does (0.2).
     """
 
-    dataset: str | None = "cats_vs_dogs"
-    data_dir: str | None = None
-    tfds_dir: str | None = None
-    download: bool = True
-    splits: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_TFDS_SPLITS))
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    test_from_validation: float = 0.0
+    dataset: str | None = option(None, f"tensorflow-datasets name (default: {DEFAULT_DATASET} unless DATA_DIR is set)")
+    data_dir: str | None = option(None, "image folder: one sub-folder per class, or split folders (README: layouts)")
+    tfds_dir: str | None = option(None, "tensorflow-datasets data_dir holding prepared data")
+    download: bool = option(True, "never download tfds data (fail at once offline)", name="no_download", invert=True)
+    splits: Mapping[str, str] = option(
+        help="tfds split specs NAME=SPEC,... with slicing (the default is the Keras guide's split)",
+        parse=parse_splits, default_factory=lambda: dict(DEFAULT_TFDS_SPLITS))
+    val_fraction: float = option(0.1, "image folder without a validation folder: fraction of train carved out")
+    test_fraction: float = option(0.1, "image folder without split folders: fraction carved out as test")
+    test_from_validation: float = option(0.0, "move this fraction of validation to test (TF tutorial: 0.2)")
 
     def __post_init__(self) -> None:
+        if self.dataset is None and self.data_dir is None:
+            object.__setattr__(self, "dataset", DEFAULT_DATASET)
+        if self.data_dir is not None and dict(self.splits) != DEFAULT_TFDS_SPLITS:
+            raise ConfigError("--splits slices tfds datasets; image folders use --val-fraction/--test-fraction "
+                              f"(VAL_FRACTION/TEST_FRACTION). Received: splits={dict(self.splits)!r}.")
         if (self.dataset is None) == (self.data_dir is None):
             raise ConfigError(
-                "Expected exactly one data source: a tfds name (DATASET) or an image "
-                f"folder (DATA_DIR). Received: dataset={self.dataset!r}, "
+                "Expected exactly one data source, a tfds name (DATASET) or an image folder (DATA_DIR), "
+                f"not both. Received: dataset={self.dataset!r}, "
                 f"data_dir={self.data_dir!r}."
             )
         object.__setattr__(self, "splits", dict(self.splits))
@@ -96,28 +217,22 @@ class FeaturesConfig:
     """
 
     data: DataConfig = field(default_factory=DataConfig)
-    backbone: str = "mobilenet_v2"
-    weights: str = "imagenet"
-    image_size: int | None = None
-    pooling: str = "avg"
-    dtype: str = "float32"
-    batch_size: int = 32
-    seed: int = 0
-    shard_index: int = 0
-    num_shards: int = 1
-    strict: bool = False
-    mixed_precision: bool = False
-    output_dir: str = "features"
+    backbone: str = option("mobilenet_v2", "registry name (`make backbones` lists them)")
+    weights: str = option("imagenet", "imagenet, none, or a path to an .h5 weights file")
+    image_size: int | None = option(None, "input size in pixels (default: the backbone's native size)")
+    pooling: str = option("avg", "global pooling of the last feature map", choices=POOLINGS)
+    dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
+    batch_size: int = option(32, "images per forward pass")
+    seed: int = option(0, "seeds the folder splits, the views, the heads and fine-tuning")
+    shard_index: int = option(0, "process shard I of NUM_SHARDS (join them with `python -m pipeline merge`)",
+                              name="shard")
+    num_shards: int = option(1, "number of shards")
+    strict: bool = option(False, "fail on any unreadable image instead of skipping it")
+    mixed_precision: bool = option(False, "run the backbone in float16 (GPUs)")
+    output_dir: str = option("features", "folder of the feature files", name="features_dir")
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ConfigError(
-                f"pooling must be one of {', '.join(POOLINGS)}. Received: pooling={self.pooling!r}."
-            )
-        if self.dtype not in DTYPES:
-            raise ConfigError(
-                f"dtype must be one of {', '.join(DTYPES)}. Received: dtype={self.dtype!r}."
-            )
+        check_choices(self)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1. Received: batch_size={self.batch_size}.")
         if self.image_size is not None and self.image_size < 1:
@@ -229,15 +344,14 @@ class AugmentConfig:
     off. The default is the TensorFlow tutorial's: horizontal flip, rotation 0.1.
     """
 
-    flip: str = "horizontal"
-    rotation: float = 0.1
-    zoom: float = 0.0
-    contrast: float = 0.0
-    translation: float = 0.0
+    flip: str = option("horizontal", "random flips", name="aug_flip", choices=FLIPS)
+    rotation: float = option(0.1, "fraction of a full turn (0.1: up to 36 degrees)", name="aug_rotation")
+    zoom: float = option(0.0, "fraction of the image side", name="aug_zoom")
+    contrast: float = option(0.0, "contrast factor", name="aug_contrast")
+    translation: float = option(0.0, "fraction of the image side", name="aug_translation")
 
     def __post_init__(self) -> None:
-        if self.flip not in FLIPS:
-            raise ConfigError(f"flip must be one of {', '.join(FLIPS)}. Received: flip={self.flip!r}.")
+        check_choices(self)
         for name in ("rotation", "zoom", "contrast", "translation"):
             _check_fraction(name, getattr(self, name))
 
@@ -272,9 +386,10 @@ class ViewsConfig:
     with the same `augment` and `seed` (the first views stay as they are).
     """
 
-    num_views: int = 0
+    num_views: int = option(0, "make features: also cache K augmented views of every train image",
+                            name="aug_views")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    seed: int = 0
+    seed: int = derived("seed", 0)
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, Mapping):
@@ -300,6 +415,19 @@ class ViewsConfig:
 
 
 HEAD_NAMES = ("logistic", "dense")
+#: The findings of `make audit` that `make head EXCLUDE=...` can leave out of training.
+AUDIT_KINDS = ("duplicates", "label", "outlier")
+
+
+def audit_kinds(text: str, where: str) -> str:
+    """'label, duplicates' -> 'duplicates,label': validated, in `AUDIT_KINDS` order."""
+    given = [k.strip() for k in str(text).split(",") if k.strip()]
+    unknown = sorted(set(given) - set(AUDIT_KINDS))
+    if unknown or not given:
+        raise ConfigError(
+            f"{where} must be a comma-separated subset of {','.join(AUDIT_KINDS)}. Received: {text!r}."
+        )
+    return ",".join(k for k in AUDIT_KINDS if k in given)
 
 
 @dataclass(frozen=True)
@@ -314,33 +442,41 @@ class HeadConfig:
     (its sweep over C would pay for every stacked row), 0 turns them off.
     `train_per_class` trains on a seeded, stratified subset of the train split with
     that many examples per class (few-shot runs); validation and test stay whole.
+    `exclude` names an `audit.json` of `make audit` on the same feature file: the
+    train rows it flags (of `exclude_kinds`, comma-separated, default all of
+    `AUDIT_KINDS`) are left out; validation and test rows never are.
     """
 
-    head: str = "logistic"
-    C: float | None = None
-    hidden: int = 0
-    dropout: float = 0.2
-    epochs: int = 20
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    patience: int = 5
-    class_weight: str | None = None
-    seed: int = 0
-    runs_dir: str = "runs"
-    grid_images: int = 16
-    views: int | None = None
-    train_per_class: int | None = None
+    head: str = option("logistic", "logistic (linear probe) or dense (Keras Dropout + Dense)", choices=HEAD_NAMES)
+    C: float | None = option(None, "logistic head and audit probe: inverse L2 strength (default: chosen on validation)")
+    hidden: int = option(0, "dense: units of an optional hidden layer")
+    dropout: float = option(0.2, "dense head and fine-tuning: dropout before the last layer")
+    epochs: int = option(20, "dense: at most this many epochs")
+    batch_size: int = option(32, "dense: batch size", name="head_batch_size")
+    learning_rate: float = option(1e-3, "dense: Adam's learning rate (fine-tuning: see FINE_TUNE_LEARNING_RATE)")
+    patience: int = option(5, "dense: early stopping after this many epochs without a better validation loss")
+    class_weight: str | None = option(None, "balanced: weight classes by inverse frequency",
+                                      choices=(None, "balanced"))
+    seed: int = derived("seed", 0)
+    runs_dir: str = option("runs", "folder of the run directories")
+    grid_images: int = option(16, "images in the top-losses grid (0: none)")
+    views: int | None = option(None, "augmented train views to train on, the first V of the file "
+                                     "(default: dense all of them, logistic none; 0: none)")
+    train_per_class: int | None = option(None, "train on a seeded, stratified subset of N train examples per class")
+    exclude: str | None = option(None, "audit/<...>/audit.json: leave the train rows it flags out "
+                                       "(validation/test never)")
+    exclude_kinds: str | None = option(None, "with EXCLUDE: findings to leave out, some of duplicates,label,outlier "
+                                             "(default: all three)")
 
     def __post_init__(self) -> None:
-        if self.head not in HEAD_NAMES:
+        if self.exclude_kinds is not None:
+            object.__setattr__(self, "exclude_kinds", audit_kinds(self.exclude_kinds, "exclude_kinds (EXCLUDE_KINDS)"))
+        if self.exclude_kinds is not None and self.exclude is None:
             raise ConfigError(
-                f"Unknown head {self.head!r}. Expected one of: {', '.join(HEAD_NAMES)}. "
-                f"Received: head={self.head!r}."
+                f"exclude_kinds (EXCLUDE_KINDS) selects findings of an audit; it needs exclude (EXCLUDE=audit/.../audit.json). "
+                f"Received: exclude_kinds={self.exclude_kinds!r} without exclude."
             )
-        if self.class_weight not in (None, "balanced"):
-            raise ConfigError(
-                f"class_weight must be 'balanced' or unset. Received: class_weight={self.class_weight!r}."
-            )
+        check_choices(self)
         if self.grid_images < 0:
             raise ConfigError(f"grid_images must be >= 0. Received: grid_images={self.grid_images}.")
         if self.views is not None and self.views < 0:
@@ -395,27 +531,27 @@ class FinetuneConfig:
     1e-5 (Keras guide), otherwise a tenth of the head's rate (TensorFlow tutorial).
     """
 
-    fine_tune_at: str = "100"
-    epochs: int = 10
-    head_epochs: int = 0
-    optimizer: str = "adam"
-    learning_rate: float | None = None
-    head_learning_rate: float = 1e-3
-    batch_size: int = 32
-    patience: int = 3
-    dropout: float = 0.2
+    fine_tune_at: str = option("100", "first trainable backbone layer: an index, a layer name (prefix), "
+                                      "blocks:N or all")
+    epochs: int = option(10, "fine-tuning epochs", name="fine_tune_epochs")
+    head_epochs: int = option(0, "N > 0: train a fresh head on images N epochs first instead of using `make head`")
+    optimizer: str = option("adam", "fine-tuning optimizer", choices=OPTIMIZERS)
+    learning_rate: float | None = option(None, "default: 1e-5 with adam (Keras guide), LEARNING_RATE/10 otherwise "
+                                               "(TF tutorial)", name="fine_tune_learning_rate")
+    head_learning_rate: float = derived("learning_rate", 1e-3)
+    batch_size: int = option(32, "fine-tuning batch size", name="fine_tune_batch_size")
+    patience: int = option(3, "early stopping on validation loss, best epoch kept (0: never stop)",
+                           name="fine_tune_patience")
+    dropout: float = derived("dropout", 0.2)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    from_scratch: bool = False
-    mixed_precision: bool = False
-    seed: int = 0
-    runs_dir: str = "runs"
-    grid_images: int = 16
+    from_scratch: bool = option(False, "train everything from random weights (needs WEIGHTS=none)")
+    mixed_precision: bool = derived("mixed_precision", False)
+    seed: int = derived("seed", 0)
+    runs_dir: str = derived("runs_dir", "runs")
+    grid_images: int = derived("grid_images", 16)
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"optimizer must be one of {', '.join(OPTIMIZERS)}. Received: optimizer={self.optimizer!r}."
-            )
+        check_choices(self)
         for name in ("epochs", "head_epochs", "patience", "grid_images"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0. Received: {name}={getattr(self, name)}.")
@@ -447,3 +583,52 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> FinetuneConfig:
         return _build(cls, raw, "finetune")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """`make audit`: what to look for in the cached features, and how hard.
+
+    `folds`: stratified folds of the out-of-fold linear probe (label errors, class
+    overlap); `C`: its inverse regularization, None to pick it once with the logistic
+    head's validation sweep. `duplicate_threshold`: cosine similarity of the features
+    from which two rows are near-duplicates (calibrated for MobileNetV2, see README). `neighbours`: k of the kNN outlier score; `outlier_z`: robust z-score
+    from which a row is flagged as an outlier. `top`: findings per contact sheet.
+    `block_rows`: rows per block of the similarity search (memory is O(block_rows**2)).
+    """
+
+    folds: int = option(5, "folds of the out-of-fold logistic probe (label errors, class overlap)")
+    C: float | None = derived("C", None)
+    duplicate_threshold: float = option(0.85, "cosine similarity from which two images are near-duplicates "
+                                              "(calibrated, see README)")
+    neighbours: int = option(10, "k of the kNN outlier score")
+    outlier_z: float = option(3.5, "robust z-score from which an example is flagged as an outlier")
+    top: int = option(16, "findings per contact sheet (0: no sheets)", name="audit_top")
+    seed: int = derived("seed", 0)
+    audit_dir: str = option("audit", "the audit goes to AUDIT_DIR/<feature file stem>/")
+    block_rows: int = option(2048, "rows per block of the similarity search (memory grows with its square)",
+                             name="audit_block_rows")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "folds": (self.folds >= 2, ">= 2 (FOLDS)"),
+            "C": (self.C is None or self.C > 0, "> 0 or unset (C)"),
+            "duplicate_threshold": (0 < self.duplicate_threshold <= 1, "in (0, 1] (DUPLICATE_THRESHOLD)"),
+            "neighbours": (self.neighbours >= 1, ">= 1"),
+            "outlier_z": (self.outlier_z > 0, "> 0"),
+            "top": (self.top >= 0, ">= 0 (AUDIT_TOP)"),
+            "block_rows": (self.block_rows >= 1, ">= 1"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"{name} must be {expected}. Received: {name}={getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: The option sections, by the name the CLI's argument groups and `make help` use.
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "features": FeaturesConfig, "augment": AugmentConfig, "views": ViewsConfig,
+    "head": HeadConfig, "finetune": FinetuneConfig, "audit": AuditConfig,
+}

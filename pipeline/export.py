@@ -156,13 +156,19 @@ def expand_images(patterns: Sequence[str]) -> list[Path]:
 
 
 def predict_images(model, class_names: Sequence[str], paths: Iterable[Path]) -> list[tuple[Path, np.ndarray]]:
-    """(path, probabilities (K,)) per image; an unreadable image is an error naming it."""
+    """(path, probabilities (K,)) per image; an unreadable image is an error naming it.
+
+    Images are decoded as stage 1 decodes them (`pipeline.images`, EXIF orientation
+    applied); the model resizes them inside.
+    """
     import tensorflow as tf
+
+    from pipeline.images import decode_image
 
     results = []
     for path in paths:
         try:
-            image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+            image = decode_image(tf.io.read_file(str(path)))
         except tf.errors.OpError as err:
             message = getattr(err, "message", str(err)).split("}}", 1)[-1].split(" [Op:")[0].strip()
             raise DataError(f"Cannot read image {path}: {message}") from err

@@ -32,6 +32,7 @@ from pipeline import __version__, backbones
 from pipeline.config import MAX_VIEW_POSITION, FeaturesConfig, ViewsConfig, feature_file_name
 from pipeline.data import DataSource, SplitSource, data_fingerprint, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
+from pipeline.images import DECODER, decode_and_resize
 from pipeline.locks import exclusive
 from pipeline.store import (
     FORMAT_VERSION,
@@ -121,6 +122,7 @@ def resolve(config: FeaturesConfig) -> tuple[FeaturesConfig, dict[str, Any], Pat
         data_fingerprint=data_fingerprint(config.data, seed=config.seed),
         weights_identity=backbones.weights_identity(config.weights_arg),
     )
+    key["decoder"] = DECODER  # features of EXIF-rotated photos changed with the decoder
     return config, key, Path(config.output_dir) / feature_file_name(config, key)
 
 
@@ -281,21 +283,6 @@ def _file_attrs(config: FeaturesConfig, key, source: DataSource, spec) -> dict[s
         "keras_version": keras.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def decode_and_resize(image_bytes, image_size: int):
-    """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> (S, S, 3) float32 in [0, 255].
-
-    `decode_image` sniffs the format from the bytes (a PNG named .jpg works) and
-    converts grayscale, RGBA, CMYK and 16-bit images to 8-bit RGB; GIFs give their
-    first frame. Resizing is bilinear and does not keep the aspect ratio, like
-    `keras.utils.image_dataset_from_directory`.
-    """
-    import tensorflow as tf
-
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    image = tf.image.resize(image, (image_size, image_size))
-    return tf.ensure_shape(image, (image_size, image_size, 3))
 
 
 def image_batches(split: SplitSource, *, start: int, image_size: int, batch_size: int):

@@ -17,12 +17,12 @@ import keras
 import numpy as np
 
 from pipeline.backbones import (
-    POOLINGS,
     PREPROCESSING_MODES,
     BackboneSpec,
     _check_weights,
     get_backbone,
 )
+from pipeline.config import POOLINGS
 from pipeline.errors import ConfigError, WeightsUnavailableError
 
 logger = logging.getLogger("pipeline.backbones")

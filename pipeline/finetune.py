@@ -24,7 +24,7 @@ Run directory `runs/<stage-2 run>__ft-<fine_tune_at>/`::
     metrics.json                   validation/test before and after, parameter counts, s/epoch
     history.csv, tensorboard/      one row per epoch (warm-up and fine-tuning)
     learning_curves.png            the stage-2 curves continued, a "start fine-tuning" marker
-    confusion_matrix.png, predictions.png, report.md
+    confusion_matrix.png, top_losses.png, report.md
 
 `finetune` is a recipe of named steps: resolve (`_resolve_job`), build (`_load_data`,
 which loads the data source once, and `build_model`), phase 1 (`_phase_head`), phase 2
@@ -72,11 +72,12 @@ from pipeline.config import (
 from pipeline.data import DataSource, SplitSource, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.export import image_classifier
-from pipeline.extract import decode_and_resize, resolve
+from pipeline.extract import resolve
 from pipeline.heads import Head, load_head, logits_loss_and_accuracy
+from pipeline.images import decode_and_resize, load_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics, probabilities
-from pipeline.train import load_images, run_dir_for, stratified_rows
+from pipeline.train import run_dir_for, stratified_rows
 
 log = logging.getLogger(__name__)
 
@@ -796,7 +797,7 @@ def _write_run(job: _Job, parts: FinetuneModel, data: _Data, training: Resumable
     scored = "test" if metrics["after"]["test"] else "validation"
     figures.append(plots.confusion_matrix(metrics["after"][scored]["confusion_matrix"], class_names,
                                           work / "confusion_matrix.png", title=f"fine-tuned, {scored} split"))
-    grid = _predictions_grid(parts, features, data.source, scored, class_names, config, work / "predictions.png")
+    grid = _predictions_grid(parts, features, data.source, scored, class_names, config, work / "top_losses.png")
     if grid:
         figures.append(grid)
     (work / "report.md").write_text(report(metrics, [f.name for f in figures]))
@@ -820,34 +821,48 @@ def _learning_curves(origin: _Origin, training: Resumable, path: Path, config: F
 
 def _predictions_grid(parts: FinetuneModel, features: FeaturesConfig, source: DataSource, split: str,
                       class_names: list[str], config: FinetuneConfig, path: Path) -> Path | None:
+    """The `grid_images` images of `split` the fine-tuned model gets most wrong or is
+    least sure of (highest -log p(true), fastai's top losses), one more pass over it."""
+    from pipeline.train import top_loss_rows
+
     if config.grid_images == 0:
         return None
-    source_size = source.splits[split].size
-    rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(source_size, size=min(config.grid_images, source_size), replace=False))
     try:
-        images = load_images(features, split, chosen, source=source)
+        proba, labels, positions = _split_predictions(parts.model, features, source.splits[split], config.batch_size)
+        chosen = top_loss_rows(proba, labels, config.grid_images)
+        images = load_images(features, split, positions[chosen], source=source)
     except Exception as err:  # the plot is optional; the metrics are not
-        log.warning("No predictions grid: cannot read the %s images back (%s).", split, err)
+        log.warning("No top-losses grid: cannot read the %s images back (%s).", split, err)
         return None
-    order = sorted(images)
-    batch = np.stack([images[i] for i in order])
-    proba, _ = predict(parts.model, [(batch, np.zeros(len(batch)))])
-    labels = _labels_at(source.splits[split], order)
-    return plots.predictions_grid(
-        [images[i] for i in order], [class_names[labels[i]] for i in order],
-        [class_names[p] for p in proba.argmax(axis=1)], proba.max(axis=1).tolist(), path,
-        title=f"fine-tuned model on {split} images",
+    picked, truth = proba[chosen], labels[chosen]
+    p_true = picked[np.arange(len(chosen)), truth]
+    return plots.top_losses(
+        [images[int(i)] for i in positions[chosen]], [class_names[t] for t in truth],
+        [class_names[p] for p in picked.argmax(axis=1)], picked.max(axis=1).tolist(), p_true.tolist(),
+        (-np.log(np.clip(p_true, 1e-15, 1))).tolist(), path,
+        title=f"fine-tuned model: top losses on {split} images",
     )
 
 
-def _labels_at(split: SplitSource, positions: Sequence[int]) -> dict[int, int]:
+def _split_predictions(model, features: FeaturesConfig, split: SplitSource, batch_size: int,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities (N, K), labels (N,), split positions (N,)) of every readable image of `split`."""
     import tensorflow as tf
 
-    wanted = tf.constant(np.asarray(positions, np.int64))
     records = split.records(0)
-    return {int(r["index"]): int(r["label"])
-            for r in records.filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))}
+    batches = records.map(
+        lambda r: (decode_and_resize(r["image"], features.image_size), r["label"], r["index"]),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+    ).ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    positions = []
+
+    def images_and_labels():
+        for images, labels, index in batches:
+            positions.append(np.asarray(index))
+            yield images, labels
+
+    proba, labels = predict(model, images_and_labels())
+    return proba, labels, np.concatenate(positions).astype(np.int64)
 
 
 def report(metrics: Mapping[str, Any], figures: list[str]) -> str:

@@ -64,18 +64,58 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
     return path
 
 
-def predictions_grid(images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str],
-                     confidence: Sequence[float], path: Path, *, title: str) -> Path:
-    """Images with predicted (and confidence) vs true labels; mistakes in red."""
+def top_losses(images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str],
+               p_predicted: Sequence[float], p_true: Sequence[float], losses: Sequence[float], path: Path, *,
+               title: str) -> Path:
+    """The images the model gets most wrong or is least sure of (fastai's `plot_top_losses`).
+
+    Each tile: predicted label and its probability, true label and its probability,
+    the loss (-log p(true)); mistakes in red. Images come highest loss first.
+    """
     columns = min(4, max(1, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
-    figure = Figure(figsize=(3 * columns, 3.2 * rows), layout="constrained")
+    figure = Figure(figsize=(3 * columns, 3.4 * rows), layout="constrained")
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, image, t, p, c in zip(axes, images, true, predicted, confidence):
+    for ax, image, t, p, pp, pt, loss in zip(axes, images, true, predicted, p_predicted, p_true, losses):
         ax.imshow(np.asarray(image).astype(np.uint8))
-        ax.set_title(f"pred: {p} ({c:.0%})\ntrue: {t}", fontsize=9, color="black" if p == t else "red")
+        ax.set_title(f"pred: {p} ({pp:.2f})\ntrue: {t} ({pt:.2f})\nloss {loss:.2f}", fontsize=9,
+                     color="black" if p == t else "red")
+    figure.suptitle(title)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def contact_sheet(groups: Sequence[Sequence[np.ndarray | None]], captions: Sequence[str], path: Path, *,
+                  title: str, colors: Sequence[str] | None = None) -> Path:
+    """Findings as thumbnails: each group (a duplicate pair, or one image) side by side,
+    one caption under it; an image that could not be read is a grey tile.
+
+    Groups are laid out on rows of about eight images, so pairs come four to a row.
+    """
+    width = max([len(g) for g in groups] or [1])
+    per_row = min(max(1, 8 // width) if width > 1 else 6, max(1, len(groups)))
+    rows = max(1, math.ceil(len(groups) / per_row))
+    figure = Figure(figsize=(max(7.0, 2.3 * per_row * width), 2.9 * rows + 0.6), layout="constrained")
+    grid = figure.add_gridspec(rows, per_row)
+    if not groups:
+        figure.text(0.5, 0.5, "no findings", ha="center", va="center", fontsize=14)
+    for g, (group, caption) in enumerate(zip(groups, captions)):
+        cell = grid[g // per_row, g % per_row].subgridspec(1, width, wspace=0.02)
+        for m in range(width):
+            ax = figure.add_subplot(cell[0, m])
+            ax.axis("off")
+            image = group[m] if m < len(group) else None
+            if m < len(group):
+                if image is None:
+                    ax.imshow(np.full((8, 8, 3), 200, np.uint8))
+                    ax.text(4, 4, "not readable", ha="center", va="center", fontsize=7)
+                else:
+                    ax.imshow(np.asarray(image).astype(np.uint8))
+            if m == 0:
+                ax.set_title(caption, fontsize=7, loc="left",
+                             color=(colors[g] if colors is not None else "black"))
     figure.suptitle(title)
     figure.savefig(path, dpi=100)
     return path

@@ -22,8 +22,11 @@ from typing import IO
 #: An absl/glog line: severity letter, MMDD, a time (absl before initialization prints
 #: `00:00:<epoch seconds>`), thread id, file:line].
 _NATIVE = re.compile(r"^(?P<severity>[IWEF])\d{4} [\d:.]+\s+\d+ [^\]]+\] ")
-#: Errors that only say there is no GPU, or that a plugin registered twice.
-_BENIGN_ERRORS = re.compile(r"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory")
+#: Errors that only say there is no GPU, that a plugin registered twice, or that oneDNN
+#: leaves a uint8 op (the image decoder's) to Eigen.
+_BENIGN_ERRORS = re.compile(
+    r"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|oneDNN supports DT_UINT8 only"
+)
 _ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
 

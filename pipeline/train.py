@@ -11,7 +11,7 @@ A run directory (`runs/<feature file>__<head>/`) holds::
     metrics.json                           validation and test metrics, chosen hyper-parameters
     history.csv, tensorboard/              dense head only
     learning_curves.png                    dense head only
-    confusion_matrix.png, predictions.png  on test (validation if there is no test split)
+    confusion_matrix.png, top_losses.png   on test (validation if there is no test split)
     report.md                              the table and the plots
 
 It is assembled in a temporary directory and moved into place at the end, so a
@@ -21,6 +21,8 @@ Augmented views of the train split (stage 1 with AUG_VIEWS) are used as
 `HeadConfig.views` says: by default all of them for the dense head, none for the
 logistic one. `HeadConfig.train_per_class` trains on a seeded, stratified subset
 of the train split (few-shot); the views of the chosen examples come with them.
+`HeadConfig.exclude` (an audit.json of `make audit`) leaves the train rows it flags
+out, views included; validation and test stay whole.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ import numpy as np
 
 from pipeline import plots
 from pipeline.config import FeaturesConfig, HeadConfig
-from pipeline.data import DataSource
 from pipeline.errors import ConfigError, DataError
 from pipeline.heads import Head, head_class, load_head
+from pipeline.images import read_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
 from pipeline.store import FeatureSet, SplitArrays, load_views, read_features
@@ -74,17 +76,21 @@ class HeadRun:
 
 
 def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
-    """`runs/<feature file>__<head>[__views-V][__N-per-class]`.
+    """`runs/<feature file>__<head>[__views-V][__N-per-class][__excl-<digest>]`.
 
     Explicit VIEWS and TRAIN_PER_CLASS name their own runs, so runs of one file with
     0, 2 or 5 views, or few-shot subsets, sit side by side; the default (VIEWS unset)
-    keeps the plain name.
+    keeps the plain name. EXCLUDE adds a digest of the ids it leaves out.
     """
     name = f"{Path(features_path).stem}__{config.head}"
     if config.views is not None:
         name += f"__views-{config.views}"
     if config.train_per_class is not None:
         name += f"__{config.train_per_class}-per-class"
+    if config.exclude is not None:
+        from pipeline.audit import exclusion_digest
+
+        name += f"__excl-{exclusion_digest(config.exclude, config.exclude_kinds)}"
     return Path(config.runs_dir) / name
 
 
@@ -114,6 +120,14 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
     if test is None:
         log.warning("%s has no test split: reporting validation metrics only.", features_path)
     views = load_views(cached, used["used"]) if used["used"] else None
+    excluded = None
+    if config.exclude is not None:
+        from pipeline.audit import load_exclusion
+
+        exclusion = load_exclusion(config.exclude, cached, config.exclude_kinds)
+        excluded = exclusion.record()
+        train = _subset(train, np.flatnonzero(exclusion.keep))
+        views = None if views is None else views[:, exclusion.keep]
     if config.train_per_class is not None:
         rows = stratified_rows(train.labels, train.index, config.train_per_class, class_names, seed=config.seed)
         train = _subset(train, rows)
@@ -132,6 +146,7 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
             "features": str(features_path),
             "train_examples": len(train),
             "views": used,
+            "exclude": excluded,
             "hyperparameters": head.params_,
             "training_seconds": head.params_["fit_seconds"],
             "validation": classification_metrics(head.predict_proba(validation.features), validation.labels, class_names),
@@ -249,7 +264,8 @@ def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, m
     (work / "labels.txt").write_text("\n".join(class_names) + "\n")
     (work / "config.json").write_text(json.dumps(
         {"features": cached.config, "features_key": cached.key, "features_path": str(cached.path),
-         "head": config.to_dict(), "views": metrics["views"]}, indent=2, sort_keys=True) + "\n")
+         "head": config.to_dict(), "views": metrics["views"], "exclude": metrics.get("exclude")},
+        indent=2, sort_keys=True) + "\n")
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     figures = []
     history = getattr(head, "history_", None)
@@ -266,55 +282,47 @@ def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, m
         metrics[scored]["confusion_matrix"], class_names, work / "confusion_matrix.png",
         title=f"{config.head} head, {scored} split",
     ))
-    grid = _predictions_grid(head, cached, scored, config, work / "predictions.png")
+    grid = _predictions_grid(head, cached, scored, config, work / "top_losses.png")
     if grid:
         figures.append(grid)
     (work / "report.md").write_text(report(metrics, class_names, [f.name for f in figures]))
 
 
 def _predictions_grid(head: Head, cached: FeatureSet, split: str, config: HeadConfig, path: Path) -> Path | None:
-    """A grid of images with predicted vs true labels, read back from the data source."""
+    """The `grid_images` images of `split` with the highest loss (fastai's top losses):
+    what the head gets most wrong or is least sure of, read back from the data source."""
     if config.grid_images == 0:
         return None
     rows = cached.splits[split]
-    rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(len(rows), size=min(config.grid_images, len(rows)), replace=False))
+    proba = head.predict_proba(rows.features)
+    chosen = top_loss_rows(proba, rows.labels, config.grid_images)
     try:
-        images = load_images(FeaturesConfig.from_dict(cached.config), split, rows.index[chosen])
+        images = read_images(FeaturesConfig.from_dict(cached.config), split,
+                             dict(zip(rows.index[chosen].tolist(), rows.ids[chosen])))
     except Exception as err:  # the images may have moved since extraction; the plot is optional
-        log.warning("No predictions grid: cannot read the %s images back (%s).", split, err)
+        log.warning("No top-losses grid: cannot read the %s images back (%s).", split, err)
         return None
-    proba = head.predict_proba(rows.features[chosen])
+    chosen = np.array([c for c in chosen if int(rows.index[c]) in images], np.int64)
+    if not len(chosen):
+        log.warning("No top-losses grid: none of the %s images can be read back (moved?).", split)
+        return None
     names = cached.class_names
-    return plots.predictions_grid(
+    labels, picked = rows.labels[chosen], proba[chosen]
+    p_true = picked[np.arange(len(chosen)), labels]
+    return plots.top_losses(
         [images[int(i)] for i in rows.index[chosen]],
-        [names[label] for label in rows.labels[chosen]],
-        [names[p] for p in proba.argmax(axis=1)],
-        proba.max(axis=1).tolist(),
+        [names[label] for label in labels],
+        [names[p] for p in picked.argmax(axis=1)],
+        picked.max(axis=1).tolist(), p_true.tolist(), (-np.log(np.clip(p_true, 1e-15, 1))).tolist(),
         path,
-        title=f"{head.name} head on {split} images",
+        title=f"{head.name} head: top losses on {split} images",
     )
 
 
-def load_images(config: FeaturesConfig, split: str, positions: np.ndarray, *,
-                source: DataSource | None = None) -> dict[int, np.ndarray]:
-    """The images at `positions` of a split, decoded and resized as the backbone saw them.
-
-    `source`: the data source of `config` when the caller has loaded it already
-    (loading a folder source scans the folder); None loads it.
-    """
-    import tensorflow as tf
-
-    from pipeline.data import load_source
-    from pipeline.extract import decode_and_resize
-
-    source = source or load_source(config.data, seed=config.seed)
-    wanted = tf.constant(np.asarray(positions, np.int64))
-    records = source.splits[split].records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))
-    return {
-        int(r["index"]): decode_and_resize(r["image"], config.image_size).numpy()
-        for r in records
-    }
+def top_loss_rows(proba: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+    """Rows with the highest cross-entropy -log p(true label), highest first (ties: row order)."""
+    p_true = np.asarray(proba, np.float64)[np.arange(len(labels)), labels]
+    return np.argsort(p_true, kind="stable")[:count]
 
 
 def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str]) -> str:

@@ -52,6 +52,7 @@ def test_user_errors_print_one_line_and_exit_2(argv, message, capsys):
     ("I0000 00:00:1796056469.364410   21895 port.cc:153] oneDNN custom operations are on.", False),
     ("W0000 00:00:1796056469.364410   21895 loop.cc:12] Local rendezvous is aborting", False),
     ("E0000 00:00:1796056474.418383   21895 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)", False),
+    ("E0000 00:00:1796058219.817058    5657 util.cc:131] oneDNN supports DT_UINT8 only on platforms with AVX-512.", False),
     ("E1130 16:40:01.000001   21895 gpu_device.cc:9] Resource exhausted: OOM when allocating tensor", True),
     ("F1130 16:40:01.000001   21895 check.cc:9] Check failed: x", True),
     ("error: Image folder not found", True),

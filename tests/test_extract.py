@@ -13,7 +13,8 @@ from conftest import make_folder, write_image
 from pipeline.backbones import build_extractor
 from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.errors import CacheError, DataError
-from pipeline.extract import decode_and_resize, extract_features, resolve
+from pipeline.extract import extract_features, resolve
+from pipeline.images import decode_and_resize
 from pipeline.store import merge_shards, read_features
 
 

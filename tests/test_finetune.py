@@ -115,7 +115,7 @@ def test_run_directory_before_and_after_metrics_and_exported_model(stage2, tmp_p
     run = finetune(features, head, tune(tmp_path), progress=False)
     files = {p.name for p in run.run_dir.iterdir()}
     assert {"model.keras", "labels.txt", "config.json", "metrics.json", "history.csv", "learning_curves.png",
-            "confusion_matrix.png", "predictions.png", "report.md", "tensorboard"} <= files
+            "confusion_matrix.png", "top_losses.png", "report.md", "tensorboard"} <= files
     assert not list(run.run_dir.parent.glob("*.partial-*"))
     metrics = run.metrics
     assert metrics["before"]["validation"]["loss"] == pytest.approx(stage2_run.metrics["validation"]["loss"], abs=1e-5)

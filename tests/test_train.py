@@ -39,7 +39,7 @@ def test_logistic_run_writes_head_metrics_plots_and_report(tiny_features, tmp_pa
     run = train_head(path, head_config(tmp_path), expect=key)
     files = {p.name for p in run.run_dir.iterdir()}
     assert {"head.joblib", "head.json", "labels.txt", "config.json", "metrics.json",
-            "confusion_matrix.png", "predictions.png", "report.md"} <= files
+            "confusion_matrix.png", "top_losses.png", "report.md"} <= files
     assert (run.run_dir / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
     metrics = json.loads((run.run_dir / "metrics.json").read_text())
     assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9
@@ -219,3 +219,24 @@ def test_a_finished_run_with_the_same_settings_is_not_retrained(tiny_features, t
     assert (again.run_dir / "metrics.json").stat().st_mtime_ns == stamp
     other = train_head(path, head_config(tmp_path, C=0.5), expect=key)
     assert not other.up_to_date and other.metrics["hyperparameters"]["C"] == 0.5
+
+
+def test_predict_turns_tagged_photos_upright(tiny_features, tmp_path):
+    """`make predict` decodes as stage 1 does: a phone JPEG (EXIF orientation 6) is
+    classified like its upright pixels, not like the sideways pixels it stores."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from test_images import tagged_jpeg, turned_upright, upright_image
+
+    _, _, path, key = tiny_features
+    run = train_head(path, head_config(tmp_path), expect=key)
+    export_run(run.run_dir, saved_model=False)
+    model, names = load_classifier(run.run_dir)
+    jpeg = tagged_jpeg(upright_image(), 6)
+    (tmp_path / "phone.jpg").write_bytes(jpeg)
+    Image.fromarray(turned_upright(jpeg, 6)).save(tmp_path / "upright.png")
+    (_, tagged), (_, upright) = predict_images(model, names, [tmp_path / "phone.jpg", tmp_path / "upright.png"])
+    np.testing.assert_allclose(tagged, upright, atol=1e-5)
+    sideways = np.asarray(model(tf.io.decode_jpeg(jpeg, channels=3)[tf.newaxis]))[0]
+    assert np.abs(sideways - upright).max() > 1e-3

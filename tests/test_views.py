@@ -20,7 +20,8 @@ from pipeline.backbones import build_extractor
 from pipeline.cli import main
 from pipeline.config import AugmentConfig, HeadConfig, ViewsConfig
 from pipeline.errors import CacheError, ConfigError
-from pipeline.extract import decode_and_resize, extract_features, resolve
+from pipeline.extract import extract_features, resolve
+from pipeline.images import decode_and_resize
 from pipeline.heads import DenseHead, LogisticHead
 from pipeline.store import FeatureWriter, load_views, merge_shards, partial_path, read_features
 from pipeline.train import stratified_rows, train_head
