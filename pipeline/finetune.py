@@ -26,11 +26,16 @@ Run directory `runs/<stage-2 run>__ft-<fine_tune_at>/`::
     learning_curves.png            the stage-2 curves continued, a "start fine-tuning" marker
     confusion_matrix.png, top_losses.png, report.md
 
-While training, state lives in `<run dir>.partial-<digest>/`: the weights (optimizer
-included) of the last finished epoch and of the best one, and `state.json`, written
-last and by rename, which names them. A rerun with the same settings resumes after
-the last finished epoch and keeps the best model so far; the run directory appears
-only at the end, when the best weights are restored.
+`finetune` is a recipe of named steps: resolve (`_resolve_job`), build (`_load_data`,
+which loads the data source once, and `build_model`), phase 1 (`_phase_head`), phase 2
+(`_phase_finetune`), evaluate (`_evaluate_run`) and write (`_write_run`).
+
+While training, state lives in `<run dir>.partial-<digest>/` (`Resumable`): a snapshot
+of the weights and optimizer state of the last finished epoch and of the best one
+(`epoch-NNN.npz`), and `state.json`, written last and by rename, which names them. A
+rerun with the same settings resumes after the last finished epoch and keeps the best
+model so far; the run directory appears only at the end, when the best weights are
+restored.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import math
@@ -48,7 +54,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,7 +83,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
-BEST_WEIGHTS = "best.weights.npz"
+STATE_FORMAT = 2  # 1 (unmarked): Keras .weights.h5 per epoch beside best.weights.npz
 _BLOCK = re.compile(r"^(.*?block_?\d+[a-z]?)(?:_|$)")
 
 
@@ -269,104 +275,148 @@ def predict(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     return probabilities(np.concatenate(logits)), np.concatenate(labels).astype(np.int64)
 
 
-# --------------------------------------------------------------- training state
+# ------------------------------------------------------------- resumable training
 @dataclass
-class TrainingState:
-    """What survives an interruption; written last, by rename, after the weights."""
+class Resumable:
+    """Training that survives an interruption: epoch snapshots and one state file in `work`.
 
+    After every epoch the model's weights and its optimizer's variables go to
+    `epoch-NNN.npz`, written under a temporary name and renamed; then `state.json`,
+    also by rename, names the last snapshot and the best one, with the history, the
+    best validation loss and whether early stopping ended training, and the snapshots
+    it no longer names are deleted. Whatever stops the process, the state names
+    complete files of finished epochs, so a rerun continues after the last one. The
+    best snapshot is restored without its optimizer state, so it loads after any
+    recompile.
+
+    Not `keras.callbacks.BackupAndRestore` (tried, Keras 3.15): it keeps the last epoch
+    only, so the best epoch, the history and early stopping's count would need this
+    state file anyway, written at another moment than its files (a kill in between
+    leaves the two disagreeing); it deletes its backup when a `fit` ends and sets
+    `model._initial_epoch`, which every later `fit` prefers to its own `initial_epoch`
+    (resumed in phase 1, phase 2 started at the phase-1 epoch and ran 4 epochs
+    instead of 2; resumed in phase 2, phase 1 ran again); and it writes in place, so
+    a kill during a save left files that fail every rerun (a truncated weights file
+    raises OSError unless `double_checkpoint`; a truncated `training_metadata.json`
+    raises JSONDecodeError even then).
+    """
+
+    work: Path
     history: list[dict[str, Any]] = field(default_factory=list)
-    last_weights: str | None = None
+    last: str | None = None  # snapshot of the last finished epoch: weights and optimizer
+    best: str | None = None  # snapshot of the best model so far
     best_epoch: int | None = None
     best_loss: float = math.inf
-    before: dict[str, Any] | None = None
+    before: dict[str, Any] | None = None  # metrics of the starting point of fine-tuning
     stopped: bool = False
+
+    @classmethod
+    def open(cls, work: Path) -> Resumable:
+        """The state in `work` (created if missing); empty when there is none."""
+        path = work / STATE_FILE
+        if path.exists():
+            raw = json.loads(path.read_text())
+            if raw.pop("format", None) == STATE_FORMAT:
+                raw["best_loss"] = math.inf if raw["best_loss"] is None else raw["best_loss"]
+                return cls(work, **raw)
+            log.warning("%s was left by an earlier version of stage 3 and cannot be resumed: starting afresh.", work)
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        return cls(work)
 
     @property
     def epochs_done(self) -> int:
         return self.history[-1]["epoch"] if self.history else 0
 
-    @classmethod
-    def load(cls, work: Path) -> TrainingState:
-        path = work / STATE_FILE
-        if not path.exists():
-            return cls()
-        raw = json.loads(path.read_text())
-        raw["best_loss"] = math.inf if raw.get("best_loss") is None else raw["best_loss"]
-        return cls(**raw)
+    def restore_last(self, model) -> None:
+        """The weights and optimizer state of the last finished epoch, to continue training."""
+        if self.last:
+            self._load(model, self.last, optimizer=True)
 
-    def save(self, work: Path) -> None:
-        raw = dataclasses.asdict(self)
+    def restore_best(self, model) -> None:
+        """The weights of the best model so far; the optimizer is left alone, so they load after any compile."""
+        self._load(model, self.best, optimizer=False)
+
+    def start_finetuning(self, model, before: dict[str, Any], epoch: int) -> None:
+        """Makes `model` (metrics `before`) the first best model: fine-tuning that never beats it leaves it."""
+        self.before, self.best_loss, self.best_epoch = before, before["validation"]["loss"], epoch
+        self.best = self.last or self._snapshot(model, epoch)  # the last snapshot is `model` after phase 1
+        self._commit()
+
+    def callback(self, *, phase: str, patience: int | None):
+        """A Keras callback that records every epoch (`end_epoch`) and stops when it says so."""
+        import keras
+
+        training = self
+
+        class Snapshots(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds = time.perf_counter() - self.started
+                if training.end_epoch(self.model, epoch + 1, phase, seconds, logs or {}, patience=patience):
+                    self.model.stop_training = True
+
+        return Snapshots()
+
+    def end_epoch(self, model, number: int, phase: str, seconds: float, logs: Mapping[str, Any], *,
+                  patience: int | None) -> bool:
+        """Snapshots epoch `number` and commits; True when early stopping ends training.
+
+        The best model is tracked by validation loss in the fine-tuning phase;
+        `patience` (None: never) stops training that many epochs after it.
+        """
+        entry = {"epoch": number, "phase": phase, "seconds": round(seconds, 3), **{k: float(v) for k, v in logs.items()}}
+        self.history = [h for h in self.history if h["epoch"] < number] + [entry]
+        self.last = self._snapshot(model, number)
+        if phase == "finetune" and entry.get("val_loss", math.inf) < self.best_loss:
+            self.best, self.best_loss, self.best_epoch = self.last, entry["val_loss"], number
+        stop = patience is not None and self.best_epoch is not None and number - self.best_epoch >= patience
+        if stop:
+            self.stopped = True
+            log.info("Early stopping after epoch %d: no better validation loss since epoch %d.",
+                     number, self.best_epoch)
+        self._commit()
+        return stop
+
+    def clear(self) -> None:
+        """Deletes the snapshots and the state: what is left becomes the run directory."""
+        for path in [*self.work.glob("epoch-*.npz"), *self.work.glob(".tmp-*"), self.work / STATE_FILE]:
+            path.unlink(missing_ok=True)
+
+    def _snapshot(self, model, epoch: int) -> str:
+        name = f"epoch-{epoch:03d}.npz"
+        tmp = self.work / f".tmp-{name}"
+        with open(tmp, "wb") as f:
+            np.savez(f, *model.get_weights(), *(v.numpy() for v in model.optimizer.variables))
+        os.replace(tmp, self.work / name)
+        return name
+
+    def _load(self, model, name: str, *, optimizer: bool) -> None:
+        with np.load(self.work / name) as saved:
+            arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        model.set_weights(arrays[:len(model.weights)])
+        if optimizer:
+            if not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            variables, values = model.optimizer.variables, arrays[len(model.weights):]
+            if len(values) != len(variables):
+                raise CacheError(f"{self.work / name} holds {len(values)} optimizer variables, the optimizer has "
+                                 f"{len(variables)}. Delete {self.work} to start this fine-tuning afresh.")
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+
+    def _commit(self) -> None:
+        raw = {"format": STATE_FORMAT, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        del raw["work"]
         raw["best_loss"] = None if math.isinf(self.best_loss) else self.best_loss
-        tmp = work / f".{STATE_FILE}.tmp"
+        tmp = self.work / f".tmp-{STATE_FILE}"
         tmp.write_text(json.dumps(raw, indent=1))
-        os.replace(tmp, work / STATE_FILE)
-
-
-def _save_weights(model, path: Path) -> None:
-    """Writes `path` atomically: an interrupted save never replaces a good file."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    model.save_weights(tmp)
-    os.replace(tmp, path)
-
-
-def _save_model_weights(model, path: Path) -> None:
-    """The model's weights alone, atomically: they load under any later `compile`.
-
-    (A Keras weights file also holds the optimizer's state, which does not fit an
-    optimizer compiled for another set of trainable layers.)
-    """
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        np.savez(f, *model.get_weights())
-    os.replace(tmp, path)
-
-
-def _load_model_weights(model, path: Path) -> None:
-    with np.load(path) as saved:
-        model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
-
-
-def _restore(model, path: Path) -> None:
-    """Loads weights saved with `_save_weights`, optimizer state included."""
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    model.load_weights(path)
-
-
-def _checkpoint_callback(work: Path, state: TrainingState, *, phase: str, patience: int | None):
-    """A Keras callback: after every epoch, save weights, the best weights and the state.
-
-    The best model is tracked in the fine-tuning phase; `patience` (None: never)
-    stops training that many epochs after the best one.
-    """
-    import keras
-
-    class Checkpoint(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            number = epoch + 1
-            seconds = time.perf_counter() - self.started
-            last = work / f"epoch-{number:03d}.weights.h5"
-            _save_weights(self.model, last)
-            entry = {"epoch": number, "phase": phase, "seconds": round(seconds, 3),
-                     **{k: float(v) for k, v in (logs or {}).items()}}
-            state.history = [h for h in state.history if h["epoch"] < number] + [entry]
-            previous, state.last_weights = state.last_weights, last.name
-            if phase == "finetune" and entry.get("val_loss", math.inf) < state.best_loss:
-                _save_model_weights(self.model, work / BEST_WEIGHTS)
-                state.best_loss, state.best_epoch = entry["val_loss"], number
-            if patience is not None and state.best_epoch is not None and number - state.best_epoch >= patience:
-                self.model.stop_training = True
-                state.stopped = True
-                log.info("Early stopping after epoch %d: no better validation loss since epoch %d.",
-                         number, state.best_epoch)
-            state.save(work)
-            if previous and previous != last.name:
-                (work / previous).unlink(missing_ok=True)
-
-    return Checkpoint()
+        os.replace(tmp, self.work / STATE_FILE)
+        for path in self.work.glob("epoch-*.npz"):
+            if path.name not in (self.last, self.best):
+                path.unlink()
 
 
 # ------------------------------------------------------------------------- runs
@@ -399,6 +449,43 @@ class _Origin:
     trained: int | None = None  # st_mtime_ns of its metrics.json: which training of that run
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One fine-tuning, resolved: its settings, where its head comes from, where it writes."""
+
+    features: FeaturesConfig  # resolved: the image size filled in
+    config: FinetuneConfig
+    origin: _Origin
+    run_dir: Path
+    identity: Mapping[str, Any]  # config.json of the run; a finished run with another is not current
+    per_class: int | None  # few-shot: train on the stage-2 head's own examples per class
+    subset_seed: int
+
+    @property
+    def work(self) -> Path:
+        """Where training state and outputs gather; one per identity, so other settings never resume it."""
+        return self.run_dir.with_name(f"{self.run_dir.name}.partial-{key_digest(self.identity)}")
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The data source, loaded once, and the datasets made from it."""
+
+    source: DataSource
+    train_split: SplitSource  # the train split, or the few shots of it
+    train: Any
+    validation: Any
+    test: Any | None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.source.class_names)
+
+    @property
+    def binary(self) -> bool:
+        return len(self.source.class_names) == 2
+
+
 def finetune_run_dir(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
                      *, head_run: Path | None = None) -> Path:
     """`runs/<stage-2 run>__ft-<at>`; without a stage-2 head, `<features>__<origin>__ft-<at>`."""
@@ -425,107 +512,135 @@ def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
     check to the rename (`pipeline.locks.exclusive`; never both at once), so a second
     run with the same settings waits, then finds the run finished.
     """
+    job = _resolve_job(features, head, config, head_run)
+    with exclusive(job.run_dir, what="fine-tuning run directory"):
+        return _finished(job.run_dir, job.identity) or _run(job, progress=progress, callbacks=callbacks)
+
+
+def _run(job: _Job, *, progress: bool, callbacks: Sequence[Any]) -> FinetuneRun:
+    """The recipe, under the lock on the run directory (which also guards its `.partial-<digest>` folder)."""
+    data = _load_data(job)
+    parts = build_model(job.features, job.config, job.origin.head, len(data.class_names))
+    training = Resumable.open(job.work)
+    if training.epochs_done:
+        log.info("Resuming %s after epoch %d.", job.work, training.epochs_done)
+    fit = functools.partial(_fit, parts.model, data=data, training=training, progress=progress,
+                            callbacks=[*callbacks, _tensorboard(job.work)])
+    counts = {"frozen": _phase_head(parts, job.config, data, training, fit),
+              "finetune": _phase_finetune(parts, job.config, data, training, fit)}
+    metrics = _evaluate_run(job, parts, data, training, counts)
+    return _write_run(job, parts, data, training, metrics)
+
+
+def _resolve_job(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
+                 head_run: Path | None) -> _Job:
+    """Checks the options, reads the stage-2 run to start from and names the run directory."""
     features, key, features_path = resolve(features)
     _check_options(features, config)
     origin = _origin(features, key, features_path, head, config, head_run)
-    run_dir = finetune_run_dir(features, head, config, head_run=origin.run_dir)
     per_class, subset_seed = _few_shot_setting(origin, head)
     identity = {"features": features.to_dict(), "features_key": key, "finetune": config.to_dict(),
                 "head_run": _head_identity(origin), "train_per_class": per_class}
-    with exclusive(run_dir, what="fine-tuning run directory"):
-        return _finetune(features, config, origin, run_dir, identity, per_class, subset_seed,
-                         progress=progress, callbacks=callbacks)
+    run_dir = finetune_run_dir(features, head, config, head_run=origin.run_dir)
+    return _Job(features, config, origin, run_dir, identity, per_class, subset_seed)
 
 
-def _finetune(features: FeaturesConfig, config: FinetuneConfig, origin: _Origin, run_dir: Path,
-              identity: Mapping[str, Any], per_class: int | None, subset_seed: int, *, progress: bool,
-              callbacks: Sequence[Any]) -> FinetuneRun:
-    """`finetune` under the lock on `run_dir`, which also guards its `.partial-<digest>` folder."""
-    finished = _finished(run_dir, identity)
-    if finished:
-        return finished
-
-    source = load_source(features.data, seed=features.seed)
-    _check_source(source, origin)
-    class_names = list(source.class_names)
-    binary = len(class_names) == 2
-    parts = build_model(features, config, origin.head, len(class_names))
-    size, batch = features.image_size, config.batch_size
+def _load_data(job: _Job) -> _Data:
+    """Loads the data source once; the datasets and, at the end, the predictions grid use it."""
+    source = load_source(job.features.data, seed=job.features.seed)
+    _check_source(source, job.origin)
+    binary = len(source.class_names) == 2
     train_split = source.splits["train"]
-    if per_class is not None:
-        train_split = few_shot(train_split, per_class, class_names, seed=subset_seed)
-    train = image_dataset(train_split, size, batch, binary=binary, shuffle_seed=config.seed)
-    validation = image_dataset(source.splits["validation"], size, batch, binary=binary)
-    test = image_dataset(source.splits["test"], size, batch, binary=binary) if "test" in source.splits else None
+    if job.per_class is not None:
+        train_split = few_shot(train_split, job.per_class, source.class_names, seed=job.subset_seed)
 
-    work = run_dir.with_name(f"{run_dir.name}.partial-{key_digest(identity)}")
-    work.mkdir(parents=True, exist_ok=True)
-    state = TrainingState.load(work)
-    if state.epochs_done:
-        log.info("Resuming %s after epoch %d.", work, state.epochs_done)
-    counts = {}
-    fit = dict(train=train, validation=validation, work=work, state=state, progress=progress,
-               callbacks=[*callbacks, _tensorboard(work)])
+    def dataset(split: SplitSource, shuffle_seed: int | None = None):
+        return image_dataset(split, job.features.image_size, job.config.batch_size, binary=binary,
+                             shuffle_seed=shuffle_seed)
 
-    # Phase 1 (optional): a fresh head on images, the backbone frozen.
+    test = source.splits.get("test")
+    return _Data(source, train_split, train=dataset(train_split, shuffle_seed=job.config.seed),
+                 validation=dataset(source.splits["validation"]), test=None if test is None else dataset(test))
+
+
+def _phase_head(parts: FinetuneModel, config: FinetuneConfig, data: _Data, training: Resumable,
+                fit: Callable[..., None]) -> dict[str, int]:
+    """Phase 1, the backbone frozen: `head_epochs` (often 0) of a fresh head on images.
+
+    Its result, the warm-started model when there is no phase 1, is evaluated once
+    and becomes the first best model. Returns the frozen model's parameter counts.
+    """
     parts.freeze_backbone()
-    _compile(parts.model, config, config.head_learning_rate, binary)
-    counts["frozen"] = parameter_counts(parts.model)
-    if config.head_epochs and state.epochs_done < config.head_epochs:
-        _resume(parts.model, work, state)
-        _fit(parts.model, phase="head", epochs=config.head_epochs, patience=None, **fit)
-    elif state.before is None:
-        _resume(parts.model, work, state)  # phase 1 finished in an earlier run
-    if state.before is None:
-        # The starting point of fine-tuning is the first "best" model: fine-tuning
-        # that never beats it leaves the warm-started model in place.
-        state.before = _evaluate(parts.model, validation, test, class_names)
-        state.best_loss = state.before["validation"]["loss"]
-        state.best_epoch = config.head_epochs
-        _save_model_weights(parts.model, work / BEST_WEIGHTS)
-        state.save(work)
+    _compile(parts.model, config, config.head_learning_rate, data.binary)
+    if training.epochs_done < config.head_epochs:
+        training.restore_last(parts.model)
+        fit(phase="head", epochs=config.head_epochs, patience=None)
+    elif training.before is None:
+        training.restore_last(parts.model)  # phase 1 finished in an earlier run
+    if training.before is None:
+        training.start_finetuning(parts.model, _evaluate(parts.model, data), epoch=config.head_epochs)
+    return parameter_counts(parts.model)
 
-    # Phase 2: unfreeze from fine_tune_at, recompile, train at a low rate.
+
+def _phase_finetune(parts: FinetuneModel, config: FinetuneConfig, data: _Data, training: Resumable,
+                    fit: Callable[..., None]) -> dict[str, int]:
+    """Phase 2: unfreeze from `fine_tune_at`, recompile, train at a low rate; ends on the best model.
+
+    Returns the parameter counts of the model as fine-tuned.
+    """
     if config.epochs:
         parts.unfreeze(batch_norm=config.from_scratch)
-    _compile(parts.model, config, config.resolved_learning_rate, binary)
-    counts["finetune"] = parameter_counts(parts.model)
+    _compile(parts.model, config, config.resolved_learning_rate, data.binary)
     total = config.head_epochs + config.epochs
-    if config.epochs and not state.stopped and state.epochs_done < total:
-        if state.epochs_done > config.head_epochs:
-            _resume(parts.model, work, state)  # weights and optimizer of the last fine-tuning epoch
+    if config.epochs and not training.stopped and training.epochs_done < total:
+        if training.epochs_done > config.head_epochs:
+            training.restore_last(parts.model)  # weights and optimizer of the last fine-tuning epoch
         else:
-            _load_model_weights(parts.model, work / BEST_WEIGHTS)  # the starting point
-        _fit(parts.model, phase="finetune", epochs=total, patience=config.patience or None, **fit)
-    _load_model_weights(parts.model, work / BEST_WEIGHTS)
+            training.restore_best(parts.model)  # the starting point
+        fit(phase="finetune", epochs=total, patience=config.patience or None)
+    training.restore_best(parts.model)
+    return parameter_counts(parts.model)
 
-    after = _evaluate(parts.model, validation, test, class_names)
-    finetune_epochs = [h for h in state.history if h["phase"] == "finetune"]
-    metrics = {
+
+def _fit(model, *, phase: str, epochs: int, patience: int | None, data: _Data, training: Resumable,
+         progress: bool, callbacks: Sequence[Any]) -> None:
+    log.info("%s: epochs %d-%d", "Fine-tuning" if phase == "finetune" else "Training the head on images",
+             training.epochs_done + 1, epochs)
+    with warnings.catch_warnings():
+        # A dataset that skips unreadable images has no known length, which Keras
+        # reports at the end of every epoch; the tf.data pipeline does the shuffling.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
+        model.fit(data.train, validation_data=data.validation, epochs=epochs, initial_epoch=training.epochs_done,
+                  callbacks=[training.callback(phase=phase, patience=patience), *callbacks],
+                  verbose=1 if progress else 0, shuffle=False)
+
+
+def _evaluate_run(job: _Job, parts: FinetuneModel, data: _Data, training: Resumable,
+                  counts: Mapping[str, dict[str, int]]) -> dict[str, Any]:
+    """metrics.json: the fine-tuned model evaluated, beside the starting point and the training record."""
+    config, at, backbone = job.config, parts.fine_tune_at, parts.backbone
+    finetune_epochs = [h for h in training.history if h["phase"] == "finetune"]
+    return {
         "stage": "finetune",
-        "backbone": features.backbone,
-        "fine_tune_at": None if parts.fine_tune_at is None else {
-            "requested": config.fine_tune_at, "index": parts.fine_tune_at,
-            "layer": parts.backbone.layers[parts.fine_tune_at].name, "layers": len(parts.backbone.layers)},
+        "backbone": job.features.backbone,
+        "fine_tune_at": None if at is None else {
+            "requested": config.fine_tune_at, "index": at, "layer": backbone.layers[at].name,
+            "layers": len(backbone.layers)},
         "learning_rate": config.resolved_learning_rate,
         "optimizer": config.optimizer,
-        "head_run": str(origin.run_dir) if origin.run_dir else origin.name,
-        "train_examples": train_split.size,
-        "train_per_class": per_class,
-        "best_epoch": state.best_epoch,
-        "epochs_run": state.epochs_done,
-        "stopped_early": state.stopped,
-        "parameters": counts,
-        "seconds_per_epoch": _mean([h["seconds"] for h in finetune_epochs or state.history]),
-        "training_seconds": round(sum(h["seconds"] for h in state.history), 2),
-        "before": state.before,
-        "after": after,
+        "head_run": str(job.origin.run_dir) if job.origin.run_dir else job.origin.name,
+        "train_examples": data.train_split.size,
+        "train_per_class": job.per_class,
+        "best_epoch": training.best_epoch,
+        "epochs_run": training.epochs_done,
+        "stopped_early": training.stopped,
+        "parameters": dict(counts),
+        "seconds_per_epoch": _mean([h["seconds"] for h in finetune_epochs or training.history]),
+        "training_seconds": round(sum(h["seconds"] for h in training.history), 2),
+        "before": training.before,
+        "after": _evaluate(parts.model, data),
     }
-    _write_run(work, parts, features, origin, identity, metrics, state, class_names, config)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    os.replace(work, run_dir)
-    return FinetuneRun(run_dir=run_dir, metrics=metrics)
 
 
 def few_shot(split: SplitSource, per_class: int, class_names: Sequence[str], *, seed: int) -> SplitSource:
@@ -641,39 +756,20 @@ def _finished(run_dir: Path, identity: Mapping[str, Any]) -> FinetuneRun | None:
     return FinetuneRun(run_dir=run_dir, metrics=metrics, up_to_date=True)
 
 
-def _resume(model, work: Path, state: TrainingState) -> None:
-    if state.last_weights:
-        _restore(model, work / state.last_weights)
-
-
-def _fit(model, *, phase: str, epochs: int, patience: int | None, train, validation, work: Path,
-         state: TrainingState, progress: bool, callbacks: Sequence[Any]) -> None:
-    log.info("%s: epochs %d-%d", "Fine-tuning" if phase == "finetune" else "Training the head on images",
-             state.epochs_done + 1, epochs)
-    with warnings.catch_warnings():
-        # A dataset that skips unreadable images has no known length, which Keras
-        # reports at the end of every epoch; the tf.data pipeline does the shuffling.
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
-        warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
-        model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=state.epochs_done,
-                  callbacks=[_checkpoint_callback(work, state, phase=phase, patience=patience), *callbacks],
-                  verbose=1 if progress else 0, shuffle=False)
-
-
 def _tensorboard(work: Path):
     import keras
 
     return keras.callbacks.TensorBoard(log_dir=str(work / "tensorboard"))
 
 
-def _evaluate(model, validation, test, class_names: list[str]) -> dict[str, Any]:
+def _evaluate(model, data: _Data) -> dict[str, Any]:
     results = {}
-    for name, dataset in (("validation", validation), ("test", test)):
+    for name, dataset in (("validation", data.validation), ("test", data.test)):
         if dataset is None:
             results[name] = None
             continue
         proba, labels = predict(model, dataset)
-        results[name] = classification_metrics(proba, labels, class_names)
+        results[name] = classification_metrics(proba, labels, data.class_names)
     return results
 
 
@@ -682,45 +778,49 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------------- outputs
-def _write_run(work: Path, parts: FinetuneModel, features: FeaturesConfig, origin: _Origin,
-               identity: Mapping[str, Any], metrics: dict[str, Any], state: TrainingState,
-               class_names: list[str], config: FinetuneConfig) -> None:
-    for leftover in [*work.glob("epoch-*.weights.h5"), work / BEST_WEIGHTS, work / STATE_FILE]:
-        leftover.unlink(missing_ok=True)
+def _write_run(job: _Job, parts: FinetuneModel, data: _Data, training: Resumable,
+               metrics: dict[str, Any]) -> FinetuneRun:
+    """The model, records and figures, written into the `.partial` folder, which is then renamed."""
+    work, features, config, class_names = job.work, job.features, job.config, data.class_names
+    training.clear()
     parts.classifier(features.image_size).save(work / MODEL_FILE)
     (work / "labels.txt").write_text("\n".join(class_names) + "\n")
-    (work / "config.json").write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    (work / "config.json").write_text(json.dumps(job.identity, indent=2, sort_keys=True) + "\n")
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     names = ["loss", "accuracy", "val_loss", "val_accuracy"]
     with open(work / "history.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["epoch", "phase", *names, "seconds"])
-        for h in state.history:
+        for h in training.history:
             writer.writerow([h["epoch"], h["phase"], *(h.get(n, "") for n in names), h["seconds"]])
-    figures = [_learning_curves(origin, state, work / "learning_curves.png", config)]
+    figures = [_learning_curves(job.origin, training, work / "learning_curves.png", config)]
     scored = "test" if metrics["after"]["test"] else "validation"
     figures.append(plots.confusion_matrix(metrics["after"][scored]["confusion_matrix"], class_names,
                                           work / "confusion_matrix.png", title=f"fine-tuned, {scored} split"))
-    grid = _predictions_grid(parts, features, scored, class_names, config, work / "top_losses.png")
+    grid = _predictions_grid(parts, features, data.source, scored, class_names, config, work / "top_losses.png")
     if grid:
         figures.append(grid)
     (work / "report.md").write_text(report(metrics, [f.name for f in figures]))
+    if job.run_dir.exists():
+        shutil.rmtree(job.run_dir)
+    os.replace(work, job.run_dir)
+    return FinetuneRun(run_dir=job.run_dir, metrics=metrics)
 
 
-def _learning_curves(origin: _Origin, state: TrainingState, path: Path, config: FinetuneConfig) -> Path:
+def _learning_curves(origin: _Origin, training: Resumable, path: Path, config: FinetuneConfig) -> Path:
     """The stage-2 curves (dense head) or the warm-up epochs, then fine-tuning, with a marker."""
     names = ["loss", "accuracy", "val_loss", "val_accuracy"]
     earlier = dict(getattr(origin.head, "history_", None) or {})
     history = {n: list(earlier.get(n, [])) for n in names}
     marker = len(history["loss"]) + config.head_epochs
-    for h in state.history:
+    for h in training.history:
         for n in names:
             history[n].append(h.get(n, float("nan")))
     return plots.learning_curves(history, path, marker=marker if config.epochs else None)
 
 
-def _predictions_grid(parts: FinetuneModel, features: FeaturesConfig, split: str, class_names: list[str],
-                      config: FinetuneConfig, path: Path) -> Path | None:
+def _predictions_grid(parts: FinetuneModel, features: FeaturesConfig, source: DataSource, split: str,
+                      class_names: list[str], config: FinetuneConfig, path: Path) -> Path | None:
     """The `grid_images` images of `split` the fine-tuned model gets most wrong or is
     least sure of (highest -log p(true), fastai's top losses), one more pass over it."""
     from pipeline.train import top_loss_rows
@@ -728,9 +828,9 @@ def _predictions_grid(parts: FinetuneModel, features: FeaturesConfig, split: str
     if config.grid_images == 0:
         return None
     try:
-        proba, labels, positions = _split_predictions(parts.model, features, split, config.batch_size)
+        proba, labels, positions = _split_predictions(parts.model, features, source.splits[split], config.batch_size)
         chosen = top_loss_rows(proba, labels, config.grid_images)
-        images = load_images(features, split, positions[chosen])
+        images = load_images(features, split, positions[chosen], source=source)
     except Exception as err:  # the plot is optional; the metrics are not
         log.warning("No top-losses grid: cannot read the %s images back (%s).", split, err)
         return None
@@ -744,12 +844,12 @@ def _predictions_grid(parts: FinetuneModel, features: FeaturesConfig, split: str
     )
 
 
-def _split_predictions(model, features: FeaturesConfig, split: str, batch_size: int,
+def _split_predictions(model, features: FeaturesConfig, split: SplitSource, batch_size: int,
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(probabilities (N, K), labels (N,), split positions (N,)) of every readable image of `split`."""
     import tensorflow as tf
 
-    records = load_source(features.data, seed=features.seed).splits[split].records(0)
+    records = split.records(0)
     batches = records.map(
         lambda r: (decode_and_resize(r["image"], features.image_size), r["label"], r["index"]),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,

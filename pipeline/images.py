@@ -133,18 +133,19 @@ def read_image_file(path, size: int):
     return np.asarray(upright)
 
 
-def load_images(config, split: str, positions):
+def load_images(config, split: str, positions, *, source=None):
     """The images at `positions` of a split, decoded and resized as the backbone saw them.
 
     position -> float32 (S, S, 3) in [0, 255]. Reads the data source with TensorFlow;
-    `read_images` is the cheap way to get pictures of an image folder.
+    `read_images` is the cheap way to get pictures of an image folder. `source`: the
+    `DataSource` of `config` when the caller has it loaded already; None loads it.
     """
     import numpy as np
     import tensorflow as tf
 
     from pipeline.data import load_source
 
-    source = load_source(config.data, seed=config.seed)
+    source = source or load_source(config.data, seed=config.seed)
     wanted = tf.constant(np.asarray(positions, np.int64))
     records = source.splits[split].records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))
     return {int(r["index"]): decode_and_resize(r["image"], config.image_size).numpy() for r in records}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 
@@ -160,6 +161,88 @@ def test_an_interrupted_run_resumes_from_the_next_epoch(stage2, tmp_path):
     assert epochs.started == [2, 3]
     history = (run.run_dir / "history.csv").read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in history] == [1, 2, 3, 4]
+
+
+class Steps(keras.callbacks.Callback):
+    """The optimizer's step count when training starts and after every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.at_start, self.after_epoch = None, []
+
+    def on_train_begin(self, logs=None):
+        self.at_start = int(self.model.optimizer.iterations)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.after_epoch.append(int(self.model.optimizer.iterations))
+
+
+def test_a_resumed_run_continues_the_optimizer_keeps_the_best_epoch_and_leaves_nothing_behind(stage2, tmp_path):
+    features, head, _, _ = stage2
+    config = tune(tmp_path, epochs=3, learning_rate=3e-2)
+    first = Steps()
+    with pytest.raises(KeyboardInterrupt):
+        finetune(features, head, config, progress=False, callbacks=[first, Interrupt(2)])
+    work = next((tmp_path / "runs").glob("*.partial-*"))
+    state = json.loads((work / "state.json").read_text())
+    assert {p.name for p in work.glob("*.npz")} == {state["last"], state["best"]} and state["last"] == "epoch-002.npz"
+    resumed = Steps()
+    run = finetune(features, head, config, progress=False, callbacks=[resumed])
+    assert resumed.at_start == first.after_epoch[-1] > 0  # Adam's state came back with the weights
+    history = csv.DictReader((run.run_dir / "history.csv").read_text().splitlines())
+    losses = {0: run.metrics["before"]["validation"]["loss"]} | {int(r["epoch"]): float(r["val_loss"]) for r in history}
+    assert run.metrics["best_epoch"] == min(losses, key=losses.get)  # over the epochs of both runs
+    assert run.metrics["after"]["validation"]["loss"] == pytest.approx(min(losses.values()), rel=1e-4, abs=1e-6)
+    assert not list(run.run_dir.glob("*.npz")) and not list(run.run_dir.glob(".tmp-*"))
+    assert not (run.run_dir / "state.json").exists() and not list(run.run_dir.parent.glob("*.partial-*"))
+
+
+def test_an_interrupted_warm_up_resumes_in_phase_1_then_fine_tunes_the_epochs_asked(stage2, tmp_path):
+    features, head, _, _ = stage2
+    config = tune(tmp_path, head_epochs=2, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(features, head, config, progress=False, callbacks=[Interrupt(1)])
+    epochs = Epochs()
+    run = finetune(features, head, config, progress=False, callbacks=[epochs])
+    assert epochs.started == [1, 2, 3]  # phase 1 from its second epoch, then both fine-tuning epochs
+    rows = [row.split(",")[:2] for row in (run.run_dir / "history.csv").read_text().splitlines()[1:]]
+    assert rows == [["1", "head"], ["2", "head"], ["3", "finetune"], ["4", "finetune"]]
+
+
+def test_state_left_by_the_earlier_format_starts_afresh_with_a_warning(stage2, tmp_path, caplog):
+    features, head, _, _ = stage2
+    config = tune(tmp_path, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(features, head, config, progress=False, callbacks=[Interrupt(1)])
+    work = next((tmp_path / "runs").glob("*.partial-*"))
+    for leftover in work.glob("*.npz"):
+        leftover.unlink()
+    (work / "epoch-001.weights.h5").write_bytes(b"old")
+    (work / "state.json").write_text(json.dumps({"history": [{"epoch": 1, "phase": "finetune", "seconds": 1.0}],
+                                                 "last_weights": "epoch-001.weights.h5", "best_epoch": 0,
+                                                 "best_loss": 0.5, "before": None, "stopped": False}))
+    epochs = Epochs()
+    run = finetune(features, head, config, progress=False, callbacks=[epochs])
+    assert epochs.started == [0, 1] and "cannot be resumed: starting afresh" in caplog.text
+    assert not list(run.run_dir.glob("*.weights.h5"))
+
+
+def test_the_data_source_is_loaded_once_per_run(stage2, tmp_path, monkeypatch):
+    import pipeline.data
+    import pipeline.finetune
+
+    features, head, _, _ = stage2
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return load_source(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.finetune, "load_source", counted)
+    monkeypatch.setattr(pipeline.data, "load_source", counted)
+    run = finetune(features, head, tune(tmp_path, epochs=1, grid_images=3), progress=False)
+    assert len(list(run.run_dir.glob("*.png"))) == 3  # learning curves, confusion matrix, the image grid
+    assert len(calls) == 1
 
 
 def test_head_epochs_train_a_fresh_head_on_images_first(stage2, tmp_path):
