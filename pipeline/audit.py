@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.config import AUDIT_KINDS, AuditConfig, audit_kinds
+from pipeline.config import AUDIT_KINDS, AuditConfig, audit_kinds, fingerprint
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.store import FeatureSet, key_diff, read_features
 
@@ -865,7 +865,11 @@ def exclusion_digest(audit: str | os.PathLike, kinds: str | None) -> str:
     """A short digest of what EXCLUDE leaves out, for the run directory's name."""
     kinds_ = _kinds(kinds)
     ids = exclusion_ids(_read_audit(Path(audit)), kinds_)
-    return hashlib.sha256(json.dumps({"kinds": kinds_, "ids": ids}).encode()).hexdigest()[:8]
+    return _exclusion_fingerprint(kinds_, ids)
+
+
+def _exclusion_fingerprint(kinds: Sequence[str], ids: Sequence[str]) -> str:
+    return fingerprint({"kinds": list(kinds), "ids": list(ids)}, length=8)
 
 
 def load_exclusion(audit: str | os.PathLike, cached: FeatureSet, kinds: str | None) -> Exclusion:
@@ -909,6 +913,6 @@ def load_exclusion(audit: str | os.PathLike, cached: FeatureSet, kinds: str | No
     if kept:
         log.warning("EXCLUDE: %d flagged validation/test rows stay in their splits (yours to decide): %s",
                     len(kept), ", ".join(f"{i} ({k})" for i, _, k in kept[:5]) + (", ..." if len(kept) > 5 else ""))
-    digest = hashlib.sha256(json.dumps({"kinds": kinds_, "ids": ids}).encode()).hexdigest()[:8]
+    digest = _exclusion_fingerprint(kinds_, ids)
     log.info("EXCLUDE: leaving %d of %d train rows out (%s).", len(ids), len(train), ", ".join(kinds_))
     return Exclusion(audit=Path(audit), kinds=kinds_, keep=keep, ids=tuple(ids), digest=digest, leaks=leaks)

@@ -25,14 +25,15 @@ import json
 import logging
 import os
 import platform
-import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline import runs
 from pipeline.data import IMAGE_EXTENSIONS
 from pipeline.errors import ConfigError, PipelineError
 
@@ -97,22 +98,31 @@ class PeakMemory:
         return round(self.peak_bytes / 2**20, 1)
 
 
-_SUMMARY = re.compile(r"features: (\d+) images, (\d+) skipped, ([\d.]+) s, ([\d.]+) img/s")
-
-
 class StageFailed(PipelineError):
     """A benchmarked `python -m pipeline` command exited with an error (its stderr is logged)."""
 
 
 def run_stage(command: str, flags: Sequence[str]) -> dict[str, Any]:
-    """Runs `python -m pipeline COMMAND --no-progress FLAGS` in a fresh process.
+    """Runs `python -m pipeline COMMAND --no-progress --json RESULT FLAGS` in a fresh process.
 
     Returns `command`, `wall_seconds` (everything a user waits for: interpreter
     start-up, imports, model build, the work and writing the outputs), `peak_rss_mib`
     (the process and its children, sampled every 50 ms), `summary` (the last line of
-    stdout) and `output` (the path that summary ends with). A stage that finds its
-    output up to date is an error: a benchmark must measure, not find.
+    stdout), `result` (the stage's result, read from its --json file) and `output`
+    (the feature file or run directory it wrote). A stage that finds its output up
+    to date is an error: a benchmark must measure, not find.
     """
+    with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        stage = _run_process(command, [*flags, "--json", str(result_path)])
+        result = json.loads(result_path.read_text())
+    if result["up_to_date"]:
+        raise StageFailed(f"`python -m pipeline {command}` found its output up to date instead of measuring it "
+                          f"({stage['summary']}); the benchmark needs a fresh work folder.")
+    return {**stage, "result": result, "output": result.get("path") or result["run_dir"]}
+
+
+def _run_process(command: str, flags: Sequence[str]) -> dict[str, Any]:
     argv = [sys.executable, "-m", "pipeline", command, "--no-progress", *flags]
     log.debug("bench: %s", " ".join(argv))
     started = time.perf_counter()
@@ -127,28 +137,19 @@ def run_stage(command: str, flags: Sequence[str]) -> dict[str, Any]:
                   "\n".join(stderr.strip().splitlines()[-30:]))
         last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise StageFailed(f"`python -m pipeline {command}` failed with status {process.returncode}: {last}")
-    summary = lines[-1]
-    if "up to date" in summary:
-        raise StageFailed(f"`python -m pipeline {command}` found its output up to date instead of measuring it "
-                          f"({summary}); the benchmark needs a fresh work folder.")
-    return {"command": command, "wall_seconds": round(wall, 2), "peak_rss_mib": peak_mib,
-            "summary": summary, "output": summary.rpartition(" -> ")[2]}
+    return {"command": command, "wall_seconds": round(wall, 2), "peak_rss_mib": peak_mib, "summary": lines[-1]}
 
 
-def features_figures(summary: str) -> dict[str, Any]:
-    """Images, skipped, extraction seconds and img/s from a `features` summary line."""
-    match = _SUMMARY.search(summary)
-    if not match:
-        raise StageFailed(f"Expected a features summary with images and img/s. Received: {summary!r}.")
-    images, skipped, seconds, rate = match.groups()
-    return {"images": int(images), "skipped": int(skipped), "extract_seconds": float(seconds),
-            "img_per_s": float(rate)}
+def features_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """Images, skipped, extraction seconds and img/s from a `features` result (its --json file)."""
+    return {"images": result["images"], "skipped": result["skipped"], "extract_seconds": result["seconds"],
+            "img_per_s": result["images_per_second"]}
 
 
 def run_features_process(flags: Sequence[str]) -> dict[str, Any]:
     """Runs `python -m pipeline features` in a fresh process: wall time, img/s, peak RSS."""
     stage = run_stage("features", flags)
-    return {**features_figures(stage["summary"]), "wall_seconds": stage["wall_seconds"],
+    return {**features_figures(stage["result"]), "wall_seconds": stage["wall_seconds"],
             "peak_rss_mib": stage["peak_rss_mib"]}
 
 
@@ -420,13 +421,6 @@ def _median(values: Sequence[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def _epoch_seconds(run_dir: Path) -> list[float]:
-    import csv
-
-    with open(run_dir / "history.csv", newline="") as f:
-        return [float(row["seconds"]) for row in csv.DictReader(f)]
-
-
 def bench_pipeline(
     *,
     data_dir: Path,
@@ -471,15 +465,16 @@ def bench_pipeline(
     def stage(name: str, command: str, flags: list[str]) -> dict[str, Any]:
         log.info("bench: %s ...", name)
         record = run_stage(command, flags)
+        result = record.pop("result")
         if command == "features":
-            record.update(features_figures(record["summary"]), file_bytes=os.path.getsize(record["output"]))
+            record.update(features_figures(result), file_bytes=os.path.getsize(record["output"]))
         else:
-            metrics = json.loads((Path(record["output"]) / "metrics.json").read_text())
+            metrics = result["metrics"]
             validation = metrics["after"]["validation"] if command == "finetune" else metrics["validation"]
             record.update(validation_accuracy=validation["accuracy"], validation_examples=validation["n"],
                           training_seconds=metrics["training_seconds"])
             if command == "finetune":
-                record["epoch_seconds"] = _epoch_seconds(Path(record["output"]))
+                record["epoch_seconds"] = runs.history_column(Path(record["output"]), "seconds")
         log.info("bench: %s: %.1f s wall, peak %.0f MiB", name, record["wall_seconds"], record["peak_rss_mib"])
         stages[name] = record
         return record

@@ -152,7 +152,16 @@ def _cmd_features(args: argparse.Namespace) -> int:
         print(resolve(config)[2])
         return 0
     result = extract_features(config, views=views_config(args), progress=not args.no_progress)
+    return _report(args, result)
+
+
+def _report(args: argparse.Namespace, result) -> int:
+    """Prints a stage's summary line; with --json, also writes its result as JSON (what `make bench` reads)."""
     print(result.summary())
+    if args.json:
+        from pipeline.runs import write_json
+
+        write_json(Path(args.json), result.record())
     return 0
 
 
@@ -170,13 +179,12 @@ def _cmd_head(args: argparse.Namespace) -> int:
     config = head_config(args)
     path, key = _features_file(args)
     run = train_head(path, config, expect=key)
-    print(run.summary())
-    return 0
+    return _report(args, run)
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
     """--run, or the run directory that the feature and head flags describe."""
-    from pipeline.train import run_dir_for
+    from pipeline.runs import run_dir_for
 
     if args.run_dir:
         return Path(args.run_dir)
@@ -218,8 +226,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     run = finetune(features_config(args), head_config(args), finetune_config(args),
                    head_run=Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress)
-    print(run.summary())
-    return 0
+    return _report(args, run)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -368,11 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging and TensorFlow's own INFO/WARNING logs (Make: VERBOSE=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def stage(name: str, help: str, run, *, run_dir: bool = False, features_file: bool = False):
+    def stage(name: str, help: str, run, *, run_dir: bool = False, features_file: bool = False,
+              json_result: bool = False):
         """A sub-command taking its option sections' flags (COMMAND_SECTIONS)."""
         sub = commands.add_parser(name, help=help)
         _add_options(sub, COMMAND_SECTIONS[name])
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if json_result:
+            sub.add_argument("--json", metavar="PATH", help="also write the result (paths, figures, metrics) "
+                                                            "as JSON to PATH")
         if features_file:
             sub.add_argument("--features", help="feature file to use (default: the one the options describe; "
                                                 "Make: FEATURES)")
@@ -382,15 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    features = stage("features", "stage 1: cache backbone features to HDF5", _cmd_features)
+    features = stage("features", "stage 1: cache backbone features to HDF5", _cmd_features, json_result=True)
     features.add_argument("--print-path", action="store_true", help="print the feature file path and exit")
-    stage("head", "stage 2: train a head on cached features, evaluate, plot", _cmd_head, features_file=True)
+    stage("head", "stage 2: train a head on cached features, evaluate, plot", _cmd_head, features_file=True,
+          json_result=True)
     export = stage("export", "one Keras model: raw images in, class probabilities out", _cmd_export,
                    run_dir=True, features_file=True)
     export.add_argument("--tflite", action="store_true", help="also write model.tflite (Make: TFLITE=1)")
     export.add_argument("--no-saved-model", action="store_true", help="only write model.keras")
     stage("finetune", "stage 3: augmented end-to-end fine-tuning from the stage-2 head", _cmd_finetune,
-          run_dir=True, features_file=True)
+          run_dir=True, features_file=True, json_result=True)
     predict = stage("predict", "top classes per image with the exported model", _cmd_predict, run_dir=True,
                     features_file=True)
     predict.add_argument("images", nargs="*", help="image files, folders or globs (Make: IMAGES)")

@@ -36,19 +36,17 @@ from it).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline import plots
-from pipeline.config import FeaturesConfig, FinetuneConfig, HeadConfig, ViewsConfig, key_digest
+from pipeline import plots, runs
+from pipeline.config import FeaturesConfig, FinetuneConfig, HeadConfig, ViewsConfig, fingerprint
 from pipeline.errors import ConfigError
 from pipeline.locks import exclusive
 
@@ -141,7 +139,7 @@ def _features(settings: Settings, done: dict[str, Any], progress: bool, *, views
     from pipeline.extract import extract_features
 
     config = settings.features_for()
-    identity = _digest({"features": config.to_dict(), "views": settings.views_for(0).identity()})
+    identity = fingerprint({"features": config.to_dict(), "views": settings.views_for(0).identity()})
     record = done.get("_features")
     if not (record and record["identity"] == identity and Path(record["path"]).exists()):
         started = time.perf_counter()
@@ -208,7 +206,7 @@ def _finetuned(**changes: Any) -> Callable[..., dict[str, Any]]:
                           settings.finetune_for(**changes), progress=progress)
         own = time.perf_counter() - started
         metrics = result.metrics
-        curve = _history_column(result.run_dir / "history.csv", "val_accuracy")
+        curve = runs.history_column(result.run_dir, "val_accuracy")
         if changes.get("epochs") == 0:
             kind = (f"seed workflow: a fresh head, {changes['head_epochs']} epochs on augmented images "
                     "through the frozen backbone")
@@ -265,20 +263,11 @@ def _identity(settings: Settings, name: str) -> str:
     else:
         parts["head"] = settings.head_for("dense").to_dict()
         parts["finetune"] = settings.finetune_for().to_dict()
-    return _digest(parts)
-
-
-def _digest(value: Any) -> str:
-    return key_digest(json.loads(json.dumps(value, default=str)))
+    return fingerprint(parts)
 
 
 def _accuracy(metrics: dict[str, Any], split: str) -> float | None:
     return metrics[split]["accuracy"] if metrics.get(split) else None
-
-
-def _history_column(path: Path, column: str) -> list[float]:
-    with open(path, newline="") as f:
-        return [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
 
 
 def _load_rows(out_dir: Path) -> dict[str, Any]:
@@ -289,9 +278,7 @@ def _load_rows(out_dir: Path) -> dict[str, Any]:
 
 
 def _save_rows(out_dir: Path, rows: dict[str, Any]) -> None:
-    tmp = out_dir / f".{ROWS_FILE}.tmp"
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, out_dir / ROWS_FILE)
+    runs.write_json(out_dir / ROWS_FILE, rows)
 
 
 # --------------------------------------------------------------------- outputs

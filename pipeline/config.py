@@ -308,9 +308,15 @@ def slugify(text: str) -> str:
     return slug or "data"
 
 
-def key_digest(key: Mapping[str, Any]) -> str:
-    """A short, stable hash of a key, for file names."""
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+def fingerprint(value: Any, *, length: int = 10) -> str:
+    """A short, stable digest of a JSON-able value: the one identity helper of the pipeline.
+
+    Feature file names, run identities, comparison rows and exclusions all use it, so
+    "the same settings" means the same canonical JSON everywhere: keys sorted, tuples
+    as lists, paths (`default=str`) as text.
+    """
+    canonical = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 
 def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
@@ -325,7 +331,7 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
         parts.append("f16")
     if config.mixed_precision:
         parts.append("mp")
-    parts.append(key_digest({k: v for k, v in key.items() if k != "shard"}))
+    parts.append(fingerprint({k: v for k, v in key.items() if k != "shard"}))
     if config.num_shards > 1:
         parts.append(f"shard-{config.shard_index}-of-{config.num_shards}")
     return "__".join(parts) + ".h5"

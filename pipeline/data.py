@@ -12,6 +12,7 @@ already cached) only scans the folder and should not pay TensorFlow's import.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ from pipeline.config import DataConfig
 from pipeline.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    import numpy as np
     import tensorflow as tf
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,34 @@ class SplitSource:
     size: int
     total: int
     records: Callable[[int], "tf.data.Dataset"] = field(repr=False, compare=False)
+    num_shards: int = 1  # shard I of N holds the positions p with p % N == I: record p // N
+
+    def at(self, positions: Sequence[int]) -> SplitSource:
+        """This split restricted to the records at `positions` (split positions of this shard), in split order.
+
+        The one "keep the records at these positions" filter of the pipeline (few
+        shots, augmented views, skipped images, pictures). `records(start)` of the
+        result begins at its `start`-th position, reading the source from that
+        position's record on, so a resumed read does not rescan what comes before.
+        """
+        import numpy as np
+
+        chosen = np.unique(np.asarray(positions, np.int64))
+        if len(chosen) and not 0 <= chosen[0] <= chosen[-1] < self.total:
+            raise DataError(f"Positions of split '{self.name}' must lie in 0-{self.total - 1}. "
+                            f"Received: {int(chosen[0])}-{int(chosen[-1])}.")
+        wanted = np.zeros(self.total, bool)
+        wanted[chosen] = True
+        base, num_shards = self.records, self.num_shards
+
+        def records(start: int):
+            import tensorflow as tf
+
+            mask = tf.constant(wanted)
+            first = int(chosen[start]) // num_shards if start < len(chosen) else self.size
+            return base(first).filter(lambda r: tf.gather(mask, r["index"]))
+
+        return dataclasses.replace(self, size=len(chosen), records=records)
 
 
 @dataclass(frozen=True)
@@ -374,6 +404,7 @@ def folder_source(scan: FolderScan, *, shard_index: int = 0, num_shards: int = 1
             size=len(mine),
             total=len(entries),
             records=_folder_records(scan.root, mine, shard_index, num_shards),
+            num_shards=num_shards,
         )
     counts = {
         split: {scan.class_names[k]: n for k, n in sorted(Counter(l for _, l in e).items())}
@@ -446,6 +477,7 @@ def tfds_source(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1
             size=len(range(shard_index, total, num_shards)),
             total=total,
             records=_tfds_records(builder, spec, image_key, label_key, config.dataset, shard_index, num_shards),
+            num_shards=num_shards,
         )
     return DataSource(
         name=config.dataset,
@@ -554,3 +586,37 @@ def data_fingerprint(config: DataConfig, *, seed: int) -> str:
     if config.data_dir is not None:
         return scan_folder(config, seed=seed).fingerprint
     return f"tfds:{config.dataset}"
+
+
+# --- subsets ----------------------------------------------------------------------
+
+
+def stratified_rows(labels: np.ndarray, index: np.ndarray, per_class: int, class_names: list[str], *,
+                    seed: int) -> np.ndarray:
+    """Sorted rows of a seeded subset with `per_class` examples of every class.
+
+    Each class keeps the examples whose split `index` ranks first under a seeded hash,
+    so the choice depends on the examples, not on their rows: the head on cached
+    features and stage 3 on images (which may hold images the cache skipped) pick
+    the same ones. A class with fewer than `per_class` examples is an error, not a
+    smaller class.
+    """
+    import numpy as np
+
+    counts = np.bincount(labels, minlength=len(class_names))
+    short = [f"{class_names[c]}: {int(n)}" for c, n in enumerate(counts) if n < per_class]
+    if short:
+        raise ConfigError(
+            f"TRAIN_PER_CLASS={per_class} needs that many train examples in every class. Received: "
+            f"{', '.join(short)}. Lower TRAIN_PER_CLASS."
+        )
+    ranks = np.array([_rank(seed, int(i)) for i in index], dtype=np.uint64)
+    rows = []
+    for c in range(len(class_names)):
+        members = np.flatnonzero(labels == c)
+        rows.append(members[np.argsort(ranks[members], kind="stable")[:per_class]])
+    return np.sort(np.concatenate(rows))
+
+
+def _rank(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "big")

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pipeline import runs
 from pipeline.backbones import get_backbone, weights_identity
 from pipeline.extractor import build_extractor
 from pipeline.config import FeaturesConfig
@@ -99,18 +100,19 @@ class Export:
 def export_run(run_dir: Path, *, saved_model: bool = True, tflite: bool = False) -> Export:
     """Writes `<run_dir>/export/`: model.keras, saved_model/, [model.tflite], labels.txt."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
+    found = runs.read_run(run_dir)
+    if found is None:
         raise CacheError(f"No head run in {run_dir}. Run `make head` with the same variables first.")
-    record = json.loads((run_dir / "config.json").read_text())
+    record = found.config
     features = FeaturesConfig.from_dict(record["features"])
     model = build_classifier(features, load_head(run_dir), weights_key=record["features_key"]["weights"])
     out = run_dir / EXPORT_DIR
     if out.exists():
         shutil.rmtree(out)
     out.mkdir()
-    files = [out / KERAS_FILE, out / "labels.txt"]
+    files = [out / KERAS_FILE, out / runs.LABELS]
     model.save(files[0])
-    shutil.copy(run_dir / "labels.txt", files[1])
+    shutil.copy(run_dir / runs.LABELS, files[1])
     if saved_model or tflite:
         model.export(str(out / "saved_model"), format="tf_saved_model", verbose=False)
         files.append(out / "saved_model")
@@ -133,7 +135,7 @@ def load_classifier(run_dir: Path):
     path = Path(run_dir) / EXPORT_DIR / KERAS_FILE
     if not path.exists():
         raise CacheError(f"No exported model at {path}. Run `make export` with the same variables first.")
-    names = (Path(run_dir) / EXPORT_DIR / "labels.txt").read_text().splitlines()
+    names = runs.read_labels(Path(run_dir) / EXPORT_DIR)
     return keras.saving.load_model(path), names
 
 
@@ -163,15 +165,14 @@ def predict_images(model, class_names: Sequence[str], paths: Iterable[Path]) -> 
     """
     import tensorflow as tf
 
-    from pipeline.images import decode_image
+    from pipeline.images import decode_image, tf_error_message
 
     results = []
     for path in paths:
         try:
             image = decode_image(tf.io.read_file(str(path)))
         except tf.errors.OpError as err:
-            message = getattr(err, "message", str(err)).split("}}", 1)[-1].split(" [Op:")[0].strip()
-            raise DataError(f"Cannot read image {path}: {message}") from err
+            raise DataError(f"Cannot read image {path}: {tf_error_message(err)}") from err
         probabilities = model(image[tf.newaxis], training=False)
         results.append((Path(path), np.asarray(probabilities)[0]))
     return results

@@ -32,7 +32,7 @@ from pipeline import __version__, backbones
 from pipeline.config import MAX_VIEW_POSITION, FeaturesConfig, ViewsConfig, feature_file_name
 from pipeline.data import DataSource, SplitSource, data_fingerprint, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
-from pipeline.images import DECODER, decode_and_resize
+from pipeline.images import DECODER, decode_and_resize, tf_error_message
 from pipeline.locks import exclusive
 from pipeline.store import (
     FORMAT_VERSION,
@@ -101,6 +101,13 @@ class ExtractionResult:
         if self.num_views:
             text += f"; views: {self.view_images} images in {self.view_seconds:.1f} s; {self.views_summary()}"
         return f"{text} -> {self.path}"
+
+    def record(self) -> dict[str, Any]:
+        """The result as JSON (`--json`): what `make bench` reads instead of the summary line."""
+        return {"stage": "features", "path": str(self.path), "up_to_date": self.up_to_date,
+                "images": self.images, "skipped": self.skipped, "seconds": round(self.seconds, 3),
+                "images_per_second": round(self.images_per_second, 2), "view_images": self.view_images,
+                "view_seconds": round(self.view_seconds, 3), "num_views": self.num_views}
 
 
 def _size(n_bytes: float) -> str:
@@ -304,20 +311,16 @@ def image_batches(split: SplitSource, *, start: int, image_size: int, batch_size
 def view_batches(
     split: SplitSource, *, start: int, image_size: int, batch_size: int, augment, view: int, keep
 ):
-    """Batches of (images, labels, ids, index) of augmented view `view`, from the `start`-th record.
+    """Batches of (images, labels, ids, index) of augmented view `view`, from the `start`-th position of `keep`.
 
     Only the positions in `keep` (the train rows of the plain features) are read, so
     images skipped there are not tried again. `augment` is
     `pipeline.augment.example_augmenter(...)`: it runs per image, in parallel, after
     decoding, and its result depends only on (seed, view, position).
     """
-    import numpy as np
     import tensorflow as tf
 
-    wanted = np.zeros(split.total, bool)
-    wanted[np.asarray(keep, np.int64)] = True
-    wanted = tf.constant(wanted)
-    ds = split.records(start).filter(lambda r: tf.gather(wanted, r["index"])).map(
+    ds = split.at(keep).records(start).map(
         lambda r: (augment(decode_and_resize(r["image"], image_size), view, r["index"]), r["label"], r["id"], r["index"]),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
@@ -400,8 +403,8 @@ def _extract_views(
         while done < total:
             view, row = divmod(done, n)
             for images, labels, _, index in view_batches(
-                split, start=int(source_index[row]) // config.num_shards, image_size=config.image_size,
-                batch_size=config.batch_size, augment=augment, view=view, keep=source_index[row:],
+                split, start=row, image_size=config.image_size, batch_size=config.batch_size, augment=augment,
+                view=view, keep=source_index,
             ):
                 index = index.numpy()
                 # Only train rows are read (`keep`), so a difference is a row that failed now.
@@ -441,22 +444,14 @@ def _skipped(split: SplitSource, writer: FeatureWriter, config: FeaturesConfig) 
     missing = [p for p in expected if p not in written]
     if not missing:
         return []
-    wanted = tf.constant(missing, tf.int64)
-    ds = split.records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))
     items = []
-    for record in ds:
+    for record in split.at(missing).records(0):
         try:
             decode_and_resize(record["image"], config.image_size)
             reason = "could not be read"  # decodes alone, so it failed on I/O in the pipeline
         except tf.errors.OpError as err:
-            reason = _clean_tf_message(err)
+            reason = tf_error_message(err)
         items.append({"index": int(record["index"]), "id": record["id"].numpy().decode(), "reason": reason})
     return items
 
-
-def _clean_tf_message(err: Exception) -> str:
-    message = getattr(err, "message", str(err))
-    message = message.split("}}", 1)[-1].strip()
-    message = message.split(" [Op:", 1)[0].strip()
-    return message.splitlines()[0] if message else type(err).__name__
 

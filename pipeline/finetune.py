@@ -40,7 +40,6 @@ restored.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import difflib
 import functools
@@ -58,7 +57,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from pipeline import plots
+from pipeline import plots, runs
 from pipeline.augment import augmentation_layers
 from pipeline.backbones import get_backbone
 from pipeline.extractor import build_extractor
@@ -66,10 +65,10 @@ from pipeline.config import (
     FeaturesConfig,
     FinetuneConfig,
     HeadConfig,
-    key_digest,
+    fingerprint,
     slugify,
 )
-from pipeline.data import DataSource, SplitSource, load_source
+from pipeline.data import DataSource, SplitSource, load_source, stratified_rows
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.export import image_classifier
 from pipeline.extract import resolve
@@ -77,7 +76,7 @@ from pipeline.heads import Head, load_head, logits_loss_and_accuracy
 from pipeline.images import decode_and_resize, load_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics, probabilities
-from pipeline.train import run_dir_for, stratified_rows
+from pipeline.runs import run_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +436,11 @@ class FinetuneRun:
         parts.append(f"{m['seconds_per_epoch']:.1f} s/epoch -> {self.run_dir}")
         return ", ".join(parts)
 
+    def record(self) -> dict[str, Any]:
+        """The result as JSON (`--json`): what `make bench` reads instead of the summary line."""
+        return {"stage": "finetune", "run_dir": str(self.run_dir), "up_to_date": self.up_to_date,
+                "metrics": self.metrics}
+
 
 @dataclass(frozen=True)
 class _Origin:
@@ -446,7 +450,8 @@ class _Origin:
     run_dir: Path | None = None
     head: Head | None = None
     record: Mapping[str, Any] | None = None
-    trained: int | None = None  # st_mtime_ns of its metrics.json: which training of that run
+    trained: str | None = None  # a fingerprint of its metrics.json: which training of that run
+    trained_mtime: int | None = None  # st_mtime_ns of its metrics.json: the same for runs written before
 
 
 @dataclass(frozen=True)
@@ -464,7 +469,7 @@ class _Job:
     @property
     def work(self) -> Path:
         """Where training state and outputs gather; one per identity, so other settings never resume it."""
-        return self.run_dir.with_name(f"{self.run_dir.name}.partial-{key_digest(self.identity)}")
+        return self.run_dir.with_name(f"{self.run_dir.name}.partial-{fingerprint(self.identity)}")
 
 
 @dataclass(frozen=True)
@@ -514,7 +519,7 @@ def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
     """
     job = _resolve_job(features, head, config, head_run)
     with exclusive(job.run_dir, what="fine-tuning run directory"):
-        return _finished(job.run_dir, job.identity) or _run(job, progress=progress, callbacks=callbacks)
+        return _finished(job) or _run(job, progress=progress, callbacks=callbacks)
 
 
 def _run(job: _Job, *, progress: bool, callbacks: Sequence[Any]) -> FinetuneRun:
@@ -646,26 +651,16 @@ def _evaluate_run(job: _Job, parts: FinetuneModel, data: _Data, training: Resuma
 def few_shot(split: SplitSource, per_class: int, class_names: Sequence[str], *, seed: int) -> SplitSource:
     """`split` restricted to the examples `make head TRAIN_PER_CLASS=per_class` trains on.
 
-    The subset is chosen by split index (`train.stratified_rows`), so it is the one the
+    The subset is chosen by split index (`data.stratified_rows`), so it is the one the
     stage-2 head saw, and the seed workflow of `make bench`/`make compare` trains on the
     same few shots as the heads it is measured against.
     """
-    import tensorflow as tf
-
     labels, index = [], []
     for label, position in split.records(0).map(lambda r: (r["label"], r["index"])).as_numpy_iterator():
         labels.append(label)
         index.append(position)
     labels, index = np.asarray(labels, dtype=np.int64), np.asarray(index, dtype=np.int64)
-    keep = index[stratified_rows(labels, index, per_class, list(class_names), seed=seed)]
-    wanted = np.zeros(split.total, bool)
-    wanted[keep] = True
-    wanted = tf.constant(wanted)
-
-    def records(start: int):
-        return split.records(0).filter(lambda r: tf.gather(wanted, r["index"])).skip(start)
-
-    return dataclasses.replace(split, size=len(keep), records=records)
+    return split.at(index[stratified_rows(labels, index, per_class, list(class_names), seed=seed)])
 
 
 def _few_shot_setting(origin: _Origin, head: HeadConfig) -> tuple[int | None, int]:
@@ -706,15 +701,14 @@ def _origin(features: FeaturesConfig, key: Mapping[str, Any], features_path: Pat
 
 
 def _read_origin(run_dir: Path, key: Mapping[str, Any]) -> _Origin:
-    try:
-        record = json.loads((run_dir / "config.json").read_text())
-        trained = (run_dir / "metrics.json").stat().st_mtime_ns
-    except (OSError, ValueError):
+    found = runs.read_run(run_dir)
+    if found is None:
         raise CacheError(
             f"No stage-2 head to warm-start from in {run_dir}. Train one first with `make head HEAD=dense` "
             "and the same variables, or pass HEAD_EPOCHS=N to train a head on images with the backbone "
             "frozen for N epochs first."
-        ) from None
+        )
+    record = found.config
     stored = record["features_key"]
     wanted = {"backbone": key["backbone"], "image_size": key["image_size"], "pooling": key["pooling"],
               "weights": key["weights"], "data_fingerprint": key["data_fingerprint"]}
@@ -725,14 +719,16 @@ def _read_origin(run_dir: Path, key: Mapping[str, Any]) -> _Origin:
             f"({'; '.join(differs)}). Use the same BACKBONE/IMAGE_SIZE/POOLING/WEIGHTS/data as its "
             "`make head`, or train a head for these settings."
         )
-    return _Origin(run_dir.name, run_dir=run_dir, head=load_head(run_dir), record=record, trained=trained)
+    return _Origin(run_dir.name, run_dir=run_dir, head=load_head(run_dir), record=record,
+                   trained=fingerprint(found.metrics), trained_mtime=(run_dir / runs.METRICS).stat().st_mtime_ns)
 
 
-def _head_identity(origin: _Origin) -> Any:
+def _head_identity(origin: _Origin, *, trained: str | int | None = None) -> Any:
+    """The stage-2 run a fine-tuning starts from: its place, its head config and which training of it."""
     if origin.run_dir is None:
         return origin.name
     return {"run": str(origin.run_dir), "head": origin.record["head"],
-            "trained": origin.trained}
+            "trained": origin.trained if trained is None else trained}
 
 
 def _check_source(source: DataSource, origin: _Origin) -> None:
@@ -745,15 +741,23 @@ def _check_source(source: DataSource, origin: _Origin) -> None:
                          f"{len(source.class_names)}. Retrain the head with `make head`.")
 
 
-def _finished(run_dir: Path, identity: Mapping[str, Any]) -> FinetuneRun | None:
-    try:
-        record = json.loads((run_dir / "config.json").read_text())
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+def _finished(job: _Job) -> FinetuneRun | None:
+    """The finished run of `job` if its config.json holds the job's identity.
+
+    Runs written before the stage-2 run was identified by a fingerprint of its
+    metrics.json hold that file's modification time (an int) instead; they stay
+    current while it is unchanged.
+    """
+    found = runs.read_run(job.run_dir)
+    if found is None:
         return None
-    if {k: record.get(k) for k in identity} != json.loads(json.dumps(identity)):
+    identity = job.identity
+    stored = found.config.get("head_run")
+    if isinstance(stored, Mapping) and isinstance(stored.get("trained"), int):
+        identity = {**identity, "head_run": _head_identity(job.origin, trained=job.origin.trained_mtime)}
+    if not found.matches(identity):
         return None
-    return FinetuneRun(run_dir=run_dir, metrics=metrics, up_to_date=True)
+    return FinetuneRun(run_dir=job.run_dir, metrics=found.metrics, up_to_date=True)
 
 
 def _tensorboard(work: Path):
@@ -784,26 +788,18 @@ def _write_run(job: _Job, parts: FinetuneModel, data: _Data, training: Resumable
     work, features, config, class_names = job.work, job.features, job.config, data.class_names
     training.clear()
     parts.classifier(features.image_size).save(work / MODEL_FILE)
-    (work / "labels.txt").write_text("\n".join(class_names) + "\n")
-    (work / "config.json").write_text(json.dumps(job.identity, indent=2, sort_keys=True) + "\n")
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    names = ["loss", "accuracy", "val_loss", "val_accuracy"]
-    with open(work / "history.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", "phase", *names, "seconds"])
-        for h in training.history:
-            writer.writerow([h["epoch"], h["phase"], *(h.get(n, "") for n in names), h["seconds"]])
-    figures = [_learning_curves(job.origin, training, work / "learning_curves.png", config)]
+    runs.write_records(work, class_names=class_names, config=job.identity, metrics=metrics)
+    runs.write_history(work, ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"],
+                       training.history)
+    figures = [_learning_curves(job.origin, training, work / runs.LEARNING_CURVES, config)]
     scored = "test" if metrics["after"]["test"] else "validation"
     figures.append(plots.confusion_matrix(metrics["after"][scored]["confusion_matrix"], class_names,
-                                          work / "confusion_matrix.png", title=f"fine-tuned, {scored} split"))
-    grid = _predictions_grid(parts, features, data.source, scored, class_names, config, work / "top_losses.png")
+                                          work / runs.CONFUSION_MATRIX, title=f"fine-tuned, {scored} split"))
+    grid = _predictions_grid(parts, features, data.source, scored, class_names, config, work / runs.TOP_LOSSES)
     if grid:
         figures.append(grid)
-    (work / "report.md").write_text(report(metrics, [f.name for f in figures]))
-    if job.run_dir.exists():
-        shutil.rmtree(job.run_dir)
-    os.replace(work, job.run_dir)
+    runs.write_report(work, report(metrics, [f.name for f in figures]))
+    runs.publish(work, job.run_dir)
     return FinetuneRun(run_dir=job.run_dir, metrics=metrics)
 
 
@@ -823,23 +819,16 @@ def _predictions_grid(parts: FinetuneModel, features: FeaturesConfig, source: Da
                       class_names: list[str], config: FinetuneConfig, path: Path) -> Path | None:
     """The `grid_images` images of `split` the fine-tuned model gets most wrong or is
     least sure of (highest -log p(true), fastai's top losses), one more pass over it."""
-    from pipeline.train import top_loss_rows
-
     if config.grid_images == 0:
         return None
     try:
         proba, labels, positions = _split_predictions(parts.model, features, source.splits[split], config.batch_size)
-        chosen = top_loss_rows(proba, labels, config.grid_images)
-        images = load_images(features, split, positions[chosen], source=source)
     except Exception as err:  # the plot is optional; the metrics are not
         log.warning("No top-losses grid: cannot read the %s images back (%s).", split, err)
         return None
-    picked, truth = proba[chosen], labels[chosen]
-    p_true = picked[np.arange(len(chosen)), truth]
-    return plots.top_losses(
-        [images[int(i)] for i in positions[chosen]], [class_names[t] for t in truth],
-        [class_names[p] for p in picked.argmax(axis=1)], picked.max(axis=1).tolist(), p_true.tolist(),
-        (-np.log(np.clip(p_true, 1e-15, 1))).tolist(), path,
+    return runs.top_losses_grid(
+        proba, labels, positions, class_names, count=config.grid_images, split=split, path=path,
+        read=lambda chosen: load_images(features, split, positions[chosen], source=source),
         title=f"fine-tuned model: top losses on {split} images",
     )
 

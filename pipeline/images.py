@@ -78,6 +78,15 @@ def decode_and_resize(image_bytes, image_size: int):
     return tf.ensure_shape(image, (image_size, image_size, 3))
 
 
+def tf_error_message(err: Exception) -> str:
+    """The first line of a TensorFlow op error, without its `{{function_node ...}}` prefix and
+    ` [Op:...]` suffix: what a user needs to know about an unreadable image."""
+    message = getattr(err, "message", str(err))
+    message = message.split("}}", 1)[-1].strip()
+    message = message.split(" [Op:", 1)[0].strip()
+    return message.splitlines()[0] if message else type(err).__name__
+
+
 def apply_orientation(image, orientation):
     """Turns an (H, W, C) image stored in EXIF `orientation` (int32 1-8) upright.
 
@@ -140,14 +149,10 @@ def load_images(config, split: str, positions, *, source=None):
     `read_images` is the cheap way to get pictures of an image folder. `source`: the
     `DataSource` of `config` when the caller has it loaded already; None loads it.
     """
-    import numpy as np
-    import tensorflow as tf
-
     from pipeline.data import load_source
 
     source = source or load_source(config.data, seed=config.seed)
-    wanted = tf.constant(np.asarray(positions, np.int64))
-    records = source.splits[split].records(0).filter(lambda r: tf.reduce_any(tf.equal(r["index"], wanted)))
+    records = source.splits[split].at(positions).records(0)
     return {int(r["index"]): decode_and_resize(r["image"], config.image_size).numpy() for r in records}
 
 

@@ -14,8 +14,10 @@ A run directory (`runs/<feature file>__<head>/`) holds::
     confusion_matrix.png, top_losses.png   on test (validation if there is no test split)
     report.md                              the table and the plots
 
-It is assembled in a temporary directory and moved into place at the end, so a
-failed run never leaves a half-written directory or clobbers the previous one.
+`pipeline.runs` owns this directory: its name (`run_dir_for`), its atomic write
+(assembled in a temporary directory and moved into place at the end, so a failed
+run never leaves a half-written directory or clobbers the previous one), the
+"is it current?" check and the readers.
 
 Augmented views of the train split (stage 1 with AUG_VIEWS) are used as
 `HeadConfig.views` says: by default all of them for the dense head, none for the
@@ -27,26 +29,23 @@ out, views included; validation and test stay whole.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline import plots
+from pipeline import plots, runs
 from pipeline.config import FeaturesConfig, HeadConfig
-from pipeline.errors import ConfigError, DataError
+from pipeline.data import stratified_rows
+from pipeline.errors import DataError
 from pipeline.heads import Head, head_class, load_head
 from pipeline.images import read_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
+from pipeline.runs import run_dir_for
 from pipeline.store import FeatureSet, SplitArrays, load_views, read_features
 
 log = logging.getLogger(__name__)
@@ -74,24 +73,10 @@ class HeadRun:
         parts.append(f"trained in {self.metrics['training_seconds']:.2f} s -> {self.run_dir}")
         return ", ".join(parts)
 
-
-def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
-    """`runs/<feature file>__<head>[__views-V][__N-per-class][__excl-<digest>]`.
-
-    Explicit VIEWS and TRAIN_PER_CLASS name their own runs, so runs of one file with
-    0, 2 or 5 views, or few-shot subsets, sit side by side; the default (VIEWS unset)
-    keeps the plain name. EXCLUDE adds a digest of the ids it leaves out.
-    """
-    name = f"{Path(features_path).stem}__{config.head}"
-    if config.views is not None:
-        name += f"__views-{config.views}"
-    if config.train_per_class is not None:
-        name += f"__{config.train_per_class}-per-class"
-    if config.exclude is not None:
-        from pipeline.audit import exclusion_digest
-
-        name += f"__excl-{exclusion_digest(config.exclude, config.exclude_kinds)}"
-    return Path(config.runs_dir) / name
+    def record(self) -> dict[str, Any]:
+        """The result as JSON (`--json`): what `make bench` reads instead of the summary line."""
+        return {"stage": "head", "run_dir": str(self.run_dir), "head": self.head.name,
+                "up_to_date": self.up_to_date, "metrics": self.metrics}
 
 
 def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None) -> HeadRun:
@@ -133,9 +118,7 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
         train = _subset(train, rows)
         views = None if views is None else views[:, rows]
 
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
-    try:
+    with runs.assembling(run_dir) as work:
         head = head_class(config.head).from_config(config)
         head.fit(
             train.features, train.labels, validation.features, validation.labels,
@@ -155,11 +138,6 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
         if test is None:
             metrics["note"] = "no test split: validation metrics only"
         _write_run(work, head, cached, config, metrics)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        os.replace(work, run_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return HeadRun(run_dir=run_dir, head=head, metrics=metrics)
 
 
@@ -171,17 +149,10 @@ def _finished_run(run_dir: Path, cached: FeatureSet, config: HeadConfig, used: d
     that gained views since makes the default dense run stale (a run on its first V
     views stays valid, since views never change once written).
     """
-    try:
-        record = json.loads((run_dir / "config.json").read_text())
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+    found = runs.current(run_dir, {"features_key": cached.key, "head": config.to_dict()})
+    if found is None or _without_available(found.config.get("views", _NO_VIEWS)) != _without_available(used):
         return None
-    if (
-        record.get("features_key") != cached.key or record.get("head") != config.to_dict()
-        or _without_available(record.get("views", _NO_VIEWS)) != _without_available(used)
-    ):
-        return None
-    return HeadRun(run_dir=run_dir, head=load_head(run_dir), metrics=metrics, up_to_date=True)
+    return HeadRun(run_dir=run_dir, head=load_head(run_dir), metrics=found.metrics, up_to_date=True)
 
 
 _NO_VIEWS = {"used": 0}
@@ -205,35 +176,6 @@ def _views_record(cached: FeatureSet, config: HeadConfig) -> dict[str, Any]:
     if config.train_per_class is not None:
         record["train_per_class"] = config.train_per_class
     return record
-
-
-def stratified_rows(labels: np.ndarray, index: np.ndarray, per_class: int, class_names: list[str], *,
-                    seed: int) -> np.ndarray:
-    """Sorted rows of a seeded subset with `per_class` examples of every class.
-
-    Each class keeps the examples whose split `index` ranks first under a seeded hash,
-    so the choice depends on the examples, not on their rows: the head on cached
-    features and stage 3 on images (which may hold images the cache skipped) pick
-    the same ones. A class with fewer than `per_class` examples is an error, not a
-    smaller class.
-    """
-    counts = np.bincount(labels, minlength=len(class_names))
-    short = [f"{class_names[c]}: {int(n)}" for c, n in enumerate(counts) if n < per_class]
-    if short:
-        raise ConfigError(
-            f"TRAIN_PER_CLASS={per_class} needs that many train examples in every class. Received: "
-            f"{', '.join(short)}. Lower TRAIN_PER_CLASS."
-        )
-    ranks = np.array([_rank(seed, int(i)) for i in index], dtype=np.uint64)
-    rows = []
-    for c in range(len(class_names)):
-        members = np.flatnonzero(labels == c)
-        rows.append(members[np.argsort(ranks[members], kind="stable")[:per_class]])
-    return np.sort(np.concatenate(rows))
-
-
-def _rank(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "big")
 
 
 def _subset(split: SplitArrays, rows: np.ndarray) -> SplitArrays:
@@ -261,68 +203,40 @@ def _check_splits(cached: FeatureSet) -> None:
 def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any]) -> None:
     class_names = list(cached.class_names)
     head.save(work)
-    (work / "labels.txt").write_text("\n".join(class_names) + "\n")
-    (work / "config.json").write_text(json.dumps(
-        {"features": cached.config, "features_key": cached.key, "features_path": str(cached.path),
-         "head": config.to_dict(), "views": metrics["views"], "exclude": metrics.get("exclude")},
-        indent=2, sort_keys=True) + "\n")
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    runs.write_records(work, class_names=class_names, metrics=metrics, config={
+        "features": cached.config, "features_key": cached.key, "features_path": str(cached.path),
+        "head": config.to_dict(), "views": metrics["views"], "exclude": metrics.get("exclude")})
     figures = []
     history = getattr(head, "history_", None)
     if history:
-        with open(work / "history.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            names = list(history)
-            writer.writerow(["epoch", *names])
-            for epoch, row in enumerate(zip(*(history[n] for n in names)), start=1):
-                writer.writerow([epoch, *row])
-        figures.append(plots.learning_curves(history, work / "learning_curves.png"))
+        names = list(history)
+        runs.write_history(work, ["epoch", *names], [
+            {"epoch": epoch, **dict(zip(names, row))}
+            for epoch, row in enumerate(zip(*(history[n] for n in names)), start=1)])
+        figures.append(plots.learning_curves(history, work / runs.LEARNING_CURVES))
     scored = "test" if metrics["test"] else "validation"
     figures.append(plots.confusion_matrix(
-        metrics[scored]["confusion_matrix"], class_names, work / "confusion_matrix.png",
+        metrics[scored]["confusion_matrix"], class_names, work / runs.CONFUSION_MATRIX,
         title=f"{config.head} head, {scored} split",
     ))
-    grid = _predictions_grid(head, cached, scored, config, work / "top_losses.png")
+    grid = _predictions_grid(head, cached, scored, config, work / runs.TOP_LOSSES)
     if grid:
         figures.append(grid)
-    (work / "report.md").write_text(report(metrics, class_names, [f.name for f in figures]))
+    runs.write_report(work, report(metrics, class_names, [f.name for f in figures]))
 
 
 def _predictions_grid(head: Head, cached: FeatureSet, split: str, config: HeadConfig, path: Path) -> Path | None:
-    """The `grid_images` images of `split` with the highest loss (fastai's top losses):
-    what the head gets most wrong or is least sure of, read back from the data source."""
+    """The `grid_images` images of `split` with the highest loss, read back from the data source."""
     if config.grid_images == 0:
         return None
     rows = cached.splits[split]
-    proba = head.predict_proba(rows.features)
-    chosen = top_loss_rows(proba, rows.labels, config.grid_images)
-    try:
-        images = read_images(FeaturesConfig.from_dict(cached.config), split,
-                             dict(zip(rows.index[chosen].tolist(), rows.ids[chosen])))
-    except Exception as err:  # the images may have moved since extraction; the plot is optional
-        log.warning("No top-losses grid: cannot read the %s images back (%s).", split, err)
-        return None
-    chosen = np.array([c for c in chosen if int(rows.index[c]) in images], np.int64)
-    if not len(chosen):
-        log.warning("No top-losses grid: none of the %s images can be read back (moved?).", split)
-        return None
-    names = cached.class_names
-    labels, picked = rows.labels[chosen], proba[chosen]
-    p_true = picked[np.arange(len(chosen)), labels]
-    return plots.top_losses(
-        [images[int(i)] for i in rows.index[chosen]],
-        [names[label] for label in labels],
-        [names[p] for p in picked.argmax(axis=1)],
-        picked.max(axis=1).tolist(), p_true.tolist(), (-np.log(np.clip(p_true, 1e-15, 1))).tolist(),
-        path,
+    features = FeaturesConfig.from_dict(cached.config)
+    return runs.top_losses_grid(
+        head.predict_proba(rows.features), rows.labels, rows.index,
+        cached.class_names, count=config.grid_images, split=split, path=path,
+        read=lambda chosen: read_images(features, split, dict(zip(rows.index[chosen].tolist(), rows.ids[chosen]))),
         title=f"{head.name} head: top losses on {split} images",
     )
-
-
-def top_loss_rows(proba: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
-    """Rows with the highest cross-entropy -log p(true label), highest first (ties: row order)."""
-    p_true = np.asarray(proba, np.float64)[np.arange(len(labels)), labels]
-    return np.argsort(p_true, kind="stable")[:count]
 
 
 def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str]) -> str:

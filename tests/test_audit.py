@@ -30,7 +30,8 @@ from pipeline.cli import main
 from pipeline.config import AuditConfig, HeadConfig
 from pipeline.errors import CacheError, ConfigError
 from pipeline.store import FORMAT_VERSION, read_features, write_features
-from pipeline.train import top_loss_rows, train_head
+from pipeline.runs import top_loss_rows
+from pipeline.train import train_head
 
 CLASSES = ("cat", "dog", "fox")
 

@@ -29,7 +29,8 @@ from pipeline.finetune import (
 )
 from pipeline.heads import load_head
 from pipeline.store import read_features
-from pipeline.train import stratified_rows, train_head
+from pipeline.data import stratified_rows
+from pipeline.train import train_head
 
 AT = "block2_conv"  # tiny: input, then conv/bn/relu for blocks 1-3; block 2 starts at layer 4
 

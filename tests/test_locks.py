@@ -30,7 +30,8 @@ from pipeline.errors import LockError
 from pipeline.extract import extract_features, resolve
 from pipeline.locks import Holder, exclusive, holder_path, is_lock_file, lock_path
 from pipeline.store import partial_path, read_features
-from pipeline.train import run_dir_for, train_head
+from pipeline.runs import run_dir_for
+from pipeline.train import train_head
 from test_extract import tiny_config
 
 #: A hang guard only: the processes below normally get there in seconds.

@@ -24,7 +24,8 @@ from pipeline.extract import extract_features, resolve
 from pipeline.images import decode_and_resize
 from pipeline.heads import DenseHead, LogisticHead
 from pipeline.store import FeatureWriter, load_views, merge_shards, partial_path, read_features
-from pipeline.train import stratified_rows, train_head
+from pipeline.data import stratified_rows
+from pipeline.train import train_head
 from test_extract import tiny_config
 
 VIEWS = ViewsConfig(num_views=2, augment=AugmentConfig(flip="horizontal", rotation=0.1, zoom=0.1))
