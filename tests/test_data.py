@@ -294,3 +294,22 @@ def test_tfds_not_prepared_without_download_names_the_fix(tmp_path):
     config = DataConfig(dataset="cats_vs_dogs", tfds_dir=str(tmp_path), download=False)
     with pytest.raises(DataError, match=r"not prepared in .*downloads are off.*TFDS_DIR=DIR"):
         load_source(config, seed=0)
+
+
+def test_a_split_restricted_to_positions_reads_only_those_records(presplit_folder):
+    source = folder_source(scan_folder(folder_config(presplit_folder), seed=0), shard_index=1, num_shards=3)
+    train = source.splits["train"]  # positions 1, 4, 7, 10, 13 of 16
+    chosen = train.at([13, 4, 10, 4])
+    assert (chosen.size, chosen.total, chosen.name) == (3, 16, "train")
+    assert [r["index"] for r in chosen.records(0).as_numpy_iterator()] == [4, 10, 13]
+    assert [r["index"] for r in chosen.records(1).as_numpy_iterator()] == [10, 13]
+    assert list(chosen.records(3).as_numpy_iterator()) == []
+    with pytest.raises(DataError, match="Positions of split 'train' must lie in 0-15. Received: 4-16"):
+        train.at([4, 16])
+
+
+def test_tfds_split_restricted_to_positions_of_its_shard():
+    with tfds.testing.mock_data(num_examples=12):
+        train = tfds_source(DataConfig(), shard_index=0, num_shards=2).splits["train"]
+        records = list(train.at([6, 2, 10]).records(1).as_numpy_iterator())
+    assert [r["index"] for r in records] == [6, 10]
