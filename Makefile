@@ -28,6 +28,10 @@ NUM_SHARDS ?= 1
 STRICT ?=#                        1: fail on any unreadable image instead of skipping it
 MIXED_PRECISION ?=#               1: run the backbone in float16 (GPUs)
 FEATURES_DIR ?= features
+ENGINE ?= local#                  make features: local (this process) or ray (a Ray cluster; RAY_ADDRESS=... for an existing one)
+WORKERS ?=#                       ENGINE=ray: worker actors (default: one per GPU, else one)
+GPUS_PER_WORKER ?=#               ENGINE=ray: GPUs per worker (default: 1 when the cluster has GPUs, else 0)
+RAY_SHARD_SIZE ?= 1000#           ENGINE=ray: images per unit of work
 ## Head (stage 2)
 HEAD ?= logistic#                 logistic (linear probe) or dense (Keras Dropout + Dense)
 FEATURES ?=#                      a feature file to use instead of the one the variables above describe
@@ -104,6 +108,9 @@ FINETUNE_FLAGS = --fine-tune-at '$(FINE_TUNE_AT)' --fine-tune-epochs $(FINE_TUNE
 
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
+ENGINE_FLAGS = --engine $(ENGINE) $(if $(WORKERS),--workers $(WORKERS)) \
+	$(if $(GPUS_PER_WORKER),--gpus-per-worker $(GPUS_PER_WORKER)) --ray-shard-size $(RAY_SHARD_SIZE)
+
 .PHONY: help features head finetune compare export predict backbones bench bench-features bench-head test test-all clean-venv
 
 help: ## list targets and variables
@@ -115,11 +122,11 @@ help: ## list targets and variables
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $@
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
-	$(PY) -m pipeline features $(FEATURE_FLAGS) --aug-views $(AUG_VIEWS) $(AUG_FLAGS)
+	$(PY) -m pipeline features $(FEATURE_FLAGS) --aug-views $(AUG_VIEWS) $(AUG_FLAGS) $(ENGINE_FLAGS)
 
 head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
 	$(PY) -m pipeline head $(FEATURE_FLAGS) $(HEAD_FLAGS)

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.config import (
+    DEFAULT_SHARD_SIZE,
     DEFAULT_TFDS_SPLITS,
     DTYPES,
+    ENGINE_NAMES,
     FLIPS,
     HEAD_NAMES,
     OPTIMIZERS,
@@ -24,6 +26,7 @@ from pipeline.config import (
     SPLIT_NAMES,
     AugmentConfig,
     DataConfig,
+    EngineConfig,
     FeaturesConfig,
     FinetuneConfig,
     HeadConfig,
@@ -74,6 +77,30 @@ def _add_features_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--strict", action="store_true", help="fail on any unreadable image instead of skipping it")
     run.add_argument("--output-dir", default="features")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Where stage 1 runs; none of it changes the feature file."""
+    engine = parser.add_argument_group("engine (where the backbone runs; never changes the file)")
+    engine.add_argument("--engine", choices=ENGINE_NAMES, default="local",
+                        help="local: this process; ray: the actors of a Ray cluster")
+    engine.add_argument("--ray-address", default=None,
+                        help="ray: address of an existing cluster (default: $RAY_ADDRESS, else start a local one)")
+    engine.add_argument("--workers", type=int, default=None,
+                        help="ray: worker actors (default: one per GPU of the cluster, else one)")
+    engine.add_argument("--gpus-per-worker", type=float, default=None,
+                        help="ray: GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
+    engine.add_argument("--ray-shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help="ray: images per unit of work")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """Flags (and $RAY_ADDRESS, read only for the ray engine) -> EngineConfig."""
+    address = args.ray_address
+    if args.engine == "ray" and address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
+    return EngineConfig(name=args.engine, address=address, workers=args.workers,
+                        gpus_per_worker=args.gpus_per_worker, shard_size=args.ray_shard_size)
 
 
 def _add_augment_flags(parser: argparse.ArgumentParser) -> None:
@@ -141,13 +168,14 @@ def features_config(args: argparse.Namespace) -> FeaturesConfig:
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
-    from pipeline.extract import extract_features, resolve
+    from pipeline.extract import extract_features, get_engine, resolve
 
     config = features_config(args)
     if args.print_path:
         print(resolve(config)[2])
         return 0
-    result = extract_features(config, views=views_config(args), progress=not args.no_progress)
+    engine = get_engine(engine_config(args))
+    result = extract_features(config, views=views_config(args), progress=not args.no_progress, engine=engine)
     print(result.summary())
     return 0
 
@@ -402,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--print-path", action="store_true", help="print the feature file path and exit")
     _add_augment_flags(features)
     _add_views_flags(features)
+    _add_engine_flags(features)
     features.set_defaults(run=_cmd_features)
 
     head = commands.add_parser("head", help="stage 2: train a head on cached features, evaluate, plot")

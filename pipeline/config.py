@@ -455,3 +455,51 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> FinetuneConfig:
         return _build(cls, raw, "finetune")
+
+
+ENGINE_NAMES = ("local", "ray")
+#: Images per unit of work of a distributed run: small enough that a lost worker costs
+#: seconds, large enough that scheduling costs nothing next to the forward passes.
+DEFAULT_SHARD_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How stage 1 runs, never what it computes: none of it enters the key or the file.
+
+    `name` "local" runs in this process; "ray" splits every split into contiguous
+    shards of `shard_size` images and runs them on `workers` Ray actors, started on a
+    local cluster or on the one at `address`. `workers=None` means one per GPU of the
+    cluster (one on a cluster without GPUs) and `gpus_per_worker=None` means 1 on a
+    cluster with GPUs, else 0. A shard is tried `max_attempts` times before the run
+    fails naming it.
+    """
+
+    name: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINE_NAMES:
+            raise ConfigError(
+                f"engine must be one of {', '.join(ENGINE_NAMES)}. Received: ENGINE={self.name!r}."
+            )
+        if self.name == "local":
+            given = [f"{n}={v!r}" for n, v in (("WORKERS", self.workers), ("GPUS_PER_WORKER", self.gpus_per_worker),
+                                               ("RAY_ADDRESS", self.address)) if v is not None]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} configure(s) ENGINE=ray, but the engine is local (one process). "
+                    "Set ENGINE=ray, or drop the setting."
+                )
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1. Received: WORKERS={self.workers}.")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker must be >= 0. Received: GPUS_PER_WORKER={self.gpus_per_worker}.")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1. Received: shard_size={self.shard_size}.")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1. Received: max_attempts={self.max_attempts}.")

@@ -24,3 +24,7 @@ class WeightsUnavailableError(PipelineError):
 
 class CacheError(PipelineError):
     """A feature file that is missing, incomplete, or built with other settings."""
+
+
+class WorkerError(PipelineError):
+    """Work that failed on every try on a cluster's workers (ENGINE=ray)."""
