@@ -46,6 +46,7 @@ CLASS_WEIGHT ?=#                  balanced: weight classes by inverse frequency
 RUNS_DIR ?= runs
 VIEWS ?=#                         augmented train views to train on (default: dense all the file has, logistic none; 0: none)
 TRAIN_PER_CLASS ?=#               train on a seeded, stratified subset of N train examples per class (few-shot)
+MEMORY_BUDGET ?=#                 memory the train rows may take, e.g. 2GB (default: a quarter of RAM); dense streams past it
 ## Augmentation (make finetune, and AUG_VIEWS in make features)
 AUG_FLIP ?= horizontal#           horizontal, vertical, horizontal_and_vertical or none
 AUG_ROTATION ?= 0.1#              fraction of a full turn (0.1: up to 36 degrees)
@@ -84,6 +85,8 @@ BENCH_IMAGE_SIZE ?= 160
 BENCH_EPOCHS ?= 10#               make bench: epochs of the seed workflow (the TF tutorial's 10)
 BENCH_QUICK ?=#                   1: make bench on a tiny backbone and generated images, 2 epochs (CI, about a minute)
 BENCH_OUT ?=#                     make bench: results folder (default: bench, quick mode bench/quick)
+BENCH_SCALE_PARTS ?= engines,driver,extraction,heads#  make bench-scale: the parts to run (results of the others are kept)
+BENCH_SCALE_FLAGS ?=#             make bench-scale: more flags (`python -m pipeline bench-scale --help`)
 
 PY := $(VENV)/bin/python
 FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)') \
@@ -96,7 +99,8 @@ FEATURE_FLAGS = $(if $(DATA_DIR),--data-dir '$(DATA_DIR)',--dataset '$(DATASET)'
 HEAD_FLAGS = $(if $(FEATURES),--features '$(FEATURES)') --head $(HEAD) $(if $(C),--C $(C)) --hidden $(HIDDEN) \
 	--dropout $(DROPOUT) --epochs $(EPOCHS) --head-batch-size $(HEAD_BATCH_SIZE) --learning-rate $(LEARNING_RATE) \
 	--patience $(PATIENCE) $(if $(CLASS_WEIGHT),--class-weight $(CLASS_WEIGHT)) --runs-dir '$(RUNS_DIR)' \
-	$(if $(VIEWS),--views $(VIEWS)) $(if $(TRAIN_PER_CLASS),--train-per-class $(TRAIN_PER_CLASS))
+	$(if $(VIEWS),--views $(VIEWS)) $(if $(TRAIN_PER_CLASS),--train-per-class $(TRAIN_PER_CLASS)) \
+	$(if $(MEMORY_BUDGET),--memory-budget $(MEMORY_BUDGET))
 
 AUG_FLAGS = --aug-flip $(AUG_FLIP) --aug-rotation $(AUG_ROTATION) --aug-zoom $(AUG_ZOOM) \
 	--aug-contrast $(AUG_CONTRAST) --aug-translation $(AUG_TRANSLATION)
@@ -111,7 +115,7 @@ RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 ENGINE_FLAGS = --engine $(ENGINE) $(if $(WORKERS),--workers $(WORKERS)) \
 	$(if $(GPUS_PER_WORKER),--gpus-per-worker $(GPUS_PER_WORKER)) --ray-shard-size $(RAY_SHARD_SIZE)
 
-.PHONY: help features head finetune compare export predict backbones bench bench-features bench-head test test-all clean-venv
+.PHONY: help features head finetune compare export predict backbones bench bench-features bench-head bench-scale test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -161,6 +165,10 @@ bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, sto
 	$(PY) -m pipeline bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick,--data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
 		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) --epochs $(BENCH_EPOCHS)) \
 		--batch-size $(BATCH_SIZE) $(if $(BENCH_OUT),--out '$(BENCH_OUT)')
+
+bench-scale: $(VENV)/.installed ## ENGINE=ray vs local, the driver's ceiling, extraction and heads against size -> bench/scale.{json,md}
+	$(PY) -m pipeline bench-scale --parts '$(BENCH_SCALE_PARTS)' --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
+		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) --batch-size $(BATCH_SIZE) $(BENCH_SCALE_FLAGS)
 
 backbones: $(VENV)/.installed ## list the registered backbones
 	$(PY) -m pipeline backbones

@@ -215,6 +215,20 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
     return "__".join(parts) + ".h5"
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, name: str = "size") -> int:
+    """'2GB' -> 2_000_000_000 bytes, '512MiB' -> 536_870_912, '1e9' -> 1_000_000_000."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"{name} must be a positive size such as 2GB, 512MB or 1.5GiB. Received: {name}={text!r}."
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
 FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 
 
@@ -313,6 +327,9 @@ class HeadConfig:
     (its sweep over C would pay for every stacked row), 0 turns them off.
     `train_per_class` trains on a seeded, stratified subset of the train split with
     that many examples per class (few-shot runs); validation and test stay whole.
+    `memory_budget` ("2GB", "512MiB"; None: a quarter of this machine's RAM) bounds the
+    memory the train rows may take: past it the dense head streams them from the
+    file and the logistic head refuses (see `pipeline.train`).
     """
 
     head: str = "logistic"
@@ -329,8 +346,11 @@ class HeadConfig:
     grid_images: int = 16
     views: int | None = None
     train_per_class: int | None = None
+    memory_budget: str | None = None
 
     def __post_init__(self) -> None:
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget, "MEMORY_BUDGET")
         if self.head not in HEAD_NAMES:
             raise ConfigError(
                 f"Unknown head {self.head!r}. Expected one of: {', '.join(HEAD_NAMES)}. "

@@ -185,6 +185,16 @@ class RayEngine:
         self.startup_seconds: float | None = None
         #: Shard attempts that failed (worker deaths and errors) in the last run.
         self.failures = 0
+        #: Workers of the last run, and where they ran.
+        self.workers: list[dict[str, Any]] = []
+
+    def describe(self) -> str:
+        """One line about the last run: workers, hosts, start-up seconds and failed attempts."""
+        if self.startup_seconds is None:
+            return ""
+        hosts = sorted({w["host"] for w in self.workers})
+        return (f"engine: ray, {len(self.workers)} worker(s) on {', '.join(hosts)}, start-up "
+                f"{self.startup_seconds:.1f} s, {self.failures} failed shard attempt(s)")
 
     @contextlib.contextmanager
     def start(self, config: FeaturesConfig, spec) -> Iterator[RayRunner]:
@@ -202,9 +212,9 @@ class RayEngine:
                 num_cpus=cpus, num_gpus=gpus, max_restarts=self.config.max_attempts, max_task_retries=0,
             )
             actors = [remote.remote(config, **self.worker_kwargs) for _ in range(workers)]
-            infos = _first_pipeline_error(ray, lambda: ray.get([a.ready.remote() for a in actors]))
+            self.workers = _first_pipeline_error(ray, lambda: ray.get([a.ready.remote() for a in actors]))
             self.startup_seconds = time.perf_counter() - began
-            hosts = sorted({i["host"] for i in infos})
+            hosts = sorted({i["host"] for i in self.workers})
             log.info("Ray: %d worker(s) with %g GPU and %g CPU each on %s, ready in %.1f s",
                      workers, gpus, cpus, ", ".join(hosts), self.startup_seconds)
             yield RayRunner(ray, actors, config, self)

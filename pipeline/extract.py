@@ -226,12 +226,18 @@ class Engine(Protocol):
     def start(self, config: FeaturesConfig, spec: backbones.BackboneSpec) -> ContextManager[Runner]:
         """Builds what the run needs (the backbone, or a cluster and its workers) and tears it down after."""
 
+    def describe(self) -> str:
+        """One line about the last run for the user ('' when there is nothing to say)."""
+
 
 class LocalEngine:
     """Stage 1 in this process: one backbone and one tf.data pipeline, nothing to start."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+
+    def describe(self) -> str:
+        return ""
 
     @contextlib.contextmanager
     def start(self, config: FeaturesConfig, spec: backbones.BackboneSpec) -> Iterator[LocalRunner]:
