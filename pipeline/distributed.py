@@ -87,6 +87,38 @@ class ShardTask:
 
 # --- workers -------------------------------------------------------------------------
 
+#: Features a worker gathers before sending them (see `ExtractionWorker`).
+CHUNK_BYTES = 1 << 20
+#: Features of the oldest unwritten shard the driver gathers before appending them to
+#: the file: appends of ~1000 rows write about ten times faster than appends of 32.
+WRITE_BYTES = 4 << 20
+
+
+def coalesce(batches: Iterator[tuple], limit: int) -> Iterator[tuple]:
+    """Joins consecutive batches until they hold `limit` bytes of features; the last one may hold less."""
+    pending: list[tuple] = []
+    size = 0
+    for batch in batches:
+        pending.append(batch)
+        size += batch[0].nbytes
+        if size >= limit:
+            yield join_batches(pending)
+            pending, size = [], 0
+    if pending:
+        yield join_batches(pending)
+
+
+def join_batches(batches: list[tuple]) -> tuple:
+    """One batch of many: arrays concatenated, lists (ids) chained."""
+    if len(batches) == 1:
+        return batches[0]
+    return tuple(
+        [item for b in batches for item in b[i]] if isinstance(batches[0][i], list)
+        else np.concatenate([b[i] for b in batches])
+        for i in range(len(batches[0]))
+    )
+
+
 
 def enable_memory_growth() -> None:
     """Lets TensorFlow take GPU memory as it needs it; must run before any TF op.
@@ -102,12 +134,15 @@ def enable_memory_growth() -> None:
 class ExtractionWorker:
     """The state of one Ray actor: the backbone, built once here, and its own data source.
 
-    `extract(task)` is a generator: each batch goes back to the driver as soon as it
-    is computed, which drives the progress bar and lets a retry resume after the last
-    batch received.
+    `extract(task)` is a generator: consecutive batches go back to the driver as soon
+    as they hold `chunk_bytes` of features (and at the end of the shard), which drives
+    the progress bar and lets a retry resume after the last chunk received. Chunks of
+    about a megabyte keep Ray's cost per object (about a millisecond of the driver's
+    time) small next to the rows they carry.
     """
 
-    def __init__(self, config: FeaturesConfig) -> None:
+    def __init__(self, config: FeaturesConfig, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.chunk_bytes = chunk_bytes
         enable_memory_growth()
         from pipeline import backbones
         from pipeline.extract import compiled_forward
@@ -128,6 +163,9 @@ class ExtractionWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     def extract(self, task: ShardTask) -> Iterator[tuple]:
+        yield from coalesce(self._batches(task), self.chunk_bytes)
+
+    def _batches(self, task: ShardTask) -> Iterator[tuple]:
         split = self._split(task)
         config = self.config
         if task.view is None:
@@ -336,8 +374,7 @@ class RayRunner:
             return advanced
 
         def write(batches: list[tuple]) -> None:
-            features, labels, index = (np.concatenate([b[i] for b in batches]) for i in range(3))
-            writer.append(split.name, features, labels, index, [i for b in batches for i in b[3]])
+            writer.append(split.name, *join_batches(batches))
 
         return self._run(shards, task, received, write, desc=split.name, total=split.size, initial=start,
                          progress=progress)
@@ -375,7 +412,7 @@ class RayRunner:
             # Charged the time since the previous write, as the local engine does: the sum is the wall time.
             nonlocal seconds, tick
             now = time.perf_counter()
-            writer.append_views(*(np.concatenate([b[i] for b in batches]) for i in range(4)), now - tick)
+            writer.append_views(*join_batches(batches), now - tick)
             seconds += now - tick
             tick = now
 
@@ -436,6 +473,8 @@ class RayRunner:
                         bar.update(received(shard, batch))
                 while head < len(shards) and (shards[head].batches or shards[head].done):
                     shard = shards[head]
+                    if not shard.done and sum(b[0].nbytes for b in shard.batches) < WRITE_BYTES:
+                        break
                     if shard.batches:
                         write(shard.batches)
                         shard.batches = []

@@ -196,8 +196,11 @@ class StandInWorker:
     Same methods as `pipeline.distributed.ExtractionWorker`; plain features only.
     """
 
-    def __init__(self, config, *, dim: int) -> None:
+    def __init__(self, config, *, dim: int, chunk_bytes: int | None = None) -> None:
+        from pipeline.distributed import CHUNK_BYTES
+
         self.batch_size = config.batch_size
+        self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self.features = np.random.default_rng(0).standard_normal((self.batch_size, dim), dtype=np.float32)
 
     def ready(self) -> dict[str, Any]:
@@ -207,6 +210,11 @@ class StandInWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "gpus": []}
 
     def extract(self, task) -> Iterator[tuple]:
+        from pipeline.distributed import coalesce
+
+        yield from coalesce(self._batches(task), self.chunk_bytes)
+
+    def _batches(self, task) -> Iterator[tuple]:
         for a in range(task.start, task.stop, self.batch_size):
             index = np.arange(a, min(task.stop, a + self.batch_size), dtype=np.int64)
             yield self.features[: len(index)], index % 2, index, [b"stand-in-%d" % i for i in index]
@@ -236,7 +244,7 @@ def bench_driver(*, rows: int, dim: int, batch_size: int, work_dir: Path, worker
 
     from pipeline.config import DataConfig, EngineConfig, FeaturesConfig
     from pipeline.data import SplitSource
-    from pipeline.distributed import RayEngine
+    from pipeline.distributed import WRITE_BYTES, RayEngine
     from pipeline.store import FeatureWriter
 
     def unused(start: int):
@@ -252,20 +260,23 @@ def bench_driver(*, rows: int, dim: int, batch_size: int, work_dir: Path, worker
         return FeatureWriter(work_dir / f"{name}.h5", attrs=attrs, splits={"train": {"spec": "stand-in"}},
                              feature_dim=dim, dtype="float32")
 
-    # The writer alone: the ceiling of any driver that writes this file format.
-    batch = np.random.default_rng(0).standard_normal((batch_size, dim), dtype=np.float32)
-    with writer("write-only") as w:
-        started = time.perf_counter()
-        for a in range(0, rows, batch_size):
-            index = np.arange(a, min(rows, a + batch_size))
-            w.append("train", batch[: len(index)], index % 2, index, [b"x"] * len(index))
-        seconds = time.perf_counter() - started
-    results.append({"what": "write only (FeatureWriter.append, no Ray)", "workers": 0, "rows": rows,
-                    "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds)})
+    # The writer alone, appending a batch at a time (the local engine) and ~4 MB at a time (the Ray driver).
+    for size, what in ((batch_size, f"{batch_size} rows"), (max(1, WRITE_BYTES // (4 * dim)), "4 MB")):
+        batch = np.random.default_rng(0).standard_normal((size, dim), dtype=np.float32)
+        with writer(f"write-only-{size}") as w:
+            started = time.perf_counter()
+            for a in range(0, rows, size):
+                index = np.arange(a, min(rows, a + size))
+                w.append("train", batch[: len(index)], index % 2, index, [b"x"] * len(index))
+            seconds = time.perf_counter() - started
+        results.append({"what": f"write only, appends of {what} (no Ray)", "workers": 0, "rows": rows,
+                        "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds)})
+    warm_up = SplitSource(name="train", spec="stand-in", size=shard_size * max(workers), total=rows, records=unused)
     for count in workers:
         engine = RayEngine(EngineConfig(name="ray", workers=count, shard_size=shard_size), worker=StandInWorker,
                            worker_kwargs={"dim": dim})
         with engine.start(config, None) as runner:
+            runner.extract_split(warm_up, _NullWriter(), progress=False)  # the workers' first task imports more
             for what, target in (("receive only", _NullWriter()), ("receive and write", None)):
                 with (contextlib.nullcontext(target) if target is not None else writer(f"ray-{count}")) as w:
                     started = time.perf_counter()
@@ -275,6 +286,12 @@ def bench_driver(*, rows: int, dim: int, batch_size: int, work_dir: Path, worker
                                 "workers": count, "rows": got, "seconds": round(seconds, 3),
                                 "rows_per_s": round(got / seconds)})
                 log.info("bench-scale driver: %s", results[-1])
+                if target is None:  # the finished file: a gzip copy of the partial one, after the last shard
+                    started = time.perf_counter()
+                    w.finish({})
+                    seconds = time.perf_counter() - started
+                    results.append({"what": "finish the file (gzip copy, once per run)", "workers": count,
+                                    "rows": got, "seconds": round(seconds, 3), "rows_per_s": round(got / seconds)})
     return results
 
 

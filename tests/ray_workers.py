@@ -22,14 +22,14 @@ def _covers(task, record: int, num_shards: int) -> bool:
 
 
 class KillOnceWorker(ExtractionWorker):
-    """Kills its own process (SIGKILL) after the first batch of a shard holding one of `kills`.
+    """Kills its own process (SIGKILL) after the first chunk it sends of a shard holding one of `kills`.
 
     `kills` are (record, view) pairs, view None for the plain features. Each kill
     happens once: a file in `markers` remembers it across the restarted processes.
     """
 
-    def __init__(self, config, *, markers: str, kills) -> None:
-        super().__init__(config)
+    def __init__(self, config, *, markers: str, kills, **kwargs) -> None:
+        super().__init__(config, **kwargs)
         self.markers, self.kills = Path(markers), [tuple(k) for k in kills]
 
     def extract(self, task):
@@ -46,12 +46,12 @@ class KillOnceWorker(ExtractionWorker):
 class PoisonWorker(ExtractionWorker):
     """Fails on the batch holding `record`, every time, like an image that crashes the decoder."""
 
-    def __init__(self, config, *, record: int) -> None:
-        super().__init__(config)
+    def __init__(self, config, *, record: int, **kwargs) -> None:
+        super().__init__(config, **kwargs)
         self.record = record
 
-    def extract(self, task):
-        for batch in super().extract(task):
+    def _batches(self, task):
+        for batch in super()._batches(task):
             records = batch[2] // self.config.num_shards
             if task.view is None and records[0] <= self.record <= records[-1]:
                 raise RuntimeError(f"decoder crashed on record {self.record}")
@@ -61,11 +61,11 @@ class PoisonWorker(ExtractionWorker):
 class SlowWorker(ExtractionWorker):
     """Sleeps `delay` seconds before every batch, so a test can stop the driver mid-run."""
 
-    def __init__(self, config, *, delay: float) -> None:
-        super().__init__(config)
+    def __init__(self, config, *, delay: float, **kwargs) -> None:
+        super().__init__(config, **kwargs)
         self.delay = delay
 
-    def extract(self, task):
-        for batch in super().extract(task):
+    def _batches(self, task):
+        for batch in super()._batches(task):
             time.sleep(self.delay)
             yield batch
