@@ -13,9 +13,10 @@ FEATURES_OPTIONS := BACKBONE WEIGHTS IMAGE_SIZE POOLING DTYPE BATCH_SIZE SEED SH
 AUGMENT_OPTIONS := AUG_FLIP AUG_ROTATION AUG_ZOOM AUG_CONTRAST AUG_TRANSLATION
 VIEWS_OPTIONS := AUG_VIEWS
 HEAD_OPTIONS := HEAD C HIDDEN DROPOUT EPOCHS HEAD_BATCH_SIZE LEARNING_RATE PATIENCE CLASS_WEIGHT RUNS_DIR \
-	GRID_IMAGES VIEWS TRAIN_PER_CLASS EXCLUDE EXCLUDE_KINDS
+	GRID_IMAGES VIEWS TRAIN_PER_CLASS EXCLUDE EXCLUDE_KINDS MEMORY_BUDGET
 FINETUNE_OPTIONS := FINE_TUNE_AT FINE_TUNE_EPOCHS HEAD_EPOCHS OPTIMIZER FINE_TUNE_LEARNING_RATE \
 	FINE_TUNE_BATCH_SIZE FINE_TUNE_PATIENCE FROM_SCRATCH
+ENGINE_OPTIONS := ENGINE RAY_ADDRESS WORKERS GPUS_PER_WORKER RAY_SHARD_SIZE RAY_MAX_ATTEMPTS
 AUDIT_OPTIONS := FOLDS DUPLICATE_THRESHOLD NEIGHBOURS OUTLIER_Z AUDIT_TOP AUDIT_DIR AUDIT_BLOCK_ROWS
 ## Command arguments
 FEATURES ?=#                      head, audit, ...: a feature file to use instead of the one the options describe
@@ -41,6 +42,8 @@ BENCH_BACKBONE ?= mobilenet_v2
 BENCH_IMAGE_SIZE ?= 160
 BENCH_EPOCHS ?= 10#               make bench: epochs of the seed workflow (the TF tutorial's 10)
 BENCH_QUICK ?=#                   1: make bench on a tiny backbone and generated images, 2 epochs (CI, about a minute)
+BENCH_SCALE_PARTS ?= engines,driver,extraction,heads#  make bench-scale: the parts to run (results of the others are kept)
+BENCH_SCALE_FLAGS ?=#             make bench-scale: more flags (`python -m pipeline bench-scale --help`)
 BENCH_OUT ?=#                     make bench: results folder (default: bench, quick mode bench/quick)
 
 PY := $(VENV)/bin/python
@@ -52,7 +55,7 @@ FEATURE_FLAGS = $(call options,$(DATA_OPTIONS) $(FEATURES_OPTIONS))
 STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
-.PHONY: help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit test test-all clean-venv
+.PHONY: help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -65,11 +68,11 @@ help: ## list targets and variables
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $@
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
-	$(PIPELINE) features $(FEATURE_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(VIEWS_OPTIONS))
+	$(PIPELINE) features $(FEATURE_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(VIEWS_OPTIONS) $(ENGINE_OPTIONS))
 
 head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
 	$(PIPELINE) head $(STAGE2_FLAGS)
@@ -111,6 +114,10 @@ bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, sto
 	$(PIPELINE) bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick,--data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
 		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) --epochs $(BENCH_EPOCHS)) \
 		$(call options,BATCH_SIZE) $(if $(BENCH_OUT),--out '$(BENCH_OUT)')
+
+bench-scale: $(VENV)/.installed ## ENGINE=ray vs local, the driver's ceiling, extraction and heads against size -> bench/scale.{json,md}
+	$(PIPELINE) bench-scale --parts '$(BENCH_SCALE_PARTS)' --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
+		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) $(call options,BATCH_SIZE) $(BENCH_SCALE_FLAGS)
 
 backbones: $(VENV)/.installed ## list the registered backbones
 	$(PIPELINE) backbones

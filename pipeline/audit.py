@@ -872,8 +872,11 @@ def _exclusion_fingerprint(kinds: Sequence[str], ids: Sequence[str]) -> str:
     return fingerprint({"kinds": list(kinds), "ids": list(ids)}, length=8)
 
 
-def load_exclusion(audit: str | os.PathLike, cached: FeatureSet, kinds: str | None) -> Exclusion:
+def load_exclusion(audit: str | os.PathLike, cached: FeatureSet, kinds: str | None, *, train=None) -> Exclusion:
     """The train rows of `cached` that the audit flags (of `kinds`), checked against its key.
+
+    `train` holds the train rows' `ids` and `labels` when `cached` was read without them
+    (`store.FeatureRows`, for a split left in the file); `keep` follows its rows.
 
     An audit of another feature file is an error, never applied by id alone. Only
     train rows are ever left out; flagged validation and test rows (leaks, label
@@ -888,7 +891,7 @@ def load_exclusion(audit: str | os.PathLike, cached: FeatureSet, kinds: str | No
         )
     kinds_ = _kinds(kinds)
     ids = exclusion_ids(record, kinds_)
-    train = cached.splits["train"]
+    train = cached.splits["train"] if train is None else train
     position = {str(i): r for r, i in enumerate(train.ids)}
     unknown = [i for i in ids if i not in position]
     if unknown:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from pipeline.config import (
     SECTIONS,
     AuditConfig,
+    EngineConfig,
     FeaturesConfig,
     FinetuneConfig,
     HeadConfig,
@@ -33,7 +34,7 @@ log = logging.getLogger("pipeline")
 
 #: The option sections each command takes (`pipeline.config.SECTIONS`); flags are generated from them.
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
-    "features": ("data", "features", "augment", "views"),
+    "features": ("data", "features", "augment", "views", "engine"),
     "head": ("data", "features", "head"),
     "audit": ("data", "features", "head", "audit"),
     "export": ("data", "features", "head"),
@@ -144,14 +145,21 @@ def audit_config(args: argparse.Namespace) -> AuditConfig:
     return _config(AuditConfig, args)
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return _config(EngineConfig, args)
+
+
 def _cmd_features(args: argparse.Namespace) -> int:
-    from pipeline.extract import extract_features, resolve
+    from pipeline.extract import extract_features, get_engine, resolve
 
     config = features_config(args)
     if args.print_path:
         print(resolve(config)[2])
         return 0
-    result = extract_features(config, views=views_config(args), progress=not args.no_progress)
+    engine = get_engine(engine_config(args))
+    result = extract_features(config, views=views_config(args), progress=not args.no_progress, engine=engine)
+    if engine.describe():
+        print(engine.describe())
     return _report(args, result)
 
 
@@ -369,6 +377,38 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+SCALE_PARTS = ("engines", "driver", "extraction", "heads")
+
+
+def _cmd_bench_scale(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline.scale import bench_scale
+
+    parts = tuple(p for p in args.parts.split(",") if p)
+    unknown = sorted(set(parts) - set(SCALE_PARTS))
+    if unknown:
+        raise ConfigError(f"Unknown bench-scale parts: {', '.join(unknown)}. Expected some of: {', '.join(SCALE_PARTS)}.")
+    if "engines" in parts and not Path(args.data_dir or "").is_dir():
+        raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA).")
+    settings = {
+        "engines": {"data_dir": Path(args.data_dir or "."), "weights": args.weights, "backbone": args.backbone,
+                    "image_size": args.image_size, "batch_size": args.batch_size, "workers": tuple(args.workers)},
+        "driver": {"rows": args.driver_rows, "dim": args.driver_dim, "batch_size": args.batch_size,
+                   "workers": tuple(args.workers), "shard_size": args.ray_shard_size},
+        "extraction": {"sizes": tuple(args.extraction_sizes), "backbone": args.extraction_backbone,
+                       "image_size": args.extraction_image_size, "batch_size": args.batch_size},
+        "heads": {"rows": tuple(args.head_rows), "dim": args.head_dim, "epochs": args.head_epochs,
+                  "in_memory_max": args.in_memory_max, "stream_budget": args.stream_budget,
+                  "logistic_rows": tuple(args.logistic_rows)},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.work_dir) as work:
+        bench_scale(parts=parts, work_dir=Path(work), out_dir=Path(args.out), settings=settings)
+    print((Path(args.out) / "scale.md").read_text())
+    print(f"bench-scale: results in {Path(args.out) / 'scale.json'} and {Path(args.out) / 'scale.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -463,6 +503,35 @@ def build_parser() -> argparse.ArgumentParser:
     full.add_argument("--head-repeats", type=int, help="head fits timed on cached features (default: 3, quick 1)")
     full.add_argument("--out", help="folder for results.json and results.md (default: bench, quick: bench/quick)")
     full.set_defaults(run=_cmd_bench)
+
+    scale = commands.add_parser("bench-scale", help="benchmark scale: ENGINE=ray vs local, the driver's ceiling, "
+                                                    "extraction and stage 2 against size -> bench/scale.{json,md}")
+    scale.add_argument("--parts", default=",".join(SCALE_PARTS), help=f"comma-separated: {', '.join(SCALE_PARTS)}")
+    scale.add_argument("--data-dir", help="engines: image folder (Make: BENCH_DATA)")
+    scale.add_argument("--weights", default="none", help="engines: imagenet, none or an .h5 file (Make: BENCH_WEIGHTS)")
+    scale.add_argument("--backbone", default="mobilenet_v2", help="engines: backbone")
+    scale.add_argument("--image-size", type=int, default=160, help="engines: pixels")
+    scale.add_argument("--batch-size", type=int, default=32, help="engines, driver and extraction: batch size")
+    scale.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="engines and driver: Ray worker counts")
+    scale.add_argument("--driver-rows", type=int, default=200_000, help="driver: rows the stand-in workers return")
+    scale.add_argument("--driver-dim", type=int, default=1280, help="driver: feature width")
+    scale.add_argument("--ray-shard-size", type=int, default=1000, help="driver: images per shard")
+    scale.add_argument("--extraction-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000],
+                       help="extraction: generated dataset sizes")
+    scale.add_argument("--extraction-backbone", default="tiny", help="extraction: backbone (random weights)")
+    scale.add_argument("--extraction-image-size", type=int, default=32, help="extraction: pixels")
+    scale.add_argument("--head-rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                       help="heads: generated train rows for the dense head")
+    scale.add_argument("--head-dim", type=int, default=1280, help="heads: feature width")
+    scale.add_argument("--head-epochs", type=int, default=1, help="heads: dense head epochs")
+    scale.add_argument("--in-memory-max", type=int, default=100_000,
+                       help="heads: largest row count also trained in memory")
+    scale.add_argument("--stream-budget", default="256MB", help="heads: MEMORY_BUDGET of the streamed runs")
+    scale.add_argument("--logistic-rows", type=int, nargs="*", default=[10_000, 30_000, 100_000],
+                       help="heads: generated train rows for the logistic head")
+    scale.add_argument("--work-dir", default=None, help="folder for generated data (default: the system's temp)")
+    scale.add_argument("--out", default="bench", help="folder for scale.json and scale.md")
+    scale.set_defaults(run=_cmd_bench_scale)
 
     listing = commands.add_parser("options", help="every option with its Make variable and default (make help)")
     listing.set_defaults(run=_cmd_options)

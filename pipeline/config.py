@@ -131,7 +131,7 @@ def check_choices(config: Any) -> None:
         if opt.choices is not None and value not in opt.choices:
             shown = ", ".join(str(c) for c in opt.choices)
             raise ConfigError(
-                f"{name} must be one of {shown}. Received: {name}={value!r} ({opt.make_variable})."
+                f"{opt.name} must be one of {shown}. Received: {opt.name}={value!r} ({opt.make_variable})."
             )
 
 
@@ -337,6 +337,20 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
     return "__".join(parts) + ".h5"
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, name: str = "size") -> int:
+    """'2GB' -> 2_000_000_000 bytes, '512MiB' -> 536_870_912, '1e9' -> 1_000_000_000."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"{name} must be a positive size such as 2GB, 512MB or 1.5GiB. Received: {name}={text!r}."
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
 FLIPS = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 
 
@@ -451,6 +465,9 @@ class HeadConfig:
     `exclude` names an `audit.json` of `make audit` on the same feature file: the
     train rows it flags (of `exclude_kinds`, comma-separated, default all of
     `AUDIT_KINDS`) are left out; validation and test rows never are.
+    `memory_budget` ("2GB", "512MiB"; None: a quarter of this machine's RAM) bounds the
+    memory the train rows may take: past it the dense head streams them from the
+    file and the logistic head refuses (see `pipeline.train`).
     """
 
     head: str = option("logistic", "logistic (linear probe) or dense (Keras Dropout + Dense)", choices=HEAD_NAMES)
@@ -473,8 +490,12 @@ class HeadConfig:
                                        "(validation/test never)")
     exclude_kinds: str | None = option(None, "with EXCLUDE: findings to leave out, some of duplicates,label,outlier "
                                              "(default: all three)")
+    memory_budget: str | None = option(None, "memory the train rows may take (e.g. 2GB; default: a quarter of RAM): "
+                                             "past it the dense head streams them from the file")
 
     def __post_init__(self) -> None:
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget, "MEMORY_BUDGET")
         if self.exclude_kinds is not None:
             object.__setattr__(self, "exclude_kinds", audit_kinds(self.exclude_kinds, "exclude_kinds (EXCLUDE_KINDS)"))
         if self.exclude_kinds is not None and self.exclude is None:
@@ -633,8 +654,57 @@ class AuditConfig:
         return dataclasses.asdict(self)
 
 
+ENGINE_NAMES = ("local", "ray")
+#: Images per unit of work of a distributed run: small enough that a lost worker costs
+#: seconds, large enough that scheduling costs nothing next to the forward passes.
+DEFAULT_SHARD_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How stage 1 runs, never what it computes: none of it enters the key or the file.
+
+    `name` "local" runs in this process; "ray" splits every split into contiguous
+    shards of `shard_size` images and runs them on `workers` Ray actors, started on a
+    local cluster or on the one at `address`. `workers=None` means one per GPU of the
+    cluster (one on a cluster without GPUs) and `gpus_per_worker=None` means 1 on a
+    cluster with GPUs, else 0. A shard is tried `max_attempts` times before the run
+    fails naming it.
+    """
+
+    name: str = option("local", "how stage 1 runs: local (this process) or ray (a Ray cluster)", name="engine",
+                       choices=ENGINE_NAMES)
+    address: str | None = option(None, "ENGINE=ray: an existing cluster (default: a local one started on the spot)",
+                                 name="ray_address")
+    workers: int | None = option(None, "ENGINE=ray: Ray actors (default: one per GPU, else one)")
+    gpus_per_worker: float | None = option(None, "ENGINE=ray: GPUs per actor (default: 1 where there are GPUs)")
+    shard_size: int = option(DEFAULT_SHARD_SIZE, "ENGINE=ray: images per unit of work", name="ray_shard_size")
+    max_attempts: int = option(3, "ENGINE=ray: tries of a shard before the run fails naming it",
+                               name="ray_max_attempts")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.name == "local":
+            # RAY_ADDRESS is left out: exported for a cluster, it reaches every `make features`.
+            given = [f"{n}={v!r}" for n, v in (("WORKERS", self.workers), ("GPUS_PER_WORKER", self.gpus_per_worker))
+                     if v is not None]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} configure(s) ENGINE=ray, but the engine is local (one process). "
+                    "Set ENGINE=ray, or drop the setting."
+                )
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1. Received: WORKERS={self.workers}.")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker must be >= 0. Received: GPUS_PER_WORKER={self.gpus_per_worker}.")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1. Received: shard_size={self.shard_size}.")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1. Received: max_attempts={self.max_attempts}.")
+
+
 #: The option sections, by the name the CLI's argument groups and `make help` use.
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "features": FeaturesConfig, "augment": AugmentConfig, "views": ViewsConfig,
-    "head": HeadConfig, "finetune": FinetuneConfig, "audit": AuditConfig,
+    "head": HeadConfig, "finetune": FinetuneConfig, "audit": AuditConfig, "engine": EngineConfig,
 }

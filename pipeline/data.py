@@ -55,8 +55,9 @@ class SplitSource:
 
         The one "keep the records at these positions" filter of the pipeline (few
         shots, augmented views, skipped images, pictures). `records(start)` of the
-        result begins at its `start`-th position, reading the source from that
-        position's record on, so a resumed read does not rescan what comes before.
+        result begins at its `start`-th position and ends at the last one, reading the
+        source only between them, so neither a resumed read nor a shard of a cluster
+        run rescans the rest of the split.
         """
         import numpy as np
 
@@ -73,7 +74,9 @@ class SplitSource:
 
             mask = tf.constant(wanted)
             first = int(chosen[start]) // num_shards if start < len(chosen) else self.size
-            return base(first).filter(lambda r: tf.gather(mask, r["index"]))
+            # Read no further than the last chosen record: a shard of a large split costs its own length.
+            stop = int(chosen[-1]) // num_shards + 1 if start < len(chosen) else first
+            return base(first).take(stop - first).filter(lambda r: tf.gather(mask, r["index"]))
 
         return dataclasses.replace(self, size=len(chosen), records=records)
 

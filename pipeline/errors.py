@@ -28,3 +28,7 @@ class CacheError(PipelineError):
 
 class LockError(PipelineError):
     """An output whose lock file cannot be taken (a filesystem without locks, permissions)."""
+
+
+class WorkerError(PipelineError):
+    """Work that failed on every try on a cluster's workers (ENGINE=ray)."""

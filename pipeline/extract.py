@@ -17,19 +17,26 @@ still runs a fixed number of times, not once per epoch. A view depends only on
 (seed, view number, example position), so views resume after an interruption like
 the plain features, and adding views to a finished file reuses its plain features.
 Validation and test are never augmented.
+
+Engines (`ENGINES`, chosen by ENGINE) decide where the backbone runs: `local`, in
+this process, or `ray`, on the actors of a Ray cluster (`pipeline.distributed`).
+Both run the same per-range work (`feature_batches`, `view_feature_batches`) and
+write through the same `FeatureWriter` in source order, so the file does not say
+which engine made it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 from pipeline import __version__, backbones
-from pipeline.config import MAX_VIEW_POSITION, FeaturesConfig, ViewsConfig, feature_file_name
+from pipeline.config import MAX_VIEW_POSITION, EngineConfig, FeaturesConfig, ViewsConfig, feature_file_name
 from pipeline.data import DataSource, SplitSource, data_fingerprint, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.images import DECODER, decode_and_resize, tf_error_message
@@ -134,7 +141,8 @@ def resolve(config: FeaturesConfig) -> tuple[FeaturesConfig, dict[str, Any], Pat
 
 
 def extract_features(
-    config: FeaturesConfig, *, views: ViewsConfig | None = None, progress: bool = True
+    config: FeaturesConfig, *, views: ViewsConfig | None = None, progress: bool = True,
+    engine: Engine | None = None,
 ) -> ExtractionResult:
     """Runs stage 1 for `config`; a finished file with the same key is left as it is.
 
@@ -142,6 +150,8 @@ def extract_features(
     finished file that lacks them (or has fewer) is extended: its rows are copied, not
     recomputed. A file with at least as many views of the same augmentation and seed
     is up to date; views of another augmentation or seed are an error, never mixed.
+    `engine` (from `get_engine`) says where the backbone runs, by default in this
+    process; it never changes the file.
 
     One run writes a file at a time: the lock on it (`pipeline.locks.exclusive`) is
     held from the "is it up to date?" check to the rename, so a second run with the
@@ -149,12 +159,11 @@ def extract_features(
     """
     config, key, path = resolve(config)
     with exclusive(path, what="feature file"):
-        return _extract(config, key, path, views=views, progress=progress)
+        return _extract(config, key, path, views=views, progress=progress, engine=engine)
 
 
-def _extract(
-    config: FeaturesConfig, key: dict[str, Any], path: Path, *, views: ViewsConfig | None, progress: bool
-) -> ExtractionResult:
+def _extract(config: FeaturesConfig, key: dict[str, Any], path: Path, *, views: ViewsConfig | None,
+             progress: bool, engine: Engine | None) -> ExtractionResult:
     """`extract_features` for a resolved config, under the lock on `path`."""
     views = views if views is not None and views.num_views else None
     extend = None
@@ -170,62 +179,115 @@ def _extract(
             return ExtractionResult(path=path, up_to_date=True, view_attrs=stored)
         extend = path
     # The backbone first: missing weights fail in a second, before a dataset download.
-    from pipeline.extractor import build_extractor
-
     spec = backbones.get_backbone(config.backbone)
-    model = build_extractor(
-        spec,
-        image_size=config.image_size,
-        weights=config.weights_arg,
-        pooling=config.pooling,
-        mixed_precision=config.mixed_precision,
-    )
-    source = load_source(
-        config.data, seed=config.seed, shard_index=config.shard_index, num_shards=config.num_shards
-    )
-    if views is not None:
-        _check_views_source(source, views)
-    attrs = _file_attrs(config, key, source, spec)
-    splits = {
-        name: {"spec": split.spec, "num_inputs": split.size, "num_inputs_all_shards": split.total}
-        for name, split in source.splits.items()
-    }
-    view_attrs = None if views is None else {
-        "num_views": views.num_views, "seed": views.seed, "augment": views.augment.to_dict(),
-        "config": views.to_dict(),
-    }
-    forward = compiled_forward(model, config.image_size)
-    started = time.perf_counter()
-    images = 0
-    view_images, view_seconds = 0, 0.0
-    skipped: dict[str, list[dict[str, Any]]] = {}
-    with FeatureWriter(
-        path, attrs=attrs, splits=splits, feature_dim=spec.feature_dim, dtype=config.dtype,
-        views=view_attrs, extend=extend,
-    ) as writer:
-        for split in source.splits.values():
-            images += _extract_split(split, writer, forward, config, progress=progress)
-            skipped[split.name] = _skipped(split, writer, config)
-            if skipped[split.name]:
-                for item in skipped[split.name]:
-                    log.warning("skipped %s/%s: %s", split.name, item["id"], item["reason"])
-                if config.strict:
-                    raise DataError(
-                        f"{len(skipped[split.name])} image(s) of split '{split.name}' could not be "
-                        f"read (first: {skipped[split.name][0]['id']}: {skipped[split.name][0]['reason']}) "
-                        "and --strict is set. Fix or remove them, or drop --strict to skip them."
-                    )
-        seconds = time.perf_counter() - started
+    with (engine or LocalEngine(EngineConfig())).start(config, spec) as runner:
+        source = load_source(
+            config.data, seed=config.seed, shard_index=config.shard_index, num_shards=config.num_shards
+        )
         if views is not None:
-            view_images, view_seconds = _extract_views(
-                source.splits[VIEWS_SPLIT], writer, forward, config, views, progress=progress
-            )
+            _check_views_source(source, views)
+        attrs = _file_attrs(config, key, source, spec)
+        splits = {
+            name: {"spec": split.spec, "num_inputs": split.size, "num_inputs_all_shards": split.total}
+            for name, split in source.splits.items()
+        }
+        view_attrs = None if views is None else {
+            "num_views": views.num_views, "seed": views.seed, "augment": views.augment.to_dict(),
+            "config": views.to_dict(),
+        }
+        started = time.perf_counter()
+        images = 0
+        view_images, view_seconds = 0, 0.0
+        skipped: dict[str, list[dict[str, Any]]] = {}
+        with FeatureWriter(
+            path, attrs=attrs, splits=splits, feature_dim=spec.feature_dim, dtype=config.dtype,
+            views=view_attrs, extend=extend,
+        ) as writer:
+            for split in source.splits.values():
+                images += runner.extract_split(split, writer, progress=progress)
+                skipped[split.name] = _skipped(split, writer, config)
+                if skipped[split.name]:
+                    for item in skipped[split.name]:
+                        log.warning("skipped %s/%s: %s", split.name, item["id"], item["reason"])
+                    if config.strict:
+                        raise DataError(
+                            f"{len(skipped[split.name])} image(s) of split '{split.name}' could not be "
+                            f"read (first: {skipped[split.name][0]['id']}: {skipped[split.name][0]['reason']}) "
+                            "and --strict is set. Fix or remove them, or drop --strict to skip them."
+                        )
+            seconds = time.perf_counter() - started
+            if views is not None:
+                view_images, view_seconds = runner.extract_views(
+                    source.splits[VIEWS_SPLIT], writer, views, progress=progress
+                )
     writer.finish(skipped)
     total_skipped = sum(len(v) for v in skipped.values())
     return ExtractionResult(
         path=path, images=images, skipped=total_skipped, seconds=seconds, skipped_items=skipped,
         view_images=view_images, view_seconds=view_seconds, view_attrs=read_view_attrs(path),
     )
+
+
+# --- engines -----------------------------------------------------------------------
+
+
+class Runner(Protocol):
+    """An engine started for one run: it fills the writer's splits and views in source order."""
+
+    def extract_split(self, split: SplitSource, writer: FeatureWriter, *, progress: bool) -> int:
+        """Appends the features of `split` after its committed rows; returns the rows computed."""
+
+    def extract_views(
+        self, split: SplitSource, writer: FeatureWriter, views: ViewsConfig, *, progress: bool
+    ) -> tuple[int, float]:
+        """Appends the missing views of the train rows; returns (rows computed, seconds)."""
+
+
+class Engine(Protocol):
+    def start(self, config: FeaturesConfig, spec: backbones.BackboneSpec) -> ContextManager[Runner]:
+        """Builds what the run needs (the backbone, or a cluster and its workers) and tears it down after."""
+
+    def describe(self) -> str:
+        """One line about the last run for the user ('' when there is nothing to say)."""
+
+
+class LocalEngine:
+    """Stage 1 in this process: one backbone and one tf.data pipeline, nothing to start."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    def describe(self) -> str:
+        return ""
+
+    @contextlib.contextmanager
+    def start(self, config: FeaturesConfig, spec: backbones.BackboneSpec) -> Iterator[LocalRunner]:
+        from pipeline.extractor import build_extractor
+
+        model = build_extractor(
+            spec,
+            image_size=config.image_size,
+            weights=config.weights_arg,
+            pooling=config.pooling,
+            mixed_precision=config.mixed_precision,
+        )
+        yield LocalRunner(compiled_forward(model, config.image_size), config)
+
+
+def _ray_engine(config: EngineConfig) -> Engine:
+    from pipeline.distributed import RayEngine  # imports ray only when asked for
+
+    return RayEngine(config)
+
+
+#: Engine name (ENGINE) -> factory taking the `EngineConfig`.
+ENGINES: dict[str, Callable[[EngineConfig], Engine]] = {"local": LocalEngine, "ray": _ray_engine}
+
+
+def get_engine(config: EngineConfig) -> Engine:
+    if config.name not in ENGINES:
+        raise ConfigError(f"Unknown engine {config.name!r}. Expected one of: {', '.join(sorted(ENGINES))}.")
+    return ENGINES[config.name](config)
 
 
 def _needs_views(path: Path, stored: dict[str, Any] | None, views: ViewsConfig | None) -> bool:
@@ -292,15 +354,15 @@ def _file_attrs(config: FeaturesConfig, key, source: DataSource, spec) -> dict[s
     }
 
 
-def image_batches(split: SplitSource, *, start: int, image_size: int, batch_size: int):
-    """Batches of (images, labels, ids, index) from the `start`-th record of the split.
+def image_batches(split: SplitSource, *, start: int, image_size: int, batch_size: int, stop: int | None = None):
+    """Batches of (images, labels, ids, index) of the records [start, stop) of the split.
 
-    Undecodable images are dropped here (`ignore_errors`) and accounted for by
-    position afterwards; see the module docstring.
+    `stop=None` reads to the end. Undecodable images are dropped here
+    (`ignore_errors`) and accounted for by position afterwards; see the module docstring.
     """
     import tensorflow as tf
 
-    ds = split.records(start).map(
+    ds = _records(split, start, stop).map(
         lambda r: (decode_and_resize(r["image"], image_size), r["label"], r["id"], r["index"]),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
@@ -308,24 +370,27 @@ def image_batches(split: SplitSource, *, start: int, image_size: int, batch_size
     return ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def view_batches(
-    split: SplitSource, *, start: int, image_size: int, batch_size: int, augment, view: int, keep
-):
-    """Batches of (images, labels, ids, index) of augmented view `view`, from the `start`-th position of `keep`.
+def view_batches(split: SplitSource, *, keep, image_size: int, batch_size: int, augment, view: int):
+    """Batches of (images, labels, ids, index) of augmented view `view` of the records at positions `keep`.
 
-    Only the positions in `keep` (the train rows of the plain features) are read, so
-    images skipped there are not tried again. `augment` is
+    Only the positions in `keep` (train rows of the plain features) are read, so images
+    skipped there are not tried again. `augment` is
     `pipeline.augment.example_augmenter(...)`: it runs per image, in parallel, after
     decoding, and its result depends only on (seed, view, position).
     """
     import tensorflow as tf
 
-    ds = split.at(keep).records(start).map(
+    ds = split.at(keep).records(0).map(
         lambda r: (augment(decode_and_resize(r["image"], image_size), view, r["index"]), r["label"], r["id"], r["index"]),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
     return ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _records(split: SplitSource, start: int, stop: int | None):
+    records = split.records(start)
+    return records if stop is None else records.take(max(0, stop - start))
 
 
 def compiled_forward(model, image_size: int):
@@ -345,85 +410,134 @@ def compiled_forward(model, image_size: int):
     return forward
 
 
-def _extract_split(split: SplitSource, writer: FeatureWriter, forward, config: FeaturesConfig, *, progress: bool) -> int:
-    from tqdm.auto import tqdm
+def feature_batches(
+    split: SplitSource, forward, *, start: int, stop: int | None = None, image_size: int, batch_size: int
+) -> Iterator[tuple]:
+    """The features of the records [start, stop) of `split`, batch by batch, as numpy.
 
-    rows, last = writer.committed(split.name)
-    start = last // config.num_shards + 1 if rows else 0
-    if start >= split.size:
-        return 0
-    done = start
-    written = 0
-    with tqdm(
-        total=split.size, initial=start, desc=split.name, unit="img", disable=not progress,
-        dynamic_ncols=True, mininterval=0.5,
-    ) as bar:
-        for images, labels, ids, index in image_batches(
-            split, start=start, image_size=config.image_size, batch_size=config.batch_size
-        ):
-            features = forward(images).numpy()
-            index = index.numpy()
-            writer.append(split.name, features, labels.numpy(), index, ids.numpy().tolist())
-            written += len(index)
-            position = int(index[-1]) // config.num_shards + 1
-            bar.update(position - done)
-            done = position
-        bar.update(split.size - done)
-    return written
+    Yields (features (B, D) float32, labels (B,) int64, index (B,) int64, ids: list of
+    bytes); undecodable images are left out, so their positions are missing from
+    `index`. Positions count the records of this shard of the split (see
+    `SplitSource`). This is the one piece of stage-1 work every engine runs: the local
+    engine over a whole split, a Ray worker over one of its shards.
+    """
+    for images, labels, ids, index in image_batches(
+        split, start=start, stop=stop, image_size=image_size, batch_size=batch_size
+    ):
+        yield forward(images).numpy(), labels.numpy(), index.numpy(), ids.numpy().tolist()
 
 
-def _extract_views(
-    split: SplitSource, writer: FeatureWriter, forward, config: FeaturesConfig, views: ViewsConfig, *, progress: bool
-) -> tuple[int, float]:
-    """Appends the missing views of the train rows, view by view; returns (rows, seconds).
+def view_feature_batches(
+    split: SplitSource, forward, augment, *, view: int, positions, num_shards: int, image_size: int,
+    batch_size: int,
+) -> Iterator[tuple]:
+    """The features of augmented view `view` of the train images at `positions`, batch by batch.
 
-    The views table is view-major (row v*N + r is view v of train row r), so the
-    committed row count says which view and which train row to resume at.
+    `positions` are sorted split positions (the `index` of train rows). Yields
+    (features, labels, index, view) as numpy, one row per position in order; an image
+    that was read for the plain features but fails now raises a `DataError`, since a
+    view row can never be left out. Both engines run it (see `feature_batches`).
     """
     import numpy as np
-    from tqdm.auto import tqdm
 
-    from pipeline.augment import example_augmenter
+    positions = np.asarray(positions, np.int64)
+    if not len(positions):
+        return
+    row = 0
+    for images, labels, _, index in view_batches(
+        split, keep=positions, image_size=image_size, batch_size=batch_size, augment=augment, view=view,
+    ):
+        index = index.numpy()
+        # Only train rows are read (`keep`), so a difference is a row that failed now.
+        expected = positions[row : row + len(index)]
+        if not np.array_equal(expected, index):
+            raise _lost_view_image(split, view, int(expected[np.argmax(expected != index)]))
+        yield forward(images).numpy(), labels.numpy(), index, np.full(len(index), view, np.int64)
+        row += len(index)
+    if row != len(positions):
+        raise _lost_view_image(split, view, int(positions[row]))
 
-    source_index = writer.written_index(split.name)
-    n = len(source_index)
-    total = views.num_views * n
-    done = writer.views_committed()
-    if n == 0 or done >= total:
-        return 0, 0.0
-    augment = example_augmenter(views.augment, seed=views.seed)
-    written, seconds = 0, 0.0
-    # Each batch is charged the time since the previous one was saved, so building each
-    # view's pipeline counts too: the sum is the wall time of the views.
-    tick = time.perf_counter()
-    with tqdm(
-        total=total, initial=done, desc=f"{split.name} views", unit="img", disable=not progress,
-        dynamic_ncols=True, mininterval=0.5,
-    ) as bar:
-        while done < total:
-            view, row = divmod(done, n)
-            for images, labels, _, index in view_batches(
-                split, start=row, image_size=config.image_size, batch_size=config.batch_size, augment=augment,
-                view=view, keep=source_index,
+
+class LocalRunner:
+    """The local engine's work: whole splits through one forward pass, committed batch by batch."""
+
+    def __init__(self, forward, config: FeaturesConfig) -> None:
+        self.forward = forward
+        self.config = config
+
+    def extract_split(self, split: SplitSource, writer: FeatureWriter, *, progress: bool) -> int:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        start = resume_position(writer, split.name, config.num_shards)
+        if start >= split.size:
+            return 0
+        done = start
+        written = 0
+        with tqdm(
+            total=split.size, initial=start, desc=split.name, unit="img", disable=not progress,
+            dynamic_ncols=True, mininterval=0.5,
+        ) as bar:
+            for features, labels, index, ids in feature_batches(
+                split, self.forward, start=start, image_size=config.image_size, batch_size=config.batch_size
             ):
-                index = index.numpy()
-                # Only train rows are read (`keep`), so a difference is a row that failed now.
-                expected = source_index[row : row + len(index)]
-                if not np.array_equal(expected, index):
-                    raise _lost_view_image(split, view, int(expected[np.argmax(expected != index)]))
-                features = forward(images).numpy()
-                now = time.perf_counter()
-                writer.append_views(features, labels.numpy(), index, np.full(len(index), view, np.int64), now - tick)
-                seconds += now - tick
-                tick = now
-                row += len(index)
+                writer.append(split.name, features, labels, index, ids)
                 written += len(index)
-                done += len(index)
-                bar.update(len(index))
-            if row != n:
-                raise _lost_view_image(split, view, int(source_index[row]))
-    log.info("views: %d rows of %d views in %.1f s", written, views.num_views, seconds)
-    return written, seconds
+                position = int(index[-1]) // config.num_shards + 1
+                bar.update(position - done)
+                done = position
+            bar.update(split.size - done)
+        return written
+
+    def extract_views(
+        self, split: SplitSource, writer: FeatureWriter, views: ViewsConfig, *, progress: bool
+    ) -> tuple[int, float]:
+        """Appends the missing views of the train rows, view by view; returns (rows, seconds).
+
+        The views table is view-major (row v*N + r is view v of train row r), so the
+        committed row count says which view and which train row to resume at.
+        """
+        from tqdm.auto import tqdm
+
+        from pipeline.augment import example_augmenter
+
+        config = self.config
+        source_index = writer.written_index(split.name)
+        n = len(source_index)
+        total = views.num_views * n
+        done = writer.views_committed()
+        if n == 0 or done >= total:
+            return 0, 0.0
+        augment = example_augmenter(views.augment, seed=views.seed)
+        written, seconds = 0, 0.0
+        # Each batch is charged the time since the previous one was saved, so building each
+        # view's pipeline counts too: the sum is the wall time of the views.
+        tick = time.perf_counter()
+        with tqdm(
+            total=total, initial=done, desc=f"{split.name} views", unit="img", disable=not progress,
+            dynamic_ncols=True, mininterval=0.5,
+        ) as bar:
+            while done < total:
+                view, row = divmod(done, n)
+                for features, labels, index, view_column in view_feature_batches(
+                    split, self.forward, augment, view=view, positions=source_index[row:],
+                    num_shards=config.num_shards, image_size=config.image_size, batch_size=config.batch_size,
+                ):
+                    now = time.perf_counter()
+                    writer.append_views(features, labels, index, view_column, now - tick)
+                    seconds += now - tick
+                    tick = now
+                    written += len(index)
+                    done += len(index)
+                    bar.update(len(index))
+        log.info("views: %d rows of %d views in %.1f s", written, views.num_views, seconds)
+        return written, seconds
+
+
+def resume_position(writer: FeatureWriter, split: str, num_shards: int) -> int:
+    """The record of this shard of `split` after the last committed row (0 for a new file)."""
+    rows, last = writer.committed(split)
+    return last // num_shards + 1 if rows else 0
 
 
 def _lost_view_image(split: SplitSource, view: int, position: int) -> DataError:
@@ -453,5 +567,3 @@ def _skipped(split: SplitSource, writer: FeatureWriter, config: FeaturesConfig) 
             reason = tf_error_message(err)
         items.append({"index": int(record["index"]), "id": record["id"].numpy().decode(), "reason": reason})
     return items
-
-

@@ -148,7 +148,15 @@ def _validate_fit_inputs(
     column), else `max(y_train) + 1`.
     """
     X = _as_features(X_train, "X_train")
-    y = _as_labels(y_train, "y_train", len(X), "X_train")
+    y, Xv, yv, K = _validate_labels_and_val(y_train, len(X), X.shape[1], X_val, y_val, n_classes)
+    return X, y, Xv, yv, K
+
+
+def _validate_labels_and_val(
+    y_train: Any, n_rows: int, n_features: int, X_val: Any, y_val: Any, n_classes: int | None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
+    """The checks of `_validate_fit_inputs` past X_train (whose rows may stay in a file)."""
+    y = _as_labels(y_train, "y_train", n_rows, "X_train")
     present = np.unique(y)
     if len(present) < 2:
         raise DataError(
@@ -180,11 +188,11 @@ def _validate_fit_inputs(
             "neither."
         )
     if X_val is None:
-        return X, y, None, None, K
-    Xv = _as_features(X_val, "X_val", n_features=X.shape[1])
+        return y, None, None, K
+    Xv = _as_features(X_val, "X_val", n_features=n_features)
     yv = _as_labels(y_val, "y_val", len(Xv), "X_val")
     _check_label_range(yv, "y_val", K)
-    return X, y, Xv, yv, K
+    return y, Xv, yv, K
 
 
 def _as_views(views: Any, n_rows: int, n_features: int) -> np.ndarray:
@@ -381,30 +389,65 @@ class Head(BaseEstimator, abc.ABC):
         with `views[v, r]` a view of row r (label `y_train[r]`); each head says how
         it trains on them. Returns self.
         """
-        # A failed refit must not leave the previous fit's state looking valid.
-        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
-            delattr(self, attr)
-        self._check_hyperparameters()
+        self._start_fit()
         X, y, Xv, yv, K = _validate_fit_inputs(X_train, y_train, X_val, y_val, n_classes)
         V = None if views is None else _as_views(views, len(X), X.shape[1])
         if V is not None and len(V) == 0:
             V = None
-        self.n_features_ = int(X.shape[1])
-        self.n_classes_ = K
-        self.classes_present_ = np.unique(y)
+        self._set_shape(X.shape[1], K, y)
         start = time.perf_counter()
         params = self._fit(X, y, Xv, yv, callbacks=callbacks, verbose=verbose, views=V)
+        self._finish_fit(params, start, n_views=0 if V is None else len(V), n_train=len(X),
+                         n_val=0 if Xv is None else len(Xv))
+        return self
+
+    def fit_streamed(
+        self,
+        train: Any,
+        X_val: Any = None,
+        y_val: Any = None,
+        *,
+        n_classes: int | None = None,
+        callbacks: Sequence[Any] | None = None,
+        verbose: int = 0,
+        memory_budget: int,
+    ) -> "Head":
+        """Like `fit`, on train rows left in their feature file, read within `memory_budget` bytes.
+
+        `train` is a `pipeline.store.FeatureRows` (its views included); validation stays
+        in memory. For train sets larger than memory. Heads that need every row in
+        memory at once raise `ConfigError` naming the alternative.
+        """
+        versions = f" with {train.num_views} augmented views each" if train.num_views else ""
+        raise ConfigError(
+            f"The {self.name} head trains on rows in memory, but the {len(train)} train rows{versions} take "
+            f"{train.nbytes / 1e9:.2f} GB as float32 and about three times that to train, over MEMORY_BUDGET="
+            f"{memory_budget / 1e9:.2f} GB. Use HEAD=dense, which streams the rows from the feature file; or "
+            "train on fewer rows (TRAIN_PER_CLASS, fewer VIEWS); or raise MEMORY_BUDGET."
+        )
+
+    def _start_fit(self) -> None:
+        # A failed refit must not leave the previous fit's state looking valid.
+        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("_")]:
+            delattr(self, attr)
+        self._check_hyperparameters()
+
+    def _set_shape(self, n_features: int, K: int, y: np.ndarray) -> None:
+        self.n_features_ = int(n_features)
+        self.n_classes_ = K
+        self.classes_present_ = np.unique(y)
+
+    def _finish_fit(self, params: dict[str, Any], start: float, *, n_views: int, n_train: int, n_val: int) -> None:
         params["fit_seconds"] = round(time.perf_counter() - start, 4)
         params.update(
             n_features=self.n_features_,
-            n_classes=K,
-            n_views=0 if V is None else len(V),
-            n_train=len(X),
-            n_val=0 if Xv is None else len(Xv),
+            n_classes=self.n_classes_,
+            n_views=n_views,
+            n_train=n_train,
+            n_val=n_val,
             classes_present=self.classes_present_.tolist(),
         )
         self.params_ = _jsonable(params)
-        return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Float32 `(N, K)` class probabilities; rows sum to 1.
@@ -868,29 +911,40 @@ class DenseHead(Head):
                                      name="logits")(x)
         return keras.Model(inputs, outputs, name=f"{self.name}_head")
 
-    def _fit(self, X, y, Xv, yv, *, callbacks, verbose, views=None):
+    def _compile(self, n_features: int) -> None:
         import keras
-        import tensorflow as tf
 
         keras.utils.set_random_seed(self.seed)
         binary = self.n_classes_ == 2
-        self.model_ = self._build(X.shape[1], 1 if binary else self.n_classes_)
+        self.model_ = self._build(n_features, 1 if binary else self.n_classes_)
         loss, accuracy = logits_loss_and_accuracy(binary)
         self.model_.compile(
             optimizer=keras.optimizers.Adam(self.learning_rate),
             loss=loss, metrics=[accuracy], steps_per_execution=_STEPS_PER_EXECUTION,
         )
 
-        def targets(labels: np.ndarray) -> np.ndarray:
-            return labels.astype(np.float32)[:, None] if binary else labels
+    def _targets(self, labels: np.ndarray) -> np.ndarray:
+        return labels.astype(np.float32)[:, None] if self.n_classes_ == 2 else labels
 
-        params: dict[str, Any] = {"class_weight": self.class_weight, "class_weights": None}
-        tensors: tuple[np.ndarray, ...] = (X, targets(y))
-        if self.class_weight == "balanced":
-            weights = _balanced_weights(y)
-            params["class_weights"] = weights
-            lookup = np.zeros(self.n_classes_, dtype=np.float32)
-            lookup[list(weights)] = list(weights.values())
+    def _weight_lookup(self, y: np.ndarray, params: dict[str, Any]) -> np.ndarray | None:
+        """Per-class sample weights (`class_weight="balanced"`), recorded in `params`; else None."""
+        params.update(class_weight=self.class_weight, class_weights=None)
+        if self.class_weight != "balanced":
+            return None
+        weights = _balanced_weights(y)
+        params["class_weights"] = weights
+        lookup = np.zeros(self.n_classes_, dtype=np.float32)
+        lookup[list(weights)] = list(weights.values())
+        return lookup
+
+    def _fit(self, X, y, Xv, yv, *, callbacks, verbose, views=None):
+        import tensorflow as tf
+
+        self._compile(X.shape[1])
+        params: dict[str, Any] = {}
+        lookup = self._weight_lookup(y, params)
+        tensors: tuple[np.ndarray, ...] = (X, self._targets(y))
+        if lookup is not None:
             tensors += (lookup[y],)
         if views is None:
             train = (
@@ -901,11 +955,106 @@ class DenseHead(Head):
         else:
             train = self._view_dataset(X, views, tensors[1:])
             params.update(view_use="sampled: one of plain + views per example per epoch, uniformly")
+        return self._train(train, Xv, yv, params, callbacks=callbacks, verbose=verbose)
+
+    def fit_streamed(self, train, X_val=None, y_val=None, *, n_classes=None, callbacks=None, verbose=0,
+                     memory_budget):
+        """See `Head.fit_streamed`: one sequential pass over the file per epoch, within `memory_budget`.
+
+        The epoch's order differs from `fit`'s full shuffle, which needs every row at
+        hand: blocks of rows (the file's chunks) come in a seeded random order, a
+        window of blocks (as many rows as a quarter of the budget holds) is read, each
+        row takes one of its V + 1 versions (plain or a view, uniformly, as in `fit`)
+        and the window's rows are shuffled. Batches run across windows, so an epoch is
+        still ceil(N / batch_size) steps over every row once. Same seed, same weights;
+        against `fit` the weights differ by the order of the steps, not in kind.
+        """
+        self._start_fit()
+        y, Xv, yv, K = _validate_labels_and_val(train.labels, len(train), train.n_features, X_val, y_val,
+                                                 n_classes)
+        self._set_shape(train.n_features, K, y)
+        start = time.perf_counter()
+        self._compile(train.n_features)
+        params: dict[str, Any] = {}
+        lookup = self._weight_lookup(y, params)
+        window = max(train.block_rows, memory_budget // (4 * 4 * train.n_features) // train.block_rows
+                     * train.block_rows)
+        failures: list[Exception] = []
+        dataset = self._streamed_dataset(train, y, lookup, window, failures)
+        params.update(streamed={"window_rows": window, "block_rows": train.block_rows,
+                                "memory_budget_bytes": memory_budget})
+        if train.num_views:
+            params.update(view_use="sampled: one of plain + views per example per epoch, uniformly")
+        try:
+            params = self._train(dataset, Xv, yv, params, callbacks=callbacks, verbose=verbose)
+        except Exception:
+            if failures:  # raised inside tf.data, which rewraps it; the original says more
+                raise failures[0] from None
+            raise
+        self._finish_fit(params, start, n_views=train.num_views, n_train=len(train),
+                         n_val=0 if Xv is None else len(Xv))
+        return self
+
+    def _streamed_dataset(self, train, y: np.ndarray, lookup: np.ndarray | None, window: int,
+                          failures: list[Exception]):
+        """Batches of (features, targets[, weights]) read from `train` (a FeatureRows), as `fit_streamed` says."""
+        import tensorflow as tf
+
+        n, block, versions, bs = len(train), train.block_rows, train.num_views + 1, self.batch_size
+        starts = np.arange(0, n, block)
+        per_window = max(1, window // block)
+        epochs = iter(range(1 << 62))
+        targets = self._targets(y)
+
+        def batches():
+            rng = np.random.default_rng([self.seed, next(epochs)])
+            order = rng.permutation(len(starts))
+            carry = np.zeros(0, np.int64), np.zeros((0, train.n_features), np.float32)
+            for w in range(0, len(order), per_window):
+                rows, features = [carry[0]], [carry[1]]
+                for b in np.sort(order[w : w + per_window]):  # file order within a window
+                    a, z = int(starts[b]), min(n, int(starts[b]) + block)
+                    table = train.read(a, z)
+                    version = rng.integers(0, versions, z - a) if versions > 1 else np.zeros(z - a, np.int64)
+                    rows.append(np.arange(a, z))
+                    features.append(table[version, np.arange(z - a)])
+                rows, features = np.concatenate(rows), np.concatenate(features)
+                if not np.isfinite(features).all():
+                    bad = rows[~np.isfinite(features).all(axis=1)]
+                    failures.append(DataError(
+                        f"X_train: features contain NaN/inf values (in {len(bad)} rows read so far, the first "
+                        f"train row {int(bad.min())}). Expected finite floats. Fix: re-extract the features "
+                        "(float16 overflow?) or drop those rows."
+                    ))
+                    raise failures[-1]
+                shuffle = rng.permutation(len(rows))
+                rows, features = rows[shuffle], features[shuffle]
+                last = w + per_window >= len(order)
+                full = len(rows) if last else len(rows) // bs * bs
+                for i in range(0, full, bs):
+                    r = rows[i : i + bs]
+                    yield (features[i : i + bs], targets[r]) + (() if lookup is None else (lookup[y[r]],))
+                carry = rows[full:], features[full:]
+
+        target_spec = tf.TensorSpec((None, 1) if self.n_classes_ == 2 else (None,),
+                                    tf.float32 if self.n_classes_ == 2 else tf.int64)
+        signature = (tf.TensorSpec((None, train.n_features), tf.float32), target_spec)
+        if lookup is not None:
+            signature += (tf.TensorSpec((None,), tf.float32),)
+        steps = -(-n // bs)
+        return (tf.data.Dataset.from_generator(batches, output_signature=signature)
+                .apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2))
+
+    def _train(self, train, Xv, yv, params: dict[str, Any], *, callbacks, verbose) -> dict[str, Any]:
+        """Runs Keras `fit` on the `train` dataset with early stopping on (Xv, yv); returns `params`."""
+        import keras
+        import tensorflow as tf
+
         all_callbacks = list(callbacks or [])
         validation = None
         stopper = None
         if Xv is not None:
-            validation = tf.data.Dataset.from_tensor_slices((Xv, targets(yv))).batch(
+            validation = tf.data.Dataset.from_tensor_slices((Xv, self._targets(yv))).batch(
                 max(self.batch_size, 1024)
             )
             stopper = keras.callbacks.EarlyStopping(
@@ -914,7 +1063,7 @@ class DenseHead(Head):
             all_callbacks.append(stopper)
         history = self.model_.fit(
             train, validation_data=validation, epochs=self.epochs,
-            callbacks=all_callbacks, verbose=verbose, shuffle=False,  # tf.data shuffles
+            callbacks=all_callbacks, verbose=verbose, shuffle=False,  # the dataset shuffles
         )
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         epochs_run = len(self.history_["loss"])

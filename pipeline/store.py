@@ -37,6 +37,7 @@ augmentation or seed are never mixed in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -528,8 +529,12 @@ def read_features(
     *,
     expect: Mapping[str, Any] | None = None,
     splits: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
 ) -> FeatureSet:
     """Loads a finished feature file, refusing incomplete or unexpected ones.
+
+    `splits` are the splits to load (default: all), less those in `exclude` (read
+    those with `open_rows`, block by block).
 
     `expect` maps key fields (see `FeaturesConfig.key`) to the values the caller
     needs; any difference raises `CacheError` naming each field, so stage 2 never
@@ -562,7 +567,7 @@ def read_features(
                     f"{path} was built with other settings than asked: {diff}. Run "
                     "`make features` with the settings you want, or change them to match."
                 )
-        wanted = list(splits) if splits is not None else [k for k in f.keys()]
+        wanted = [k for k in (list(splits) if splits is not None else f.keys()) if k not in exclude]
         missing = [s for s in wanted if s not in f]
         if missing:
             raise CacheError(
@@ -625,6 +630,108 @@ def load_views(cached: FeatureSet, count: int) -> np.ndarray:
             "label or view number differ). The file is inconsistent; rebuild it."
         )
     return features
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """One split's rows left in a finished file, read a block at a time.
+
+    For training on more rows than fit in memory: labels, index and ids are in
+    memory (tens of bytes a row), features and augmented views stay in the file.
+    `rows` are the file rows used, sorted (a few-shot subset, or all of them);
+    `num_views` is how many augmented views of each row come with it (train only).
+    `read(start, stop)` gives float32 `(num_views + 1, stop - start, D)`: version 0 is
+    the plain features, version v + 1 view v, of the used rows start..stop-1.
+    """
+
+    path: Path
+    split: str
+    rows: np.ndarray  # (n,) int64 file rows, sorted
+    labels: np.ndarray  # (n,) int64
+    index: np.ndarray  # (n,) int64
+    ids: np.ndarray  # (n,) object array of str
+    n_features: int
+    file_rows: int  # rows of the split in the file: the stride of the view-major views table
+    block_rows: int  # rows per stored chunk: the unit worth reading at once
+    num_views: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """The float32 size of the used rows and their views: what loading them would take."""
+        return len(self) * (self.num_views + 1) * self.n_features * 4
+
+    def select(self, rows: np.ndarray) -> FeatureRows:
+        """The rows at positions `rows` (sorted) of this selection."""
+        rows = np.asarray(rows, np.int64)
+        return dataclasses.replace(self, rows=self.rows[rows], labels=self.labels[rows], index=self.index[rows],
+                                   ids=self.ids[rows])
+
+    def with_views(self, count: int) -> FeatureRows:
+        """The same rows with their first `count` augmented views, checked against the rows like `load_views`."""
+        if count == 0:
+            return dataclasses.replace(self, num_views=0)
+        with h5py.File(self.path, "r") as f:
+            group = f[self.split].get("views")
+            have = int(group.attrs["num_views"]) if group is not None else 0
+            if count > have:
+                raise CacheError(
+                    f"{self.path} has {have} augmented views, {count} asked. "
+                    f"Run `make features AUG_VIEWS={count}` with the same settings first."
+                )
+            labels, index = f[self.split]["labels"][:], f[self.split]["index"][:]
+            for v in range(count):
+                part = slice(v * self.file_rows, (v + 1) * self.file_rows)
+                if not ((group["index"][part] == index).all() and (group["labels"][part] == labels).all()
+                        and (group["view"][part] == v).all()):
+                    raise CacheError(
+                        f"{self.path}: the stored views do not line up with the train rows (source index, "
+                        "label or view number differ). The file is inconsistent; rebuild it."
+                    )
+        return dataclasses.replace(self, num_views=count)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Float32 `(num_views + 1, stop - start, D)`: every version of the used rows start..stop-1."""
+        rows = self.rows[start:stop]
+        if not len(rows):
+            return np.zeros((self.num_views + 1, 0, self.n_features), np.float32)
+        low, high = int(rows[0]), int(rows[-1]) + 1
+        picked = rows - low
+        with h5py.File(self.path, "r") as f:
+            group = f[self.split]
+            out = np.empty((self.num_views + 1, len(rows), self.n_features), np.float32)
+            out[0] = group["features"][low:high][picked]
+            for v in range(self.num_views):
+                offset = v * self.file_rows
+                out[v + 1] = group["views"]["features"][offset + low : offset + high][picked]
+        return out
+
+    def load(self) -> tuple[SplitArrays, np.ndarray | None]:
+        """The used rows in memory, and their views as `(num_views, n, D)` (None without views)."""
+        parts = [self.read(a, min(a + self.block_rows * 16, len(self)))
+                 for a in range(0, len(self), self.block_rows * 16)]
+        table = (np.concatenate(parts, axis=1) if parts
+                 else np.zeros((self.num_views + 1, 0, self.n_features), np.float32))
+        arrays = SplitArrays(features=table[0], labels=self.labels, ids=self.ids, index=self.index)
+        return arrays, (table[1:] if self.num_views else None)
+
+
+def open_rows(path: Path, split: str) -> FeatureRows:
+    """The rows of `split` of a finished feature file, left in the file (see `FeatureRows`)."""
+    with h5py.File(path, "r") as f:
+        if split not in f:
+            raise CacheError(f"{path} has no split {split}. Available: {', '.join(f.keys())}.")
+        group = f[split]
+        features = group["features"]
+        n = features.shape[0]
+        return FeatureRows(
+            path=Path(path), split=split, rows=np.arange(n, dtype=np.int64), labels=group["labels"][:],
+            index=group["index"][:], ids=np.array(group["ids"].asstr()[:], dtype=object),
+            n_features=int(features.shape[1]), file_rows=n,
+            block_rows=int(features.chunks[0]) if features.chunks else 1024,
+        )
 
 
 def key_diff(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> str:

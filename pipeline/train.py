@@ -38,15 +38,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from pipeline import plots, runs
-from pipeline.config import FeaturesConfig, HeadConfig
+from pipeline.config import FeaturesConfig, HeadConfig, parse_size
 from pipeline.data import stratified_rows
-from pipeline.errors import DataError
+from pipeline.errors import CacheError, DataError
 from pipeline.heads import Head, head_class, load_head
 from pipeline.images import read_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
 from pipeline.runs import run_dir_for
-from pipeline.store import FeatureSet, SplitArrays, load_views, read_features
+from pipeline.store import VIEWS_SPLIT, FeatureRows, FeatureSet, open_rows, read_features
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,30 @@ class HeadRun:
                 "up_to_date": self.up_to_date, "metrics": self.metrics}
 
 
+#: Training in memory holds about this many float32 copies of the train rows (the rows
+#: read from the file, the array the head stacks, TensorFlow's or scikit-learn's copy);
+#: measured by `make bench-scale`. Rows whose float32 size times this exceeds
+#: MEMORY_BUDGET stay in the file: the dense head streams them, the logistic head refuses.
+IN_MEMORY_COPIES = 3
+
+
+def memory_budget(config: HeadConfig) -> int:
+    """MEMORY_BUDGET in bytes; by default a quarter of this machine's RAM."""
+    if config.memory_budget is not None:
+        return parse_size(config.memory_budget, "MEMORY_BUDGET")
+    import psutil
+
+    return psutil.virtual_memory().total // 4
+
+
 def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None) -> HeadRun:
     """Fits `config.head` on the train split of `features_path` and writes its run directory.
 
-    The lock on the run directory (`pipeline.locks.exclusive`) is held from the "is it
-    up to date?" check to the rename: a second run of the same head waits, then finds
-    the run finished.
+    The train rows are read into memory when they fit `memory_budget(config)` (see
+    `IN_MEMORY_COPIES`), else the head trains on them streamed from the file
+    (`Head.fit_streamed`); `metrics.json` says which (`memory`). The lock on the run
+    directory (`pipeline.locks.exclusive`) is held from the "is it up to date?" check
+    to the rename: a second run of the same head waits, then finds the run finished.
     """
     run_dir = run_dir_for(features_path, config)
     with exclusive(run_dir, what="run directory"):
@@ -93,43 +111,53 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
 
 def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
                 expect: Mapping[str, Any] | None) -> HeadRun:
-    cached = read_features(features_path, expect=expect)
+    cached = read_features(features_path, expect=expect, exclude=[VIEWS_SPLIT])  # train: block by block
     used = _views_record(cached, config)
     finished = _finished_run(run_dir, cached, config, used)
     if finished:
         return finished
-    _check_splits(cached)
+    rows = _check_splits(cached)
     class_names = list(cached.class_names)
-    train, validation = cached.splits["train"], cached.splits["validation"]
+    validation = cached.splits["validation"]
     test = cached.splits.get("test")
     if test is None:
         log.warning("%s has no test split: reporting validation metrics only.", features_path)
-    views = load_views(cached, used["used"]) if used["used"] else None
     excluded = None
     if config.exclude is not None:
         from pipeline.audit import load_exclusion
 
-        exclusion = load_exclusion(config.exclude, cached, config.exclude_kinds)
+        exclusion = load_exclusion(config.exclude, cached, config.exclude_kinds, train=rows)
         excluded = exclusion.record()
-        train = _subset(train, np.flatnonzero(exclusion.keep))
-        views = None if views is None else views[:, exclusion.keep]
+        rows = rows.select(np.flatnonzero(exclusion.keep))
     if config.train_per_class is not None:
-        rows = stratified_rows(train.labels, train.index, config.train_per_class, class_names, seed=config.seed)
-        train = _subset(train, rows)
-        views = None if views is None else views[:, rows]
+        rows = rows.select(stratified_rows(rows.labels, rows.index, config.train_per_class, class_names,
+                                           seed=config.seed))
+    rows = rows.with_views(used["used"])
+    budget = memory_budget(config)
+    streamed = rows.nbytes * IN_MEMORY_COPIES > budget
+    memory = {"budget_bytes": budget, "train_bytes": rows.nbytes, "streamed": streamed}
 
     with runs.assembling(run_dir) as work:
         head = head_class(config.head).from_config(config)
-        head.fit(
-            train.features, train.labels, validation.features, validation.labels,
-            n_classes=len(class_names), callbacks=head.training_callbacks(work), views=views,
-        )
+        if streamed:
+            log.info("%d train rows x %d versions take %.2f GB as float32, over a third of MEMORY_BUDGET "
+                     "(%.2f GB): streaming them from %s", len(rows), rows.num_views + 1, rows.nbytes / 1e9,
+                     budget / 1e9, features_path)
+            head.fit_streamed(rows, validation.features, validation.labels, n_classes=len(class_names),
+                              callbacks=head.training_callbacks(work), memory_budget=budget)
+        else:
+            train, views = rows.load()
+            head.fit(
+                train.features, train.labels, validation.features, validation.labels,
+                n_classes=len(class_names), callbacks=head.training_callbacks(work), views=views,
+            )
         metrics = {
             "head": config.head,
             "features": str(features_path),
-            "train_examples": len(train),
+            "train_examples": len(rows),
             "views": used,
             "exclude": excluded,
+            "memory": memory,
             "hyperparameters": head.params_,
             "training_seconds": head.params_["fit_seconds"],
             "validation": classification_metrics(head.predict_proba(validation.features), validation.labels, class_names),
@@ -178,26 +206,28 @@ def _views_record(cached: FeatureSet, config: HeadConfig) -> dict[str, Any]:
     return record
 
 
-def _subset(split: SplitArrays, rows: np.ndarray) -> SplitArrays:
-    return SplitArrays(features=split.features[rows], labels=split.labels[rows], ids=split.ids[rows],
-                       index=split.index[rows])
-
-
-def _check_splits(cached: FeatureSet) -> None:
+def _check_splits(cached: FeatureSet) -> FeatureRows:
+    """The train rows (left in the file), once train and validation are known to exist with sane labels."""
     k = len(cached.class_names)
-    missing = [s for s in ("train", "validation") if s not in cached.splits]
+    try:
+        rows = open_rows(cached.path, VIEWS_SPLIT)
+    except CacheError:
+        rows = None
+    available = [*([VIEWS_SPLIT] if rows is not None else []), *cached.splits]
+    missing = [s for s in ("train", "validation") if s not in available]
     if missing:
         raise DataError(
             f"{cached.path} has no {' or '.join(missing)} split; a head needs train and validation "
-            f"(available: {', '.join(cached.splits)}). Rebuild the features with both splits."
+            f"(available: {', '.join(available)}). Rebuild the features with both splits."
         )
-    for name, split in cached.splits.items():
-        bad = (split.labels < 0) | (split.labels >= k)
+    for name, labels in [(VIEWS_SPLIT, rows.labels), *((n, s.labels) for n, s in cached.splits.items())]:
+        bad = (labels < 0) | (labels >= k)
         if bad.any():
             raise DataError(
                 f"{cached.path}: split '{name}' has {int(bad.sum())} labels outside the {k} classes "
-                f"{cached.class_names} (first: {int(split.labels[bad][0])}). The file is inconsistent; rebuild it."
+                f"{cached.class_names} (first: {int(labels[bad][0])}). The file is inconsistent; rebuild it."
             )
+    return rows
 
 
 def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any]) -> None:

@@ -96,8 +96,8 @@ def _view_images(config, batch_size: int, view: int) -> np.ndarray:
 
     split = load_source(config.data, seed=config.seed).splits["train"]
     augment = example_augmenter(VIEWS.augment, seed=VIEWS.seed)
-    batches = view_batches(split, start=0, image_size=32, batch_size=batch_size, augment=augment, view=view,
-                           keep=np.arange(split.total))
+    batches = view_batches(split, keep=np.arange(split.total), image_size=32, batch_size=batch_size,
+                           augment=augment, view=view)
     return np.concatenate([images.numpy() for images, *_ in batches])
 
 
