@@ -86,13 +86,6 @@ def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
     return Path(config.runs_dir) / name
 
 
-#: Training in memory holds about this many float32 copies of the train rows (the rows
-#: read from the file, the array the head stacks, TensorFlow's or scikit-learn's copy);
-#: measured by `make bench-scale`. Rows whose float32 size times this exceeds
-#: MEMORY_BUDGET stay in the file: the dense head streams them, the logistic head refuses.
-IN_MEMORY_COPIES = 3
-
-
 def memory_budget(config: HeadConfig) -> int:
     """MEMORY_BUDGET in bytes; by default a quarter of this machine's RAM."""
     if config.memory_budget is not None:
@@ -105,9 +98,10 @@ def memory_budget(config: HeadConfig) -> int:
 def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None) -> HeadRun:
     """Fits `config.head` on the train split of `features_path` and writes its run directory.
 
-    The train rows are read into memory when they fit `memory_budget(config)` (see
-    `IN_MEMORY_COPIES`), else the head trains on them streamed from the file
-    (`Head.fit_streamed`); `metrics.json` says which (`memory`).
+    The train rows are read into memory when the head's `memory_copies` of them (as
+    float32) fit `memory_budget(config)`; else the head trains on them streamed from
+    the file (`Head.fit_streamed`: the dense head streams, the logistic head refuses).
+    `metrics.json` says which (`memory`).
     """
     cached = read_features(features_path, expect=expect, exclude=[VIEWS_SPLIT])  # train: block by block
     run_dir = run_dir_for(features_path, config)
@@ -125,18 +119,18 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
         rows = rows.select(stratified_rows(rows.labels, rows.index, config.train_per_class, class_names,
                                            seed=config.seed))
     rows = rows.with_views(used["used"])
+    head = create_head(config.head, **config.head_params())
     budget = memory_budget(config)
-    streamed = rows.nbytes * IN_MEMORY_COPIES > budget
+    streamed = rows.nbytes * head.memory_copies > budget
     memory = {"budget_bytes": budget, "train_bytes": rows.nbytes, "streamed": streamed}
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
     try:
-        head = create_head(config.head, **config.head_params())
         if streamed:
-            log.info("%d train rows x %d versions take %.2f GB as float32, over a third of MEMORY_BUDGET "
+            log.info("%d train rows x %d versions take %.2f GB as float32, %d times that over MEMORY_BUDGET "
                      "(%.2f GB): streaming them from %s", len(rows), rows.num_views + 1, rows.nbytes / 1e9,
-                     budget / 1e9, features_path)
+                     head.memory_copies, budget / 1e9, features_path)
             head.fit_streamed(rows, validation.features, validation.labels, n_classes=len(class_names),
                               callbacks=_callbacks(head, work), memory_budget=budget)
         else:

@@ -154,6 +154,15 @@ def test_a_shard_that_keeps_failing_is_named_with_its_first_failing_image(ray_cl
     assert partial_path(resolve(config)[2]).exists()  # what was finished is kept for a rerun
 
 
+def test_a_user_error_in_a_worker_is_the_one_line_error_itself(ray_cluster, image_folder, tmp_path):
+    """The backbone is built in the workers: its errors reach the driver as themselves, not as Ray's."""
+    config = config_for(image_folder, tmp_path, image_size=8)  # the tiny backbone needs 16 px
+    with pytest.raises(ConfigError) as caught:
+        extract_features(config, progress=False, engine=ray_engine(workers=1))
+    assert str(caught.value).startswith("Backbone 'tiny' needs images of at least 16x16 pixels")
+    assert "\n" not in str(caught.value)
+
+
 DRIVER = """
 import sys
 sys.path[:0] = [{tests!r}]
@@ -244,3 +253,17 @@ def test_more_gpus_than_the_cluster_has_is_an_error():
 
     with pytest.raises(ConfigError, match="WORKERS=4 x GPUS_PER_WORKER=1 needs 4 GPUs; the Ray cluster has 2"):
         RayEngine(EngineConfig(name="ray", workers=4, gpus_per_worker=1))._placement({"CPU": 8, "GPU": 2})
+
+
+def test_batches_are_sent_in_chunks_of_about_chunk_bytes():
+    from pipeline.distributed import coalesce
+
+    def batches():
+        for a in range(0, 10, 3):  # 4 batches: 3, 3, 3 and 1 rows of 4 float32 features (48 bytes a batch)
+            index = np.arange(a, min(10, a + 3))
+            yield np.ones((len(index), 4), np.float32), index % 2, index, [b"id-%d" % i for i in index]
+
+    chunks = list(coalesce(batches(), 96))
+    assert [len(c[2]) for c in chunks] == [6, 4]  # two batches make 96 bytes; the rest at the end
+    assert chunks[0][3] == [b"id-%d" % i for i in range(6)] and chunks[1][2].tolist() == [6, 7, 8, 9]
+    assert [len(c[2]) for c in coalesce(batches(), 1)] == [3, 3, 3, 1]
