@@ -393,7 +393,8 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
         raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA).")
     settings = {
         "engines": {"data_dir": Path(args.data_dir or "."), "weights": args.weights, "backbone": args.backbone,
-                    "image_size": args.image_size, "batch_size": args.batch_size, "workers": tuple(args.workers)},
+                    "image_size": args.image_size, "batch_size": args.batch_size, "workers": tuple(args.workers),
+                    "repeats": args.repeats},
         "driver": {"rows": args.driver_rows, "dim": args.driver_dim, "batch_size": args.batch_size,
                    "workers": tuple(args.workers), "shard_size": args.ray_shard_size},
         "extraction": {"sizes": tuple(args.extraction_sizes), "backbone": args.extraction_backbone,
@@ -513,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--image-size", type=int, default=160, help="engines: pixels")
     scale.add_argument("--batch-size", type=int, default=32, help="engines, driver and extraction: batch size")
     scale.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="engines and driver: Ray worker counts")
+    scale.add_argument("--repeats", type=int, default=3, help="engines: rounds of every engine, taking turns")
     scale.add_argument("--driver-rows", type=int, default=200_000, help="driver: rows the stand-in workers return")
     scale.add_argument("--driver-dim", type=int, default=1280, help="driver: feature width")
     scale.add_argument("--ray-shard-size", type=int, default=1000, help="driver: images per shard")
@@ -526,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--head-epochs", type=int, default=1, help="heads: dense head epochs")
     scale.add_argument("--in-memory-max", type=int, default=100_000,
                        help="heads: largest row count also trained in memory")
-    scale.add_argument("--stream-budget", default="256MB", help="heads: MEMORY_BUDGET of the streamed runs")
+    scale.add_argument("--stream-budget", default="64MB", help="heads: MEMORY_BUDGET of the streamed runs")
     scale.add_argument("--logistic-rows", type=int, nargs="*", default=[10_000, 30_000, 100_000],
                        help="heads: generated train rows for the logistic head")
     scale.add_argument("--work-dir", default=None, help="folder for generated data (default: the system's temp)")

@@ -143,23 +143,32 @@ class ExtractionWorker:
 
     def __init__(self, config: FeaturesConfig, *, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.chunk_bytes = chunk_bytes
+        self.config = config
+        self._source: DataSource | None = None
+        self._augmenters: dict[str, Any] = {}
+        # A user error here is kept for ready() to raise: Ray reports a failed constructor
+        # as a message only, while a method's exception reaches the driver as itself.
+        self._error: PipelineError | None = None
         enable_memory_growth()
         from pipeline import backbones
         from pipeline.extract import compiled_forward
 
-        self.config = config
-        model = backbones.build_extractor(
-            config.backbone, image_size=config.image_size, weights=config.weights_arg,
-            pooling=config.pooling, mixed_precision=config.mixed_precision,
-        )
+        try:
+            model = backbones.build_extractor(
+                config.backbone, image_size=config.image_size, weights=config.weights_arg,
+                pooling=config.pooling, mixed_precision=config.mixed_precision,
+            )
+        except PipelineError as err:
+            self._error = err
+            return
         self.forward = compiled_forward(model, config.image_size)
-        self._source: DataSource | None = None
-        self._augmenters: dict[str, Any] = {}
 
     def ready(self) -> dict[str, Any]:
         """Where this worker runs; answering at all means the backbone is built."""
         import ray
 
+        if self._error is not None:
+            raise self._error
         return {"pid": os.getpid(), "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     def extract(self, task: ShardTask) -> Iterator[tuple]:
@@ -299,14 +308,17 @@ def _first_pipeline_error(ray, call: Callable[[], Any]) -> Any:
 
 
 def _pipeline_cause(err: BaseException) -> PipelineError | None:
-    """The `PipelineError` a Ray error wraps, if any (task errors and failed actor constructors)."""
-    seen = 0
+    """The `PipelineError` a Ray task error wraps, if any: the innermost, whose message is the user's.
+
+    (Ray's wrapper may itself pass for the error's class, with its traceback for a message.)
+    """
+    found, seen = None, 0
     while err is not None and seen < 8:
         if isinstance(err, PipelineError):
-            return err
+            found = err
         err = getattr(err, "cause", None) or err.__cause__
         seen += 1
-    return None
+    return found
 
 
 @dataclass

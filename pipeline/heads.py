@@ -366,6 +366,9 @@ class Head(BaseEstimator, abc.ABC):
         inputs = keras.Input((self.n_features_,), name="features")
         x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(inputs)
         return keras.Model(inputs, self.logits_model()(x), name="head")
+    #: Float32 copies of the train rows that `fit` holds at its peak (measured by `make
+    #: bench-scale`): what a memory budget must allow for training in memory.
+    memory_copies: ClassVar[int] = 3
 
     # ----------------------------------------------------------------- public API
     def fit(
@@ -421,7 +424,7 @@ class Head(BaseEstimator, abc.ABC):
         versions = f" with {train.num_views} augmented views each" if train.num_views else ""
         raise ConfigError(
             f"The {self.name} head trains on rows in memory, but the {len(train)} train rows{versions} take "
-            f"{train.nbytes / 1e9:.2f} GB as float32 and about three times that to train, over MEMORY_BUDGET="
+            f"{train.nbytes / 1e9:.2f} GB as float32 and about {self.memory_copies} times that to train, over MEMORY_BUDGET="
             f"{memory_budget / 1e9:.2f} GB. Use HEAD=dense, which streams the rows from the feature file; or "
             "train on fewer rows (TRAIN_PER_CLASS, fewer VIEWS); or raise MEMORY_BUDGET."
         )
@@ -624,6 +627,7 @@ class LogisticHead(Head):
     model_file = "head.joblib"
     libraries = ("numpy", "sklearn")
     views_use = "stacked as rows"
+    memory_copies = 4  # measured 4.2: the rows, the standardized copy, scikit-learn's working arrays
 
     def __init__(
         self,
@@ -864,6 +868,7 @@ class DenseHead(Head):
     def finetune_model(self, *, dropout: float, seed: int) -> Any:
         """The head's own copy: it carries its trained Dropout already."""
         return self.logits_model()
+    memory_copies = 3  # measured 3.0: the rows, the stacked versions, TensorFlow's constant
 
     def __init__(
         self,

@@ -158,12 +158,15 @@ def run_python(code: str) -> dict[str, Any]:
 
 
 def bench_engines(*, data_dir: Path, weights: str, backbone: str, image_size: int, batch_size: int,
-                  work_dir: Path, workers: tuple[int, ...] = (1, 2)) -> list[dict[str, Any]]:
+                  work_dir: Path, workers: tuple[int, ...] = (1, 2), repeats: int = 3) -> list[dict[str, Any]]:
     """`make features` with the local engine and with ENGINE=ray at each number of `workers`.
 
     Each run starts in a fresh process with a fresh output folder; Ray runs start their
-    own local cluster (RAY_ADDRESS is cleared), so start-up is Ray's full cost.
+    own local cluster (RAY_ADDRESS is cleared), so start-up is Ray's full cost. The
+    engines take turns, `repeats` rounds, so a machine whose speed drifts affects all
+    of them alike; each row records the load average before it ran.
     """
+    import os
     import re
 
     from pipeline.bench import features_figures
@@ -171,19 +174,22 @@ def bench_engines(*, data_dir: Path, weights: str, backbone: str, image_size: in
     results = []
     runs = [("local", [])] + [(f"ray, {w} worker{'s' if w > 1 else ''}", ["--engine", "ray", "--workers", str(w)])
                               for w in workers]
-    for number, (name, extra) in enumerate(runs):
-        out = work_dir / f"engines-{number}"
-        stage = run_pipeline(["features", "--data-dir", str(data_dir), "--weights", weights, "--backbone", backbone,
-                              "--image-size", str(image_size), "--batch-size", str(batch_size), "--output-dir",
-                              str(out), "--no-progress", *extra], env={"RAY_ADDRESS": ""})
-        row = {"engine": name, **features_figures(stage["lines"][-1]), "wall_seconds": stage["wall_seconds"],
-               "peak_rss_mib": stage["peak_rss_mib"], "startup_seconds": None}
-        engine_line = next((line for line in stage["lines"] if line.startswith("engine: ray")), "")
-        match = re.search(r"start-up ([\d.]+) s", engine_line)
-        if match:
-            row["startup_seconds"] = float(match.group(1))
-        log.info("bench-scale engines: %s", row)
-        results.append(row)
+    for repeat in range(repeats):
+        for number, (name, extra) in enumerate(runs):
+            out = work_dir / f"engines-{repeat}-{number}"
+            load = os.getloadavg()[0]
+            stage = run_pipeline(["features", "--data-dir", str(data_dir), "--weights", weights, "--backbone",
+                                  backbone, "--image-size", str(image_size), "--batch-size", str(batch_size),
+                                  "--output-dir", str(out), "--no-progress", *extra], env={"RAY_ADDRESS": ""})
+            row = {"engine": name, "repeat": repeat, **features_figures(stage["lines"][-1]),
+                   "wall_seconds": stage["wall_seconds"], "peak_rss_mib": stage["peak_rss_mib"],
+                   "startup_seconds": None, "load_before": round(load, 2)}
+            engine_line = next((line for line in stage["lines"] if line.startswith("engine: ray")), "")
+            match = re.search(r"start-up ([\d.]+) s", engine_line)
+            if match:
+                row["startup_seconds"] = float(match.group(1))
+            log.info("bench-scale engines: %s", row)
+            results.append(row)
     return results
 
 
@@ -328,7 +334,8 @@ def bench_extraction_sizes(*, sizes: tuple[int, ...], backbone: str, image_size:
                               "--image-size", str(image_size), "--batch-size", str(batch_size), "--output-dir",
                               str(work_dir / f"features-{n}"), "--no-progress"])
         figures = features_figures(stage["lines"][-1])
-        results.append({"images": n, **figures, "ms_per_image": round(1000 * figures["extract_seconds"] / n, 3),
+        results.append({"backbone": backbone, "image_size": image_size, "images": n, **figures,
+                        "ms_per_image": round(1000 * figures["extract_seconds"] / n, 3),
                         "wall_seconds": stage["wall_seconds"], "peak_rss_mib": stage["peak_rss_mib"]})
         log.info("bench-scale extraction: %s", results[-1])
     return results
@@ -354,14 +361,16 @@ def bench_heads(*, rows: tuple[int, ...], dim: int, epochs: int, in_memory_max: 
     """Peak memory and seconds of `make head` on generated feature files of each size.
 
     Dense: in memory (budget 1 TB, only up to `in_memory_max` rows) and streamed
-    (`stream_budget`); logistic (its C sweep, in memory) at `logistic_rows`. Each fit
-    runs in a fresh process; the figures include its Python and TensorFlow.
+    (`stream_budget`); logistic (its C sweep, in memory) at `logistic_rows`. Validation
+    and test hold 10,000 rows each at every size, so the train rows make the
+    difference. Each fit runs in a fresh process; the figures include its Python and
+    TensorFlow.
     """
     results = []
     for n in sorted(set(rows) | set(logistic_rows)):
         path = work_dir / f"synthetic-{n}.h5"
         if not path.exists():
-            write_synthetic_features(path, rows=n, dim=dim, classes=2)
+            write_synthetic_features(path, rows=n, dim=dim, classes=2, val_rows=min(n, 10_000))
         runs = []
         if n in rows:
             runs += [("dense", "in memory", "1TB")] if n <= in_memory_max else []
@@ -370,6 +379,8 @@ def bench_heads(*, rows: tuple[int, ...], dim: int, epochs: int, in_memory_max: 
             runs += [("logistic", "in memory", "1TB")]
         for head, how, budget in runs:
             child = run_python(_FIT_CHILD.format(path=str(path), head=head, epochs=epochs, budget=budget))
+            if how == "streamed" and not child["streamed"]:
+                raise ValueError(f"{n} rows fit the streaming budget {budget}; lower --stream-budget.")
             results.append({"head": head, "rows": n, "dim": dim, "how": how, "budget": budget,
                             "file_mib": round(path.stat().st_size / 2**20, 1),
                             "train_float32_mib": round(n * dim * 4 / 2**20, 1), **child})
@@ -388,13 +399,22 @@ def scale_table(result: dict[str, Any]) -> str:
              f"TensorFlow {m['tensorflow']}, Ray {result.get('ray_version')}.", ""]
     if result.get("engines"):
         s = result["engines_settings"]
-        lines += [f"## Engines: {s['data_dir']}, {s['backbone']} at {s['image_size']} px, batch {s['batch_size']}", "",
-                  "| engine | images | extraction img/s | extraction s | Ray start-up s | wall s | peak RSS MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"## Engines: {s['data_dir']}, {s['backbone']} at {s['image_size']} px, batch {s['batch_size']}, "
+                  "engines taking turns", "",
+                  "| engine | round | images | extraction img/s | extraction s | Ray start-up s | wall s | "
+                  "peak RSS MiB | load before |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in result["engines"]:
             startup = "" if r["startup_seconds"] is None else f"{r['startup_seconds']:.1f}"
-            lines.append(f"| {r['engine']} | {r['images']} | {r['img_per_s']:.1f} | {r['extract_seconds']:.1f} | "
-                         f"{startup} | {r['wall_seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
+            lines.append(f"| {r['engine']} | {r.get('repeat', 0) + 1} | {r['images']} | {r['img_per_s']:.1f} | "
+                         f"{r['extract_seconds']:.1f} | {startup} | {r['wall_seconds']:.1f} | "
+                         f"{r['peak_rss_mib']:.0f} | {r.get('load_before', '')} |")
+        lines += ["", "| engine | median img/s | median Ray start-up s | median wall s |", "|---|---:|---:|---:|"]
+        for name in dict.fromkeys(r["engine"] for r in result["engines"]):
+            rows = [r for r in result["engines"] if r["engine"] == name]
+            startups = [r["startup_seconds"] for r in rows if r["startup_seconds"] is not None]
+            lines.append(f"| {name} | {np.median([r['img_per_s'] for r in rows]):.1f} | "
+                         f"{f'{np.median(startups):.1f}' if startups else ''} | "
+                         f"{np.median([r['wall_seconds'] for r in rows]):.1f} |")
         lines.append("")
     if result.get("driver"):
         s = result["driver_settings"]
@@ -406,14 +426,13 @@ def scale_table(result: dict[str, Any]) -> str:
             lines.append(f"| {r['what']} | {r['rows_per_s']:,} | {mbs:.0f} | {r['seconds']:.2f} |")
         lines.append("")
     if result.get("extraction"):
-        s = result["extraction_settings"]
-        lines += [f"## Extraction against dataset size: local engine, {s['backbone']} at {s['image_size']} px, "
-                  "generated 48 px JPEGs", "",
-                  "| images | extraction s | ms per image | img/s | wall s | peak RSS MiB |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += ["## Extraction against dataset size: local engine, random weights, generated 48 px JPEGs", "",
+                  "| backbone | images | extraction s | ms per image | img/s | wall s | peak RSS MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in result["extraction"]:
-            lines.append(f"| {r['images']:,} | {r['extract_seconds']:.1f} | {r['ms_per_image']:.3f} | "
-                         f"{r['img_per_s']:.0f} | {r['wall_seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
+            lines.append(f"| {r['backbone']} at {r['image_size']} px | {r['images']:,} | {r['extract_seconds']:.1f} | "
+                         f"{r['ms_per_image']:.3f} | {r['img_per_s']:.0f} | {r['wall_seconds']:.1f} | "
+                         f"{r['peak_rss_mib']:.0f} |")
         lines.append("")
     if result.get("heads"):
         s = result["heads_settings"]
@@ -421,7 +440,7 @@ def scale_table(result: dict[str, Any]) -> str:
                   "epoch(s) for the dense head", "",
                   "| head | train rows | how | train rows as float32 MiB | file MiB | fit s | wall s | peak RSS MiB "
                   "| validation accuracy |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-        for r in result["heads"]:
+        for r in sorted(result["heads"], key=lambda r: (r["head"], r["rows"], r["how"])):
             how = r["how"] + (f" (budget {r['budget']})" if r["how"] == "streamed" else "")
             lines.append(f"| {r['head']} | {r['rows']:,} | {how} | {r['train_float32_mib']:,.0f} | "
                          f"{r['file_mib']:,.0f} | {r['fit_seconds']:.1f} | {r['wall_seconds']:.1f} | "
@@ -457,11 +476,15 @@ def bench_scale(*, parts: tuple[str, ...], work_dir: Path, out_dir: Path, settin
     if "driver" in parts:
         result["driver_settings"] = settings["driver"]
         result["driver"] = bench_driver(**settings["driver"], work_dir=work_dir)
-    if "extraction" in parts:
-        result["extraction_settings"] = settings["extraction"]
-        result["extraction"] = bench_extraction_sizes(**settings["extraction"], work_dir=work_dir)
-    if "heads" in parts:
+    if "extraction" in parts:  # kept per backbone and size, so sweeps of several backbones sit together
+        s = settings["extraction"]
+        kept = [r for r in result.get("extraction", []) if (r.get("backbone"), r.get("image_size")) !=
+                (s["backbone"], s["image_size"])]
+        result["extraction"] = kept + bench_extraction_sizes(**s, work_dir=work_dir)
+    if "heads" in parts:  # kept per (head, rows, how), so sizes can be measured in separate runs
         result["heads_settings"] = settings["heads"]
-        result["heads"] = bench_heads(**settings["heads"], work_dir=work_dir)
+        new = bench_heads(**settings["heads"], work_dir=work_dir)
+        done = {(r["head"], r["rows"], r["how"]) for r in new}
+        result["heads"] = [r for r in result.get("heads", []) if (r["head"], r["rows"], r["how"]) not in done] + new
     write_results(result, scale_table(result), out_dir, "scale")
     return result

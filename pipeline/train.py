@@ -79,13 +79,6 @@ class HeadRun:
                 "up_to_date": self.up_to_date, "metrics": self.metrics}
 
 
-#: Training in memory holds about this many float32 copies of the train rows (the rows
-#: read from the file, the array the head stacks, TensorFlow's or scikit-learn's copy);
-#: measured by `make bench-scale`. Rows whose float32 size times this exceeds
-#: MEMORY_BUDGET stay in the file: the dense head streams them, the logistic head refuses.
-IN_MEMORY_COPIES = 3
-
-
 def memory_budget(config: HeadConfig) -> int:
     """MEMORY_BUDGET in bytes; by default a quarter of this machine's RAM."""
     if config.memory_budget is not None:
@@ -98,11 +91,12 @@ def memory_budget(config: HeadConfig) -> int:
 def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None) -> HeadRun:
     """Fits `config.head` on the train split of `features_path` and writes its run directory.
 
-    The train rows are read into memory when they fit `memory_budget(config)` (see
-    `IN_MEMORY_COPIES`), else the head trains on them streamed from the file
-    (`Head.fit_streamed`); `metrics.json` says which (`memory`). The lock on the run
-    directory (`pipeline.locks.exclusive`) is held from the "is it up to date?" check
-    to the rename: a second run of the same head waits, then finds the run finished.
+    The train rows are read into memory when the head's `memory_copies` of them (as
+    float32) fit `memory_budget(config)`; else the head trains on them streamed from
+    the file (`Head.fit_streamed`: the dense head streams, the logistic head refuses).
+    `metrics.json` says which (`memory`). The lock on the run directory
+    (`pipeline.locks.exclusive`) is held from the "is it up to date?" check to the
+    rename: a second run of the same head waits, then finds the run finished.
     """
     run_dir = run_dir_for(features_path, config)
     with exclusive(run_dir, what="run directory"):
@@ -133,16 +127,16 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
         rows = rows.select(stratified_rows(rows.labels, rows.index, config.train_per_class, class_names,
                                            seed=config.seed))
     rows = rows.with_views(used["used"])
+    head = head_class(config.head).from_config(config)
     budget = memory_budget(config)
-    streamed = rows.nbytes * IN_MEMORY_COPIES > budget
+    streamed = rows.nbytes * head.memory_copies > budget
     memory = {"budget_bytes": budget, "train_bytes": rows.nbytes, "streamed": streamed}
 
     with runs.assembling(run_dir) as work:
-        head = head_class(config.head).from_config(config)
         if streamed:
-            log.info("%d train rows x %d versions take %.2f GB as float32, over a third of MEMORY_BUDGET "
+            log.info("%d train rows x %d versions take %.2f GB as float32, %d times that over MEMORY_BUDGET "
                      "(%.2f GB): streaming them from %s", len(rows), rows.num_views + 1, rows.nbytes / 1e9,
-                     budget / 1e9, features_path)
+                     head.memory_copies, budget / 1e9, features_path)
             head.fit_streamed(rows, validation.features, validation.labels, n_classes=len(class_names),
                               callbacks=head.training_callbacks(work), memory_budget=budget)
         else:

@@ -154,6 +154,15 @@ def test_a_shard_that_keeps_failing_is_named_with_its_first_failing_image(ray_cl
     assert partial_path(resolve(config)[2]).exists()  # what was finished is kept for a rerun
 
 
+def test_a_user_error_in_a_worker_is_the_one_line_error_itself(ray_cluster, image_folder, tmp_path):
+    """The backbone is built in the workers: its errors reach the driver as themselves, not as Ray's."""
+    config = config_for(image_folder, tmp_path, image_size=8)  # the tiny backbone needs 16 px
+    with pytest.raises(ConfigError) as caught:
+        extract_features(config, progress=False, engine=ray_engine(workers=1))
+    assert str(caught.value).startswith("Backbone 'tiny' needs images of at least 16x16 pixels")
+    assert "\n" not in str(caught.value)
+
+
 DRIVER = """
 import sys
 sys.path[:0] = [{tests!r}]
@@ -166,10 +175,15 @@ extract_features(config_for(Path({folder!r}), Path({out!r})), progress=False, en
 
 
 def _committed(partial: Path) -> int:
+    """Committed train rows of a partial file another process writes (0 while it is being created).
+
+    `locking=False`: a reader's lock taken while the writer creates the file would make
+    the writer fail to open it.
+    """
     try:
-        with h5py.File(partial, "r", swmr=True, libver="latest") as f:
+        with h5py.File(partial, "r", swmr=True, libver="latest", locking=False) as f:
             return int(f["train/committed"][0])
-    except (OSError, KeyError):
+    except (OSError, KeyError, ValueError):
         return 0
 
 
@@ -244,3 +258,30 @@ def test_more_gpus_than_the_cluster_has_is_an_error():
 
     with pytest.raises(ConfigError, match="WORKERS=4 x GPUS_PER_WORKER=1 needs 4 GPUs; the Ray cluster has 2"):
         RayEngine(EngineConfig(name="ray", workers=4, gpus_per_worker=1))._placement({"CPU": 8, "GPU": 2})
+
+
+def test_batches_are_sent_in_chunks_of_about_chunk_bytes():
+    from pipeline.distributed import coalesce
+
+    def batches():
+        for a in range(0, 10, 3):  # 4 batches: 3, 3, 3 and 1 rows of 4 float32 features (48 bytes a batch)
+            index = np.arange(a, min(10, a + 3))
+            yield np.ones((len(index), 4), np.float32), index % 2, index, [b"id-%d" % i for i in index]
+
+    chunks = list(coalesce(batches(), 96))
+    assert [len(c[2]) for c in chunks] == [6, 4]  # two batches make 96 bytes; the rest at the end
+    assert chunks[0][3] == [b"id-%d" % i for i in range(6)] and chunks[1][2].tolist() == [6, 7, 8, 9]
+    assert [len(c[2]) for c in coalesce(batches(), 1)] == [3, 3, 3, 1]
+
+
+def test_the_driver_ceiling_benchmark_runs_on_stand_in_workers(ray_cluster, tmp_path):
+    from pipeline.scale import bench_driver
+
+    rows = bench_driver(rows=3000, dim=8, batch_size=32, work_dir=tmp_path, workers=(1,), shard_size=500)
+    assert [r["what"] for r in rows] == [
+        "write only, appends of 32 rows (no Ray)", "write only, appends of 4 MB (no Ray)",
+        "receive only (1 stand-in worker)", "receive and write (1 stand-in worker)",
+        "finish the file (gzip copy, once per run)"]
+    assert all(r["rows"] == 3000 and r["rows_per_s"] > 0 for r in rows)
+    with h5py.File(tmp_path / "ray-1.h5") as f:  # the stand-in rows, in order
+        assert f["train/index"][:].tolist() == list(range(3000)) and f["train/features"].shape == (3000, 8)

@@ -10,7 +10,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.heads import DenseHead
 from pipeline.scale import write_synthetic_features
 from pipeline.store import load_views, open_rows, read_features
-from pipeline.train import IN_MEMORY_COPIES, train_head
+from pipeline.train import train_head
 
 SMALL_BUDGET = "200kB"  # the 3000 x 3 x 16 float32 train rows below take 576 kB
 
@@ -77,7 +77,7 @@ def _config(tmp_path, name, **kwargs) -> HeadConfig:
 
 
 def test_the_streamed_dense_head_matches_the_in_memory_one(big_file, tmp_path):
-    assert open_rows(big_file, "train").with_views(2).nbytes * IN_MEMORY_COPIES > 200_000
+    assert open_rows(big_file, "train").with_views(2).nbytes * DenseHead.memory_copies > 200_000
     memory = train_head(big_file, _config(tmp_path, "memory"))
     streamed = train_head(big_file, _config(tmp_path, "streamed", memory_budget=SMALL_BUDGET))
     assert memory.metrics["memory"]["streamed"] is False and streamed.metrics["memory"]["streamed"] is True
