@@ -34,6 +34,7 @@ PYTHON ?= python3#                interpreter used to create the virtual environ
 VENV ?= .venv
 SHARED ?= ../shared#              real assets for the asset tests and benchmarks
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2#                pytest-xdist processes for make test (files stay whole: fixtures are built once per file)
 VERBOSE ?=#                       1: debug logging and TensorFlow's own INFO/WARNING logs
 ## Benchmarks
 BENCH_DATA ?= $(SHARED)/assets/datasets/cats_and_dogs_filtered
@@ -123,10 +124,10 @@ backbones: $(VENV)/.installed ## list the registered backbones
 	$(PIPELINE) backbones
 
 test: $(VENV)/.installed ## run the test suite (real-asset tests skip when SHARED is absent)
-	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest $(PYTEST_ARGS)
+	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed ## the test suite including slow tests
-	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest --runslow $(PYTEST_ARGS)
+	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --runslow $(PYTEST_ARGS)
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)

@@ -911,7 +911,7 @@ def audit_table(result: dict[str, Any]) -> str:
         lines.append(f"| pairs of the {c['distinct_pairs']:,} in the file | | | "
                      + " | ".join(str(c["pairs_above"][str(t)]) for t in thresholds) + " |")
         centred = calibration["centred"]
-        lines.append(f"| (centred features) pairs of the file | | | "
+        lines.append("| (centred features) pairs of the file | | | "
                      + " | ".join(str(centred["pairs_above"][str(t)]) for t in thresholds) + " |")
         for name, p in centred["planted"].items():
             lines.append(f"| (centred features) {name} copies | {p['min']} | {p['median']} | "
