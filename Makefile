@@ -81,9 +81,10 @@ head: features ## stage 2: train HEAD on the cached features; metrics, plots and
 audit: features ## duplicates (leaks first), label errors, outliers, class overlap -> AUDIT_DIR/<features>/audit.{json,md}, contact sheets
 	$(PIPELINE) audit $(STAGE2_FLAGS) $(call options,$(AUDIT_OPTIONS))
 
-# Warm-starting needs the stage-2 head; HEAD_EPOCHS or FROM_SCRATCH train without one.
-finetune: $(if $(filter-out 0,$(HEAD_EPOCHS))$(FROM_SCRATCH),$(VENV)/.installed,head) ## stage 3: augmented fine-tuning of the top of the backbone, warm-started from the head
-	$(PIPELINE) finetune $(STAGE2_FLAGS) $(RUN_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(FINETUNE_OPTIONS))
+# --make-head: a warm start runs stages 1 and 2 first (no-ops when up to date); the finetune
+# command decides when that is needed (FinetuneConfig.warm_starts), not Make.
+finetune: $(VENV)/.installed ## stage 3: augmented fine-tuning of the top of the backbone, warm-started from the head
+	$(PIPELINE) finetune --make-head $(STAGE2_FLAGS) $(RUN_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(FINETUNE_OPTIONS))
 
 compare: $(VENV)/.installed ## cached heads vs fine-tuning the top block / everything vs from scratch (+ views, seed workflow): table and plots
 	$(PIPELINE) compare $(STAGE2_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(FINETUNE_OPTIONS)) \

@@ -233,7 +233,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from pipeline.finetune import finetune
 
     run = finetune(features_config(args), head_config(args), finetune_config(args),
-                   head_run=Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress)
+                   head_run=Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress,
+                   make_head=args.make_head)
     return _report(args, run)
 
 
@@ -442,8 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                    run_dir=True, features_file=True)
     export.add_argument("--tflite", action="store_true", help="also write model.tflite (Make: TFLITE=1)")
     export.add_argument("--no-saved-model", action="store_true", help="only write model.keras")
-    stage("finetune", "stage 3: augmented end-to-end fine-tuning from the stage-2 head", _cmd_finetune,
-          run_dir=True, features_file=True, json_result=True)
+    tune = stage("finetune", "stage 3: augmented end-to-end fine-tuning from the stage-2 head", _cmd_finetune,
+                 run_dir=True, features_file=True, json_result=True)
+    tune.add_argument("--make-head", action="store_true",
+                      help="when warm-starting, first run stages 1 and 2 as `make head` would (make finetune does)")
     predict = stage("predict", "top classes per image with the exported model", _cmd_predict, run_dir=True,
                     features_file=True)
     predict.add_argument("images", nargs="*", help="image files, folders or globs (Make: IMAGES)")

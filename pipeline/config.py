@@ -598,6 +598,11 @@ class FinetuneConfig:
             object.__setattr__(self, "augment", AugmentConfig.from_dict(self.augment))
 
     @property
+    def warm_starts(self) -> bool:
+        """Whether training starts from a stage-2 head (`make head`): not from scratch, no warm-up on images."""
+        return not self.from_scratch and not self.head_epochs
+
+    @property
     def resolved_learning_rate(self) -> float:
         """The fine-tuning rate: as given, else the seeds' defaults (see the class docstring)."""
         if self.learning_rate is not None:

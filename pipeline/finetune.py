@@ -507,16 +507,21 @@ def finetune_run_dir(features: FeaturesConfig, head: HeadConfig, config: Finetun
 
 
 def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig, *,
-             head_run: Path | None = None, progress: bool = True,
+             head_run: Path | None = None, progress: bool = True, make_head: bool = False,
              callbacks: Sequence[Any] = ()) -> FinetuneRun:
     """Runs stage 3 and writes its run directory; see the module docstring.
 
-    `features` and `head` locate the stage-2 run (or `head_run` names it); `callbacks`
+    `features` and `head` locate the stage-2 run (or `head_run` names it); with
+    `make_head` a warm start first runs stages 1 and 2 as `make head` would (each a no-op
+    when up to date), so `make finetune` needs no rule of its own for when a head is
+    needed (`FinetuneConfig.warm_starts` decides). `callbacks`
     are extra Keras callbacks (tests interrupt training with one). The stage-2 run is
     read under its lock, then the run directory is locked from the "is it up to date?"
     check to the rename (`pipeline.locks.exclusive`; never both at once), so a second
     run with the same settings waits, then finds the run finished.
     """
+    if make_head and config.warm_starts and head_run is None:
+        _make_head(features, head, progress=progress)
     job = _resolve_job(features, head, config, head_run)
     with exclusive(job.run_dir, what="fine-tuning run directory"):
         return _finished(job) or _run(job, progress=progress, callbacks=callbacks)
@@ -535,6 +540,15 @@ def _run(job: _Job, *, progress: bool, callbacks: Sequence[Any]) -> FinetuneRun:
               "finetune": _phase_finetune(parts, job.config, data, training, fit)}
     metrics = _evaluate_run(job, parts, data, training, counts)
     return _write_run(job, parts, data, training, metrics)
+
+
+def _make_head(features: FeaturesConfig, head: HeadConfig, *, progress: bool) -> None:
+    """Stages 1 and 2 for the warm start, as `make head` runs them (no-ops when up to date)."""
+    from pipeline.extract import extract_features
+    from pipeline.train import train_head
+
+    result = extract_features(features, progress=progress)
+    train_head(result.path, head, expect=resolve(features)[1])
 
 
 def _resolve_job(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
@@ -691,7 +705,7 @@ def _origin(features: FeaturesConfig, key: Mapping[str, Any], features_path: Pat
     """The stage-2 run to warm-start from, checked against the backbone asked for."""
     if config.from_scratch:
         return _Origin("scratch")
-    if config.head_epochs:
+    if not config.warm_starts:
         return _Origin(f"a fresh head trained {config.head_epochs} epochs on images")
     run_dir = Path(head_run) if head_run else run_dir_for(features_path, head)
     if not run_dir.parent.is_dir():

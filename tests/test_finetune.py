@@ -321,3 +321,21 @@ def test_make_style_cli_runs_stage3(stage2, tmp_path, capsys):
     assert "finetune, validation accuracy" in capsys.readouterr().out
     assert main([*args, "--fine-tune-at", "nope"]) == 2
     assert "FINE_TUNE_AT='nope'" in capsys.readouterr().err
+
+
+def test_make_head_runs_stages_1_and_2_first_only_when_warm_starting(stage2, tmp_path, capsys):
+    """`make finetune` passes --make-head; the command, not Make, decides whether a head is needed."""
+    features, _, _, _ = stage2
+    args = ["finetune", "--data-dir", features.data.data_dir, "--backbone", "tiny", "--weights", features.weights,
+            "--image-size", "32", "--features-dir", str(tmp_path / "features"), "--val-fraction", "0.25",
+            "--test-fraction", "0.25", "--runs-dir", str(tmp_path / "runs"), "--head", "dense", "--epochs", "2",
+            "--fine-tune-epochs", "1", "--fine-tune-at", "blocks:1", "--no-progress", "--grid-images", "0"]
+    assert main(args) == 2  # without it: the one-line error naming both ways out
+    assert "No stage-2 head to warm-start from" in capsys.readouterr().err
+    assert main([*args, "--make-head"]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert len(runs) == 2 and runs[0].endswith("__dense") and runs[1] == f"{runs[0]}__ft-blocks1"
+    assert len(list((tmp_path / "features").glob("*.h5"))) == 1
+    # A warm-up on images needs no stage-2 head: nothing is extracted for it.
+    assert main([*args, "--make-head", "--head-epochs", "1", "--features-dir", str(tmp_path / "none")]) == 0
+    assert not (tmp_path / "none").exists()
