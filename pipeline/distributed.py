@@ -46,7 +46,7 @@ import numpy as np
 from pipeline.config import EngineConfig, FeaturesConfig, ViewsConfig
 from pipeline.data import DataSource, SplitSource
 from pipeline.errors import ConfigError, DataError, PipelineError, WorkerError
-from pipeline.extract import feature_batches, resume_position, view_feature_batches
+from pipeline.extract import feature_batches, resume_position, view_feature_batches, views_left
 from pipeline.store import FeatureWriter
 
 log = logging.getLogger(__name__)
@@ -394,10 +394,8 @@ class RayRunner:
     def extract_views(
         self, split: SplitSource, writer: FeatureWriter, views: ViewsConfig, *, progress: bool
     ) -> tuple[int, float]:
-        source_index = writer.written_index(split.name)
+        source_index, total, done = views_left(writer, split.name, views.num_views)
         n = len(source_index)
-        total = views.num_views * n
-        done = writer.views_committed()
         if n == 0 or done >= total:
             return 0, 0.0
         size = self.engine.config.shard_size

@@ -502,10 +502,8 @@ class LocalRunner:
         from pipeline.augment import example_augmenter
 
         config = self.config
-        source_index = writer.written_index(split.name)
+        source_index, total, done = views_left(writer, split.name, views.num_views)
         n = len(source_index)
-        total = views.num_views * n
-        done = writer.views_committed()
         if n == 0 or done >= total:
             return 0, 0.0
         augment = example_augmenter(views.augment, seed=views.seed)
@@ -532,6 +530,16 @@ class LocalRunner:
                     bar.update(len(index))
         log.info("views: %d rows of %d views in %.1f s", written, views.num_views, seconds)
         return written, seconds
+
+
+def views_left(writer: FeatureWriter, split: str, num_views: int):
+    """(source index of the train rows, view rows in all, view rows written): where views resume.
+
+    The views table is view-major (row v*N + r is view v of train row r), so the
+    committed row count says which view and which train row come next.
+    """
+    source_index = writer.written_index(split)
+    return source_index, num_views * len(source_index), writer.views_committed()
 
 
 def resume_position(writer: FeatureWriter, split: str, num_shards: int) -> int:
