@@ -251,7 +251,8 @@ def _stored_rows(group: h5py.Group, *, finished: bool) -> int:
 def _append(group: h5py.Group, *values, columns: Sequence[Column] = SPLIT_COLUMNS) -> None:
     """Appends one batch: `values` in the order of `columns`."""
     if len(values) != len(columns):
-        raise ValueError(f"Expected {len(columns)} columns ({', '.join(c.name for c in columns)}). Received {len(values)}.")
+        raise ValueError(f"Expected {len(columns)} columns ({', '.join(c.name for c in columns)}). "
+                         f"Received {len(values)}.")
     start = _rows(group)
     for column, value in zip(columns, values):
         column.append(group, start, value)
