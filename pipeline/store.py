@@ -59,7 +59,6 @@ _COPY_ROWS = 4096
 _STR = h5py.string_dtype("utf-8")
 #: The only split that gets augmented views; validation and test are never augmented.
 VIEWS_SPLIT = "train"
-_VIEW_COLUMNS = ("labels", "index", "view")
 
 
 def partial_path(path: Path) -> Path:
@@ -105,6 +104,176 @@ class FeatureSet:
     @property
     def config(self) -> dict[str, Any]:
         return self.attrs["config"]
+
+
+# --- tables -------------------------------------------------------------------------
+#
+# A split and its views are both tables of rows: one column spec each, and one
+# create/append/read path for both, in a partial file (grown under SWMR) or a finished one.
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a table is stored: a partial file grows under SWMR in small uncompressed
+    chunks; a finished file is written once, in larger gzip chunks."""
+
+    feature_dim: int
+    dtype: np.dtype
+    finished: bool
+
+    @property
+    def feature_chunks(self) -> tuple[int, int]:
+        """About 1 MiB of features a chunk, at most 256 (partial) or 1024 (finished) rows."""
+        cap = 1024 if self.finished else 256
+        return max(1, min(cap, (1 << 20) // (self.feature_dim * self.dtype.itemsize))), self.feature_dim
+
+    def options(self, *, features: bool = False) -> dict[str, Any]:
+        if not self.finished:
+            return {"chunks": self.feature_chunks if features else (4096,)}
+        if features:
+            return {"chunks": self.feature_chunks, "compression": "gzip", "compression_opts": 4, "shuffle": True}
+        return {"chunks": (16384,), "compression": "gzip"}
+
+
+def _extend(dataset: h5py.Dataset, start: int, values) -> None:
+    dataset.resize(start + len(values), axis=0)
+    dataset[start:] = values
+
+
+@dataclass(frozen=True)
+class Column:
+    """An `(N,)` int64 column of a rows table."""
+
+    name: str
+
+    def create(self, group: h5py.Group, layout: _Layout) -> None:
+        group.create_dataset(self.name, shape=(0,), maxshape=(None,), dtype=np.int64, **layout.options())
+
+    def datasets(self, group: h5py.Group) -> list[h5py.Dataset]:
+        return [group[self.name]]
+
+    def append(self, group: h5py.Group, start: int, values) -> None:
+        _extend(group[self.name], start, np.asarray(values, np.int64))
+
+    def read(self, group: h5py.Group, start: int, stop: int):
+        return group[self.name][start:stop]
+
+
+@dataclass(frozen=True)
+class FeaturesColumn(Column):
+    """The `(N, D)` features, in the file's feature dtype."""
+
+    def create(self, group: h5py.Group, layout: _Layout) -> None:
+        dim = layout.feature_dim
+        group.create_dataset(self.name, shape=(0, dim), maxshape=(None, dim), dtype=layout.dtype,
+                             **layout.options(features=True))
+
+    def append(self, group: h5py.Group, start: int, values) -> None:
+        _extend(group[self.name], start, values)
+
+
+@dataclass(frozen=True)
+class TextColumn(Column):
+    """`(N,)` UTF-8 strings, stored two ways. A finished file holds variable-length
+    strings (`name`); a partial file, which SWMR cannot grow with variable-length data,
+    holds every string's bytes (`blob`) and where each ends in them (`ends`). Which one
+    a group holds is read from the group, so both encodings share one column. Reading
+    gives str (finished) or bytes (partial); appending takes either."""
+
+    ends: str = ""
+    blob: str = ""
+
+    def _partial(self, group: h5py.Group) -> bool:
+        return self.ends in group
+
+    def create(self, group: h5py.Group, layout: _Layout) -> None:
+        if layout.finished:
+            group.create_dataset(self.name, shape=(0,), maxshape=(None,), dtype=_STR, **layout.options())
+            return
+        for name, dtype in ((self.ends, np.int64), (self.blob, np.uint8)):
+            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, **layout.options())
+
+    def datasets(self, group: h5py.Group) -> list[h5py.Dataset]:
+        return [group[self.ends], group[self.blob]] if self._partial(group) else [group[self.name]]
+
+    def append(self, group: h5py.Group, start: int, values) -> None:
+        if not self._partial(group):
+            _extend(group[self.name], start,
+                    np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object))
+            return
+        encoded = [v if isinstance(v, bytes) else str(v).encode() for v in values]
+        lengths = np.fromiter((len(b) for b in encoded), np.int64, count=len(encoded))
+        end = int(group[self.ends][start - 1]) if start else 0
+        _extend(group[self.ends], start, end + np.cumsum(lengths))
+        _extend(group[self.blob], group[self.blob].shape[0], np.frombuffer(b"".join(encoded), np.uint8))
+
+    def read(self, group: h5py.Group, start: int, stop: int):
+        if not self._partial(group):
+            return np.array(group[self.name].asstr()[start:stop], dtype=object)
+        if stop <= start:
+            return []
+        ends = group[self.ends][start:stop]
+        first = int(group[self.ends][start - 1]) if start else 0
+        blob = group[self.blob][first : int(ends[-1])].tobytes()
+        bounds = np.concatenate([[0], ends - first])
+        return [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+FEATURES = FeaturesColumn("features")
+LABELS = Column("labels")
+INDEX = Column("index")
+IDS = TextColumn("ids", ends="id_ends", blob="id_bytes")
+VIEW = Column("view")
+#: The columns of a split, in the order of the row tuples (features, labels, index, ids).
+SPLIT_COLUMNS = (FEATURES, LABELS, INDEX, IDS)
+#: The columns of /train/views, in the order of the row tuples (features, labels, index, view).
+VIEW_COLUMNS = (FEATURES, LABELS, INDEX, VIEW)
+
+
+def _create_table(group: h5py.Group, columns: Sequence[Column], layout: _Layout) -> None:
+    """The empty columns; a partial table also gets its commit counter."""
+    for column in columns:
+        column.create(group, layout)
+    if not layout.finished:
+        group.create_dataset("committed", data=np.zeros(1, np.int64))
+
+
+def _rows(group: h5py.Group) -> int:
+    """Rows appended to a table (committed or not)."""
+    return group[INDEX.name].shape[0]
+
+
+def _stored_rows(group: h5py.Group, *, finished: bool) -> int:
+    """The rows of a table worth reading: all of a finished file's, the committed ones of a partial one's."""
+    return _rows(group) if finished else int(group["committed"][0])
+
+
+def _append(group: h5py.Group, *values, columns: Sequence[Column] = SPLIT_COLUMNS) -> None:
+    """Appends one batch: `values` in the order of `columns`."""
+    if len(values) != len(columns):
+        raise ValueError(f"Expected {len(columns)} columns ({', '.join(c.name for c in columns)}). "
+                         f"Received {len(values)}.")
+    start = _rows(group)
+    for column, value in zip(columns, values):
+        column.append(group, start, value)
+
+
+def _read_rows(group: h5py.Group, columns: Sequence[Column], start: int, stop: int) -> dict[str, Any]:
+    """Rows start..stop-1 of `columns`, by column name."""
+    return {column.name: column.read(group, start, stop) for column in columns}
+
+
+def _chunks(group: h5py.Group, columns: Sequence[Column], stop: int) -> Iterator[tuple]:
+    """Rows 0..stop-1 as tuples in the order of `columns`, `_COPY_ROWS` at a time (flat memory)."""
+    for start in range(0, stop, _COPY_ROWS):
+        yield tuple(_read_rows(group, columns, start, min(stop, start + _COPY_ROWS)).values())
+
+
+def _fill(group: h5py.Group, columns: Sequence[Column], chunks: Iterable[tuple]) -> int:
+    """Appends every chunk of rows to a table; returns its rows."""
+    for chunk in chunks:
+        _append(group, *chunk, columns=columns)
+    return _rows(group)
 
 
 # --- writing ------------------------------------------------------------------------
@@ -163,29 +332,17 @@ class FeatureWriter:
             self._file = None
 
     def _create(self, target: Path) -> h5py.File:
-        chunk_rows = max(1, min(256, (1 << 20) // (self.feature_dim * self.dtype.itemsize)))
+        layout = _Layout(self.feature_dim, self.dtype, finished=False)
         with h5py.File(target, "w", libver="latest") as f:
             _write_attrs(f.attrs, {**self.attrs, "complete": False})
             for name, split_attrs in self.split_attrs.items():
                 group = f.create_group(name)
                 _write_attrs(group.attrs, split_attrs)
-                group.create_dataset(
-                    "features", shape=(0, self.feature_dim), maxshape=(None, self.feature_dim),
-                    dtype=self.dtype, chunks=(chunk_rows, self.feature_dim),
-                )
-                for name_, dtype in (("labels", np.int64), ("index", np.int64), ("id_ends", np.int64), ("id_bytes", np.uint8)):
-                    group.create_dataset(name_, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
-                group.create_dataset("committed", data=np.zeros(1, np.int64))
+                _create_table(group, SPLIT_COLUMNS, layout)
             if self.views is not None:
                 views = f[VIEWS_SPLIT].create_group("views")
                 _write_attrs(views.attrs, self.views)
-                views.create_dataset(
-                    "features", shape=(0, self.feature_dim), maxshape=(None, self.feature_dim),
-                    dtype=self.dtype, chunks=(chunk_rows, self.feature_dim),
-                )
-                for name_ in _VIEW_COLUMNS:
-                    views.create_dataset(name_, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-                views.create_dataset("committed", data=np.zeros(1, np.int64))
+                _create_table(views, VIEW_COLUMNS, layout)
                 views.create_dataset("seconds", data=np.zeros(1, np.float64))
         return target
 
@@ -215,14 +372,10 @@ class FeatureWriter:
             self._create(fresh)
             with h5py.File(fresh, "a", libver="latest") as new:
                 for name in self.split_attrs:
-                    rows = (
-                        (_finished_rows if finished else _committed_rows)(old[name])
-                        if name in old else _empty_rows(self.feature_dim, self.dtype)
-                    )
-                    _append(new[name], *rows)
-                    new[name]["committed"][0] = len(rows[1])
+                    rows = _stored_rows(old[name], finished=finished) if name in old else 0
+                    new[name]["committed"][0] = _fill(new[name], SPLIT_COLUMNS, _chunks(old[name], SPLIT_COLUMNS, rows))
                     log.info("%s %s: %d %s rows already written", "Extending" if finished else "Resuming",
-                             self.path.name, len(rows[1]), name)
+                             self.path.name, rows, name)
                 self._carry_views(old, new, source, finished=finished)
         os.replace(fresh, self.partial)
 
@@ -236,7 +389,7 @@ class FeatureWriter:
         if group is None:
             return
         stored = _read_attrs(group.attrs)
-        rows = len(group["index"]) if finished else int(group["committed"][0])
+        rows = _stored_rows(group, finished=finished)
         if self.views is None:
             if rows:
                 log.info("Dropping %d view rows of %s: no views asked in this run.", rows, source.name)
@@ -249,9 +402,7 @@ class FeatureWriter:
             )
         rows = min(rows, int(self.views["num_views"]) * int(new[VIEWS_SPLIT]["committed"][0]))
         target = new[VIEWS_SPLIT]["views"]
-        for chunk in _view_chunks(group, rows):
-            _append_views(target, *chunk)
-        target["committed"][0] = rows
+        target["committed"][0] = _fill(target, VIEW_COLUMNS, _chunks(group, VIEW_COLUMNS, rows))
         target["seconds"][0] = float(stored.get("seconds", 0.0)) if finished else float(group["seconds"][0])
         log.info("%s %s: %d view rows already written", "Extending" if finished else "Resuming", self.path.name, rows)
 
@@ -273,19 +424,21 @@ class FeatureWriter:
     def append_views(self, features: np.ndarray, labels: np.ndarray, index: np.ndarray, view: np.ndarray,
                      seconds: float) -> None:
         """Appends one batch of views, adds the `seconds` it took, and makes both durable."""
-        group = self._file[VIEWS_SPLIT]["views"]
-        _append_views(group, features.astype(self.dtype, copy=False), labels, index, view)
-        self._file.flush()
-        group["seconds"][0] = float(group["seconds"][0]) + seconds
-        group["committed"][0] = group["index"].shape[0]
-        self._file.flush()
+        self._commit(self._file[VIEWS_SPLIT]["views"], VIEW_COLUMNS,
+                     (features.astype(self.dtype, copy=False), labels, index, view), seconds=seconds)
 
     def append(self, split: str, features: np.ndarray, labels: np.ndarray, index: np.ndarray, ids: Sequence[bytes]) -> None:
         """Appends one batch and makes it durable before returning."""
-        _append(self._file[split], features.astype(self.dtype, copy=False), labels, index, ids)
+        self._commit(self._file[split], SPLIT_COLUMNS, (features.astype(self.dtype, copy=False), labels, index, ids))
+
+    def _commit(self, group: h5py.Group, columns: Sequence[Column], values: tuple, *, seconds: float | None = None) -> None:
+        """Appends and flushes a batch, then advances the commit counter (and the seconds
+        spent) and flushes again, so the rows up to the counter are always whole batches."""
+        _append(group, *values, columns=columns)
         self._file.flush()
-        group = self._file[split]
-        group["committed"][0] = group["labels"].shape[0]
+        if seconds is not None:
+            group["seconds"][0] = float(group["seconds"][0]) + seconds
+        group["committed"][0] = _rows(group)
         self._file.flush()
 
     def finish(self, skipped: Mapping[str, list[dict[str, Any]]]) -> Path:
@@ -297,19 +450,20 @@ class FeatureWriter:
             for name, split_attrs in self.split_attrs.items():
                 items = skipped.get(name, [])
                 splits[name] = (
-                    _chunks(old[name], int(old[name]["committed"][0])),
+                    _chunks(old[name], SPLIT_COLUMNS, _stored_rows(old[name], finished=False)),
                     {**split_attrs, "num_skipped": len(items), "skipped": items},
                 )
             views = None
             if self.views is not None:
                 group = old[VIEWS_SPLIT]["views"]
-                rows, expected = int(group["committed"][0]), int(self.views["num_views"]) * int(old[VIEWS_SPLIT]["committed"][0])
+                rows = _stored_rows(group, finished=False)
+                expected = int(self.views["num_views"]) * int(old[VIEWS_SPLIT]["committed"][0])
                 if rows != expected:
                     raise CacheError(
                         f"{self.partial} holds {rows} view rows, expected {expected}; rerun the same command to finish them."
                     )
                 seconds = float(group["seconds"][0])
-                views = (_view_chunks(group, rows), {
+                views = (_chunks(group, VIEW_COLUMNS, rows), {
                     **self.views, "seconds": round(seconds, 3),
                     "seconds_per_view": round(seconds / int(self.views["num_views"]), 3),
                 })
@@ -319,88 +473,9 @@ class FeatureWriter:
         return self.path
 
 
-def _append(group: h5py.Group, features, labels, index, ids) -> None:
-    n = group["labels"].shape[0]
-    k = len(labels)
-    encoded = [i if isinstance(i, bytes) else str(i).encode() for i in ids]
-    lengths = np.fromiter((len(b) for b in encoded), np.int64, count=k)
-    end = int(group["id_ends"][n - 1]) if n else 0
-    blob = np.frombuffer(b"".join(encoded), np.uint8)
-    for name, values in (
-        ("features", features),
-        ("labels", np.asarray(labels, np.int64)),
-        ("index", np.asarray(index, np.int64)),
-        ("id_ends", end + np.cumsum(lengths)),
-    ):
-        group[name].resize(n + k, axis=0)
-        group[name][n:] = values
-    m = group["id_bytes"].shape[0]
-    group["id_bytes"].resize(m + len(blob), axis=0)
-    group["id_bytes"][m:] = blob
-
-
-def _append_views(group: h5py.Group, features, labels, index, view) -> None:
-    n = group["index"].shape[0]
-    k = len(index)
-    for name, values in (("features", features), ("labels", labels), ("index", index), ("view", view)):
-        group[name].resize(n + k, axis=0)
-        group[name][n:] = values
-
-
-def _view_chunks(group: h5py.Group, n: int) -> Iterator[tuple]:
-    for start in range(0, n, _COPY_ROWS):
-        stop = min(n, start + _COPY_ROWS)
-        yield (group["features"][start:stop], *(group[c][start:stop] for c in _VIEW_COLUMNS))
-
-
 def views_identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """What makes two sets of views compatible, from their attributes (as `ViewsConfig.identity`)."""
     return {"augment": attrs.get("augment"), "seed": attrs.get("seed")}
-
-
-def _finished_rows(group: h5py.Group):
-    """All rows of a split of a finished file, as `_committed_rows` gives them."""
-    return (
-        group["features"][:],
-        group["labels"][:],
-        group["index"][:],
-        [i.encode() for i in group["ids"].asstr()[:]],
-    )
-
-
-def _committed_rows(group: h5py.Group):
-    n = int(group["committed"][0])
-    return (
-        group["features"][:n],
-        group["labels"][:n],
-        group["index"][:n],
-        _decode_ids(group, 0, n),
-    )
-
-
-def _empty_rows(dim: int, dtype: np.dtype):
-    return np.zeros((0, dim), dtype), np.zeros(0, np.int64), np.zeros(0, np.int64), []
-
-
-def _decode_ids(group: h5py.Group, start: int, stop: int) -> list[bytes]:
-    if stop <= start:
-        return []
-    ends = group["id_ends"][start:stop]
-    first = int(group["id_ends"][start - 1]) if start else 0
-    blob = group["id_bytes"][first : int(ends[-1])].tobytes()
-    bounds = np.concatenate([[0], ends - first])
-    return [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _chunks(group: h5py.Group, n: int) -> Iterator[tuple]:
-    for start in range(0, n, _COPY_ROWS):
-        stop = min(n, start + _COPY_ROWS)
-        yield (
-            group["features"][start:stop],
-            group["labels"][start:stop],
-            group["index"][start:stop],
-            _decode_ids(group, start, stop),
-        )
 
 
 def write_features(
@@ -419,63 +494,26 @@ def write_features(
     Written under a temporary name and renamed, so the final path never holds a
     half-written file; memory stays flat because rows arrive in chunks.
     """
+    layout = _Layout(feature_dim, np.dtype(dtype), finished=True)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         _write_attrs(f.attrs, {**attrs, "complete": False})
         for name, (chunks, split_attrs) in splits.items():
             group = f.create_group(name)
             _write_attrs(group.attrs, split_attrs)
-            datasets = {
-                "features": group.create_dataset(
-                    "features", shape=(0, feature_dim), maxshape=(None, feature_dim), dtype=dtype,
-                    chunks=(max(1, min(1024, (1 << 20) // (feature_dim * np.dtype(dtype).itemsize))), feature_dim),
-                    compression="gzip", compression_opts=4, shuffle=True,
-                ),
-                "labels": group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(16384,), compression="gzip"),
-                "ids": group.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(16384,), compression="gzip"),
-                "index": group.create_dataset("index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(16384,), compression="gzip"),
-            }
-            n = 0
-            for features, labels, index, ids in chunks:
-                k = len(labels)
-                values = {
-                    "features": features,
-                    "labels": labels,
-                    "index": index,
-                    "ids": np.array([i.decode() if isinstance(i, bytes) else i for i in ids], dtype=object),
-                }
-                for key, dataset in datasets.items():
-                    dataset.resize(n + k, axis=0)
-                    dataset[n:] = values[key]
-                n += k
+            _create_table(group, SPLIT_COLUMNS, layout)
+            _fill(group, SPLIT_COLUMNS, chunks)
         if views is not None:
-            _write_views(f[VIEWS_SPLIT].create_group("views"), views, feature_dim, dtype)
+            chunks, view_attrs = views
+            group = f[VIEWS_SPLIT].create_group("views")
+            _create_table(group, VIEW_COLUMNS, layout)
+            _fill(group, VIEW_COLUMNS, chunks)
+            stored = sum(d.id.get_storage_size() for c in VIEW_COLUMNS for d in c.datasets(group))
+            num_views = int(view_attrs["num_views"])
+            _write_attrs(group.attrs, {**view_attrs, "bytes": int(stored), "bytes_per_view": int(round(stored / num_views))})
         f.attrs["complete"] = True
     os.replace(tmp, path)
     return path
-
-
-def _write_views(group: h5py.Group, views: tuple[Iterable[tuple], Mapping[str, Any]], feature_dim: int, dtype) -> None:
-    chunks, attrs = views
-    datasets = {
-        "features": group.create_dataset(
-            "features", shape=(0, feature_dim), maxshape=(None, feature_dim), dtype=dtype,
-            chunks=(max(1, min(1024, (1 << 20) // (feature_dim * np.dtype(dtype).itemsize))), feature_dim),
-            compression="gzip", compression_opts=4, shuffle=True,
-        ),
-        **{name: group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(16384,),
-                                      compression="gzip") for name in _VIEW_COLUMNS},
-    }
-    n = 0
-    for chunk in chunks:
-        k = len(chunk[0])
-        for dataset, values in zip(datasets.values(), chunk):
-            dataset.resize(n + k, axis=0)
-            dataset[n:] = values
-        n += k
-    stored = sum(d.id.get_storage_size() for d in datasets.values())
-    num_views = int(attrs["num_views"])
-    _write_attrs(group.attrs, {**attrs, "bytes": int(stored), "bytes_per_view": int(round(stored / num_views))})
 
 
 # --- reading ------------------------------------------------------------------------
@@ -573,15 +611,7 @@ def read_features(
             raise CacheError(
                 f"{path} has no split {', '.join(missing)}. Available: {', '.join(f.keys())}."
             )
-        loaded = {
-            name: SplitArrays(
-                features=f[name]["features"][:],
-                labels=f[name]["labels"][:],
-                ids=np.array(f[name]["ids"].asstr()[:], dtype=object),
-                index=f[name]["index"][:],
-            )
-            for name in wanted
-        }
+        loaded = {name: SplitArrays(**_read_rows(f[name], SPLIT_COLUMNS, 0, _rows(f[name]))) for name in wanted}
         split_attrs = {name: _read_attrs(f[name].attrs) for name in wanted}
         view_attrs = _view_attrs(f)
     return FeatureSet(path=path, attrs=attrs, splits=loaded, split_attrs=split_attrs, view_attrs=view_attrs)
@@ -618,9 +648,9 @@ def load_views(cached: FeatureSet, count: int) -> np.ndarray:
     if count == 0:
         return np.zeros((0, n, train.features.shape[1]), train.features.dtype)
     with h5py.File(cached.path, "r") as f:
-        group = f[VIEWS_SPLIT]["views"]
-        features = group["features"][: count * n].reshape(count, n, -1)
-        index, view, labels = (group[c][: count * n].reshape(count, n) for c in ("index", "view", "labels"))
+        table = _read_rows(f[VIEWS_SPLIT]["views"], VIEW_COLUMNS, 0, count * n)
+        features = table["features"].reshape(count, n, -1)
+        index, view, labels = (table[c].reshape(count, n) for c in ("index", "view", "labels"))
     if not (
         (index == train.index).all() and (labels == train.labels).all()
         and (view == np.arange(count)[:, None]).all()
@@ -681,11 +711,11 @@ class FeatureRows:
                     f"{self.path} has {have} augmented views, {count} asked. "
                     f"Run `make features AUG_VIEWS={count}` with the same settings first."
                 )
-            labels, index = f[self.split]["labels"][:], f[self.split]["index"][:]
+            rows = _read_rows(f[self.split], (LABELS, INDEX), 0, self.file_rows)
             for v in range(count):
-                part = slice(v * self.file_rows, (v + 1) * self.file_rows)
-                if not ((group["index"][part] == index).all() and (group["labels"][part] == labels).all()
-                        and (group["view"][part] == v).all()):
+                stored = _read_rows(group, (LABELS, INDEX, VIEW), v * self.file_rows, (v + 1) * self.file_rows)
+                if not ((stored["index"] == rows["index"]).all() and (stored["labels"] == rows["labels"]).all()
+                        and (stored["view"] == v).all()):
                     raise CacheError(
                         f"{self.path}: the stored views do not line up with the train rows (source index, "
                         "label or view number differ). The file is inconsistent; rebuild it."
@@ -702,10 +732,10 @@ class FeatureRows:
         with h5py.File(self.path, "r") as f:
             group = f[self.split]
             out = np.empty((self.num_views + 1, len(rows), self.n_features), np.float32)
-            out[0] = group["features"][low:high][picked]
+            out[0] = FEATURES.read(group, low, high)[picked]
             for v in range(self.num_views):
                 offset = v * self.file_rows
-                out[v + 1] = group["views"]["features"][offset + low : offset + high][picked]
+                out[v + 1] = FEATURES.read(group["views"], offset + low, offset + high)[picked]
         return out
 
     def load(self) -> tuple[SplitArrays, np.ndarray | None]:
@@ -724,12 +754,11 @@ def open_rows(path: Path, split: str) -> FeatureRows:
         if split not in f:
             raise CacheError(f"{path} has no split {split}. Available: {', '.join(f.keys())}.")
         group = f[split]
-        features = group["features"]
-        n = features.shape[0]
+        features = group[FEATURES.name]
+        n = _rows(group)
         return FeatureRows(
-            path=Path(path), split=split, rows=np.arange(n, dtype=np.int64), labels=group["labels"][:],
-            index=group["index"][:], ids=np.array(group["ids"].asstr()[:], dtype=object),
-            n_features=int(features.shape[1]), file_rows=n,
+            path=Path(path), split=split, rows=np.arange(n, dtype=np.int64),
+            **_read_rows(group, (LABELS, INDEX, IDS), 0, n), n_features=int(features.shape[1]), file_rows=n,
             block_rows=int(features.chunks[0]) if features.chunks else 1024,
         )
 

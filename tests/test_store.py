@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, make_folder
 from pipeline.errors import CacheError
 from pipeline.extract import extract_features, resolve
-from pipeline.store import FeatureWriter, _append, partial_path, read_features
+from pipeline.store import FeatureWriter, _append, load_views, partial_path, read_features
 from test_extract import tiny_config
 
 KEY = {"backbone": "tiny", "image_size": 32}
@@ -154,3 +154,54 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
     assert process.stderr.strip().splitlines()[-1].startswith("error: Image folder not found")
+
+
+# The on-disk layout both tables share: pinned, since files written before must stay readable and resumable.
+_PARTIAL_LAYOUT = {  # dataset: (dtype, chunks, compression); features at D=700 float16: 1 MiB is 748 rows, capped at 256
+    "train/features": ("float16", (256, 700), None), "train/labels": ("int64", (4096,), None),
+    "train/index": ("int64", (4096,), None), "train/id_ends": ("int64", (4096,), None),
+    "train/id_bytes": ("uint8", (4096,), None), "train/committed": ("int64", None, None),
+    "train/views/features": ("float16", (256, 700), None), "train/views/labels": ("int64", (4096,), None),
+    "train/views/index": ("int64", (4096,), None), "train/views/view": ("int64", (4096,), None),
+    "train/views/committed": ("int64", None, None), "train/views/seconds": ("float64", None, None),
+}
+_FINISHED_LAYOUT = {  # capped at 1024 rows, so 748
+    "train/features": ("float16", (748, 700), "gzip"), "train/labels": ("int64", (16384,), "gzip"),
+    "train/index": ("int64", (16384,), "gzip"), "train/ids": ("object", (16384,), "gzip"),
+    "train/views/features": ("float16", (748, 700), "gzip"), "train/views/labels": ("int64", (16384,), "gzip"),
+    "train/views/index": ("int64", (16384,), "gzip"), "train/views/view": ("int64", (16384,), "gzip"),
+}
+
+
+def _layout(path, swmr=False) -> dict:
+    found = {}
+    with h5py.File(path, "r", swmr=swmr, libver="latest") as f:
+        f.visititems(lambda name, obj: found.update({name: (str(obj.dtype), obj.chunks, obj.compression)})
+                     if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def test_both_tables_keep_their_on_disk_layout_and_ids_survive_a_resume_across_copy_chunks(tmp_path):
+    path = tmp_path / "f.h5"
+    ids = [f"dir/é{i}.jpg".encode() for i in range(5000)]  # non-ASCII, and more rows than one copy chunk (4096)
+
+    def open_writer():
+        return FeatureWriter(path, attrs={"format_version": 1, "key": KEY, "class_names": ["a", "b"]},
+                             splits={"train": {"spec": "t"}}, feature_dim=700, dtype="float16",
+                             views={"num_views": 1, "seed": 0, "augment": {}})
+
+    features = np.random.default_rng(0).normal(size=(5000, 700)).astype(np.float32)
+    labels, index = np.arange(5000) % 2, np.arange(5000)
+    with open_writer() as w:
+        w.append("train", features, labels, index, ids)
+        w.append_views(features + 1, labels, index, np.zeros(5000, np.int64), 0.25)
+    assert _layout(partial_path(path), swmr=True) == _PARTIAL_LAYOUT
+    with open_writer() as w:  # the resume copies every row through the chunk reader, ids as bytes
+        assert w.committed("train") == (5000, 4999) and w.views_committed() == 5000
+    w.finish({})
+    assert _layout(path) == _FINISHED_LAYOUT
+    cached = read_features(path)
+    assert cached.splits["train"].ids.tolist() == [i.decode() for i in ids]
+    np.testing.assert_array_equal(cached.splits["train"].features, features.astype(np.float16))  # a cast, no arithmetic
+    np.testing.assert_array_equal(load_views(cached, 1)[0], (features + 1).astype(np.float16))
+    assert cached.view_attrs["seconds"] == 0.25 and cached.view_attrs["bytes"] > 0
