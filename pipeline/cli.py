@@ -120,44 +120,20 @@ def _cmd_options(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(cls: type, args: argparse.Namespace):
+def config_of(cls: type, args: argparse.Namespace):
     """The config of `cls` from the parsed flags: the one place where the two meet."""
     return build_config(cls, vars(args))
-
-
-def features_config(args: argparse.Namespace) -> FeaturesConfig:
-    return _config(FeaturesConfig, args)
-
-
-def views_config(args: argparse.Namespace) -> ViewsConfig:
-    return _config(ViewsConfig, args)
-
-
-def head_config(args: argparse.Namespace) -> HeadConfig:
-    return _config(HeadConfig, args)
-
-
-def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
-    return _config(FinetuneConfig, args)
-
-
-def audit_config(args: argparse.Namespace) -> AuditConfig:
-    return _config(AuditConfig, args)
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return _config(EngineConfig, args)
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
     from pipeline.extract import extract_features, get_engine, resolve
 
-    config = features_config(args)
+    config = config_of(FeaturesConfig, args)
     if args.print_path:
         print(resolve(config)[2])
         return 0
-    engine = get_engine(engine_config(args))
-    result = extract_features(config, views=views_config(args), progress=not args.no_progress, engine=engine)
+    engine = get_engine(config_of(EngineConfig, args))
+    result = extract_features(config, views=config_of(ViewsConfig, args), progress=not args.no_progress, engine=engine)
     if engine.describe():
         print(engine.describe())
     return _report(args, result)
@@ -177,14 +153,14 @@ def _features_file(args: argparse.Namespace) -> tuple[Path, dict]:
     """The feature file the flags describe (or --features), and the key it must have."""
     from pipeline.extract import resolve
 
-    _, key, path = resolve(features_config(args))
+    _, key, path = resolve(config_of(FeaturesConfig, args))
     return (Path(args.features) if args.features else path), key
 
 
 def _cmd_head(args: argparse.Namespace) -> int:
     from pipeline.train import train_head
 
-    config = head_config(args)
+    config = config_of(HeadConfig, args)
     path, key = _features_file(args)
     run = train_head(path, config, expect=key)
     return _report(args, run)
@@ -197,7 +173,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
     if args.run_dir:
         return Path(args.run_dir)
     path, _ = _features_file(args)
-    return run_dir_for(path, head_config(args))
+    return run_dir_for(path, config_of(HeadConfig, args))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -232,7 +208,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pipeline.finetune import finetune
 
-    run = finetune(features_config(args), head_config(args), finetune_config(args),
+    run = finetune(config_of(FeaturesConfig, args), config_of(HeadConfig, args), config_of(FinetuneConfig, args),
                    head_run=Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress,
                    make_head=args.make_head)
     return _report(args, run)
@@ -242,14 +218,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.compare import ROWS, compare
     from pipeline.extract import resolve
 
-    features = features_config(args)
+    features = config_of(FeaturesConfig, args)
     if args.out:
         out = Path(args.out)
     else:
         resolved = resolve(features)[0]
         few = f"__{args.train_per_class}-per-class" if args.train_per_class else ""
         out = Path("compare") / f"{resolved.data.name}__{resolved.backbone}__{resolved.image_size}px{few}"
-    result = compare(features, head_config(args), finetune_config(args), out_dir=out,
+    result = compare(features, config_of(HeadConfig, args), config_of(FinetuneConfig, args), out_dir=out,
                      rows=[r for r in args.rows.split(",") if r] if args.rows else ROWS, progress=not args.no_progress)
     print(result.table)
     print(f"compare: {', '.join(str(f) for f in result.files)}")
@@ -259,7 +235,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from pipeline.audit import audit_features
 
-    config = audit_config(args)
+    config = config_of(AuditConfig, args)
     path, key = _features_file(args)
     result = audit_features(path, config, expect=key)
     print(result.summary())
@@ -309,7 +285,7 @@ def _cmd_bench_head(args: argparse.Namespace) -> int:
     from pipeline.bench import bench_head, head_table, write_results
 
     path, _ = _features_file(args)
-    result = bench_head(path, repeats=args.repeats, seed=features_config(args).seed)
+    result = bench_head(path, repeats=args.repeats, seed=config_of(FeaturesConfig, args).seed)
     table = head_table(result)
     paths = write_results(result, table, Path(args.out), "head")
     print(table)
@@ -330,7 +306,7 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
         result = bench_audit(work_dir=Path(work), sizes=args.sizes)
         if path is not None:
             result["calibration"] = calibrate_duplicates(path, work_dir=Path(work) / "planted", count=args.planted,
-                                                         seed=features_config(args).seed)
+                                                         seed=config_of(FeaturesConfig, args).seed)
     table = audit_table(result)
     paths = write_results(result, table, Path(args.out), "audit")
     print(table)
@@ -389,7 +365,8 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
     parts = tuple(p for p in args.parts.split(",") if p)
     unknown = sorted(set(parts) - set(SCALE_PARTS))
     if unknown:
-        raise ConfigError(f"Unknown bench-scale parts: {', '.join(unknown)}. Expected some of: {', '.join(SCALE_PARTS)}.")
+        raise ConfigError(f"Unknown bench-scale parts: {', '.join(unknown)}. "
+                          f"Expected some of: {', '.join(SCALE_PARTS)}.")
     if "engines" in parts and not Path(args.data_dir or "").is_dir():
         raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA).")
     settings = {

@@ -15,13 +15,14 @@ import math
 import pytest
 
 from pipeline import bench
-from pipeline.cli import build_parser, finetune_config, main
+from pipeline.cli import build_parser, config_of, main
+from pipeline.config import FinetuneConfig
 
 
 def test_seed_workflow_flags_are_the_tutorials_recipe():
     """The seed workflow is stage 3 with the tutorial's settings, nothing reimplemented."""
     args = build_parser().parse_args(["finetune", "--data-dir", "x", *bench.seed_workflow_flags(10)])
-    config = finetune_config(args)
+    config = config_of(FinetuneConfig, args)
     assert (config.head_epochs, config.epochs) == (10, 0)
     assert (config.optimizer, config.head_learning_rate) == ("rmsprop", 1e-4)
     assert (config.dropout, config.batch_size) == (0.2, 32)

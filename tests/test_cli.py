@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cli import build_parser, features_config, main
+from pipeline.cli import build_parser, config_of, main
+from pipeline.config import FeaturesConfig
 
 
 def commands() -> list[str]:
@@ -23,7 +24,7 @@ def test_every_command_has_working_help(command, capsys):
 
 def test_splits_flag_parses_into_the_config():
     args = build_parser().parse_args(["features", "--splits", "train=train[:80%],validation=train[80%:]"])
-    config = features_config(args)
+    config = config_of(FeaturesConfig, args)
     assert config.data.splits == {"train": "train[:80%]", "validation": "train[80%:]"}
 
 

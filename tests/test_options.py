@@ -59,9 +59,10 @@ def test_flags_fill_every_field_that_records_them():
     args = build_parser().parse_args(["finetune", "--data-dir", "x", "--seed", "3", "--learning-rate", "0.01",
                                       "--dropout", "0.5", "--head-batch-size", "8", "--fine-tune-epochs", "2",
                                       "--strict", "--no-download", "0"])
-    from pipeline.cli import features_config, finetune_config, head_config
+    from pipeline.cli import config_of
+    from pipeline.config import FinetuneConfig
 
-    features, head, tune = features_config(args), head_config(args), finetune_config(args)
+    features, head, tune = config_of(FeaturesConfig, args), config_of(HeadConfig, args), config_of(FinetuneConfig, args)
     assert (features.seed, head.seed, tune.seed) == (3, 3, 3)
     assert (head.learning_rate, tune.head_learning_rate, head.dropout, tune.dropout) == (0.01, 0.01, 0.5, 0.5)
     assert (head.batch_size, tune.epochs, features.strict, features.data.download) == (8, 2, True, True)
