@@ -155,6 +155,7 @@ def test_save_load_round_trip(fitted, case_id, k, tmp_path):
     X, _ = DATA[k]["test"]
     for loaded in (load_head(tmp_path / "head"), type(head).load(tmp_path / "head")):
         assert type(loaded) is type(head)
+        # Bit-identical by design: the same weights and the same inputs on the same machine.
         np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
         assert loaded.params_ == head.params_
         assert loaded.get_params() == json.loads(json.dumps(head.get_params()))
@@ -234,6 +235,7 @@ def test_logistic_refit_equals_explicit_c(fitted):
     given = LogisticHead(C=chosen.params_["C"]).fit(X, y)
     assert given.params_["C_selected_on"] == "given" and "grid" not in given.params_
     Xt, _ = DATA[4]["test"]
+    # Bit-identical by design: two deterministic fits of the same data and C in one process.
     np.testing.assert_array_equal(given.predict_proba(Xt), chosen.predict_proba(Xt))
 
 
@@ -311,6 +313,7 @@ def test_same_seed_same_predictions(fitted, case_id):
     _, name, params = next(c for c in CASES if c[0] == case_id)
     first, second = fitted(case_id, 4), fit(name, params, 4)
     X, _ = DATA[4]["test"]
+    # Bit-identical by design: the same seeded computation twice in one process.
     np.testing.assert_array_equal(first.predict_proba(X), second.predict_proba(X))
     if name == "dense":
         assert first.history_ == second.history_
