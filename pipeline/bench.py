@@ -122,15 +122,20 @@ def run_stage(command: str, flags: Sequence[str]) -> dict[str, Any]:
     return {**stage, "result": result, "output": result.get("path") or result["run_dir"]}
 
 
-def _run_process(command: str, flags: Sequence[str]) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "pipeline", command, "--no-progress", *flags]
+def measured_process(argv: Sequence[str]) -> tuple[subprocess.Popen, str, str, float, float]:
+    """Runs `argv` to its end: (process, stdout, stderr, wall seconds, peak RSS MiB of it and its children)."""
     log.debug("bench: %s", " ".join(argv))
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     memory = PeakMemory(process.pid)
     stdout, stderr = process.communicate()
     peak_mib = memory.wait()
-    wall = time.perf_counter() - started
+    return process, stdout, stderr, time.perf_counter() - started, peak_mib
+
+
+def _run_process(command: str, flags: Sequence[str]) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "pipeline", command, "--no-progress", *flags]
+    process, stdout, stderr, wall, peak_mib = measured_process(argv)
     lines = [line for line in stdout.splitlines() if line.strip()]
     if process.returncode != 0 or not lines:
         log.error("bench: `%s` failed; its stderr ends with:\n%s", " ".join(argv[2:]),
@@ -862,12 +867,7 @@ def bench_audit(*, work_dir: Path, sizes: Sequence[int] = (10_000, 100_000), wid
     for size in sizes:
         path = generated_features(Path(work_dir) / f"generated-{size}.h5", size, width=width)
         argv = [sys.executable, "-c", _AUDIT_CHILD, str(path), str(Path(work_dir) / "audit"), str(C)]
-        started = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        memory = PeakMemory(process.pid)
-        stdout, stderr = process.communicate()
-        peak = memory.wait()
-        wall = time.perf_counter() - started
+        process, stdout, stderr, wall, peak = measured_process(argv)
         if process.returncode != 0:
             raise StageFailed(f"The audit of {size} generated rows failed: {stderr.strip().splitlines()[-1:]}")
         child = json.loads(stdout.strip().splitlines()[-1])

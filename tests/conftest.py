@@ -128,3 +128,18 @@ def _fresh_keras_session():
 
     if "keras" in sys.modules:
         sys.modules["keras"].backend.clear_session()
+
+
+def assert_same_rows(got, want, *, exact: bool = False) -> None:
+    """Two feature files hold the same rows: ids, labels and order exactly; features to float
+    rounding (other batch compositions round differently), or bit for bit with `exact`."""
+    assert got.key == want.key
+    for name, split in want.splits.items():
+        other = got.splits[name]
+        np.testing.assert_array_equal(other.ids, split.ids)
+        np.testing.assert_array_equal(other.labels, split.labels)
+        np.testing.assert_array_equal(other.index, split.index)
+        if exact:
+            np.testing.assert_array_equal(other.features, split.features)
+        else:
+            np.testing.assert_allclose(other.features, split.features, atol=1e-5)

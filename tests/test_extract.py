@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_folder, write_image
+from conftest import assert_same_rows, make_folder, write_image
 from pipeline.backbones import build_extractor
 from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.errors import CacheError, DataError
@@ -150,13 +150,7 @@ def test_shards_merge_into_the_single_run(tmp_path):
     ]
     assert read_features(shards[1]).splits["train"].index.tolist() == [1, 4, 7]
     merged = read_features(merge_shards(shards, tmp_path / "merged.h5"))
-    assert merged.key == single.key
-    for name, split in single.splits.items():
-        other = merged.splits[name]
-        np.testing.assert_array_equal(other.ids, split.ids)
-        np.testing.assert_array_equal(other.labels, split.labels)
-        np.testing.assert_array_equal(other.index, split.index)
-        np.testing.assert_allclose(other.features, split.features, atol=1e-5)
+    assert_same_rows(merged, single)
 
 
 def test_merge_refuses_an_incomplete_set_of_shards(tmp_path):

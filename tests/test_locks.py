@@ -20,10 +20,9 @@ import threading
 import time
 
 import filelock
-import numpy as np
 import pytest
 
-from conftest import ROOT, make_folder
+from conftest import ROOT, assert_same_rows, make_folder
 from pipeline import locks
 from pipeline.config import HeadConfig
 from pipeline.errors import LockError
@@ -174,13 +173,7 @@ def test_two_features_runs_of_one_key_give_one_file(tmp_path):
     assert sorted(p.name for p in out.iterdir() if not is_lock_file(p)) == [path.name]
 
     written = read_features(path)
-    assert written.key == reference.key
-    for name, split in reference.splits.items():
-        got = written.splits[name]
-        np.testing.assert_array_equal(got.ids, split.ids)
-        np.testing.assert_array_equal(got.labels, split.labels)
-        np.testing.assert_array_equal(got.index, split.index)
-        np.testing.assert_allclose(got.features, split.features, atol=1e-5)
+    assert_same_rows(written, reference)
 
 
 def test_two_head_runs_of_one_run_directory_train_once(tmp_path):
