@@ -354,23 +354,23 @@ def _file_attrs(config: FeaturesConfig, key, source: DataSource, spec) -> dict[s
     }
 
 
-def image_batches(split: SplitSource, *, start: int, image_size: int, batch_size: int, stop: int | None = None):
+def image_batches(split: SplitSource, *, start: int, image_size: int, batch_size: int, schedule: InputSchedule,
+                  stop: int | None = None):
     """Batches of (images, labels, ids, index) of the records [start, stop) of the split.
 
     `stop=None` reads to the end. Undecodable images are dropped here
     (`ignore_errors`) and accounted for by position afterwards; see the module docstring.
+    `schedule` says when decoding runs relative to the forward pass (`input_schedule`).
     """
-    import tensorflow as tf
-
-    ds = _records(split, start, stop).map(
+    return schedule.batches(
+        _records(split, start, stop),
         lambda r: (decode_and_resize(r["image"], image_size), r["label"], r["id"], r["index"]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+        batch_size,
     )
-    return ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def view_batches(split: SplitSource, *, keep, image_size: int, batch_size: int, augment, view: int):
+def view_batches(split: SplitSource, *, keep, image_size: int, batch_size: int, augment, view: int,
+                 schedule: InputSchedule):
     """Batches of (images, labels, ids, index) of augmented view `view` of the records at positions `keep`.
 
     Only the positions in `keep` (train rows of the plain features) are read, so images
@@ -378,14 +378,61 @@ def view_batches(split: SplitSource, *, keep, image_size: int, batch_size: int, 
     `pipeline.augment.example_augmenter(...)`: it runs per image, in parallel, after
     decoding, and its result depends only on (seed, view, position).
     """
+    return schedule.batches(
+        split.at(keep).records(0),
+        lambda r: (augment(decode_and_resize(r["image"], image_size), view, r["index"]), r["label"], r["id"], r["index"]),
+        batch_size,
+    )
+
+
+@dataclass(frozen=True)
+class InputSchedule:
+    """When images are decoded relative to the forward pass: the one choice that decides
+    whether extraction runs at the backbone's speed.
+
+    `overlap` decodes in the background while the backbone runs (tf.data's AUTOTUNE map
+    and prefetch): right when the backbone runs on an accelerator and the CPU is free.
+    Without one, the backbone's kernels split every layer across all cores and wait for
+    the slowest at each layer; a decoding thread that takes a core from one of them
+    stalls the rest. `bursts` then decodes each batch on all cores between forward
+    passes (a fixed parallel map, no prefetch), which costs decoding's CPU time divided
+    by the cores and nothing more. Measured on 2 cores, MobileNetV2 (bench/profile.md):
+    overlap ran at 0.56-0.97 of the bare forward pass from one run to the next, bursts
+    at 0.89-1.06.
+    """
+
+    name: str
+    overlap: bool
+
+    def batches(self, records, fn, batch_size: int):
+        """`records` mapped by `fn`, unreadable images dropped, batched on this schedule."""
+        import tensorflow as tf
+
+        if self.overlap:
+            ds = records.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            return ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.autotune.enabled = False  # autotuning would grow buffers and decode ahead again
+        ds = records.map(fn, num_parallel_calls=_cores(), deterministic=True)
+        return ds.ignore_errors().batch(batch_size).with_options(options)
+
+
+OVERLAP = InputSchedule("overlap", overlap=True)
+BURSTS = InputSchedule("bursts", overlap=False)
+
+
+def input_schedule() -> InputSchedule:
+    """`OVERLAP` when TensorFlow places the backbone on a GPU, `BURSTS` on a CPU."""
     import tensorflow as tf
 
-    ds = split.at(keep).records(0).map(
-        lambda r: (augment(decode_and_resize(r["image"], image_size), view, r["index"]), r["label"], r["id"], r["index"]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return OVERLAP if tf.config.list_logical_devices("GPU") else BURSTS
+
+
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and Ray set)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _records(split: SplitSource, start: int, stop: int | None):
@@ -393,7 +440,22 @@ def _records(split: SplitSource, start: int, stop: int | None):
     return records if stop is None else records.take(max(0, stop - start))
 
 
-def compiled_forward(model, image_size: int):
+class Forward:
+    """The backbone as one traced graph, and the input schedule for the device it runs on.
+
+    Called like a function (images -> features); `schedule` is what `image_batches` and
+    `view_batches` need to feed it (see `InputSchedule`).
+    """
+
+    def __init__(self, fn, schedule: InputSchedule) -> None:
+        self.fn = fn
+        self.schedule = schedule
+
+    def __call__(self, images):
+        return self.fn(images)
+
+
+def compiled_forward(model, image_size: int) -> Forward:
     """The backbone as one traced graph for every batch size, warmed up.
 
     The batch dimension is left open so a split's last, smaller batch reuses the
@@ -407,11 +469,13 @@ def compiled_forward(model, image_size: int):
         return model(images, training=False)
 
     forward(tf.zeros((1, image_size, image_size, 3))).numpy()
-    return forward
+    schedule = input_schedule()
+    log.info("input schedule: %s", schedule.name)
+    return Forward(forward, schedule)
 
 
 def feature_batches(
-    split: SplitSource, forward, *, start: int, stop: int | None = None, image_size: int, batch_size: int
+    split: SplitSource, forward: Forward, *, start: int, stop: int | None = None, image_size: int, batch_size: int
 ) -> Iterator[tuple]:
     """The features of the records [start, stop) of `split`, batch by batch, as numpy.
 
@@ -422,13 +486,13 @@ def feature_batches(
     engine over a whole split, a Ray worker over one of its shards.
     """
     for images, labels, ids, index in image_batches(
-        split, start=start, stop=stop, image_size=image_size, batch_size=batch_size
+        split, start=start, stop=stop, image_size=image_size, batch_size=batch_size, schedule=forward.schedule,
     ):
         yield forward(images).numpy(), labels.numpy(), index.numpy(), ids.numpy().tolist()
 
 
 def view_feature_batches(
-    split: SplitSource, forward, augment, *, view: int, positions, num_shards: int, image_size: int,
+    split: SplitSource, forward: Forward, augment, *, view: int, positions, num_shards: int, image_size: int,
     batch_size: int,
 ) -> Iterator[tuple]:
     """The features of augmented view `view` of the train images at `positions`, batch by batch.
@@ -446,6 +510,7 @@ def view_feature_batches(
     row = 0
     for images, labels, _, index in view_batches(
         split, keep=positions, image_size=image_size, batch_size=batch_size, augment=augment, view=view,
+        schedule=forward.schedule,
     ):
         index = index.numpy()
         # Only train rows are read (`keep`), so a difference is a row that failed now.

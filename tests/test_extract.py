@@ -127,6 +127,20 @@ def test_unreadable_images_are_skipped_and_reported_the_rest_converted(awkward_f
         assert missing == {item["index"] for item in cached.split_attrs[name]["skipped"]}
 
 
+def test_both_input_schedules_store_the_same_rows_and_skips(awkward_folder, tmp_path, monkeypatch):
+    """A CPU run decodes in bursts, a GPU run overlaps decoding with the backbone: the file is the same."""
+    from pipeline import extract
+
+    assert extract.input_schedule() is extract.BURSTS  # no GPU on the test machines
+    config = tiny_config(awkward_folder, tmp_path / "bursts")
+    bursts = read_features(extract_features(config, progress=False).path)
+    monkeypatch.setattr(extract, "input_schedule", lambda: extract.OVERLAP)
+    overlap = read_features(extract_features(dataclasses.replace(config, output_dir=str(tmp_path / "overlap")),
+                                             progress=False).path)
+    assert_same_rows(overlap, bursts, exact=True)  # the same batches through the same kernels
+    assert overlap.split_attrs == bursts.split_attrs  # the same skipped images
+
+
 def test_strict_turns_a_skip_into_a_failure(awkward_folder, tmp_path):
     config = tiny_config(awkward_folder, tmp_path, strict=True)
     with pytest.raises(DataError, match="could not be read.*--strict"):

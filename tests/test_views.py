@@ -92,12 +92,12 @@ def _view_images(config, batch_size: int, view: int) -> np.ndarray:
     """The augmented train images of `view` as the extraction pipeline batches them."""
     from pipeline.augment import example_augmenter
     from pipeline.data import load_source
-    from pipeline.extract import view_batches
+    from pipeline.extract import BURSTS, view_batches
 
     split = load_source(config.data, seed=config.seed).splits["train"]
     augment = example_augmenter(VIEWS.augment, seed=VIEWS.seed)
     batches = view_batches(split, keep=np.arange(split.total), image_size=32, batch_size=batch_size,
-                           augment=augment, view=view)
+                           augment=augment, view=view, schedule=BURSTS)
     return np.concatenate([images.numpy() for images, *_ in batches])
 
 
