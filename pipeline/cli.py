@@ -145,7 +145,9 @@ def _report(args: argparse.Namespace, result) -> int:
     if args.json:
         from pipeline.runs import write_json
 
-        write_json(Path(args.json), result.record())
+        record = result.record()
+        record["phases"] = {"start-up and imports": round(args.startup_seconds, 4), **record.get("phases", {})}
+        write_json(Path(args.json), record)
     return 0
 
 
@@ -552,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for name in ("tensorflow", "absl"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    if getattr(args, "json", None):
+        from pipeline.phases import since_process_start
+
+        args.startup_seconds = since_process_start()  # the first phase of the result's `phases`
     try:
         return args.run(args)
     except PipelineError as err:
