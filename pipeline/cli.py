@@ -532,14 +532,29 @@ def run() -> int:
     out of their captured output.
     """
     if "-v" in sys.argv[1:2] or "--verbose" in sys.argv[1:2]:
-        return main()
+        return _exit(main())
     from pipeline.quiet import NativeLogFilter
 
     native = NativeLogFilter()
     try:
-        return main()
+        code = main()
     finally:
         native.close()
+    return _exit(code)
+
+
+def _exit(code: int) -> int:
+    """Ends a command that loaded TensorFlow without Python's teardown, which unloads its
+    thousands of modules and objects for about 1 s (measured: `import tensorflow` then exit,
+    4.4-4.6 s against 3.4-3.6 s with `os._exit`) and does nothing for a finished command:
+    by now every file is closed and renamed, and every worker stopped. Other commands exit
+    as usual."""
+    if "tensorflow" not in sys.modules:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,6 +47,7 @@ from pipeline.config import EngineConfig, FeaturesConfig, ViewsConfig
 from pipeline.data import DataSource, SplitSource
 from pipeline.errors import ConfigError, DataError, PipelineError, WorkerError
 from pipeline.extract import feature_batches, resume_position, view_feature_batches, views_left
+from pipeline.phases import Phases
 from pipeline.store import FeatureWriter
 
 log = logging.getLogger(__name__)
@@ -244,8 +245,11 @@ class RayEngine:
                 f"{self.startup_seconds:.1f} s, {self.failures} failed shard attempt(s)")
 
     @contextlib.contextmanager
-    def start(self, config: FeaturesConfig, spec) -> Iterator[RayRunner]:
-        """Connects to (or starts) a cluster, starts the workers, and tears down what it started."""
+    def start(self, config: FeaturesConfig, spec, phases: Phases) -> Iterator[RayRunner]:
+        """Connects to (or starts) a cluster, starts the workers, and tears down what it started.
+
+        `phases` gets the start-up; the work itself runs on the workers, in parallel.
+        """
         ray = import_ray()
         began = time.perf_counter()
         self.failures = 0
@@ -261,6 +265,7 @@ class RayEngine:
             actors = [remote.remote(config, **self.worker_kwargs) for _ in range(workers)]
             self.workers = _first_pipeline_error(ray, lambda: ray.get([a.ready.remote() for a in actors]))
             self.startup_seconds = time.perf_counter() - began
+            phases.add("start Ray and its workers", self.startup_seconds)
             hosts = sorted({i["host"] for i in self.workers})
             log.info("Ray: %d worker(s) with %g GPU and %g CPU each on %s, ready in %.1f s",
                      workers, gpus, cpus, ", ".join(hosts), self.startup_seconds)

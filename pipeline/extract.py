@@ -28,6 +28,7 @@ which engine made it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -41,6 +42,7 @@ from pipeline.data import DataSource, SplitSource, data_fingerprint, load_source
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.images import DECODER, decode_and_resize, tf_error_message
 from pipeline.locks import exclusive
+from pipeline.phases import Phases
 from pipeline.store import (
     FORMAT_VERSION,
     VIEWS_SPLIT,
@@ -72,6 +74,7 @@ class ExtractionResult:
     view_images: int = 0
     view_seconds: float = 0.0
     view_attrs: dict[str, Any] | None = None
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -114,7 +117,7 @@ class ExtractionResult:
         return {"stage": "features", "path": str(self.path), "up_to_date": self.up_to_date,
                 "images": self.images, "skipped": self.skipped, "seconds": round(self.seconds, 3),
                 "images_per_second": round(self.images_per_second, 2), "view_images": self.view_images,
-                "view_seconds": round(self.view_seconds, 3), "num_views": self.num_views}
+                "view_seconds": round(self.view_seconds, 3), "num_views": self.num_views, "phases": self.phases}
 
 
 def _size(n_bytes: float) -> str:
@@ -157,13 +160,16 @@ def extract_features(
     held from the "is it up to date?" check to the rename, so a second run with the
     same settings waits, then finds the file finished or resumes its partial file.
     """
-    config, key, path = resolve(config)
+    phases = Phases()
+    with phases("resolve key"):
+        config, key, path = resolve(config)
     with exclusive(path, what="feature file"):
-        return _extract(config, key, path, views=views, progress=progress, engine=engine)
+        result = _extract(config, key, path, views=views, progress=progress, engine=engine, phases=phases)
+    return dataclasses.replace(result, phases=phases.record())
 
 
 def _extract(config: FeaturesConfig, key: dict[str, Any], path: Path, *, views: ViewsConfig | None,
-             progress: bool, engine: Engine | None) -> ExtractionResult:
+             progress: bool, engine: Engine | None, phases: Phases) -> ExtractionResult:
     """`extract_features` for a resolved config, under the lock on `path`."""
     views = views if views is not None and views.num_views else None
     extend = None
@@ -180,10 +186,11 @@ def _extract(config: FeaturesConfig, key: dict[str, Any], path: Path, *, views: 
         extend = path
     # The backbone first: missing weights fail in a second, before a dataset download.
     spec = backbones.get_backbone(config.backbone)
-    with (engine or LocalEngine(EngineConfig())).start(config, spec) as runner:
-        source = load_source(
-            config.data, seed=config.seed, shard_index=config.shard_index, num_shards=config.num_shards
-        )
+    with (engine or LocalEngine(EngineConfig())).start(config, spec, phases) as runner:
+        with phases("list data"):
+            source = load_source(
+                config.data, seed=config.seed, shard_index=config.shard_index, num_shards=config.num_shards
+            )
         if views is not None:
             _check_views_source(source, views)
         attrs = _file_attrs(config, key, source, spec)
@@ -205,7 +212,8 @@ def _extract(config: FeaturesConfig, key: dict[str, Any], path: Path, *, views: 
         ) as writer:
             for split in source.splits.values():
                 images += runner.extract_split(split, writer, progress=progress)
-                skipped[split.name] = _skipped(split, writer, config)
+                with phases("account for skipped images"):
+                    skipped[split.name] = _skipped(split, writer, config)
                 if skipped[split.name]:
                     for item in skipped[split.name]:
                         log.warning("skipped %s/%s: %s", split.name, item["id"], item["reason"])
@@ -220,7 +228,8 @@ def _extract(config: FeaturesConfig, key: dict[str, Any], path: Path, *, views: 
                 view_images, view_seconds = runner.extract_views(
                     source.splits[VIEWS_SPLIT], writer, views, progress=progress
                 )
-    writer.finish(skipped)
+    with phases("finish file"):
+        writer.finish(skipped)
     total_skipped = sum(len(v) for v in skipped.values())
     return ExtractionResult(
         path=path, images=images, skipped=total_skipped, seconds=seconds, skipped_items=skipped,
@@ -244,8 +253,9 @@ class Runner(Protocol):
 
 
 class Engine(Protocol):
-    def start(self, config: FeaturesConfig, spec: backbones.BackboneSpec) -> ContextManager[Runner]:
-        """Builds what the run needs (the backbone, or a cluster and its workers) and tears it down after."""
+    def start(self, config: FeaturesConfig, spec: backbones.BackboneSpec, phases: Phases) -> ContextManager[Runner]:
+        """Builds what the run needs (the backbone, or a cluster and its workers) and tears it down after;
+        `phases` gets the time of each step, and the runner's work."""
 
     def describe(self) -> str:
         """One line about the last run for the user ('' when there is nothing to say)."""
@@ -261,17 +271,20 @@ class LocalEngine:
         return ""
 
     @contextlib.contextmanager
-    def start(self, config: FeaturesConfig, spec: backbones.BackboneSpec) -> Iterator[LocalRunner]:
-        from pipeline.extractor import build_extractor
-
-        model = build_extractor(
-            spec,
-            image_size=config.image_size,
-            weights=config.weights_arg,
-            pooling=config.pooling,
-            mixed_precision=config.mixed_precision,
-        )
-        yield LocalRunner(compiled_forward(model, config.image_size), config)
+    def start(self, config: FeaturesConfig, spec: backbones.BackboneSpec, phases: Phases) -> Iterator[LocalRunner]:
+        with phases("import TensorFlow and Keras"):
+            from pipeline.extractor import build_extractor
+        with phases("build model"):
+            model = build_extractor(
+                spec,
+                image_size=config.image_size,
+                weights=config.weights_arg,
+                pooling=config.pooling,
+                mixed_precision=config.mixed_precision,
+            )
+        with phases("trace forward pass"):
+            forward = compiled_forward(model, config.image_size)
+        yield LocalRunner(forward, config, phases)
 
 
 def _ray_engine(config: EngineConfig) -> Engine:
@@ -475,7 +488,8 @@ def compiled_forward(model, image_size: int) -> Forward:
 
 
 def feature_batches(
-    split: SplitSource, forward: Forward, *, start: int, stop: int | None = None, image_size: int, batch_size: int
+    split: SplitSource, forward: Forward, *, start: int, stop: int | None = None, image_size: int, batch_size: int,
+    phases: Phases | None = None,
 ) -> Iterator[tuple]:
     """The features of the records [start, stop) of `split`, batch by batch, as numpy.
 
@@ -485,10 +499,19 @@ def feature_batches(
     `SplitSource`). This is the one piece of stage-1 work every engine runs: the local
     engine over a whole split, a Ray worker over one of its shards.
     """
-    for images, labels, ids, index in image_batches(
+    phases = phases or Phases()
+    batches = iter(image_batches(
         split, start=start, stop=stop, image_size=image_size, batch_size=batch_size, schedule=forward.schedule,
-    ):
-        yield forward(images).numpy(), labels.numpy(), index.numpy(), ids.numpy().tolist()
+    ))
+    while True:
+        with phases("decode"):  # with the overlap schedule: the wait for decoded images
+            batch = next(batches, None)
+        if batch is None:
+            return
+        images, labels, ids, index = batch
+        with phases("forward"):
+            features = forward(images).numpy()
+        yield features, labels.numpy(), index.numpy(), ids.numpy().tolist()
 
 
 def view_feature_batches(
@@ -526,9 +549,10 @@ def view_feature_batches(
 class LocalRunner:
     """The local engine's work: whole splits through one forward pass, committed batch by batch."""
 
-    def __init__(self, forward, config: FeaturesConfig) -> None:
+    def __init__(self, forward: Forward, config: FeaturesConfig, phases: Phases) -> None:
         self.forward = forward
         self.config = config
+        self.phases = phases
 
     def extract_split(self, split: SplitSource, writer: FeatureWriter, *, progress: bool) -> int:
         from tqdm.auto import tqdm
@@ -544,9 +568,11 @@ class LocalRunner:
             dynamic_ncols=True, mininterval=0.5,
         ) as bar:
             for features, labels, index, ids in feature_batches(
-                split, self.forward, start=start, image_size=config.image_size, batch_size=config.batch_size
+                split, self.forward, start=start, image_size=config.image_size, batch_size=config.batch_size,
+                phases=self.phases,
             ):
-                writer.append(split.name, features, labels, index, ids)
+                with self.phases("write"):
+                    writer.append(split.name, features, labels, index, ids)
                 written += len(index)
                 position = int(index[-1]) // config.num_shards + 1
                 bar.update(position - done)

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.phases import Phases
 from pipeline.store import FORMAT_VERSION, write_features
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ def bench_driver(*, rows: int, dim: int, batch_size: int, work_dir: Path, worker
     for count in workers:
         engine = RayEngine(EngineConfig(name="ray", workers=count, shard_size=shard_size), worker=StandInWorker,
                            worker_kwargs={"dim": dim})
-        with engine.start(config, None) as runner:
+        with engine.start(config, None, Phases()) as runner:
             runner.extract_split(warm_up, _NullWriter(), progress=False)  # the workers' first task imports more
             for what, target in (("receive only", _NullWriter()), ("receive and write", None)):
                 with (contextlib.nullcontext(target) if target is not None else writer(f"ray-{count}")) as w:
