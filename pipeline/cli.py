@@ -323,9 +323,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     settings = dict(bench.QUICK_SETTINGS if args.quick else bench.FULL_SETTINGS)
     given = {"backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
-             "epochs": args.epochs, "extraction_sizes": args.extraction_sizes,
-             "extraction_repeats": args.extraction_repeats, "forward_seconds": args.forward_seconds,
-             "head_repeats": args.head_repeats}
+             "epochs": args.epochs, "extraction_image_sizes": args.extraction_image_sizes,
+             "extraction_sizes": args.extraction_sizes, "extraction_repeats": args.extraction_repeats,
+             "forward_seconds": args.forward_seconds, "head_repeats": args.head_repeats,
+             "stage_repeats": args.stage_repeats}
     if args.quick and any(v is not None for v in (args.data_dir, args.weights, args.backbone, args.image_size)):
         raise ConfigError("Quick mode (BENCH_QUICK=1) generates its images and uses the tiny backbone: drop "
                           "--data-dir/--weights/--backbone/--image-size (BENCH_DATA/BENCH_WEIGHTS), or drop --quick.")
@@ -351,8 +352,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                       quick=args.quick, **settings)
     table = bench.pipeline_table(result)
     paths = bench.write_results(result, table, out, "results")
+    profile = out / "profile.md"
+    profile.write_text(bench.profile_table(result))
     print(table)
-    print(f"bench: results in {paths[0]} and {paths[1]}")
+    print(f"bench: results in {paths[0]} and {paths[1]}; phases of each process in {profile}")
     return 0
 
 
@@ -479,11 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     full.add_argument("--image-size", type=int, help="pixels (default: 160, the TF tutorial's)")
     full.add_argument("--batch-size", type=int, help="extraction batch size (default: 32)")
     full.add_argument("--epochs", type=int, help="seed workflow epochs (default: 10, quick 2)")
+    full.add_argument("--extraction-image-sizes", type=int, nargs="+",
+                      help="image sizes of the extraction vs forward-pass runs (default: 160 224)")
     full.add_argument("--extraction-sizes", type=int, nargs="+",
-                      help="dataset sizes of the extraction vs forward-pass runs (default: 1000 3000)")
-    full.add_argument("--extraction-repeats", type=int, help="extraction runs of the largest size (default: 1)")
+                      help="dataset sizes of the extraction vs forward-pass runs (default: 1000)")
+    full.add_argument("--extraction-repeats", type=int, help="extraction runs of the largest size (default: 5)")
     full.add_argument("--forward-seconds", type=float, help="seconds per forward-pass measurement (default: 5)")
     full.add_argument("--head-repeats", type=int, help="head fits timed on cached features (default: 3, quick 1)")
+    full.add_argument("--stage-repeats", type=int,
+                      help="logistic `head` and no-op `features` processes timed (default: 3, quick 2)")
     full.add_argument("--out", help="folder for results.json and results.md (default: bench, quick: bench/quick)")
     full.set_defaults(run=_cmd_bench)
 

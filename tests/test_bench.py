@@ -63,38 +63,55 @@ def test_quick_benchmark_writes_consistent_results(tmp_path, capsys):
     assert result["settings"]["backbone"] == "tiny" and result["settings"]["epochs"] == 2
     assert result["settings"]["train_examples"] == 200 and result["settings"]["validation_examples"] == 100
 
-    # 1. extraction against the forward pass, on all 300 images (names unique across splits)
+    # 1. extraction against the forward pass at each image size, on all 300 images (names unique across splits)
     extraction = result["extraction"]
-    assert [r["images"] for r in extraction["runs"]] == [300]
-    run = extraction["runs"][0]
-    assert run["ratio_to_forward"] == pytest.approx(run["img_per_s"] / run["forward_img_per_s"], abs=2e-3)
+    assert set(extraction) == {"32", "40"}
+    for size, figures in extraction.items():
+        assert figures["settings"]["image_size"] == int(size)
+        assert [r["images"] for r in figures["runs"]] == [300]
+        run = figures["runs"][0]
+        assert run["ratio_to_forward"] == pytest.approx(run["img_per_s"] / run["forward_img_per_s"], abs=2e-3)
 
     # 2. end to end: ratios are computed from the stages' own figures
-    stages, e2e = result["stages"], result["end_to_end"]
+    stages, e2e, fast = result["stages"], result["end_to_end"], result["fast_loop"]
     seed = e2e["seed_workflow"]
     assert seed["wall_seconds"] == stages["seed workflow"]["wall_seconds"] > 0
     assert len(stages["seed workflow"]["epoch_seconds"]) == 2
+    logistic_walls = [stages[name]["wall_seconds"] for name in ("head logistic", "head logistic 2")]
+    assert fast["head_logistic_seconds_all"] == logistic_walls
+    head_walls = {"logistic": sorted(logistic_walls)[1], "dense": stages["head dense"]["wall_seconds"]}
     for name in ("logistic", "dense"):
         p = e2e[f"pipeline_{name}"]
-        wall = stages["features"]["wall_seconds"] + stages[f"head {name}"]["wall_seconds"]
+        wall = stages["features"]["wall_seconds"] + head_walls[name]
         assert p["wall_seconds"] == pytest.approx(wall, abs=0.01)
         assert p["speedup"] == pytest.approx(seed["wall_seconds"] / wall, abs=0.01)
         assert p["accuracy_difference"] == pytest.approx(p["validation_accuracy"] - seed["validation_accuracy"],
                                                          abs=1e-4)
-        assert p["target_met"] == (p["speedup"] >= 10 and p["accuracy_difference"] >= 0)
+        assert p["target_met"] == (p["speedup"] >= 12 and p["accuracy_difference"] >= 0)
         assert p["validation_accuracy"] >= 0.9  # the generated classes are separable
     for workflow in e2e.values():
         assert 0.0 <= workflow["validation_accuracy"] <= 1.0
         assert workflow["wall_seconds"] > 0 and workflow["compute_seconds"] > 0
 
-    # 3. head retrain against one seed epoch
+    # 3. the fast loop: no-op features, the dense head's fixed cost, the stages' phases
+    assert len(fast["noop_features_seconds_all"]) == 2 and fast["noop_features_seconds"] > 0
+    assert fast["head_dense_fixed_seconds"] == pytest.approx(
+        stages["head dense"]["wall_seconds"] - stages["head dense"]["training_seconds"], abs=0.01)
+    assert {"start-up and imports", "resolve key"} <= set(fast["noop_features_phases"])
+    assert "forward" not in fast["noop_features_phases"]  # it found its file: no backbone ran
+    phases = stages["features"]["phases"]
+    assert {"import TensorFlow and Keras", "build model", "decode", "forward", "write", "finish file"} <= set(phases)
+    assert sum(phases.values()) <= stages["features"]["wall_seconds"]
+    assert "start-up and imports" in stages["head logistic"]["phases"]
+
+    # 4. head retrain against one seed epoch
     retrain = result["retrain"]
     assert retrain["logistic_seconds"] > 0 and retrain["seed_epoch_seconds"] > 0
     assert retrain["logistic_ratio_to_seed_epoch"] == pytest.approx(
         retrain["seed_epoch_seconds"] / retrain["logistic_seconds"], abs=0.01)
     assert retrain["target_met"] == (retrain["logistic_seconds"] < 1.0)
 
-    # 4. storage: float16 files are smaller, and the accuracy difference is reported
+    # 5. storage: float16 files are smaller, and the accuracy difference is reported
     storage = result["storage"]
     assert 0 < storage["float16_bytes"] < storage["float32_bytes"]
     assert storage["size_ratio"] == pytest.approx(storage["float16_bytes"] / storage["float32_bytes"], abs=1e-3)
@@ -102,9 +119,10 @@ def test_quick_benchmark_writes_consistent_results(tmp_path, capsys):
         assert 0.0 <= storage[key] <= 1.0
     assert math.isfinite(storage["accuracy_difference"])
 
-    # 5. peak memory of every stage
-    expected = {"features", "head logistic", "head dense", "features float16", "head logistic float16",
-                "seed workflow", "bench-features 300 images"}
+    # 6. peak memory of every stage
+    expected = {"features", "head logistic", "head logistic 2", "head dense", "features float16",
+                "head logistic float16", "seed workflow", "bench-features 32 px, 300 images",
+                "bench-features 40 px, 300 images"}
     assert set(result["peak_rss_mib"]) == expected
     assert all(mib > 50 for mib in result["peak_rss_mib"].values())
 
@@ -112,3 +130,7 @@ def test_quick_benchmark_writes_consistent_results(tmp_path, capsys):
                     "## Extraction against the forward pass", "Quick mode"):
         assert heading in table
     assert f"| {stages['seed workflow']['wall_seconds']} |" in table
+    profile = (out / "profile.md").read_text()
+    assert f"## `features`, {stages['features']['images']} images extracted" in profile
+    for heading in ("`features`, ", "`head`, logistic", "file up to date", "| forward |", "rest of the process"):
+        assert heading in profile
