@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
+from conftest import ROOT, make_folder
 from pipeline.cli import build_parser, config_of, main
 from pipeline.config import FeaturesConfig
 
@@ -95,3 +101,24 @@ def test_commands_print_no_tensorflow_start_up_chatter_unless_verbose(tmp_path, 
         assert native and "DEBUG" in done.stderr
     else:
         assert native == [], native
+
+
+_KERAS_PROBE = """
+import json, sys
+from pipeline.cli import main
+code = main(sys.argv[1:])
+loaded = {m: m in sys.modules for m in ("tensorflow", "sklearn")}
+import sklearn.linear_model  # the tool's own imports still get scikit-learn
+print(json.dumps({"code": code, **loaded}))
+"""
+
+
+def test_keras_is_imported_without_scikit_learn_which_stays_importable(tmp_path):
+    """Keras's optional scikit-learn wrappers would import it (0.8 s) in every TensorFlow command."""
+    folder = make_folder(tmp_path / "images", 4, layout="presplit")
+    flags = ["features", "--data-dir", str(folder), "--backbone", "tiny", "--weights", "none",
+             "--features-dir", str(tmp_path / "features"), "--no-progress"]
+    done = subprocess.run([sys.executable, "-c", _KERAS_PROBE, *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 0, "tensorflow": True, "sklearn": False}
