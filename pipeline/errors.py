@@ -32,3 +32,7 @@ class LockError(PipelineError):
 
 class WorkerError(PipelineError):
     """Work that failed on every try on a cluster's workers (ENGINE=ray)."""
+
+
+class NotFittedError(PipelineError, ValueError, AttributeError):
+    """A head used before `fit` (the bases of scikit-learn's NotFittedError, without importing it)."""

@@ -4,14 +4,17 @@ A head maps pooled backbone features, float32 `(N, D)`, to class probabilities,
 float32 `(N, K)`. Heads follow the scikit-learn estimator shape: the constructor only
 stores hyper-parameters, `fit` validates its inputs and sets trailing-underscore
 state (`params_`, `n_features_`, `n_classes_`, ...), and an unfitted head raises
-`sklearn.exceptions.NotFittedError`. Everything here is numpy in, numpy out; reading
-feature files and writing run directories belongs to the callers.
+`pipeline.errors.NotFittedError`. Everything here is numpy in, numpy out; reading
+feature files and writing run directories belongs to the callers. Neither head imports
+scikit-learn: the logistic one is numpy only (its own L-BFGS), so a logistic `make head`
+does not pay the ~1 s of importing scikit-learn and SciPy.
 
 Two heads are registered in `HEADS` and built by name with `create_head`:
 
 - `"logistic"`: `LogisticHead`, a standardized multinomial logistic regression whose
   `C` is picked on the validation split (the linear-probe protocol of Kornblith et
-  al. 2019 and CLIP).
+  al. 2019 and CLIP); scikit-learn's `LogisticRegression(solver="lbfgs")` objective,
+  solved in numpy.
 - `"dense"`: `DenseHead`, the Keras transfer-learning guide's head (dropout and one
   Dense layer on logits, optionally one hidden ReLU layer), trained with Adam and
   early stopping on the validation loss.
@@ -20,7 +23,8 @@ A saved head is a directory::
 
     head_dir/
         head.json      # {"head": "logistic"|"dense", hyper-parameters, params_, ...}
-        head.joblib    # LogisticHead: the fitted scaler and LogisticRegression
+        head.npz       # LogisticHead: the standardization and the linear model (numpy arrays;
+                       # heads saved before as head.joblib still load)
         head.keras     # DenseHead: the Keras model (logits out)
 
 `load_head(head_dir)` reads `head.json` and dispatches on its `"head"` name.
@@ -39,15 +43,11 @@ import logging
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.exceptions import ConvergenceWarning, NotFittedError
-
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, NotFittedError
 from pipeline.metrics import accuracy, log_loss, probabilities
 
 log = logging.getLogger(__name__)
@@ -267,10 +267,9 @@ def _accuracy_and_log_loss(proba: np.ndarray, y: np.ndarray) -> tuple[float, flo
 
 
 def _balanced_weights(y: np.ndarray) -> dict[int, float]:
-    from sklearn.utils.class_weight import compute_class_weight
-
-    classes = np.unique(y)
-    weights = compute_class_weight("balanced", classes=classes, y=y)
+    """scikit-learn's "balanced" class weights, n / (k * count), for the k classes present."""
+    classes, counts = np.unique(y, return_counts=True)
+    weights = len(y) / (len(classes) * counts.astype(np.float64))
     return {int(c): float(w) for c, w in zip(classes, weights)}
 
 
@@ -299,7 +298,7 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 
 # --------------------------------------------------------------------------- base
-class Head(BaseEstimator, abc.ABC):
+class Head(abc.ABC):
     """A classifier on `(N, D)` float32 features; see the module docstring.
 
     Subclasses set `name` and implement `_fit`, `_predict_proba`, `_save_model`,
@@ -316,6 +315,13 @@ class Head(BaseEstimator, abc.ABC):
     views_use: ClassVar[str]
 
     # ------------------------------------------------------- what callers need
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments as set (scikit-learn's estimator convention); saved in head.json."""
+        return {name: getattr(self, name) for name in _init_parameters(type(self))}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
     @classmethod
     def from_config(cls, config: Any) -> "Head":
         """An unfitted head with the hyper-parameters of a `HeadConfig` that it takes.
@@ -324,8 +330,7 @@ class Head(BaseEstimator, abc.ABC):
         accepts, so adding a head needs no table of its arguments elsewhere.
         """
         values = config.to_dict()
-        accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        return cls(**{name: values[name] for name in accepted if name in values})
+        return cls(**{name: values[name] for name in _init_parameters(cls) if name in values})
 
     @classmethod
     def default_views(cls, available: int) -> int:
@@ -503,7 +508,7 @@ class Head(BaseEstimator, abc.ABC):
                 f"'{record['head']}' head. Fix: use load_head(), which dispatches on "
                 "the saved name."
             )
-        model_path = directory / cls.model_file
+        model_path = directory / record.get("model_file", cls.model_file)
         if not model_path.is_file():
             raise DataError(
                 f"Expected {model_path} beside {JSON_NAME}. Received: no such file. "
@@ -570,6 +575,11 @@ class Head(BaseEstimator, abc.ABC):
             )
 
 
+def _init_parameters(cls: type) -> list[str]:
+    """The hyper-parameters of a head class: its constructor's arguments."""
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
 def _library_versions(libraries: Sequence[str]) -> dict[str, str]:
     """Versions of the libraries a head depends on (importing only those)."""
     import importlib
@@ -598,7 +608,14 @@ def _read_record(directory: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------- logistic
 class LogisticHead(Head):
-    """Standardized logistic regression (lbfgs; multinomial when K > 2).
+    """Standardized logistic regression (L-BFGS; multinomial when K > 2).
+
+    The objective is scikit-learn's `LogisticRegression(solver="lbfgs")`: the mean
+    (class-weighted) log-loss plus `||W||^2 / (2 C n)`, intercepts unpenalized, a
+    sigmoid for two classes present and a softmax otherwise; it is strictly convex, so
+    any solver that converges finds the same model. It is solved here in numpy
+    (`_lbfgs`) because importing scikit-learn and SciPy costs a `make head` about a
+    second, more than the fit.
 
     If `C` is None, `fit` sweeps `Cs` from strongest to weakest regularization,
     warm-starting each fit from the previous solution, and keeps the C with the best
@@ -611,23 +628,29 @@ class LogisticHead(Head):
         C: inverse L2 strength; None selects it on the validation split.
         Cs: the grid searched when `C` is None (default `DEFAULT_CS`).
         class_weight: None or "balanced" (inverse class frequency).
-        max_iter: lbfgs iterations per fit. A final fit that does not converge is
+        max_iter: L-BFGS iterations per fit. A final fit that does not converge is
             logged once and recorded as `params_["converged"] = False`.
-        seed: passed as `random_state`; lbfgs itself is deterministic.
-        tol: lbfgs stopping tolerance on the gradient of the *mean* loss. Tighter
-            than scikit-learn's 1e-4, at which warm-started fits at large C stop
-            after 0 iterations and the grid scores of large C are stale copies.
+        seed: kept for the estimator's record; the fit is deterministic.
+        tol: stopping tolerance on the largest gradient entry of the *mean* loss
+            (scikit-learn's `tol` for lbfgs). Tighter than scikit-learn's 1e-4, at
+            which warm-started fits at large C stop after 0 iterations and the grid
+            scores of large C are stale copies.
         blas_threads: BLAS threads while fitting (threadpoolctl, restored after).
             The products here are thin, `(N, D) @ (D, K)`: one thread is as fast as
             two on an idle 2-core machine and 5-10x faster on a busy one. None
             keeps the BLAS default (worth it only for large N and K on many cores).
+
+    After fit: `mean_`, `scale_` (D,) standardize the features; `coef_` (U, D) and
+    `intercept_` (U,) act on standardized features, with U == 1 (the logit of the
+    larger class) when two classes are present, else one row per class in
+    `classes_present_`.
     """
 
     name = "logistic"
-    model_file = "head.joblib"
-    libraries = ("numpy", "sklearn")
+    model_file = "head.npz"
+    libraries = ("numpy",)
     views_use = "stacked as rows"
-    memory_copies = 4  # measured 4.2: the rows, the standardized copy, scikit-learn's working arrays
+    memory_copies = 4  # measured 4.2: the rows, the standardized copy, the solver's working arrays
 
     def __init__(
         self,
@@ -680,9 +703,6 @@ class LogisticHead(Head):
         return params
 
     def _fit_logistic(self, X, y, Xv, yv, *, callbacks, verbose):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
         if callbacks:
             raise ConfigError(
                 "callbacks are Keras callbacks and apply to the 'dense' head only. "
@@ -691,19 +711,13 @@ class LogisticHead(Head):
             )
         # Standardize and fit in float64: float32 means/variances and loss gradients
         # are too coarse for tol=1e-6, and float64 costs no more time at these shapes.
-        X64 = X.astype(np.float64)
-        self.scaler_ = StandardScaler().fit(X64)
-        Z = self.scaler_.transform(X64)
-        del X64
+        Z = X.astype(np.float64)
+        self.mean_, self.scale_ = _standardization(Z)
+        Z -= self.mean_
+        Z /= self.scale_
+        objective = _LogisticObjective(Z, y, self.classes_present_, class_weight=self.class_weight)
         params: dict[str, Any] = {"class_weight": self.class_weight}
-
-        def new_model(C: float, warm_start: bool) -> LogisticRegression:
-            return LogisticRegression(
-                C=C, class_weight=self.class_weight, max_iter=self.max_iter,
-                tol=self.tol, random_state=self.seed, warm_start=warm_start,
-            )
-
-        Zv = None if Xv is None else self.scaler_.transform(Xv.astype(np.float64))
+        Zv = None if Xv is None else (Xv.astype(np.float64) - self.mean_) / self.scale_
         if self.C is None:
             if Xv is None:
                 raise ConfigError(
@@ -711,19 +725,16 @@ class LogisticHead(Head):
                     "X_val=None. Fix: pass X_val and y_val, or set C (e.g. C=1.0)."
                 )
             grid = []
-            sweep = new_model(1.0, warm_start=True)
+            theta = objective.start()
             sweep_start = time.perf_counter()
             for C in sorted(float(c) for c in np.atleast_1d(self.Cs)):
-                sweep.set_params(C=C)
-                converged = _fit_quietly(sweep, Z, y)
-                self.model_ = sweep
+                theta, n_iter, converged = objective.minimize(C, theta, tol=self.tol, max_iter=self.max_iter)
+                self.coef_, self.intercept_ = objective.unpack(theta)
                 accuracy, loss = _accuracy_and_log_loss(self._proba_scaled(Zv), yv)
                 grid.append({"C": C, "val_accuracy": accuracy, "val_log_loss": loss,
-                             "converged": converged,
-                             "n_iter": int(np.max(sweep.n_iter_))})
+                             "converged": converged, "n_iter": n_iter})
                 log.log(logging.INFO if verbose else logging.DEBUG,
-                        "logistic C=%.3g: val_accuracy=%.4f val_log_loss=%.4f",
-                        C, accuracy, loss)
+                        "logistic C=%.3g: val_accuracy=%.4f val_log_loss=%.4f", C, accuracy, loss)
             best = min(grid, key=lambda g: (-g["val_accuracy"], g["val_log_loss"], g["C"]))
             C = best["C"]
             params.update(C_selected_on="validation", grid=grid,
@@ -731,15 +742,14 @@ class LogisticHead(Head):
         else:
             C = float(self.C)
             params["C_selected_on"] = "given"
-        model = new_model(C, warm_start=False)
-        converged = _fit_quietly(model, Z, y)
-        self.model_ = model
+        theta, n_iter, converged = objective.minimize(C, objective.start(), tol=self.tol, max_iter=self.max_iter)
+        self.coef_, self.intercept_ = objective.unpack(theta)
         if not converged:
             log.warning(
-                "LogisticHead: lbfgs did not converge in max_iter=%d iterations at "
+                "LogisticHead: L-BFGS did not converge in max_iter=%d iterations at "
                 "C=%g; increase max_iter or lower C.", self.max_iter, C,
             )
-        params.update(C=C, converged=converged, n_iter=int(np.max(model.n_iter_)))
+        params.update(C=C, converged=converged, n_iter=n_iter)
         if Zv is not None:
             accuracy, loss = _accuracy_and_log_loss(self._proba_scaled(Zv), yv)
             params.update(val_accuracy=accuracy, val_log_loss=loss)
@@ -747,15 +757,15 @@ class LogisticHead(Head):
 
     def _proba_scaled(self, Z: np.ndarray) -> np.ndarray:
         """Probabilities of standardized features, one column per class in [0, K)."""
-        present = self.model_.predict_proba(Z)
+        present = probabilities(Z @ self.coef_.T + self.intercept_)  # U == 1: the logit of the second class
         if len(self.classes_present_) == self.n_classes_:
             return present.astype(np.float32)
         proba = np.zeros((len(Z), self.n_classes_), dtype=np.float32)
-        proba[:, self.model_.classes_] = present
+        proba[:, self.classes_present_] = present
         return proba
 
     def _predict_proba(self, X):
-        return self._proba_scaled(self.scaler_.transform(X))
+        return self._proba_scaled((X.astype(np.float64) - self.mean_) / self.scale_)
 
     def dense_weights(self):
         """See `Head.dense_weights`; the standardization is folded into the layer.
@@ -766,10 +776,8 @@ class LogisticHead(Head):
         """
         self._check_fitted("dense_weights")
         D = self.n_features_
-        mean = np.broadcast_to(0.0 if self.scaler_.mean_ is None else self.scaler_.mean_, D)
-        scale = 1.0 if self.scaler_.scale_ is None else self.scaler_.scale_
-        coef = np.asarray(self.model_.coef_, dtype=np.float64) / scale  # (C, D)
-        bias = np.asarray(self.model_.intercept_, dtype=np.float64) - coef @ mean
+        coef = self.coef_ / self.scale_  # (U, D)
+        bias = self.intercept_ - coef @ self.mean_
         if self.n_classes_ == 2:
             return coef.T.astype(np.float32), bias.astype(np.float32), "sigmoid"
         if coef.shape[0] == 1:
@@ -778,35 +786,162 @@ class LogisticHead(Head):
             bias = np.concatenate([[0.0], bias])
         kernel = np.zeros((D, self.n_classes_))
         full_bias = np.full(self.n_classes_, ABSENT_CLASS_LOGIT)
-        kernel[:, self.model_.classes_] = coef.T
-        full_bias[self.model_.classes_] = bias
+        kernel[:, self.classes_present_] = coef.T
+        full_bias[self.classes_present_] = bias
         return kernel.astype(np.float32), full_bias.astype(np.float32), "softmax"
 
     def _save_model(self, path):
-        import joblib
-
-        joblib.dump({"scaler": self.scaler_, "model": self.model_}, path)
+        with open(path, "wb") as f:  # np.savez would append .npz to the temporary name
+            np.savez(f, mean=self.mean_, scale=self.scale_, coef=self.coef_, intercept=self.intercept_)
 
     def _load_model(self, path, record):
-        import joblib
+        if path.suffix == ".joblib":  # saved before head.npz: a fitted StandardScaler and LogisticRegression
+            import joblib
 
-        state = joblib.load(path)
-        self.scaler_ = state["scaler"]
-        self.model_ = state["model"]
+            state = joblib.load(path)
+            scaler, model = state["scaler"], state["model"]
+            D = self.n_features_
+            self.mean_ = np.zeros(D) if scaler.mean_ is None else np.asarray(scaler.mean_, np.float64)
+            self.scale_ = np.ones(D) if scaler.scale_ is None else np.asarray(scaler.scale_, np.float64)
+            self.coef_ = np.asarray(model.coef_, np.float64)
+            self.intercept_ = np.asarray(model.intercept_, np.float64)
+            return
+        with np.load(path) as state:
+            self.mean_, self.scale_ = state["mean"], state["scale"]
+            self.coef_, self.intercept_ = state["coef"], state["intercept"]
 
 
-def _fit_quietly(model: Any, X: np.ndarray, y: np.ndarray) -> bool:
-    """Fit `model` with ConvergenceWarning silenced; return whether it converged."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(X, y)
-    converged = True
-    for w in caught:
-        if issubclass(w.category, ConvergenceWarning):
-            converged = False
+def _standardization(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations of float64 `X`; a constant column gets scale 1.
+
+    As scikit-learn's StandardScaler: a scale within rounding of zero would blow
+    rounding noise up into a feature.
+    """
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    constant = scale < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))
+    scale[constant] = 1.0
+    return mean, scale
+
+
+class _LogisticObjective:
+    """scikit-learn's lbfgs logistic-regression objective on standardized features `Z` (N, D) float64.
+
+    `f(W, b) = sum_i w_i loss_i / sum_i w_i + ||W||^2 / (2 C sum_i w_i)`, with `w_i` the
+    class weights (1 without them) and `loss_i` the binomial log-loss of one logit
+    when two classes are present, else the multinomial one (softmax over the classes
+    present). Parameters travel as one flat vector `theta = [W.ravel(), b]`.
+    """
+
+    def __init__(self, Z: np.ndarray, y: np.ndarray, classes: np.ndarray, *, class_weight: str | None) -> None:
+        self.Z = Z
+        self.D = Z.shape[1]
+        self.U = 1 if len(classes) == 2 else len(classes)
+        codes = np.searchsorted(classes, y)  # 0..k-1 among the classes present
+        weights = np.ones(len(y))
+        if class_weight == "balanced":
+            lookup = _balanced_weights(y)
+            weights = np.array([lookup[int(c)] for c in classes])[codes]
+        self.sw_sum = float(weights.sum())
+        self.w = weights / self.sw_sum  # per-row weight of the mean loss
+        if self.U == 1:
+            self.target = (codes == 1).astype(np.float64)
         else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return converged
+            self.target = codes
+
+    def start(self) -> np.ndarray:
+        return np.zeros(self.U * (self.D + 1))
+
+    def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(coef (U, D), intercept (U,)) as copies."""
+        k = self.U * self.D
+        return theta[:k].reshape(self.U, self.D).copy(), theta[k:].copy()
+
+    def minimize(self, C: float, theta: np.ndarray, *, tol: float, max_iter: int) -> tuple[np.ndarray, int, bool]:
+        lam = 1.0 / (C * self.sw_sum)
+        return _lbfgs(lambda t: self.loss_gradient(t, lam), theta, tol=tol, max_iter=max_iter)
+
+    def loss_gradient(self, theta: np.ndarray, lam: float) -> tuple[float, np.ndarray]:
+        k = self.U * self.D
+        W, b = theta[:k].reshape(self.U, self.D), theta[k:]
+        logits = self.Z @ W.T + b  # (N, U)
+        if self.U == 1:
+            z = logits[:, 0]
+            # log(1 + e^z) - t z, and its derivative sigmoid(z) - t, without overflow.
+            softplus = np.logaddexp(0.0, z)
+            loss = float(self.w @ (softplus - self.target * z))
+            residual = (np.exp(z - softplus) - self.target) * self.w
+            residual = residual[:, None]
+        else:
+            top = logits.max(axis=1, keepdims=True)
+            shifted = logits - top
+            lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            rows = np.arange(len(logits))
+            loss = float(self.w @ (lse[:, 0] - shifted[rows, self.target]))
+            residual = np.exp(shifted - lse)
+            residual[rows, self.target] -= 1.0
+            residual *= self.w[:, None]
+        gradient = np.empty_like(theta)
+        gradient[:k] = (residual.T @ self.Z + lam * W).ravel()
+        gradient[k:] = residual.sum(axis=0)
+        return loss + 0.5 * lam * float(W.ravel() @ W.ravel()), gradient
+
+
+def _lbfgs(fun: Any, x: np.ndarray, *, tol: float, max_iter: int,
+           memory: int = 10) -> tuple[np.ndarray, int, bool]:
+    """Minimizes a smooth convex `fun(x) -> (f, gradient)` by L-BFGS from `x`.
+
+    Stops, as SciPy's L-BFGS-B does for scikit-learn, when the largest gradient entry
+    is at most `tol` (converged), when a step lowers f by less than 64 machine
+    epsilons relative to f (converged: at the limit of float64), or after `max_iter`
+    iterations (not converged). Steps: the two-loop recursion over the last `memory`
+    curvature pairs, then backtracking with quadratic interpolation to a sufficient
+    decrease (Armijo). Returns (x, iterations, converged).
+    """
+    f, g = fun(x)
+    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
+    ftol = 64 * np.finfo(np.float64).eps
+    for iteration in range(max_iter):
+        if np.max(np.abs(g)) <= tol:
+            return x, iteration, True
+        d = -g
+        alphas = []
+        for s, yk, rho in reversed(pairs):
+            a = rho * (s @ d)
+            alphas.append(a)
+            d = d - a * yk
+        if pairs:
+            s, yk, rho = pairs[-1]
+            d = d * ((s @ yk) / (yk @ yk))
+        else:
+            d = d / max(1.0, float(np.linalg.norm(g)))  # a first step of at most unit length
+        for (s, yk, rho), a in zip(pairs, reversed(alphas)):
+            d = d + s * (a - rho * (yk @ d))
+        slope = float(g @ d)
+        if slope >= 0:  # not a descent direction (rounding): restart from the gradient
+            pairs.clear()
+            d = -g / max(1.0, float(np.linalg.norm(g)))
+            slope = float(g @ d)
+        step = 1.0
+        for _ in range(50):
+            f_new, g_new = fun(x + step * d)
+            if f_new <= f + 1e-4 * step * slope:
+                break
+            # The minimum of the quadratic through f, the slope and f_new, kept within [0.1, 0.5] of the step.
+            fit = -slope * step * step / (2.0 * (f_new - f - slope * step))
+            step = min(max(fit, 0.1 * step), 0.5 * step) if np.isfinite(fit) else 0.5 * step
+        else:
+            return x, iteration, bool(np.max(np.abs(g)) <= tol)  # no decrease left to find
+        s, yk = step * d, g_new - g
+        sy = float(s @ yk)
+        if sy > 1e-12 * float(yk @ yk):
+            pairs.append((s, yk, 1.0 / sy))
+            del pairs[:-memory]
+        decrease = (f - f_new) / max(abs(f), abs(f_new), 1.0)
+        x, f, g = x + s, f_new, g_new
+        if decrease <= ftol:
+            return x, iteration + 1, True
+    return x, max_iter, bool(np.max(np.abs(g)) <= tol)
 
 
 # -------------------------------------------------------------------------- dense
@@ -1152,7 +1287,7 @@ def list_heads() -> list[str]:
 def create_head(name: str, **params: Any) -> Head:
     """Build an unfitted head by registry name with the given hyper-parameters."""
     cls = head_class(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = _init_parameters(cls)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ConfigError(

@@ -5,7 +5,7 @@ are chosen on the validation split only; the test split is scored once, at the e
 
 A run directory (`runs/<feature file>__<head>/`) holds::
 
-    head.joblib | head.keras, head.json    the fitted head
+    head.npz | head.keras, head.json       the fitted head
     labels.txt                             class names in output order
     config.json                            features config + key, head config
     metrics.json                           validation and test metrics, chosen hyper-parameters

@@ -54,4 +54,4 @@ def test_a_logistic_head_run_imports_no_tensorflow_plots_included(extracted):
     result = _run(["head", *flags, "--runs-dir", str(root / "runs")])
     assert result == {"code": 0, "heavy": []}
     (run,) = [p for p in (root / "runs").iterdir() if p.is_dir()]
-    assert {"top_losses.png", "confusion_matrix.png", "report.md", "head.joblib"} <= {p.name for p in run.iterdir()}
+    assert {"top_losses.png", "confusion_matrix.png", "report.md", "head.npz"} <= {p.name for p in run.iterdir()}

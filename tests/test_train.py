@@ -38,7 +38,7 @@ def test_logistic_run_writes_head_metrics_plots_and_report(tiny_features, tmp_pa
     _, _, path, key = tiny_features
     run = train_head(path, head_config(tmp_path), expect=key)
     files = {p.name for p in run.run_dir.iterdir()}
-    assert {"head.joblib", "head.json", "labels.txt", "config.json", "metrics.json",
+    assert {"head.npz", "head.json", "labels.txt", "config.json", "metrics.json",
             "confusion_matrix.png", "top_losses.png", "report.md"} <= files
     assert (run.run_dir / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
     metrics = json.loads((run.run_dir / "metrics.json").read_text())
