@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -354,23 +355,67 @@ def _check_classes(class_names: Sequence[str], root: Path) -> None:
 
 
 def _stratified_split(entries, fraction: float, seed: int):
-    """Splits [(path, label)] into (rest, carved) with `fraction` of each class carved."""
-    from sklearn.model_selection import train_test_split
+    """Splits [(path, label)] into (rest, carved) with `fraction` of each class carved.
+
+    The same split as scikit-learn's `train_test_split(entries, test_size=fraction,
+    stratify=labels, random_state=seed)` (its StratifiedShuffleSplit, step for step
+    with the same `RandomState` stream), in numpy: a no-op `make features` on a folder
+    without split folders recomputes this carve for its cache key, and importing
+    scikit-learn for it cost a second.
+    """
+    import numpy as np
 
     if not entries or fraction == 0:
         return list(entries), []
-    labels = [label for _, label in entries]
-    try:
-        rest, carved = train_test_split(
-            list(entries), test_size=fraction, stratify=labels, random_state=seed
-        )
-    except ValueError as err:
-        counts = dict(sorted(Counter(labels).items()))
+    labels = np.array([label for _, label in entries])
+    n = len(labels)
+    n_test = math.ceil(fraction * n)
+    n_train = n - n_test
+    classes, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    problem = None
+    if n_test >= n or n_train == 0:
+        problem = f"it leaves {n_train} images to train on"
+    elif counts.min() < 2:
+        problem = f"classes {classes[counts < 2].tolist()} have a single image"
+    elif n_train < len(classes) or n_test < len(classes):
+        problem = f"a split of {min(n_train, n_test)} images cannot hold one of each of the {len(classes)} classes"
+    if problem:
+        shown = dict(sorted(Counter(labels.tolist()).items()))
         raise DataError(
-            f"Cannot carve a stratified {fraction:.0%} split from {len(entries)} images "
-            f"(per-class counts {counts}): {err}. Use a smaller fraction or more images."
-        ) from err
-    return sorted(rest), sorted(carved)
+            f"Cannot carve a stratified {fraction:.0%} split from {n} images (per-class counts {shown}): "
+            f"{problem}. Use a smaller fraction or more images."
+        )
+    by_class = np.split(np.argsort(codes, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    rest, carved = [], []
+    for i in range(len(classes)):
+        chosen = by_class[i].take(rng.permutation(counts[i]), mode="clip")
+        rest.extend(chosen[: n_i[i]].tolist())
+        carved.extend(chosen[n_i[i] : n_i[i] + t_i[i]].tolist())
+    return sorted(entries[k] for k in rest), sorted(entries[k] for k in carved)
+
+
+def _approximate_mode(class_counts, n_draws: int, rng):
+    """scikit-learn's `_approximate_mode`: per-class draws of `n_draws`, proportional to
+    `class_counts`, the remainders handed out largest first, ties broken by `rng`."""
+    import numpy as np
+
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            inds = rng.choice(inds, size=add_now, replace=False)
+            floored[inds] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def _split_by_fractions(entries, val_fraction: float, test_fraction: float, seed: int):
