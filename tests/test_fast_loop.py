@@ -1,7 +1,9 @@
-"""The iterate loop stays light: a no-op `features` and a logistic `head` never import TensorFlow.
+"""The iterate loop stays light: a no-op `features` and a logistic `head` never import TensorFlow,
+nor scikit-learn or SciPy.
 
-Importing TensorFlow costs seconds, more than the logistic fit itself; these tests pin the
-behaviour (which modules load), and `make bench` measures the seconds.
+Importing TensorFlow costs seconds, scikit-learn about one, more than the logistic fit itself;
+these tests pin the behaviour (which modules load) and that the numpy code standing in for
+scikit-learn on these paths gives its results; `make bench` measures the seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, make_folder
@@ -19,7 +22,7 @@ _PROBE = """
 import json, sys
 from pipeline.cli import main
 code = main(sys.argv[1:])
-heavy = sorted(m for m in ("tensorflow", "keras", "tensorflow_datasets") if m in sys.modules)
+heavy = sorted(m for m in ("tensorflow", "keras", "tensorflow_datasets", "sklearn", "scipy") if m in sys.modules)
 print(json.dumps({"code": code, "heavy": heavy}))
 """
 
@@ -31,21 +34,31 @@ def _run(argv: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def extracted(tmp_path_factory):
+def _extract(root, layout: str):
     from pipeline.cli import main
 
-    root = tmp_path_factory.mktemp("fast")
-    # Split folders, as most real data sets come: no scikit-learn split needed either.
-    folder = make_folder(root / "images", 6, layout="presplit")
+    folder = make_folder(root / "images", 6, layout=layout)
     flags = ["--data-dir", str(folder), "--backbone", "tiny", "--weights", "none", "--features-dir",
              str(root / "features"), "--no-progress"]
     assert main(["features", *flags]) == 0
     return root, flags
 
 
-def test_an_up_to_date_features_run_imports_no_tensorflow(extracted):
-    _, flags = extracted
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """Split folders, as most real data sets come."""
+    return _extract(tmp_path_factory.mktemp("fast"), "presplit")
+
+
+@pytest.fixture(scope="module")
+def extracted_flat(tmp_path_factory):
+    """One folder per class: validation and test are carved (seeded, stratified) to compute the key."""
+    return _extract(tmp_path_factory.mktemp("flat"), "flat")
+
+
+@pytest.mark.parametrize("layout", ["extracted", "extracted_flat"])
+def test_an_up_to_date_features_run_imports_no_tensorflow_nor_scikit_learn(layout, request):
+    _, flags = request.getfixturevalue(layout)
     assert _run(["features", *flags]) == {"code": 0, "heavy": []}
 
 
@@ -55,3 +68,61 @@ def test_a_logistic_head_run_imports_no_tensorflow_plots_included(extracted):
     assert result == {"code": 0, "heavy": []}
     (run,) = [p for p in (root / "runs").iterdir() if p.is_dir()]
     assert {"top_losses.png", "confusion_matrix.png", "report.md", "head.npz"} <= {p.name for p in run.iterdir()}
+
+
+def test_a_head_run_reports_its_phases(extracted, tmp_path):
+    root, flags = extracted
+    result = _run(["head", *flags, "--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "run.json")])
+    assert result["code"] == 0
+    phases = json.loads((tmp_path / "run.json").read_text())["phases"]
+    assert list(phases)[:2] == ["start-up and imports", "stage imports"]
+    assert {"read features", "fit", "evaluate", "save head", "plot confusion matrix", "plot top losses",
+            "report"} <= set(phases)
+    assert all(seconds >= 0 for seconds in phases.values())
+    again = _run(["head", *flags, "--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "again.json")])
+    assert again["code"] == 0
+    phases = json.loads((tmp_path / "again.json").read_text())["phases"]
+    assert "up-to-date check" in phases and "fit" not in phases  # found finished, not retrained
+
+
+# ------------------------------------------------------- numpy in place of scikit-learn
+@pytest.mark.parametrize("seed", range(40))
+def test_the_carved_split_is_scikit_learns(seed):
+    from sklearn.model_selection import train_test_split
+
+    from pipeline.data import _stratified_split
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 6))
+    labels = rng.integers(0, k, int(rng.integers(3 * k, 120)))
+    entries = [(f"c{label}/{i}.jpg", int(label)) for i, label in enumerate(labels)]
+    fraction = float(rng.choice([0.1, 0.15, 0.2, 1 / 3]))
+    try:
+        rest, carved = train_test_split(entries, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError:
+        from pipeline.errors import DataError
+
+        with pytest.raises(DataError, match="Cannot carve a stratified"):
+            _stratified_split(entries, fraction, seed)
+        return
+    assert _stratified_split(entries, fraction, seed) == (sorted(rest), sorted(carved))
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_classification_metrics_are_scikit_learns(k):
+    from sklearn import metrics as skm
+
+    from pipeline.metrics import classification_metrics
+
+    rng = np.random.default_rng(k)
+    labels = rng.integers(0, k, 300)
+    labels[labels == k - 1] = 0  # a class absent from the labels
+    proba = rng.random((300, k)).astype(np.float32)
+    names = [f"c{i}" for i in range(k)]
+    got = classification_metrics(proba, labels, names)
+    predicted = proba.argmax(axis=1)
+    assert got["confusion_matrix"] == skm.confusion_matrix(labels, predicted, labels=range(k)).tolist()
+    want = skm.precision_recall_fscore_support(labels, predicted, labels=range(k), zero_division=0)
+    for name, p, r, f, n in zip(names, *want):
+        c = got["per_class"][name]
+        np.testing.assert_allclose([c["precision"], c["recall"], c["f1"], c["support"]], [p, r, f, n], atol=1e-12)

@@ -430,3 +430,45 @@ def test_fit_validates_hyperparameters(name, params, message):
     X, y = DATA[2]["train"]
     with pytest.raises(ConfigError, match=message):
         create_head(name, **params).fit(X, y)
+
+
+# ------------------------------------------------- the logistic head is scikit-learn's model
+@pytest.mark.parametrize("k,class_weight", [(2, None), (4, None), (4, "balanced")])
+@pytest.mark.parametrize("C", [0.01, 1.0])
+def test_logistic_head_is_scikit_learns_logistic_regression(k, class_weight, C):
+    """The same strictly convex objective, both solved to tol=1e-6: the same model within rounding."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    (X, y), (Xt, _) = DATA[k]["train"], DATA[k]["test"]
+    if class_weight:
+        X, y = X[(y > 0) | (np.arange(len(y)) % 3 == 0)], y[(y > 0) | (np.arange(len(y)) % 3 == 0)]
+    head = LogisticHead(C=C, class_weight=class_weight).fit(X, y)
+    scaler = StandardScaler().fit(X.astype(np.float64))
+    model = LogisticRegression(C=C, class_weight=class_weight, tol=1e-6, max_iter=1000).fit(
+        scaler.transform(X.astype(np.float64)), y)
+    want = model.predict_proba(scaler.transform(Xt.astype(np.float64)))
+    np.testing.assert_allclose(head.predict_proba(Xt), want, atol=1e-4)
+    assert head.params_["converged"] is True
+
+
+def test_a_logistic_head_saved_with_joblib_still_loads(fitted, tmp_path):
+    """Heads saved before head.npz hold a StandardScaler and a LogisticRegression in head.joblib."""
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    head = fitted("logistic", 4)
+    head.save(tmp_path)
+    (X, y), (Xt, _) = DATA[4]["train"], DATA[4]["test"]
+    scaler = StandardScaler().fit(X.astype(np.float64))
+    model = LogisticRegression(C=head.params_["C"], tol=1e-6, max_iter=1000).fit(
+        scaler.transform(X.astype(np.float64)), y)
+    joblib.dump({"scaler": scaler, "model": model}, tmp_path / "head.joblib")
+    (tmp_path / "head.npz").unlink()
+    record = json.loads((tmp_path / "head.json").read_text())
+    (tmp_path / "head.json").write_text(json.dumps({**record, "model_file": "head.joblib"}))
+    loaded = load_head(tmp_path)
+    want = model.predict_proba(scaler.transform(Xt.astype(np.float64)))
+    np.testing.assert_allclose(loaded.predict_proba(Xt), want, atol=1e-6)
+    np.testing.assert_allclose(numpy_layer(Xt, *loaded.dense_weights()), want, atol=1e-5)
