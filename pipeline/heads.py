@@ -341,6 +341,9 @@ class Head(abc.ABC):
         """Keras callbacks for `fit` that write into the run directory being assembled."""
         return None
 
+    def import_libraries(self) -> None:
+        """Imports the libraries `fit` needs, so that a run's phases tell imports from training."""
+
     @property
     def parameter_count(self) -> int:
         """Trainable parameters: what the head learns on the features."""
@@ -979,6 +982,9 @@ class DenseHead(Head):
     def default_views(cls, available: int) -> int:
         """Every view the file has: sampling one per example per epoch costs nothing extra."""
         return available
+
+    def import_libraries(self) -> None:
+        import keras  # noqa: F401  (TensorFlow with it: seconds)
 
     def training_callbacks(self, work_dir: Path) -> list[Any]:
         import keras

@@ -148,6 +148,8 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
     streamed = rows.nbytes * head.memory_copies > budget
     memory = {"budget_bytes": budget, "train_bytes": rows.nbytes, "streamed": streamed}
 
+    with phases("import libraries"):
+        head.import_libraries()
     with runs.assembling(run_dir) as work:
         fitting = time.perf_counter()
         if streamed:
