@@ -622,8 +622,9 @@ class LogisticHead(Head):
 
     If `C` is None, `fit` sweeps `Cs` from strongest to weakest regularization,
     warm-starting each fit from the previous solution, and keeps the C with the best
-    validation accuracy (ties: lower validation log-loss, then smaller C); the head
-    is then refitted from scratch on the training split with that C, so choosing
+    validation accuracy (ties: lower validation log-loss, then smaller C); the sweep's
+    products run in float32 (`_LogisticObjective.minimize`). The head
+    is then refitted from scratch, in float64, on the training split with that C, so choosing
     C=0.1 and passing C=0.1 give the same model. `params_["grid"]` records the
     scores of every C. Scaler statistics come from the training split only.
 
@@ -653,7 +654,7 @@ class LogisticHead(Head):
     model_file = "head.npz"
     libraries = ("numpy",)
     views_use = "stacked as rows"
-    memory_copies = 4  # measured 4.2: the rows, the standardized copy, the solver's working arrays
+    memory_copies = 5  # measured 4.2 before the sweep's float32 copy: the rows, the float64 copy, working arrays
 
     def __init__(
         self,
@@ -731,7 +732,8 @@ class LogisticHead(Head):
             theta = objective.start()
             sweep_start = time.perf_counter()
             for C in sorted(float(c) for c in np.atleast_1d(self.Cs)):
-                theta, n_iter, converged = objective.minimize(C, theta, tol=self.tol, max_iter=self.max_iter)
+                theta, n_iter, converged = objective.minimize(C, theta, tol=self.tol, max_iter=self.max_iter,
+                                                              sweep=True)
                 self.coef_, self.intercept_ = objective.unpack(theta)
                 accuracy, loss = _accuracy_and_log_loss(self._proba_scaled(Zv), yv)
                 grid.append({"C": C, "val_accuracy": accuracy, "val_log_loss": loss,
@@ -838,6 +840,7 @@ class _LogisticObjective:
 
     def __init__(self, Z: np.ndarray, y: np.ndarray, classes: np.ndarray, *, class_weight: str | None) -> None:
         self.Z = Z
+        self.Z32 = Z.astype(np.float32)  # the sweep's copy (`minimize(..., sweep=True)`)
         self.D = Z.shape[1]
         self.U = 1 if len(classes) == 2 else len(classes)
         codes = np.searchsorted(classes, y)  # 0..k-1 among the classes present
@@ -860,14 +863,23 @@ class _LogisticObjective:
         k = self.U * self.D
         return theta[:k].reshape(self.U, self.D).copy(), theta[k:].copy()
 
-    def minimize(self, C: float, theta: np.ndarray, *, tol: float, max_iter: int) -> tuple[np.ndarray, int, bool]:
-        lam = 1.0 / (C * self.sw_sum)
-        return _lbfgs(lambda t: self.loss_gradient(t, lam), theta, tol=tol, max_iter=max_iter)
+    def minimize(self, C: float, theta: np.ndarray, *, tol: float, max_iter: int,
+                 sweep: bool = False) -> tuple[np.ndarray, int, bool]:
+        """Minimizes at `C` from `theta`; returns (theta, iterations, converged).
 
-    def loss_gradient(self, theta: np.ndarray, lam: float) -> tuple[float, np.ndarray]:
+        `sweep`: the two products with the features in float32 (the rest in float64), 5x
+        faster on one core (measured at 2000 x 1280: the float32 copy stays in cache):
+        precise enough to rank C values (the same validation scores here as in float64),
+        not for the model that is kept, which is always fitted in float64.
+        """
+        lam = 1.0 / (C * self.sw_sum)
+        Z = self.Z32 if sweep else self.Z
+        return _lbfgs(lambda t: self.loss_gradient(t, lam, Z), theta, tol=tol, max_iter=max_iter)
+
+    def loss_gradient(self, theta: np.ndarray, lam: float, Z: np.ndarray) -> tuple[float, np.ndarray]:
         k = self.U * self.D
         W, b = theta[:k].reshape(self.U, self.D), theta[k:]
-        logits = self.Z @ W.T + b  # (N, U)
+        logits = (Z @ W.T.astype(Z.dtype)).astype(np.float64) + b  # (N, U)
         if self.U == 1:
             z = logits[:, 0]
             # log(1 + e^z) - t z, and its derivative sigmoid(z) - t, without overflow.
@@ -885,7 +897,7 @@ class _LogisticObjective:
             residual[rows, self.target] -= 1.0
             residual *= self.w[:, None]
         gradient = np.empty_like(theta)
-        gradient[:k] = (residual.T @ self.Z + lam * W).ravel()
+        gradient[:k] = ((residual.T.astype(Z.dtype) @ Z).astype(np.float64) + lam * W).ravel()
         gradient[k:] = residual.sum(axis=0)
         return loss + 0.5 * lam * float(W.ravel() @ W.ravel()), gradient
 
