@@ -160,11 +160,15 @@ def _features_file(args: argparse.Namespace) -> tuple[Path, dict]:
 
 
 def _cmd_head(args: argparse.Namespace) -> int:
-    from pipeline.train import train_head
+    from pipeline.phases import Phases
 
+    phases = Phases()  # the stage's own phases follow these two
+    with phases("stage imports"):
+        from pipeline.train import train_head
     config = config_of(HeadConfig, args)
-    path, key = _features_file(args)
-    run = train_head(path, config, expect=key)
+    with phases("resolve feature file"):
+        path, key = _features_file(args)
+    run = train_head(path, config, expect=key, phases=phases)
     return _report(args, run)
 
 

@@ -332,12 +332,15 @@ def _list_classes(directory: Path, root: Path, ignored: list[str]) -> dict[str, 
 
 
 def _list_images(directory: Path, root: Path, ignored: list[str]) -> list[str]:
+    # Plain strings per file, pathlib per folder: every no-op `make features` lists the tree.
     images = []
     for dirpath, dirnames, filenames in os.walk(directory):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        prefix = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if prefix == "." else prefix + "/"
         for name in sorted(filenames):
-            relative = (Path(dirpath) / name).relative_to(root).as_posix()
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            relative = prefix + name
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 ignored.append(relative)
             else:
                 images.append(relative)
@@ -386,7 +389,7 @@ def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]]) -> str:
     digest = hashlib.sha256()
     for split in sorted(files):
         for path, label in files[split]:
-            size = (root / path).stat().st_size
+            size = os.stat(os.path.join(root, path)).st_size
             digest.update(f"{split}\t{label}\t{path}\t{size}\n".encode())
     return "folder-sha256:" + digest.hexdigest()[:16]
 

@@ -312,6 +312,8 @@ class Head(BaseEstimator, abc.ABC):
     model_file: ClassVar[str]
     #: The libraries a saved head depends on; their versions are stored with it.
     libraries: ClassVar[tuple[str, ...]]
+    #: The modules `fit` imports (`import_libraries`).
+    fit_imports: ClassVar[tuple[str, ...]]
     #: How `fit` uses augmented views, in words for reports.
     views_use: ClassVar[str]
 
@@ -335,6 +337,13 @@ class Head(BaseEstimator, abc.ABC):
     def training_callbacks(self, work_dir: Path) -> list[Any] | None:
         """Keras callbacks for `fit` that write into the run directory being assembled."""
         return None
+
+    def import_libraries(self) -> None:
+        """Imports the libraries `fit` needs, so that a run's phases tell imports from training."""
+        import importlib
+
+        for library in self.fit_imports:
+            importlib.import_module(library)
 
     @property
     def parameter_count(self) -> int:
@@ -626,6 +635,7 @@ class LogisticHead(Head):
     name = "logistic"
     model_file = "head.joblib"
     libraries = ("numpy", "sklearn")
+    fit_imports = ("sklearn.linear_model", "sklearn.preprocessing")
     views_use = "stacked as rows"
     memory_copies = 4  # measured 4.2: the rows, the standardized copy, scikit-learn's working arrays
 
@@ -838,6 +848,7 @@ class DenseHead(Head):
     name = "dense"
     model_file = "head.keras"
     libraries = ("numpy", "keras")
+    fit_imports = ("keras",)  # TensorFlow with it: seconds
     views_use = "sampled per example per epoch"
 
     @classmethod

@@ -130,13 +130,15 @@ def read_image_file(path, size: int):
 
     For pictures people look at (top losses, contact sheets), not for the backbone: PIL
     needs no TensorFlow, so the logistic head's run and the audit stay quick.
-    `ImageOps.exif_transpose` applies the same orientation tag as `decode_image`.
+    `ImageOps.exif_transpose` applies the same orientation tag as `decode_image`. A JPEG
+    is decoded at the smallest DCT scale that still covers `size` (`Image.draft`).
     Raises OSError or ValueError for an unreadable file.
     """
     import numpy as np
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
+        image.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= size (~3x faster)
         upright = ImageOps.exif_transpose(image).convert("RGB")
     upright.thumbnail((size, size))
     return np.asarray(upright)

@@ -14,6 +14,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+#: zlib level 1 instead of Pillow's 6: a photo grid's PNG encodes ~3x faster for ~15% more bytes.
+_FAST_PNG = {"compress_level": 1}
+
 
 def learning_curves(history: Mapping[str, Sequence[float]], path: Path, *, marker: int | None = None,
                     marker_label: str = "start fine-tuning") -> Path:
@@ -74,16 +77,30 @@ def top_losses(images: Sequence[np.ndarray], true: Sequence[str], predicted: Seq
     """
     columns = min(4, max(1, len(images)))
     rows = max(1, math.ceil(len(images) / columns))
-    figure = Figure(figsize=(3 * columns, 3.4 * rows), layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, image, t, p, pp, pt, loss in zip(axes, images, true, predicted, p_predicted, p_true, losses):
-        ax.imshow(np.asarray(image).astype(np.uint8))
-        ax.set_title(f"pred: {p} ({pp:.2f})\ntrue: {t} ({pt:.2f})\nloss {loss:.2f}", fontsize=9,
-                     color="black" if p == t else "red")
-    figure.suptitle(title)
-    figure.savefig(path, dpi=100)
+    # One picture of all the tiles, drawn at its own pixel size (no axes: 16 of them with
+    # their ticks and constrained layout cost more than the drawing), the titles as figure
+    # text. Each image is centred in a `side`-pixel square under its 3-line title.
+    dpi = 100
+    side = max(160, max((max(np.shape(i)[:2]) for i in images), default=0))
+    gap, title_h, top = 15, 55, 45
+    cell_w, cell_h = side + 2 * gap, title_h + side + gap
+    width, height = columns * cell_w, top + rows * cell_h
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    figure = Figure(figsize=(width / dpi, height / dpi))
+    for n, (image, t, p, pp, pt, loss) in enumerate(zip(images, true, predicted, p_predicted, p_true, losses)):
+        image = np.asarray(image).astype(np.uint8)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        h, w = image.shape[:2]
+        x0 = (n % columns) * cell_w + gap + (side - w) // 2
+        y0 = top + (n // columns) * cell_h + title_h + (side - h) // 2
+        canvas[y0:y0 + h, x0:x0 + w] = image[..., :3]
+        figure.text((x0 + w / 2) / width, 1 - (y0 - 4) / height,
+                    f"pred: {p} ({pp:.2f})\ntrue: {t} ({pt:.2f})\nloss {loss:.2f}", fontsize=9,
+                    ha="center", va="bottom", color="black" if p == t else "red")
+    figure.figimage(canvas, origin="upper")
+    figure.suptitle(title, y=1 - 12 / height, va="top")
+    figure.savefig(path, dpi=dpi, pil_kwargs=_FAST_PNG)
     return path
 
 

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline import plots, runs
+from pipeline import runs
 from pipeline.config import FeaturesConfig, HeadConfig, parse_size
 from pipeline.data import stratified_rows
 from pipeline.errors import CacheError, DataError
@@ -45,6 +46,7 @@ from pipeline.heads import Head, head_class, load_head
 from pipeline.images import read_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
+from pipeline.phases import Phases
 from pipeline.runs import run_dir_for
 from pipeline.store import VIEWS_SPLIT, FeatureRows, FeatureSet, open_rows, read_features
 
@@ -53,12 +55,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HeadRun:
-    """A finished stage-2 run; `up_to_date` means it was found finished, not retrained."""
+    """A finished stage-2 run; `up_to_date` means it was found finished, not retrained.
+
+    `phases`: this process's seconds per phase of the stage (`pipeline.phases`), for
+    `bench/profile.md`; a run found up to date has only the phases it went through.
+    """
 
     run_dir: Path
     head: Head
     metrics: dict[str, Any]
     up_to_date: bool = False
+    phases: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         parts = [f"head: {self.head.name}" + (" (up to date, not retrained)" if self.up_to_date else "")]
@@ -76,7 +83,7 @@ class HeadRun:
     def record(self) -> dict[str, Any]:
         """The result as JSON (`--json`): what `make bench` reads instead of the summary line."""
         return {"stage": "head", "run_dir": str(self.run_dir), "head": self.head.name,
-                "up_to_date": self.up_to_date, "metrics": self.metrics}
+                "up_to_date": self.up_to_date, "metrics": self.metrics, "phases": dict(self.phases)}
 
 
 def memory_budget(config: HeadConfig) -> int:
@@ -88,7 +95,8 @@ def memory_budget(config: HeadConfig) -> int:
     return psutil.virtual_memory().total // 4
 
 
-def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None) -> HeadRun:
+def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None,
+               phases: Phases | None = None) -> HeadRun:
     """Fits `config.head` on the train split of `features_path` and writes its run directory.
 
     The train rows are read into memory when the head's `memory_copies` of them (as
@@ -97,20 +105,28 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
     `metrics.json` says which (`memory`). The lock on the run directory
     (`pipeline.locks.exclusive`) is held from the "is it up to date?" check to the
     rename: a second run of the same head waits, then finds the run finished.
+    `phases` (a caller's, to add its own phases before these) times the stage's phases.
     """
+    phases = phases if phases is not None else Phases()
     run_dir = run_dir_for(features_path, config)
+    waited = time.perf_counter()
     with exclusive(run_dir, what="run directory"):
-        return _train_head(features_path, config, run_dir, expect=expect)
+        phases.add("lock", time.perf_counter() - waited)
+        run = _train_head(features_path, config, run_dir, expect=expect, phases=phases)
+    return replace(run, phases=phases.record())
 
 
 def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
-                expect: Mapping[str, Any] | None) -> HeadRun:
-    cached = read_features(features_path, expect=expect, exclude=[VIEWS_SPLIT])  # train: block by block
-    used = _views_record(cached, config)
-    finished = _finished_run(run_dir, cached, config, used)
+                expect: Mapping[str, Any] | None, phases: Phases) -> HeadRun:
+    with phases("read features"):
+        cached = read_features(features_path, expect=expect, exclude=[VIEWS_SPLIT])  # train: block by block
+    with phases("up-to-date check"):
+        used = _views_record(cached, config)
+        finished = _finished_run(run_dir, cached, config, used)
     if finished:
         return finished
-    rows = _check_splits(cached)
+    with phases("read features"):
+        rows = _check_splits(cached)
     class_names = list(cached.class_names)
     validation = cached.splits["validation"]
     test = cached.splits.get("test")
@@ -132,7 +148,10 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
     streamed = rows.nbytes * head.memory_copies > budget
     memory = {"budget_bytes": budget, "train_bytes": rows.nbytes, "streamed": streamed}
 
+    with phases("import libraries"):
+        head.import_libraries()
     with runs.assembling(run_dir) as work:
+        fitting = time.perf_counter()
         if streamed:
             log.info("%d train rows x %d versions take %.2f GB as float32, %d times that over MEMORY_BUDGET "
                      "(%.2f GB): streaming them from %s", len(rows), rows.num_views + 1, rows.nbytes / 1e9,
@@ -140,11 +159,15 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
             head.fit_streamed(rows, validation.features, validation.labels, n_classes=len(class_names),
                               callbacks=head.training_callbacks(work), memory_budget=budget)
         else:
-            train, views = rows.load()
+            with phases("read features"):
+                train, views = rows.load()
+            fitting = time.perf_counter()
             head.fit(
                 train.features, train.labels, validation.features, validation.labels,
                 n_classes=len(class_names), callbacks=head.training_callbacks(work), views=views,
             )
+        phases.add("fit", time.perf_counter() - fitting)
+        evaluating = time.perf_counter()
         metrics = {
             "head": config.head,
             "features": str(features_path),
@@ -159,7 +182,10 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
         }
         if test is None:
             metrics["note"] = "no test split: validation metrics only"
-        _write_run(work, head, cached, config, metrics)
+        phases.add("evaluate", time.perf_counter() - evaluating)
+        _write_run(work, head, cached, config, metrics, phases)
+        finishing = time.perf_counter()
+    phases.add("finish", time.perf_counter() - finishing)  # the run directory moved into place
     return HeadRun(run_dir=run_dir, head=head, metrics=metrics)
 
 
@@ -224,29 +250,37 @@ def _check_splits(cached: FeatureSet) -> FeatureRows:
     return rows
 
 
-def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any]) -> None:
+def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any],
+               phases: Phases) -> None:
     class_names = list(cached.class_names)
-    head.save(work)
-    runs.write_records(work, class_names=class_names, metrics=metrics, config={
-        "features": cached.config, "features_key": cached.key, "features_path": str(cached.path),
-        "head": config.to_dict(), "views": metrics["views"], "exclude": metrics.get("exclude")})
+    with phases("save head"):
+        head.save(work)
+        runs.write_records(work, class_names=class_names, metrics=metrics, config={
+            "features": cached.config, "features_key": cached.key, "features_path": str(cached.path),
+            "head": config.to_dict(), "views": metrics["views"], "exclude": metrics.get("exclude")})
+    with phases("import matplotlib"):  # here, not at the top: an up-to-date run draws nothing
+        from pipeline import plots
     figures = []
     history = getattr(head, "history_", None)
     if history:
-        names = list(history)
-        runs.write_history(work, ["epoch", *names], [
-            {"epoch": epoch, **dict(zip(names, row))}
-            for epoch, row in enumerate(zip(*(history[n] for n in names)), start=1)])
-        figures.append(plots.learning_curves(history, work / runs.LEARNING_CURVES))
+        with phases("plot learning curves"):
+            names = list(history)
+            runs.write_history(work, ["epoch", *names], [
+                {"epoch": epoch, **dict(zip(names, row))}
+                for epoch, row in enumerate(zip(*(history[n] for n in names)), start=1)])
+            figures.append(plots.learning_curves(history, work / runs.LEARNING_CURVES))
     scored = "test" if metrics["test"] else "validation"
-    figures.append(plots.confusion_matrix(
-        metrics[scored]["confusion_matrix"], class_names, work / runs.CONFUSION_MATRIX,
-        title=f"{config.head} head, {scored} split",
-    ))
-    grid = _predictions_grid(head, cached, scored, config, work / runs.TOP_LOSSES)
+    with phases("plot confusion matrix"):
+        figures.append(plots.confusion_matrix(
+            metrics[scored]["confusion_matrix"], class_names, work / runs.CONFUSION_MATRIX,
+            title=f"{config.head} head, {scored} split",
+        ))
+    with phases("plot top losses"):  # reading its images included
+        grid = _predictions_grid(head, cached, scored, config, work / runs.TOP_LOSSES)
     if grid:
         figures.append(grid)
-    runs.write_report(work, report(metrics, class_names, [f.name for f in figures]))
+    with phases("report"):
+        runs.write_report(work, report(metrics, class_names, [f.name for f in figures]))
 
 
 def _predictions_grid(head: Head, cached: FeatureSet, split: str, config: HeadConfig, path: Path) -> Path | None:
