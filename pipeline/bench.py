@@ -198,7 +198,8 @@ def bench_features(
     from pipeline.extractor import build_extractor
     from pipeline.extract import compiled_forward
 
-    forward = compiled_forward(build_extractor(backbone, image_size=image_size, weights=weights), image_size)
+    forward = compiled_forward(build_extractor(backbone, image_size=image_size, weights=weights), image_size,
+                               batch_size)
 
     def measure_forward() -> float:
         return forward_throughput(forward, image_size=image_size, batch_size=batch_size, seconds=forward_seconds)
@@ -326,11 +327,13 @@ def head_table(result: dict[str, Any]) -> str:
 #: The full benchmark: the TensorFlow tutorial's setting (MobileNetV2 at 160 px,
 #: 10 epochs), with extraction also measured at 224 px (the product's default size).
 #: Extraction runs `extraction_repeats` times per image size on `extraction_sizes`
-#: images, each between two forward-pass measurements; `stage_repeats` is the number of
-#: logistic `head` processes and no-op `features` processes timed. About 12 minutes on 2 CPUs.
+#: images (all 3000: a run's fixed costs, about 0.5 s to build its input pipelines,
+#: weigh on a 1000-image run's ratio three times as much), each between two forward-pass
+#: measurements; `stage_repeats` is the number of logistic `head` processes and no-op
+#: `features` processes timed. About 13 minutes on 2 CPUs.
 FULL_SETTINGS: dict[str, Any] = {
     "backbone": "mobilenet_v2", "image_size": 160, "batch_size": 32, "epochs": 10,
-    "extraction_image_sizes": (160, 224), "extraction_sizes": (1000,), "extraction_repeats": 5,
+    "extraction_image_sizes": (160, 224), "extraction_sizes": (3000,), "extraction_repeats": 5,
     "forward_seconds": 5.0, "head_repeats": 3, "stage_repeats": 3,
 }
 #: Quick mode (CI, about a minute): the tiny backbone on generated images, 2 epochs.
@@ -356,7 +359,7 @@ TARGETS = {
 #: of stage-1 extraction and of one seed epoch (training and validation), seconds per
 #: process for start-up, imports, model build and writing outputs, and the seed
 #: workflow's extra fixed cost (its evaluations before and after, saving the model).
-_RATES = {"extract": 1 / 170, "seed_epoch": 386.6 / 10 / 3000, "process": 7.0, "light_process": 2.0,
+_RATES = {"extract": 1 / 180, "seed_epoch": 22.0 / 3000, "process": 6.0, "light_process": 2.5,
           "head_fits": 3.0, "seed_fixed": 40.0}
 
 
@@ -877,7 +880,7 @@ def calibrate_duplicates(features_path: Path, *, work_dir: Path, count: int = 30
             files[name].append(target)
     forward = compiled_forward(build_extractor(config.backbone, image_size=config.image_size,
                                                weights=config.weights_arg, pooling=config.pooling),
-                               config.image_size)
+                               config.image_size, config.batch_size)
 
     def features_of(paths: Sequence[Path]) -> np.ndarray:
         import tensorflow as tf

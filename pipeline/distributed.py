@@ -162,7 +162,7 @@ class ExtractionWorker:
         except PipelineError as err:
             self._error = err
             return
-        self.forward = compiled_forward(model, config.image_size)
+        self.forward = compiled_forward(model, config.image_size, config.batch_size)
 
     def ready(self) -> dict[str, Any]:
         """Where this worker runs; answering at all means the backbone is built."""

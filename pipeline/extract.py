@@ -283,7 +283,7 @@ class LocalEngine:
                 mixed_precision=config.mixed_precision,
             )
         with phases("trace forward pass"):
-            forward = compiled_forward(model, config.image_size)
+            forward = compiled_forward(model, config.image_size, config.batch_size)
         yield LocalRunner(forward, config, phases)
 
 
@@ -468,12 +468,14 @@ class Forward:
         return self.fn(images)
 
 
-def compiled_forward(model, image_size: int) -> Forward:
-    """The backbone as one traced graph for every batch size, warmed up.
+def compiled_forward(model, image_size: int, batch_size: int) -> Forward:
+    """The backbone as one traced graph for every batch size, warmed up at `batch_size`.
 
     The batch dimension is left open so a split's last, smaller batch reuses the
-    graph instead of tracing another; the warm-up call pays for the trace before any
-    timing starts, as it does for the benchmark's bare forward pass.
+    graph instead of tracing another. The warm-up call pays for the trace and for
+    the kernels oneDNN builds for each input shape (a tenth of a second and more
+    for MobileNetV2 on a CPU) before the first batch, as the benchmark's bare forward
+    pass does before its timing starts.
     """
     import tensorflow as tf
 
@@ -481,7 +483,7 @@ def compiled_forward(model, image_size: int) -> Forward:
     def forward(images):
         return model(images, training=False)
 
-    forward(tf.zeros((1, image_size, image_size, 3))).numpy()
+    forward(tf.zeros((batch_size, image_size, image_size, 3))).numpy()
     schedule = input_schedule()
     log.info("input schedule: %s", schedule.name)
     return Forward(forward, schedule)
@@ -500,9 +502,10 @@ def feature_batches(
     engine over a whole split, a Ray worker over one of its shards.
     """
     phases = phases or Phases()
-    batches = iter(image_batches(
-        split, start=start, stop=stop, image_size=image_size, batch_size=batch_size, schedule=forward.schedule,
-    ))
+    with phases("build input pipeline"):
+        batches = iter(image_batches(
+            split, start=start, stop=stop, image_size=image_size, batch_size=batch_size, schedule=forward.schedule,
+        ))
     while True:
         with phases("decode"):  # with the overlap schedule: the wait for decoded images
             batch = next(batches, None)
