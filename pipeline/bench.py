@@ -782,7 +782,23 @@ PHASE_NOTES = {
     "decode": "waiting for each batch: reading, decoding and resizing (in bursts on a CPU)",
     "forward": "the backbone on each batch",
     "write": "appending each batch to the HDF5 file, flushed",
+    "build input pipeline": "tf.data pipelines, one per split (the first one also starts tf.data)",
     "finish file": "the finished, compressed copy of the partial file, and the rename",
+    "stage imports": "pipeline.train and what it imports: h5py, scikit-learn's base classes",
+    "resolve feature file": "the feature file's path and key, as `features` computes them",
+    "lock": "waiting for the run directory's lock",
+    "read features": "validation and test rows, then the train rows",
+    "up-to-date check": "is a finished run of this head on these features there already?",
+    "import libraries": "what the head's fit needs (scikit-learn's linear models; Keras)",
+    "fit": "training, with the logistic head's sweep over C",
+    "evaluate": "validation and test metrics",
+    "save head": "the fitted head",
+    "import matplotlib": "",
+    "plot confusion matrix": "",
+    "plot top losses": "reading the 16 thumbnails (PIL) and drawing the grid",
+    "plot learning curves": "",
+    "report": "report.md",
+    "finish": "the run directory moved into place",
 }
 
 
