@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,8 +444,6 @@ def input_schedule() -> InputSchedule:
 
 def _cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers and Ray set)."""
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
