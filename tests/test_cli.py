@@ -107,18 +107,21 @@ _KERAS_PROBE = """
 import json, sys
 from pipeline.cli import main
 code = main(sys.argv[1:])
-loaded = {m: m in sys.modules for m in ("tensorflow", "sklearn")}
-import sklearn.linear_model  # the tool's own imports still get scikit-learn
+loaded = {m: m in sys.modules for m in ("tensorflow", "sklearn", "matplotlib")}
+import sklearn.linear_model  # the tool's own imports still get both
+import matplotlib.figure
 print(json.dumps({"code": code, **loaded}))
 """
 
 
-def test_keras_is_imported_without_scikit_learn_which_stays_importable(tmp_path):
-    """Keras's optional scikit-learn wrappers would import it (0.8 s) in every TensorFlow command."""
+def test_keras_is_imported_without_scikit_learn_or_matplotlib_which_stay_importable(tmp_path):
+    """Keras's optional scikit-learn wrappers and plotting helpers would import both (1.2 s)
+    in every TensorFlow command."""
     folder = make_folder(tmp_path / "images", 4, layout="presplit")
     flags = ["features", "--data-dir", str(folder), "--backbone", "tiny", "--weights", "none",
              "--features-dir", str(tmp_path / "features"), "--no-progress"]
     done = subprocess.run([sys.executable, "-c", _KERAS_PROBE, *flags], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 0, "tensorflow": True, "sklearn": False}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "code": 0, "tensorflow": True, "sklearn": False, "matplotlib": False}

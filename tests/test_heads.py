@@ -229,6 +229,24 @@ def test_logistic_records_chosen_c(fitted):
     assert params["converged"] is True and params["sweep_seconds"] > 0
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_the_float32_sweep_scores_each_c_as_a_float64_fit_does(fitted, k):
+    """The sweep runs in float32 for speed; its scores must rank C as float64 fits would."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    head = fitted("logistic", k)
+    (X, y), (Xv, yv) = DATA[k]["train"], DATA[k]["val"]
+    scaler = StandardScaler().fit(X.astype(np.float64))
+    Z, Zv = scaler.transform(X.astype(np.float64)), scaler.transform(Xv.astype(np.float64))
+    for g in head.params_["grid"]:
+        model = LogisticRegression(C=g["C"], tol=head.tol, max_iter=head.max_iter).fit(Z, y)
+        proba = model.predict_proba(Zv)
+        assert g["val_accuracy"] == pytest.approx(float(np.mean(proba.argmax(axis=1) == yv)))
+        expected_loss = -float(np.mean(np.log(proba[np.arange(len(yv)), yv])))
+        assert g["val_log_loss"] == pytest.approx(expected_loss, rel=1e-2, abs=1e-4)
+
+
 def test_logistic_refit_equals_explicit_c(fitted):
     chosen = fitted("logistic", 4)
     X, y = DATA[4]["train"]
