@@ -30,5 +30,9 @@ class LockError(PipelineError):
     """An output whose lock file cannot be taken (a filesystem without locks, permissions)."""
 
 
+class NotFittedError(PipelineError, ValueError, AttributeError):
+    """A head used before `fit` (the bases of scikit-learn's exception of that name)."""
+
+
 class WorkerError(PipelineError):
     """Work that failed on every try on a cluster's workers (ENGINE=ray)."""

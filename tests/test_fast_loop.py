@@ -72,6 +72,24 @@ def test_a_logistic_head_run_imports_no_tensorflow_plots_included(extracted):
     assert {"top_losses.png", "confusion_matrix.png", "report.md", "head.joblib"} <= {p.name for p in run.iterdir()}
 
 
+def test_a_dense_head_run_imports_no_scikit_learn(extracted):
+    """Heads are not scikit-learn estimators by class: the dense head never pays its import (0.8 s)."""
+    root, flags = extracted
+    result = _run(["head", *flags, "--runs-dir", str(root / "dense-runs"), "--head", "dense", "--epochs", "2"])
+    assert result == {"code": 0, "heavy": ["keras", "tensorflow"]}
+
+
+def test_a_head_is_still_a_scikit_learn_estimator_in_shape():
+    from sklearn.base import clone
+
+    from pipeline.heads import LogisticHead
+
+    head = LogisticHead(C=0.5, max_iter=50)
+    copy = clone(head)
+    assert copy is not head and copy.get_params() == head.get_params()
+    assert copy.get_params()["C"] == 0.5 and repr(copy).startswith("LogisticHead(C=0.5, ")
+
+
 def test_a_head_run_reports_its_phases(extracted, tmp_path):
     root, flags = extracted
     result = _run(["head", *flags, "--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "run.json")])

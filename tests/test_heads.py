@@ -12,10 +12,10 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import balanced_accuracy_score
 
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, NotFittedError
 from pipeline.heads import (
     ABSENT_CLASS_LOGIT,
     DEFAULT_CS,
