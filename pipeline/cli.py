@@ -588,13 +588,11 @@ class KerasWithoutOptionalImports:
 
     def find_spec(self, name, path=None, target=None):
         package = name.partition(".")[0]
-        if any(package in packages for packages in self.refused.values()):
-            importer = self._importer()
-            for prefix, packages in self.refused.items():
-                if package in packages and importer.startswith(prefix):
-                    raise ModuleNotFoundError(
-                        f"No module named {name!r} for {prefix} (pipeline.cli.KerasWithoutOptionalImports)"
-                    )
+        for prefix, packages in self.refused.items():
+            if package in packages and self._importer().startswith(prefix):
+                raise ModuleNotFoundError(
+                    f"No module named {name!r} for {prefix} (pipeline.cli.KerasWithoutOptionalImports)"
+                )
         return None
 
     @staticmethod

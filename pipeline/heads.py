@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
+
 from pipeline.errors import ConfigError, DataError, NotFittedError
 from pipeline.metrics import accuracy, log_loss, probabilities
 
