@@ -452,6 +452,7 @@ def _records(split: SplitSource, start: int, stop: int | None):
     return records if stop is None else records.take(max(0, stop - start))
 
 
+@dataclass(frozen=True)
 class Forward:
     """The backbone as one traced graph, and the input schedule for the device it runs on.
 
@@ -459,9 +460,8 @@ class Forward:
     `view_batches` need to feed it (see `InputSchedule`).
     """
 
-    def __init__(self, fn, schedule: InputSchedule) -> None:
-        self.fn = fn
-        self.schedule = schedule
+    fn: Any
+    schedule: InputSchedule
 
     def __call__(self, images):
         return self.fn(images)
