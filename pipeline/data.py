@@ -7,7 +7,10 @@ positions make resumption and sharding exact: shard I of N holds the positions
 p with p % N == I, and a resumed run restarts at a position, never at a guess.
 
 TensorFlow is imported inside the functions that need it: a no-op rerun (features
-already cached) only scans the folder and should not pay TensorFlow's import.
+already cached) only scans the folder and should not pay TensorFlow's import. The
+functions handed to tf.data hold no Python control flow, so they are traced as
+written (`do_not_convert`): autograph's conversion cost the first pipeline of a run
+a tenth of a second.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ class SplitSource:
             first = int(chosen[start]) // num_shards if start < len(chosen) else self.size
             # Read no further than the last chosen record: a shard of a large split costs its own length.
             stop = int(chosen[-1]) // num_shards + 1 if start < len(chosen) else first
-            return base(first).take(stop - first).filter(lambda r: tf.gather(mask, r["index"]))
+            return base(first).take(stop - first).filter(
+                tf.autograph.experimental.do_not_convert(lambda r: tf.gather(mask, r["index"]))
+            )
 
         return dataclasses.replace(self, size=len(chosen), records=records)
 
@@ -443,7 +448,9 @@ def _folder_records(root: Path, entries, shard_index: int, num_shards: int):
             }
         )
         return ds.map(
-            lambda r: {"image": tf.io.read_file(r["path"]), **{k: r[k] for k in ("label", "id", "index")}},
+            tf.autograph.experimental.do_not_convert(
+                lambda r: {"image": tf.io.read_file(r["path"]), **{k: r[k] for k in ("label", "id", "index")}}
+            ),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
@@ -564,15 +571,15 @@ def _tfds_records(builder, spec, image_key, label_key, name, shard_index, num_sh
 
         ds = _tfds_dataset(builder, spec, image_key, name).enumerate()
         if num_shards > 1:
-            ds = ds.filter(lambda i, _: i % num_shards == shard_index)
+            ds = ds.filter(tf.autograph.experimental.do_not_convert(lambda i, _: i % num_shards == shard_index))
         ds = ds.skip(start)
         return ds.map(
-            lambda i, ex: {
+            tf.autograph.experimental.do_not_convert(lambda i, ex: {
                 "image": ex[image_key],
                 "label": tf.cast(ex[label_key], tf.int64),
                 "id": ex["tfds_id"],
                 "index": i,
-            },
+            }),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )

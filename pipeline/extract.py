@@ -412,7 +412,9 @@ class InputSchedule:
     passes (a fixed parallel map, no prefetch), which costs decoding's CPU time divided
     by the cores and nothing more. Measured on 2 cores, MobileNetV2 (bench/profile.md):
     overlap ran at 0.56-0.97 of the bare forward pass from one run to the next, bursts
-    at 0.89-1.06.
+    at 0.89-1.06. Decoding ahead on threads lowered to SCHED_IDLE, which run only in
+    the backbone's gaps, gained 2-5 points on an idle machine but ran 10x slower than
+    bursts beside two busy processes (8 against 78 img/s), so it is not offered.
     """
 
     name: str
@@ -422,6 +424,9 @@ class InputSchedule:
         """`records` mapped by `fn`, unreadable images dropped, batched on this schedule."""
         import tensorflow as tf
 
+        # `fn` holds no Python control flow: tracing it as written skips autograph's
+        # conversion of it and its callees, a tenth of a second at a run's first pipeline.
+        fn = tf.autograph.experimental.do_not_convert(fn)
         if self.overlap:
             ds = records.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             return ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
