@@ -483,7 +483,8 @@ def compiled_forward(model, image_size: int, batch_size: int) -> Forward:
     """
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
+    # No Python control flow: traced as written, without autograph (0.02-0.03 s).
+    @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)], autograph=False)
     def forward(images):
         return model(images, training=False)
 

@@ -204,3 +204,16 @@ def test_real_mobilenet_v2_features_separate_cats_from_dogs(real_features):
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
     accuracy = probe.fit(train.features, train.labels).score(val.features, val.labels)
     assert accuracy >= 0.985, accuracy
+
+
+def test_stage_1_traces_its_functions_without_autograph(image_folder, tmp_path, monkeypatch):
+    """The input pipeline's functions and the forward pass have no Python control flow; converting
+    them cost a run 0.2 s. A sharded run covers the shard filter too."""
+    from tensorflow.python.autograph.impl import api
+
+    converted = []
+    convert = api._convert_actual
+    monkeypatch.setattr(api, "_convert_actual", lambda entity, *a, **k: converted.append(entity) or convert(entity, *a, **k))
+    result = extract_features(tiny_config(image_folder, tmp_path, num_shards=2, shard_index=1), progress=False)
+    assert result.images > 0
+    assert converted == []
