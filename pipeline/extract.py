@@ -414,7 +414,10 @@ class InputSchedule:
     overlap ran at 0.56-0.97 of the bare forward pass from one run to the next, bursts
     at 0.89-1.06. Decoding ahead on threads lowered to SCHED_IDLE, which run only in
     the backbone's gaps, gained 2-5 points on an idle machine but ran 10x slower than
-    bursts beside two busy processes (8 against 78 img/s), so it is not offered.
+    bursts beside two busy processes (8 against 78 img/s), so it is not offered. Raising
+    those threads while the backbone waits for them does not save it: Linux's fair
+    scheduler queues them behind the busy processes (0.86 against 1.03 of the forward
+    pass), and raising a thread's priority needs CAP_SYS_NICE.
     """
 
     name: str
