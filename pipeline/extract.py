@@ -217,7 +217,7 @@ def _extract(config: FeaturesConfig, key: dict[str, Any], path: Path, *, views: 
                     skipped[split.name] = _skipped(split, writer, config)
                 if skipped[split.name]:
                     for item in skipped[split.name]:
-                        log.warning("skipped %s/%s: %s", split.name, item["id"], item["reason"])
+                        log.warning("skipped %s (split %s): %s", item["id"], split.name, item["reason"])  # the id as found on disk
                     if config.strict:
                         raise DataError(
                             f"{len(skipped[split.name])} image(s) of split '{split.name}' could not be "

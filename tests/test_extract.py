@@ -108,8 +108,11 @@ def awkward_folder(tmp_path):
     return root
 
 
-def test_unreadable_images_are_skipped_and_reported_the_rest_converted(awkward_folder, tmp_path):
-    result = extract_features(tiny_config(awkward_folder, tmp_path), progress=False)
+def test_unreadable_images_are_skipped_and_reported_the_rest_converted(awkward_folder, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="pipeline.extract"):
+        result = extract_features(tiny_config(awkward_folder, tmp_path), progress=False)
+    # The warning names the file by its path under the folder (a split folder's name is in it once).
+    assert any(r.getMessage().startswith("skipped cat/truncated.jpg (split ") for r in caplog.records)
     cached = read_features(result.path)
     stored = {i for s in cached.splits.values() for i in s.ids}
     skipped = {item["id"]: item["reason"] for s in cached.split_attrs.values() for item in s["skipped"]}
