@@ -56,7 +56,7 @@ FEATURE_FLAGS = $(call options,$(DATA_OPTIONS) $(FEATURES_OPTIONS))
 STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
-.PHONY: help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all clean-venv
+.PHONY: lint help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -126,6 +126,10 @@ backbones: $(VENV)/.installed ## list the registered backbones
 
 test: $(VENV)/.installed ## run the test suite (real-asset tests skip when SHARED is absent)
 	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed ## check formatting, imports and style with ruff (line length 120)
+	$(PY) -m ruff check pipeline tests
+	$(PY) -m ruff format --check pipeline tests
 
 test-all: $(VENV)/.installed ## the test suite including slow tests
 	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --runslow $(PYTEST_ARGS)

@@ -27,12 +27,14 @@ def augmentation_layers(config: AugmentConfig, *, seed: int):
     if config.zoom:
         layers.append(keras.layers.RandomZoom(config.zoom, seed=seed + 2, name="zoom"))
     if config.translation:
-        layers.append(keras.layers.RandomTranslation(
-            config.translation, config.translation, seed=seed + 3, name="translation"))
+        layers.append(
+            keras.layers.RandomTranslation(config.translation, config.translation, seed=seed + 3, name="translation")
+        )
     if config.contrast:
         # value_range matches the raw 0-255 pixels the backbone's preprocessing expects.
-        layers.append(keras.layers.RandomContrast(
-            config.contrast, value_range=(0, 255), seed=seed + 4, name="contrast"))
+        layers.append(
+            keras.layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 4, name="contrast")
+        )
     if not layers:
         layers.append(keras.layers.Identity(name="identity"))
     return keras.Sequential(layers, name="augmentation")
@@ -70,8 +72,7 @@ def example_augmenter(config: AugmentConfig, *, seed: int):
     import tensorflow as tf
 
     layers = [
-        layer for layer in augmentation_layers(config, seed=seed).layers
-        if not isinstance(layer, keras.layers.Identity)
+        layer for layer in augmentation_layers(config, seed=seed).layers if not isinstance(layer, keras.layers.Identity)
     ]
 
     class _Draws(keras.random.SeedGenerator):
@@ -93,8 +94,9 @@ def example_augmenter(config: AugmentConfig, *, seed: int):
             return value
 
     def augment(image, view: int, position):
-        draws = _Draws(tf.stack([tf.constant(view_seed(seed, view), tf.int64),
-                                 tf.cast(position, tf.int64) * VIEW_DRAW_STRIDE]))
+        draws = _Draws(
+            tf.stack([tf.constant(view_seed(seed, view), tf.int64), tf.cast(position, tf.int64) * VIEW_DRAW_STRIDE])
+        )
         images = image[None]
         for layer in layers:
             transformation = layer.get_random_transformation(images, training=True, seed=draws)

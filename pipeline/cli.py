@@ -12,10 +12,11 @@ import dataclasses
 import logging
 import os
 import sys
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-import typing
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pipeline.config import (
     SECTIONS,
@@ -61,11 +62,13 @@ def _parse_bool(text: str) -> bool:
 def _parser_of(kind: Any, opt) -> Any:
     """The text -> value function of a field: the option's own, else its type (`int | None` -> int)."""
     if opt.parse is not None:
+
         def parse(text: str) -> Any:
             try:
                 return opt.parse(text)
             except ValueError as err:
                 raise argparse.ArgumentTypeError(str(err)) from None
+
         return parse
     args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
     return args[0]
@@ -89,11 +92,18 @@ def _add_options(parser: argparse.ArgumentParser, sections: Sequence[str]) -> No
             help_text = f"{opt.help} ({opt.make_variable}; default: {shown}{extra})".replace("%", "%%")
             flags = [opt.flag, *_ALIASES.get(opt.name, ())]
             if hints[name] is bool:
-                group.add_argument(*flags, dest=opt.name, nargs="?", const=True, type=_parse_bool, default=None,
-                                   help=help_text)
+                group.add_argument(
+                    *flags, dest=opt.name, nargs="?", const=True, type=_parse_bool, default=None, help=help_text
+                )
             else:
-                group.add_argument(*flags, dest=opt.name, type=_parser_of(hints[name], opt), default=None,
-                                   metavar=opt.make_variable, help=help_text)
+                group.add_argument(
+                    *flags,
+                    dest=opt.name,
+                    type=_parser_of(hints[name], opt),
+                    default=None,
+                    metavar=opt.make_variable,
+                    help=help_text,
+                )
 
 
 def _shown_default(f: dataclasses.Field, *, bool_field: bool, invert: bool) -> str:
@@ -127,7 +137,8 @@ def config_of(cls: type, args: argparse.Namespace):
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
-    from pipeline.extract import extract_features, get_engine, resolve
+    from pipeline.features.engines import get_engine
+    from pipeline.features.extract import extract_features, resolve
 
     config = config_of(FeaturesConfig, args)
     if args.print_path:
@@ -154,7 +165,7 @@ def _report(args: argparse.Namespace, result) -> int:
 
 def _features_file(args: argparse.Namespace) -> tuple[Path, dict]:
     """The feature file the flags describe (or --features), and the key it must have."""
-    from pipeline.extract import resolve
+    from pipeline.features.extract import resolve
 
     _, key, path = resolve(config_of(FeaturesConfig, args))
     return (Path(args.features) if args.features else path), key
@@ -165,7 +176,7 @@ def _cmd_head(args: argparse.Namespace) -> int:
 
     phases = Phases()  # the stage's own phases follow these two
     with phases("stage imports"):
-        from pipeline.train import train_head
+        from pipeline.heads.train import train_head
     config = config_of(HeadConfig, args)
     with phases("resolve feature file"):
         path, key = _features_file(args)
@@ -213,17 +224,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from pipeline.finetune import finetune
+    from pipeline.finetune.train import finetune
 
-    run = finetune(config_of(FeaturesConfig, args), config_of(HeadConfig, args), config_of(FinetuneConfig, args),
-                   head_run=Path(args.run_dir) if args.run_dir else None, progress=not args.no_progress,
-                   make_head=args.make_head)
+    run = finetune(
+        config_of(FeaturesConfig, args),
+        config_of(HeadConfig, args),
+        config_of(FinetuneConfig, args),
+        head_run=Path(args.run_dir) if args.run_dir else None,
+        progress=not args.no_progress,
+        make_head=args.make_head,
+    )
     return _report(args, run)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.compare import ROWS, compare
-    from pipeline.extract import resolve
+    from pipeline.features.extract import resolve
 
     features = config_of(FeaturesConfig, args)
     if args.out:
@@ -232,15 +248,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         resolved = resolve(features)[0]
         few = f"__{args.train_per_class}-per-class" if args.train_per_class else ""
         out = Path("compare") / f"{resolved.data.name}__{resolved.backbone}__{resolved.image_size}px{few}"
-    result = compare(features, config_of(HeadConfig, args), config_of(FinetuneConfig, args), out_dir=out,
-                     rows=[r for r in args.rows.split(",") if r] if args.rows else ROWS, progress=not args.no_progress)
+    result = compare(
+        features,
+        config_of(HeadConfig, args),
+        config_of(FinetuneConfig, args),
+        out_dir=out,
+        rows=[r for r in args.rows.split(",") if r] if args.rows else ROWS,
+        progress=not args.no_progress,
+    )
     print(result.table)
     print(f"compare: {', '.join(str(f) for f in result.files)}")
     return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from pipeline.audit import audit_features
+    from pipeline.audit.findings import audit_features
 
     config = config_of(AuditConfig, args)
     path, key = _features_file(args)
@@ -250,7 +272,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from pipeline.store import merge_shards
+    from pipeline.features.store import merge_shards
 
     out = merge_shards([Path(p) for p in args.shards], Path(args.output))
     print(f"merge: {len(args.shards)} shards -> {out}")
@@ -258,7 +280,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
-    from pipeline.backbones import get_backbone, list_backbones
+    from pipeline.features.backbones import get_backbone, list_backbones
 
     print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  preprocessing")
     for name in list_backbones():
@@ -270,16 +292,22 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 def _cmd_bench_features(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pipeline.bench import bench_features, features_table, write_results
+    from pipeline.bench.endtoend import bench_features, features_table, write_results
 
     if not Path(args.data_dir).is_dir():
         raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA).")
     weights = None if args.weights.lower() == "none" else args.weights
     with tempfile.TemporaryDirectory(prefix="bench-features-") as work:
         result = bench_features(
-            data_dir=Path(args.data_dir), weights=weights, work_dir=Path(work), backbone=args.backbone,
-            image_size=args.image_size, batch_size=args.batch_size, sizes=args.sizes,
-            repeats=args.repeats, forward_seconds=args.forward_seconds,
+            data_dir=Path(args.data_dir),
+            weights=weights,
+            work_dir=Path(work),
+            backbone=args.backbone,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            sizes=args.sizes,
+            repeats=args.repeats,
+            forward_seconds=args.forward_seconds,
         )
     table = features_table(result)
     paths = write_results(result, table, Path(args.out), "features")
@@ -289,7 +317,7 @@ def _cmd_bench_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_head(args: argparse.Namespace) -> int:
-    from pipeline.bench import bench_head, head_table, write_results
+    from pipeline.bench.endtoend import bench_head, head_table, write_results
 
     path, _ = _features_file(args)
     result = bench_head(path, repeats=args.repeats, seed=config_of(FeaturesConfig, args).seed)
@@ -303,17 +331,20 @@ def _cmd_bench_head(args: argparse.Namespace) -> int:
 def _cmd_bench_audit(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pipeline.bench import audit_table, bench_audit, calibrate_duplicates, write_results
+    from pipeline.bench.endtoend import audit_table, bench_audit, calibrate_duplicates, write_results
 
     path = None if args.no_calibration else _features_file(args)[0]
     if path is not None and not path.is_file():
-        raise ConfigError(f"The calibration needs the features of a real image folder. Received: {path} (missing). "
-                          "Run `make features` with the same variables, or pass --no-calibration.")
+        raise ConfigError(
+            f"The calibration needs the features of a real image folder. Received: {path} (missing). "
+            "Run `make features` with the same variables, or pass --no-calibration."
+        )
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as work:
         result = bench_audit(work_dir=Path(work), sizes=args.sizes)
         if path is not None:
-            result["calibration"] = calibrate_duplicates(path, work_dir=Path(work) / "planted", count=args.planted,
-                                                         seed=config_of(FeaturesConfig, args).seed)
+            result["calibration"] = calibrate_duplicates(
+                path, work_dir=Path(work) / "planted", count=args.planted, seed=config_of(FeaturesConfig, args).seed
+            )
     table = audit_table(result)
     paths = write_results(result, table, Path(args.out), "audit")
     print(table)
@@ -324,17 +355,26 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pipeline import bench
+    from pipeline.bench import endtoend as bench
 
     settings = dict(bench.QUICK_SETTINGS if args.quick else bench.FULL_SETTINGS)
-    given = {"backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
-             "epochs": args.epochs, "extraction_image_sizes": args.extraction_image_sizes,
-             "extraction_sizes": args.extraction_sizes, "extraction_repeats": args.extraction_repeats,
-             "forward_seconds": args.forward_seconds, "head_repeats": args.head_repeats,
-             "stage_repeats": args.stage_repeats}
+    given = {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "extraction_image_sizes": args.extraction_image_sizes,
+        "extraction_sizes": args.extraction_sizes,
+        "extraction_repeats": args.extraction_repeats,
+        "forward_seconds": args.forward_seconds,
+        "head_repeats": args.head_repeats,
+        "stage_repeats": args.stage_repeats,
+    }
     if args.quick and any(v is not None for v in (args.data_dir, args.weights, args.backbone, args.image_size)):
-        raise ConfigError("Quick mode (BENCH_QUICK=1) generates its images and uses the tiny backbone: drop "
-                          "--data-dir/--weights/--backbone/--image-size (BENCH_DATA/BENCH_WEIGHTS), or drop --quick.")
+        raise ConfigError(
+            "Quick mode (BENCH_QUICK=1) generates its images and uses the tiny backbone: drop "
+            "--data-dir/--weights/--backbone/--image-size (BENCH_DATA/BENCH_WEIGHTS), or drop --quick."
+        )
     settings.update({k: v for k, v in given.items() if v is not None})
     out = Path(args.out or ("bench/quick" if args.quick else "bench"))
     if not args.quick:
@@ -350,11 +390,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         else:
             data_dir = Path(args.data_dir)
         minutes = bench.expected_seconds(bench.count_images(data_dir), settings) / 60
-        print(f"bench: {'quick mode, ' if args.quick else ''}{settings['backbone']} at {settings['image_size']} px, "
-              f"{settings['epochs']} seed epochs; expected duration about {max(minutes, 1):.0f} min on 2 CPUs "
-              "(less with more cores or a GPU)", flush=True)
-        result = bench.bench_pipeline(data_dir=data_dir, weights=str(weights), work_dir=Path(work),
-                                      quick=args.quick, **settings)
+        print(
+            f"bench: {'quick mode, ' if args.quick else ''}{settings['backbone']} at {settings['image_size']} px, "
+            f"{settings['epochs']} seed epochs; expected duration about {max(minutes, 1):.0f} min on 2 CPUs "
+            "(less with more cores or a GPU)",
+            flush=True,
+        )
+        result = bench.bench_pipeline(
+            data_dir=data_dir, weights=str(weights), work_dir=Path(work), quick=args.quick, **settings
+        )
     table = bench.pipeline_table(result)
     paths = bench.write_results(result, table, out, "results")
     profile = out / "profile.md"
@@ -370,26 +414,47 @@ SCALE_PARTS = ("engines", "driver", "extraction", "heads")
 def _cmd_bench_scale(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pipeline.scale import bench_scale
+    from pipeline.bench.scale import bench_scale
 
     parts = tuple(p for p in args.parts.split(",") if p)
     unknown = sorted(set(parts) - set(SCALE_PARTS))
     if unknown:
-        raise ConfigError(f"Unknown bench-scale parts: {', '.join(unknown)}. "
-                          f"Expected some of: {', '.join(SCALE_PARTS)}.")
+        raise ConfigError(
+            f"Unknown bench-scale parts: {', '.join(unknown)}. Expected some of: {', '.join(SCALE_PARTS)}."
+        )
     if "engines" in parts and not Path(args.data_dir or "").is_dir():
         raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA).")
     settings = {
-        "engines": {"data_dir": Path(args.data_dir or "."), "weights": args.weights, "backbone": args.backbone,
-                    "image_size": args.image_size, "batch_size": args.batch_size, "workers": tuple(args.workers),
-                    "repeats": args.repeats},
-        "driver": {"rows": args.driver_rows, "dim": args.driver_dim, "batch_size": args.batch_size,
-                   "workers": tuple(args.workers), "shard_size": args.ray_shard_size},
-        "extraction": {"sizes": tuple(args.extraction_sizes), "backbone": args.extraction_backbone,
-                       "image_size": args.extraction_image_size, "batch_size": args.batch_size},
-        "heads": {"rows": tuple(args.head_rows), "dim": args.head_dim, "epochs": args.head_epochs,
-                  "in_memory_max": args.in_memory_max, "stream_budget": args.stream_budget,
-                  "logistic_rows": tuple(args.logistic_rows)},
+        "engines": {
+            "data_dir": Path(args.data_dir or "."),
+            "weights": args.weights,
+            "backbone": args.backbone,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "workers": tuple(args.workers),
+            "repeats": args.repeats,
+        },
+        "driver": {
+            "rows": args.driver_rows,
+            "dim": args.driver_dim,
+            "batch_size": args.batch_size,
+            "workers": tuple(args.workers),
+            "shard_size": args.ray_shard_size,
+        },
+        "extraction": {
+            "sizes": tuple(args.extraction_sizes),
+            "backbone": args.extraction_backbone,
+            "image_size": args.extraction_image_size,
+            "batch_size": args.batch_size,
+        },
+        "heads": {
+            "rows": tuple(args.head_rows),
+            "dim": args.head_dim,
+            "epochs": args.head_epochs,
+            "in_memory_max": args.in_memory_max,
+            "stream_budget": args.stream_budget,
+            "logistic_rows": tuple(args.logistic_rows),
+        },
     }
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.work_dir) as work:
         bench_scale(parts=parts, work_dir=Path(work), out_dir=Path(args.out), settings=settings)
@@ -400,54 +465,92 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging and TensorFlow's own INFO/WARNING logs (Make: VERBOSE=1)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging and TensorFlow's own INFO/WARNING logs (Make: VERBOSE=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def stage(name: str, help: str, run, *, run_dir: bool = False, features_file: bool = False,
-              json_result: bool = False):
+    def stage(
+        name: str, help: str, run, *, run_dir: bool = False, features_file: bool = False, json_result: bool = False
+    ):
         """A sub-command taking its option sections' flags (COMMAND_SECTIONS)."""
         sub = commands.add_parser(name, help=help)
         _add_options(sub, COMMAND_SECTIONS[name])
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
         if json_result:
-            sub.add_argument("--json", metavar="PATH", help="also write the result (paths, figures, metrics) "
-                                                            "as JSON to PATH")
+            sub.add_argument(
+                "--json", metavar="PATH", help="also write the result (paths, figures, metrics) as JSON to PATH"
+            )
         if features_file:
-            sub.add_argument("--features", help="feature file to use (default: the one the options describe; "
-                                                "Make: FEATURES)")
+            sub.add_argument(
+                "--features", help="feature file to use (default: the one the options describe; Make: FEATURES)"
+            )
         if run_dir:
-            sub.add_argument("--run", dest="run_dir", help="run directory (default: the one the options describe; "
-                                                           "Make: RUN)")
+            sub.add_argument(
+                "--run", dest="run_dir", help="run directory (default: the one the options describe; Make: RUN)"
+            )
         sub.set_defaults(run=run)
         return sub
 
     features = stage("features", "stage 1: cache backbone features to HDF5", _cmd_features, json_result=True)
     features.add_argument("--print-path", action="store_true", help="print the feature file path and exit")
-    stage("head", "stage 2: train a head on cached features, evaluate, plot", _cmd_head, features_file=True,
-          json_result=True)
-    export = stage("export", "one Keras model: raw images in, class probabilities out", _cmd_export,
-                   run_dir=True, features_file=True)
+    stage(
+        "head",
+        "stage 2: train a head on cached features, evaluate, plot",
+        _cmd_head,
+        features_file=True,
+        json_result=True,
+    )
+    export = stage(
+        "export",
+        "one Keras model: raw images in, class probabilities out",
+        _cmd_export,
+        run_dir=True,
+        features_file=True,
+    )
     export.add_argument("--tflite", action="store_true", help="also write model.tflite (Make: TFLITE=1)")
     export.add_argument("--no-saved-model", action="store_true", help="only write model.keras")
-    tune = stage("finetune", "stage 3: augmented end-to-end fine-tuning from the stage-2 head", _cmd_finetune,
-                 run_dir=True, features_file=True, json_result=True)
-    tune.add_argument("--make-head", action="store_true",
-                      help="when warm-starting, first run stages 1 and 2 as `make head` would (make finetune does)")
-    predict = stage("predict", "top classes per image with the exported model", _cmd_predict, run_dir=True,
-                    features_file=True)
+    tune = stage(
+        "finetune",
+        "stage 3: augmented end-to-end fine-tuning from the stage-2 head",
+        _cmd_finetune,
+        run_dir=True,
+        features_file=True,
+        json_result=True,
+    )
+    tune.add_argument(
+        "--make-head",
+        action="store_true",
+        help="when warm-starting, first run stages 1 and 2 as `make head` would (make finetune does)",
+    )
+    predict = stage(
+        "predict", "top classes per image with the exported model", _cmd_predict, run_dir=True, features_file=True
+    )
     predict.add_argument("images", nargs="*", help="image files, folders or globs (Make: IMAGES)")
     predict.add_argument("--top", type=int, default=3, help="classes shown per image (Make: TOP; default: 3)")
     predict.add_argument("--csv", help="also write all probabilities to this CSV file (Make: CSV)")
-    stage("audit", "find duplicates, label errors, outliers and class overlap in the features", _cmd_audit,
-          features_file=True)
-    comparison = stage("compare", "cached heads vs fine-tuning vs from scratch: table and plots", _cmd_compare,
-                       features_file=True)
-    comparison.add_argument("--rows", default=None,
-                            help="comma-separated rows (Make: COMPARE_ROWS; default: the five of "
-                                 "pipeline.compare.ROWS); also seed, dense-views-K, logistic-views-K")
-    comparison.add_argument("--out", help="output folder (Make: COMPARE_DIR; default: compare/<data>__<backbone>__"
-                                          "<size>px[__<N>-per-class])")
+    stage(
+        "audit",
+        "find duplicates, label errors, outliers and class overlap in the features",
+        _cmd_audit,
+        features_file=True,
+    )
+    comparison = stage(
+        "compare", "cached heads vs fine-tuning vs from scratch: table and plots", _cmd_compare, features_file=True
+    )
+    comparison.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated rows (Make: COMPARE_ROWS; default: the five of "
+        "pipeline.compare.ROWS); also seed, dense-views-K, logistic-views-K",
+    )
+    comparison.add_argument(
+        "--out",
+        help="output folder (Make: COMPARE_DIR; default: compare/<data>__<backbone>__<size>px[__<N>-per-class])",
+    )
 
     merge = commands.add_parser("merge", help="join the shard files of one features run")
     merge.add_argument("shards", nargs="+", help="shard files (.h5)")
@@ -466,41 +569,61 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench", help="folder for features.json and features.md")
     bench.set_defaults(run=_cmd_bench_features)
 
-    bench_heads = stage("bench-head", "benchmark stage 2: head training seconds on cached features",
-                        _cmd_bench_head, features_file=True)
+    bench_heads = stage(
+        "bench-head", "benchmark stage 2: head training seconds on cached features", _cmd_bench_head, features_file=True
+    )
     bench_heads.add_argument("--repeats", type=int, default=3)
     bench_heads.add_argument("--out", default="bench", help="folder for head.json and head.md")
 
-    bench_audit = stage("bench-audit", "benchmark the audit at 10k/100k generated rows; calibrate the duplicate "
-                                       "threshold on real features", _cmd_bench_audit, features_file=True)
+    bench_audit = stage(
+        "bench-audit",
+        "benchmark the audit at 10k/100k generated rows; calibrate the duplicate threshold on real features",
+        _cmd_bench_audit,
+        features_file=True,
+    )
     bench_audit.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="generated rows")
     bench_audit.add_argument("--planted", type=int, default=300, help="photos altered for the calibration")
     bench_audit.add_argument("--no-calibration", action="store_true", help="only the generated-rows benchmark")
     bench_audit.add_argument("--out", default="bench", help="folder for audit.json and audit.md")
 
     full = commands.add_parser("bench", help="benchmark the pipeline against the seed workflow (make bench)")
-    full.add_argument("--quick", action="store_true",
-                      help="tiny backbone on generated images, 2 epochs: checks the benchmark code in about a minute")
+    full.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny backbone on generated images, 2 epochs: checks the benchmark code in about a minute",
+    )
     full.add_argument("--data-dir", help="image folder with train/ and validation/ (Make: BENCH_DATA)")
     full.add_argument("--weights", help="imagenet or a path to an .h5 weights file (Make: BENCH_WEIGHTS)")
     full.add_argument("--backbone", help="registry name (default: mobilenet_v2)")
     full.add_argument("--image-size", type=int, help="pixels (default: 160, the TF tutorial's)")
     full.add_argument("--batch-size", type=int, help="extraction batch size (default: 32)")
     full.add_argument("--epochs", type=int, help="seed workflow epochs (default: 10, quick 2)")
-    full.add_argument("--extraction-image-sizes", type=int, nargs="+",
-                      help="image sizes of the extraction vs forward-pass runs (default: 160 224)")
-    full.add_argument("--extraction-sizes", type=int, nargs="+",
-                      help="dataset sizes of the extraction vs forward-pass runs (default: 3000)")
+    full.add_argument(
+        "--extraction-image-sizes",
+        type=int,
+        nargs="+",
+        help="image sizes of the extraction vs forward-pass runs (default: 160 224)",
+    )
+    full.add_argument(
+        "--extraction-sizes",
+        type=int,
+        nargs="+",
+        help="dataset sizes of the extraction vs forward-pass runs (default: 3000)",
+    )
     full.add_argument("--extraction-repeats", type=int, help="extraction runs of the largest size (default: 5)")
     full.add_argument("--forward-seconds", type=float, help="seconds per forward-pass measurement (default: 5)")
     full.add_argument("--head-repeats", type=int, help="head fits timed on cached features (default: 3, quick 1)")
-    full.add_argument("--stage-repeats", type=int,
-                      help="logistic `head` and no-op `features` processes timed (default: 3, quick 2)")
+    full.add_argument(
+        "--stage-repeats", type=int, help="logistic `head` and no-op `features` processes timed (default: 3, quick 2)"
+    )
     full.add_argument("--out", help="folder for results.json and results.md (default: bench, quick: bench/quick)")
     full.set_defaults(run=_cmd_bench)
 
-    scale = commands.add_parser("bench-scale", help="benchmark scale: ENGINE=ray vs local, the driver's ceiling, "
-                                                    "extraction and stage 2 against size -> bench/scale.{json,md}")
+    scale = commands.add_parser(
+        "bench-scale",
+        help="benchmark scale: ENGINE=ray vs local, the driver's ceiling, "
+        "extraction and stage 2 against size -> bench/scale.{json,md}",
+    )
     scale.add_argument("--parts", default=",".join(SCALE_PARTS), help=f"comma-separated: {', '.join(SCALE_PARTS)}")
     scale.add_argument("--data-dir", help="engines: image folder (Make: BENCH_DATA)")
     scale.add_argument("--weights", default="none", help="engines: imagenet, none or an .h5 file (Make: BENCH_WEIGHTS)")
@@ -512,19 +635,35 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--driver-rows", type=int, default=200_000, help="driver: rows the stand-in workers return")
     scale.add_argument("--driver-dim", type=int, default=1280, help="driver: feature width")
     scale.add_argument("--ray-shard-size", type=int, default=1000, help="driver: images per shard")
-    scale.add_argument("--extraction-sizes", type=int, nargs="+", default=[1000, 10_000, 100_000],
-                       help="extraction: generated dataset sizes")
+    scale.add_argument(
+        "--extraction-sizes",
+        type=int,
+        nargs="+",
+        default=[1000, 10_000, 100_000],
+        help="extraction: generated dataset sizes",
+    )
     scale.add_argument("--extraction-backbone", default="tiny", help="extraction: backbone (random weights)")
     scale.add_argument("--extraction-image-size", type=int, default=32, help="extraction: pixels")
-    scale.add_argument("--head-rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
-                       help="heads: generated train rows for the dense head")
+    scale.add_argument(
+        "--head-rows",
+        type=int,
+        nargs="+",
+        default=[10_000, 100_000, 1_000_000],
+        help="heads: generated train rows for the dense head",
+    )
     scale.add_argument("--head-dim", type=int, default=1280, help="heads: feature width")
     scale.add_argument("--head-epochs", type=int, default=1, help="heads: dense head epochs")
-    scale.add_argument("--in-memory-max", type=int, default=100_000,
-                       help="heads: largest row count also trained in memory")
+    scale.add_argument(
+        "--in-memory-max", type=int, default=100_000, help="heads: largest row count also trained in memory"
+    )
     scale.add_argument("--stream-budget", default="64MB", help="heads: MEMORY_BUDGET of the streamed runs")
-    scale.add_argument("--logistic-rows", type=int, nargs="*", default=[10_000, 30_000, 100_000],
-                       help="heads: generated train rows for the logistic head")
+    scale.add_argument(
+        "--logistic-rows",
+        type=int,
+        nargs="*",
+        default=[10_000, 30_000, 100_000],
+        help="heads: generated train rows for the logistic head",
+    )
     scale.add_argument("--work-dir", default=None, help="folder for generated data (default: the system's temp)")
     scale.add_argument("--out", default="bench", help="folder for scale.json and scale.md")
     scale.set_defaults(run=_cmd_bench_scale)
@@ -581,10 +720,12 @@ class KerasWithoutOptionalImports:
     """
 
     #: importing module (prefix) -> the top-level packages it is refused.
-    refused: Mapping[str, tuple[str, ...]] = MappingProxyType({
-        "keras.src.wrappers": ("sklearn",),
-        "keras.src.visualization": ("matplotlib",),
-    })
+    refused: Mapping[str, tuple[str, ...]] = MappingProxyType(
+        {
+            "keras.src.wrappers": ("sklearn",),
+            "keras.src.visualization": ("matplotlib",),
+        }
+    )
 
     def find_spec(self, name, path=None, target=None):
         package = name.partition(".")[0]

@@ -41,9 +41,10 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from pipeline import plots, runs
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadConfig, ViewsConfig, fingerprint
@@ -90,8 +91,15 @@ class Comparison:
     files: tuple[Path, ...]
 
 
-def compare(features: FeaturesConfig, head: HeadConfig, finetune: FinetuneConfig, *, out_dir: Path,
-            rows: Sequence[str] = ROWS, progress: bool = True) -> Comparison:
+def compare(
+    features: FeaturesConfig,
+    head: HeadConfig,
+    finetune: FinetuneConfig,
+    *,
+    out_dir: Path,
+    rows: Sequence[str] = ROWS,
+    progress: bool = True,
+) -> Comparison:
     """Runs (or reuses) each row in `rows` and writes the table, bar chart and curves to `out_dir`.
 
     One comparison writes `out_dir` at a time (`pipeline.locks.exclusive`, held to the
@@ -100,16 +108,24 @@ def compare(features: FeaturesConfig, head: HeadConfig, finetune: FinetuneConfig
     """
     unknown = [r for r in rows if _runner(r) is None]
     if unknown or not rows:
-        raise ConfigError(f"Unknown comparison rows {unknown or rows!r}. Expected some of: "
-                          f"{', '.join(ROW_RUNNERS)}, dense-views-K, logistic-views-K (K >= 1).")
+        raise ConfigError(
+            f"Unknown comparison rows {unknown or rows!r}. Expected some of: "
+            f"{', '.join(ROW_RUNNERS)}, dense-views-K, logistic-views-K (K >= 1)."
+        )
     out_dir = Path(out_dir)
     with exclusive(out_dir, what="comparison folder"):
         return _compare(features, head, finetune, out_dir, rows, progress)
 
 
-def _compare(features: FeaturesConfig, head: HeadConfig, finetune: FinetuneConfig, out_dir: Path,
-             rows: Sequence[str], progress: bool) -> Comparison:
-    from pipeline.extract import resolve
+def _compare(
+    features: FeaturesConfig,
+    head: HeadConfig,
+    finetune: FinetuneConfig,
+    out_dir: Path,
+    rows: Sequence[str],
+    progress: bool,
+) -> Comparison:
+    from pipeline.features.extract import resolve
 
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(resolve(features)[0], head, finetune, out_dir)
@@ -136,7 +152,7 @@ def _features(settings: Settings, done: dict[str, Any], progress: bool, *, views
     Views are added to the file as rows ask for them; their cost is the file's own
     measure, seconds per view over every run that computed them.
     """
-    from pipeline.extract import extract_features
+    from pipeline.features.extract import extract_features
 
     config = settings.features_for()
     identity = fingerprint({"features": config.to_dict(), "views": settings.views_for(0).identity()})
@@ -144,8 +160,13 @@ def _features(settings: Settings, done: dict[str, Any], progress: bool, *, views
     if not (record and record["identity"] == identity and Path(record["path"]).exists()):
         started = time.perf_counter()
         result = extract_features(config, progress=progress)
-        record = {"path": str(result.path), "seconds": round(time.perf_counter() - started, 2),
-                  "identity": identity, "views": 0, "seconds_per_view": None}
+        record = {
+            "path": str(result.path),
+            "seconds": round(time.perf_counter() - started, 2),
+            "identity": identity,
+            "views": 0,
+            "seconds_per_view": None,
+        }
     if record.get("views", 0) < views:
         result = extract_features(config, views=settings.views_for(views), progress=progress)
         record = {**record, "views": result.num_views, "seconds_per_view": result.view_attrs["seconds_per_view"]}
@@ -156,13 +177,14 @@ def _features(settings: Settings, done: dict[str, Any], progress: bool, *, views
 
 def _cached_head(name: str, views: int = 0) -> Callable[..., dict[str, Any]]:
     def run(settings: Settings, done: dict[str, Any], progress: bool) -> dict[str, Any]:
-        from pipeline.extract import resolve
-        from pipeline.train import train_head
+        from pipeline.features.extract import resolve
+        from pipeline.heads.train import train_head
 
         features = _features(settings, done, progress, views=views)
         started = time.perf_counter()
-        run = train_head(Path(features["path"]), settings.head_for(name, views),
-                         expect=resolve(settings.features_for())[1])
+        run = train_head(
+            Path(features["path"]), settings.head_for(name, views), expect=resolve(settings.features_for())[1]
+        )
         own = time.perf_counter() - started
         head = run.head
         history = getattr(head, "history_", None) or {}
@@ -190,26 +212,34 @@ def _unfrozen(at: dict[str, Any]) -> str:
 
 def _finetuned(**changes: Any) -> Callable[..., dict[str, Any]]:
     def run(settings: Settings, done: dict[str, Any], progress: bool) -> dict[str, Any]:
-        from pipeline.finetune import finetune
+        from pipeline.finetune.train import finetune
 
         scratch = changes.get("from_scratch", False)
         warm_start = not scratch and not changes.get("head_epochs")
         prerequisite = 0.0
         if warm_start:
             if done.get("dense", {}).get("identity") != _identity(settings, "dense"):
-                done["dense"] = {**ROW_RUNNERS["dense"](settings, done, progress),
-                                 "identity": _identity(settings, "dense")}
+                done["dense"] = {
+                    **ROW_RUNNERS["dense"](settings, done, progress),
+                    "identity": _identity(settings, "dense"),
+                }
                 _save_rows(settings.out_dir, done)
             prerequisite = done["dense"]["total_seconds"]
         started = time.perf_counter()
-        result = finetune(settings.features_for(scratch=scratch), settings.head_for("dense"),
-                          settings.finetune_for(**changes), progress=progress)
+        result = finetune(
+            settings.features_for(scratch=scratch),
+            settings.head_for("dense"),
+            settings.finetune_for(**changes),
+            progress=progress,
+        )
         own = time.perf_counter() - started
         metrics = result.metrics
         curve = runs.history_column(result.run_dir, "val_accuracy")
         if changes.get("epochs") == 0:
-            kind = (f"seed workflow: a fresh head, {changes['head_epochs']} epochs on augmented images "
-                    "through the frozen backbone")
+            kind = (
+                f"seed workflow: a fresh head, {changes['head_epochs']} epochs on augmented images "
+                "through the frozen backbone"
+            )
             parameters = metrics["parameters"]["frozen"]["trainable"]
         else:
             at = metrics["fine_tune_at"]
@@ -285,16 +315,32 @@ def _save_rows(out_dir: Path, rows: dict[str, Any]) -> None:
 def _write_outputs(out_dir: Path, results: list[dict[str, Any]], settings: Settings) -> Comparison:
     table = comparison_table(results, settings)
     (out_dir / "comparison.md").write_text(table)
-    (out_dir / "comparison.json").write_text(json.dumps(
-        {"features": settings.features.to_dict(), "head": settings.head.to_dict(),
-         "finetune": settings.finetune.to_dict(), "rows": results}, indent=1, default=str) + "\n")
+    (out_dir / "comparison.json").write_text(
+        json.dumps(
+            {
+                "features": settings.features.to_dict(),
+                "head": settings.head.to_dict(),
+                "finetune": settings.finetune.to_dict(),
+                "rows": results,
+            },
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
     bars = plots.comparison_bars(
-        [r["row"] for r in results], [r["validation"] for r in results], [r["test"] for r in results],
-        [r["total_seconds"] for r in results], out_dir / "comparison.png",
+        [r["row"] for r in results],
+        [r["validation"] for r in results],
+        [r["test"] for r in results],
+        [r["total_seconds"] for r in results],
+        out_dir / "comparison.png",
         title=f"{settings.features.data.name}, {settings.features.backbone}",
     )
-    curves = plots.overlaid_curves({r["row"]: r["val_accuracy_curve"] for r in results if r["val_accuracy_curve"]},
-                                   out_dir / "learning_curves.png", ylabel="validation accuracy")
+    curves = plots.overlaid_curves(
+        {r["row"]: r["val_accuracy_curve"] for r in results if r["val_accuracy_curve"]},
+        out_dir / "learning_curves.png",
+        ylabel="validation accuracy",
+    )
     files = (out_dir / "comparison.md", out_dir / "comparison.json", bars, curves)
     return Comparison(rows=results, table=table, files=files)
 
@@ -305,13 +351,18 @@ def comparison_table(results: list[dict[str, Any]], settings: Settings) -> str:
 
     f = settings.features
     few = settings.head.train_per_class
-    lines = [f"Comparison on {f.data.name}, {f.backbone} at {f.image_size} px"
-             + (f", {few} train images per class" if few else "")
-             + f"; heads: up to {settings.head.epochs} epochs; fine-tuning rows: "
-             f"{settings.finetune.epochs} epochs, {settings.finetune.optimizer}.", "",
-             "| row | what | validation acc | test acc | own s | total s | trainable params |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Comparison on {f.data.name}, {f.backbone} at {f.image_size} px"
+        + (f", {few} train images per class" if few else "")
+        + f"; heads: up to {settings.head.epochs} epochs; fine-tuning rows: "
+        f"{settings.finetune.epochs} epochs, {settings.finetune.optimizer}.",
+        "",
+        "| row | what | validation acc | test acc | own s | total s | trainable params |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r['row']} | {r['kind']} | {fmt(r['validation'])} | {fmt(r['test'])} | "
-                     f"{r['own_seconds']:.1f} | {r['total_seconds']:.1f} | {r['trainable_parameters']:,} |")
+        lines.append(
+            f"| {r['row']} | {r['kind']} | {fmt(r['validation'])} | {fmt(r['test'])} | "
+            f"{r['own_seconds']:.1f} | {r['total_seconds']:.1f} | {r['trainable_parameters']:,} |"
+        )
     return "\n".join(lines) + "\n"

@@ -12,10 +12,11 @@ import dataclasses
 import hashlib
 import json
 import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-import typing
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from pipeline.errors import ConfigError
 
@@ -32,9 +33,7 @@ DTYPES = ("float32", "float16")
 
 def _check_fraction(name: str, value: float, *, upper: float = 1.0) -> None:
     if not 0.0 <= value < upper:
-        raise ConfigError(
-            f"{name} must be a fraction in [0, {upper}). Received: {name}={value!r}."
-        )
+        raise ConfigError(f"{name} must be a fraction in [0, {upper}). Received: {name}={value!r}.")
 
 
 # --- options: each declared once, here --------------------------------------------------
@@ -64,12 +63,22 @@ class Option:
         return self.name.upper()
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, name: str = "",
-           choices: Sequence[Any] | None = None, parse: Callable[[str], Any] | None = None,
-           invert: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    name: str = "",
+    choices: Sequence[Any] | None = None,
+    parse: Callable[[str], Any] | None = None,
+    invert: bool = False,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field that is a user option (see `Option`)."""
-    meta = {"option": Option(help=help, name=name, choices=None if choices is None else tuple(choices),
-                             parse=parse, invert=invert)}
+    meta = {
+        "option": Option(
+            help=help, name=name, choices=None if choices is None else tuple(choices), parse=parse, invert=invert
+        )
+    }
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -142,8 +151,7 @@ def parse_splits(text: str) -> dict[str, str]:
         name, sep, spec = part.partition("=")
         if not sep or not spec or name not in SPLIT_NAMES:
             raise ValueError(
-                f"expected NAME=SPEC pairs separated by commas, NAME one of {', '.join(SPLIT_NAMES)}; "
-                f"received {part!r}"
+                f"expected NAME=SPEC pairs separated by commas, NAME one of {', '.join(SPLIT_NAMES)}; received {part!r}"
             )
         splits[name] = spec
     return splits
@@ -156,7 +164,7 @@ class DataConfig:
     Exactly one of `dataset` (a tensorflow-datasets name, split by `splits` slicing
     specs) and `data_dir` (a folder with one sub-folder per class) is set. Split
     sub-folders (`train/`, `validation/`, `test/` and their aliases, see
-    `pipeline.data.scan_folder`) are used as given; `val_fraction` and `test_fraction`
+    `pipeline.features.sources.scan_folder`) are used as given; `val_fraction` and `test_fraction`
     carve the splits a folder lacks out of train as stratified, seeded splits.
     `test_from_validation` moves that fraction of the validation split to test, as
     the TensorFlow tutorial does (0.2).
@@ -168,7 +176,9 @@ class DataConfig:
     download: bool = option(True, "never download tfds data (fail at once offline)", name="no_download", invert=True)
     splits: Mapping[str, str] = option(
         help="tfds split specs NAME=SPEC,... with slicing (the default is the Keras guide's split)",
-        parse=parse_splits, default_factory=lambda: dict(DEFAULT_TFDS_SPLITS))
+        parse=parse_splits,
+        default_factory=lambda: dict(DEFAULT_TFDS_SPLITS),
+    )
     val_fraction: float = option(0.1, "image folder without a validation folder: fraction of train carved out")
     test_fraction: float = option(0.1, "image folder without split folders: fraction carved out as test")
     test_from_validation: float = option(0.0, "move this fraction of validation to test (TF tutorial: 0.2)")
@@ -177,8 +187,10 @@ class DataConfig:
         if self.dataset is None and self.data_dir is None:
             object.__setattr__(self, "dataset", DEFAULT_DATASET)
         if self.data_dir is not None and dict(self.splits) != DEFAULT_TFDS_SPLITS:
-            raise ConfigError("--splits slices tfds datasets; image folders use --val-fraction/--test-fraction "
-                              f"(VAL_FRACTION/TEST_FRACTION). Received: splits={dict(self.splits)!r}.")
+            raise ConfigError(
+                "--splits slices tfds datasets; image folders use --val-fraction/--test-fraction "
+                f"(VAL_FRACTION/TEST_FRACTION). Received: splits={dict(self.splits)!r}."
+            )
         if (self.dataset is None) == (self.data_dir is None):
             raise ConfigError(
                 "Expected exactly one data source, a tfds name (DATASET) or an image folder (DATA_DIR), "
@@ -224,8 +236,9 @@ class FeaturesConfig:
     dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
     batch_size: int = option(32, "images per forward pass")
     seed: int = option(0, "seeds the folder splits, the views, the heads and fine-tuning")
-    shard_index: int = option(0, "process shard I of NUM_SHARDS (join them with `python -m pipeline merge`)",
-                              name="shard")
+    shard_index: int = option(
+        0, "process shard I of NUM_SHARDS (join them with `python -m pipeline merge`)", name="shard"
+    )
     num_shards: int = option(1, "number of shards")
     strict: bool = option(False, "fail on any unreadable image instead of skipping it")
     mixed_precision: bool = option(False, "run the backbone in float16 (GPUs)")
@@ -239,8 +252,7 @@ class FeaturesConfig:
             raise ConfigError(f"image_size must be positive. Received: image_size={self.image_size}.")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(
-                "Expected 0 <= shard < num_shards. Received: "
-                f"shard={self.shard_index}, num_shards={self.num_shards}."
+                f"Expected 0 <= shard < num_shards. Received: shard={self.shard_index}, num_shards={self.num_shards}."
             )
         if self.weights.lower() == "none":
             object.__setattr__(self, "weights", "none")
@@ -296,8 +308,7 @@ def _build(cls: type, raw: Mapping[str, Any], where: str):
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(
-            f"Unknown {where} config keys: {', '.join(unknown)}. Expected a subset of: "
-            f"{', '.join(sorted(names))}."
+            f"Unknown {where} config keys: {', '.join(unknown)}. Expected a subset of: {', '.join(sorted(names))}."
         )
     return cls(**raw)
 
@@ -337,17 +348,25 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
     return "__".join(parts) + ".h5"
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str, name: str = "size") -> int:
     """'2GB' -> 2_000_000_000 bytes, '512MiB' -> 536_870_912, '1e9' -> 1_000_000_000."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
     if not match or match.group(2) not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(
-            f"{name} must be a positive size such as 2GB, 512MB or 1.5GiB. Received: {name}={text!r}."
-        )
+        raise ConfigError(f"{name} must be a positive size such as 2GB, 512MB or 1.5GiB. Received: {name}={text!r}.")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
@@ -406,8 +425,7 @@ class ViewsConfig:
     with the same `augment` and `seed` (the first views stay as they are).
     """
 
-    num_views: int = option(0, "make features: also cache K augmented views of every train image",
-                            name="aug_views")
+    num_views: int = option(0, "make features: also cache K augmented views of every train image", name="aug_views")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = derived("seed", 0)
 
@@ -444,9 +462,7 @@ def audit_kinds(text: str, where: str) -> str:
     given = [k.strip() for k in str(text).split(",") if k.strip()]
     unknown = sorted(set(given) - set(AUDIT_KINDS))
     if unknown or not given:
-        raise ConfigError(
-            f"{where} must be a comma-separated subset of {','.join(AUDIT_KINDS)}. Received: {text!r}."
-        )
+        raise ConfigError(f"{where} must be a comma-separated subset of {','.join(AUDIT_KINDS)}. Received: {text!r}.")
     return ",".join(k for k in AUDIT_KINDS if k in given)
 
 
@@ -467,7 +483,7 @@ class HeadConfig:
     `AUDIT_KINDS`) are left out; validation and test rows never are.
     `memory_budget` ("2GB", "512MiB"; None: a quarter of this machine's RAM) bounds the
     memory the train rows may take: past it the dense head streams them from the
-    file and the logistic head refuses (see `pipeline.train`).
+    file and the logistic head refuses (see `pipeline.heads.train`).
     """
 
     head: str = option("logistic", "logistic (linear probe) or dense (Keras Dropout + Dense)", choices=HEAD_NAMES)
@@ -478,20 +494,27 @@ class HeadConfig:
     batch_size: int = option(32, "dense: batch size", name="head_batch_size")
     learning_rate: float = option(1e-3, "dense: Adam's learning rate (fine-tuning: see FINE_TUNE_LEARNING_RATE)")
     patience: int = option(5, "dense: early stopping after this many epochs without a better validation loss")
-    class_weight: str | None = option(None, "balanced: weight classes by inverse frequency",
-                                      choices=(None, "balanced"))
+    class_weight: str | None = option(None, "balanced: weight classes by inverse frequency", choices=(None, "balanced"))
     seed: int = derived("seed", 0)
     runs_dir: str = option("runs", "folder of the run directories")
     grid_images: int = option(16, "images in the top-losses grid (0: none)")
-    views: int | None = option(None, "augmented train views to train on, the first V of the file "
-                                     "(default: dense all of them, logistic none; 0: none)")
+    views: int | None = option(
+        None,
+        "augmented train views to train on, the first V of the file "
+        "(default: dense all of them, logistic none; 0: none)",
+    )
     train_per_class: int | None = option(None, "train on a seeded, stratified subset of N train examples per class")
-    exclude: str | None = option(None, "audit/<...>/audit.json: leave the train rows it flags out "
-                                       "(validation/test never)")
-    exclude_kinds: str | None = option(None, "with EXCLUDE: findings to leave out, some of duplicates,label,outlier "
-                                             "(default: all three)")
-    memory_budget: str | None = option(None, "memory the train rows may take (e.g. 2GB; default: a quarter of RAM): "
-                                             "past it the dense head streams them from the file")
+    exclude: str | None = option(
+        None, "audit/<...>/audit.json: leave the train rows it flags out (validation/test never)"
+    )
+    exclude_kinds: str | None = option(
+        None, "with EXCLUDE: findings to leave out, some of duplicates,label,outlier (default: all three)"
+    )
+    memory_budget: str | None = option(
+        None,
+        "memory the train rows may take (e.g. 2GB; default: a quarter of RAM): "
+        "past it the dense head streams them from the file",
+    )
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None:
@@ -500,7 +523,8 @@ class HeadConfig:
             object.__setattr__(self, "exclude_kinds", audit_kinds(self.exclude_kinds, "exclude_kinds (EXCLUDE_KINDS)"))
         if self.exclude_kinds is not None and self.exclude is None:
             raise ConfigError(
-                f"exclude_kinds (EXCLUDE_KINDS) selects findings of an audit; it needs exclude (EXCLUDE=audit/.../audit.json). "
+                f"exclude_kinds (EXCLUDE_KINDS) selects findings of an audit; it needs exclude "
+                "(EXCLUDE=audit/.../audit.json). "
                 f"Received: exclude_kinds={self.exclude_kinds!r} without exclude."
             )
         check_choices(self)
@@ -558,17 +582,22 @@ class FinetuneConfig:
     1e-5 (Keras guide), otherwise a tenth of the head's rate (TensorFlow tutorial).
     """
 
-    fine_tune_at: str = option("100", "first trainable backbone layer: an index, a layer name (prefix), "
-                                      "blocks:N or all")
+    fine_tune_at: str = option(
+        "100", "first trainable backbone layer: an index, a layer name (prefix), blocks:N or all"
+    )
     epochs: int = option(10, "fine-tuning epochs", name="fine_tune_epochs")
     head_epochs: int = option(0, "N > 0: train a fresh head on images N epochs first instead of using `make head`")
     optimizer: str = option("adam", "fine-tuning optimizer", choices=OPTIMIZERS)
-    learning_rate: float | None = option(None, "default: 1e-5 with adam (Keras guide), LEARNING_RATE/10 otherwise "
-                                               "(TF tutorial)", name="fine_tune_learning_rate")
+    learning_rate: float | None = option(
+        None,
+        "default: 1e-5 with adam (Keras guide), LEARNING_RATE/10 otherwise (TF tutorial)",
+        name="fine_tune_learning_rate",
+    )
     head_learning_rate: float = derived("learning_rate", 1e-3)
     batch_size: int = option(32, "fine-tuning batch size", name="fine_tune_batch_size")
-    patience: int = option(3, "early stopping on validation loss, best epoch kept (0: never stop)",
-                           name="fine_tune_patience")
+    patience: int = option(
+        3, "early stopping on validation loss, best epoch kept (0: never stop)", name="fine_tune_patience"
+    )
     dropout: float = derived("dropout", 0.2)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     from_scratch: bool = option(False, "train everything from random weights (needs WEIGHTS=none)")
@@ -624,22 +653,25 @@ class AuditConfig:
     `folds`: stratified folds of the out-of-fold linear probe (label errors, class
     overlap); `C`: its inverse regularization, None to pick it once with the logistic
     head's validation sweep. `duplicate_threshold`: cosine similarity of the features
-    from which two rows are near-duplicates (calibrated for MobileNetV2, see README). `neighbours`: k of the kNN outlier score; `outlier_z`: robust z-score
+    from which two rows are near-duplicates (calibrated for MobileNetV2, see README).
+    `neighbours`: k of the kNN outlier score; `outlier_z`: robust z-score
     from which a row is flagged as an outlier. `top`: findings per contact sheet.
     `block_rows`: rows per block of the similarity search (memory is O(block_rows**2)).
     """
 
     folds: int = option(5, "folds of the out-of-fold logistic probe (label errors, class overlap)")
     C: float | None = derived("C", None)
-    duplicate_threshold: float = option(0.85, "cosine similarity from which two images are near-duplicates "
-                                              "(calibrated, see README)")
+    duplicate_threshold: float = option(
+        0.85, "cosine similarity from which two images are near-duplicates (calibrated, see README)"
+    )
     neighbours: int = option(10, "k of the kNN outlier score")
     outlier_z: float = option(3.5, "robust z-score from which an example is flagged as an outlier")
     top: int = option(16, "findings per contact sheet (0: no sheets)", name="audit_top")
     seed: int = derived("seed", 0)
     audit_dir: str = option("audit", "the audit goes to AUDIT_DIR/<feature file stem>/")
-    block_rows: int = option(2048, "rows per block of the similarity search (memory grows with its square)",
-                             name="audit_block_rows")
+    block_rows: int = option(
+        2048, "rows per block of the similarity search (memory grows with its square)", name="audit_block_rows"
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -677,22 +709,28 @@ class EngineConfig:
     fails naming it.
     """
 
-    name: str = option("local", "how stage 1 runs: local (this process) or ray (a Ray cluster)", name="engine",
-                       choices=ENGINE_NAMES)
-    address: str | None = option(None, "ENGINE=ray: an existing cluster (default: a local one started on the spot)",
-                                 name="ray_address")
+    name: str = option(
+        "local", "how stage 1 runs: local (this process) or ray (a Ray cluster)", name="engine", choices=ENGINE_NAMES
+    )
+    address: str | None = option(
+        None, "ENGINE=ray: an existing cluster (default: a local one started on the spot)", name="ray_address"
+    )
     workers: int | None = option(None, "ENGINE=ray: Ray actors (default: one per GPU, else one)")
     gpus_per_worker: float | None = option(None, "ENGINE=ray: GPUs per actor (default: 1 where there are GPUs)")
     shard_size: int = option(DEFAULT_SHARD_SIZE, "ENGINE=ray: images per unit of work", name="ray_shard_size")
-    max_attempts: int = option(3, "ENGINE=ray: tries of a shard before the run fails naming it",
-                               name="ray_max_attempts")
+    max_attempts: int = option(
+        3, "ENGINE=ray: tries of a shard before the run fails naming it", name="ray_max_attempts"
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
         if self.name == "local":
             # RAY_ADDRESS is left out: exported for a cluster, it reaches every `make features`.
-            given = [f"{n}={v!r}" for n, v in (("WORKERS", self.workers), ("GPUS_PER_WORKER", self.gpus_per_worker))
-                     if v is not None]
+            given = [
+                f"{n}={v!r}"
+                for n, v in (("WORKERS", self.workers), ("GPUS_PER_WORKER", self.gpus_per_worker))
+                if v is not None
+            ]
             if given:
                 raise ConfigError(
                     f"{', '.join(given)} configure(s) ENGINE=ray, but the engine is local (one process). "
@@ -710,6 +748,12 @@ class EngineConfig:
 
 #: The option sections, by the name the CLI's argument groups and `make help` use.
 SECTIONS: dict[str, type] = {
-    "data": DataConfig, "features": FeaturesConfig, "augment": AugmentConfig, "views": ViewsConfig,
-    "head": HeadConfig, "finetune": FinetuneConfig, "audit": AuditConfig, "engine": EngineConfig,
+    "data": DataConfig,
+    "features": FeaturesConfig,
+    "augment": AugmentConfig,
+    "views": ViewsConfig,
+    "head": HeadConfig,
+    "finetune": FinetuneConfig,
+    "audit": AuditConfig,
+    "engine": EngineConfig,
 }

@@ -14,19 +14,19 @@ import glob
 import json
 import logging
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from pipeline import runs
-from pipeline.backbones import get_backbone, weights_identity
-from pipeline.extractor import build_extractor
 from pipeline.config import FeaturesConfig
-from pipeline.data import IMAGE_EXTENSIONS
 from pipeline.errors import CacheError, ConfigError, DataError
-from pipeline.heads import Head, load_head
+from pipeline.features.backbones import get_backbone, weights_identity
+from pipeline.features.extractor import build_extractor
+from pipeline.features.sources import IMAGE_EXTENSIONS
+from pipeline.heads.base import Head, load_head
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,12 @@ def build_classifier(features: FeaturesConfig, head: Head, *, weights_key: str |
             f"extracted with ({weights_key}). Rerun `make features` and `make head`."
         )
     spec = get_backbone(features.backbone)
-    extractor = build_extractor(spec, image_size=features.image_size, weights=features.weights_arg,
-                                pooling=features.pooling)
-    return image_classifier(extractor, head.logits_model(), image_size=features.image_size,
-                            name=f"{spec.name}_classifier")
+    extractor = build_extractor(
+        spec, image_size=features.image_size, weights=features.weights_arg, pooling=features.pooling
+    )
+    return image_classifier(
+        extractor, head.logits_model(), image_size=features.image_size, name=f"{spec.name}_classifier"
+    )
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def load_classifier(run_dir: Path):
     """The exported Keras model of a run and its class names."""
     import keras
 
-    import pipeline.extractor  # noqa: F401  registers the Preprocess layer for deserialization
+    import pipeline.features.extractor  # noqa: F401  registers the Preprocess layer for deserialization
 
     path = Path(run_dir) / EXPORT_DIR / KERAS_FILE
     if not path.exists():
@@ -145,8 +147,12 @@ def expand_images(patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found += sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
         elif path.is_file():
             found.append(path)
         else:

@@ -151,7 +151,7 @@ def load_images(config, split: str, positions, *, source=None):
     `read_images` is the cheap way to get pictures of an image folder. `source`: the
     `DataSource` of `config` when the caller has it loaded already; None loads it.
     """
-    from pipeline.data import load_source
+    from pipeline.features.sources import load_source
 
     source = source or load_source(config.data, seed=config.seed)
     records = source.splits[split].at(positions).records(0)

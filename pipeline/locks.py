@@ -32,10 +32,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import LockError
 
@@ -78,8 +78,12 @@ class Holder:
 
     @classmethod
     def me(cls) -> Holder:
-        return cls(pid=os.getpid(), host=socket.gethostname(), command=_command_line(),
-                   since=dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+        return cls(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            command=_command_line(),
+            since=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        )
 
     @classmethod
     def read(cls, path: Path) -> Holder | None:
@@ -133,12 +137,18 @@ def exclusive(path: Path, *, what: str = "output", poll_interval: float = 0.2) -
         holder = _wait_for_holder(path)
         log.warning(
             "%s %s is being written by another run (%s); waiting for it to finish (Ctrl-C stops waiting).",
-            what.capitalize(), path, holder.describe() if holder else "holder not recorded",
+            what.capitalize(),
+            path,
+            holder.describe() if holder else "holder not recorded",
         )
         started = time.monotonic()
         lock.acquire(poll_interval=poll_interval)
-        log.info("%s %s: the other run finished after %.0f s of waiting; going on.",
-                 what.capitalize(), path, time.monotonic() - started)
+        log.info(
+            "%s %s: the other run finished after %.0f s of waiting; going on.",
+            what.capitalize(),
+            path,
+            time.monotonic() - started,
+        )
     except OSError as err:
         folder = lock_path(path).parent
         if os.access(folder, os.W_OK):
@@ -147,8 +157,13 @@ def exclusive(path: Path, *, what: str = "output", poll_interval: float = 0.2) -
                 f"refused ({err}). Use a folder on a filesystem with file locks (an NFS mount needs locking "
                 "enabled), or fix the lock file's permissions."
             ) from err
-        log.warning("%s %s: its folder %s is read-only for this run, so it is not locked; this run can only "
-                    "find it up to date there.", what.capitalize(), path, folder)
+        log.warning(
+            "%s %s: its folder %s is read-only for this run, so it is not locked; this run can only "
+            "find it up to date there.",
+            what.capitalize(),
+            path,
+            folder,
+        )
         yield None
         return
     try:

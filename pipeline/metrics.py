@@ -6,7 +6,8 @@ numpy only: the logistic head's fast path should not pay for importing scikit-le
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

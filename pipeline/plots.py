@@ -7,8 +7,8 @@ no display needed, nothing shown mid-run.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -18,8 +18,13 @@ from matplotlib.ticker import MaxNLocator
 _FAST_PNG = {"compress_level": 1}
 
 
-def learning_curves(history: Mapping[str, Sequence[float]], path: Path, *, marker: int | None = None,
-                    marker_label: str = "start fine-tuning") -> Path:
+def learning_curves(
+    history: Mapping[str, Sequence[float]],
+    path: Path,
+    *,
+    marker: int | None = None,
+    marker_label: str = "start fine-tuning",
+) -> Path:
     """Accuracy and loss per epoch, training and validation (the tutorials' figure).
 
     `marker` draws a vertical line after that many epochs, where a later phase begins.
@@ -58,8 +63,15 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
     ax.set_yticks(ticks, class_names)
     if len(class_names) <= 30:
         for i, j in np.ndindex(counts.shape):
-            ax.text(j, i, str(counts[i, j]), ha="center", va="center",
-                    color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                str(counts[i, j]),
+                ha="center",
+                va="center",
+                color="white" if rates[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -67,9 +79,17 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
     return path
 
 
-def top_losses(images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str],
-               p_predicted: Sequence[float], p_true: Sequence[float], losses: Sequence[float], path: Path, *,
-               title: str) -> Path:
+def top_losses(
+    images: Sequence[np.ndarray],
+    true: Sequence[str],
+    predicted: Sequence[str],
+    p_predicted: Sequence[float],
+    p_true: Sequence[float],
+    losses: Sequence[float],
+    path: Path,
+    *,
+    title: str,
+) -> Path:
     """The images the model gets most wrong or is least sure of (fastai's `plot_top_losses`).
 
     Each tile: predicted label and its probability, true label and its probability,
@@ -94,18 +114,30 @@ def top_losses(images: Sequence[np.ndarray], true: Sequence[str], predicted: Seq
         h, w = image.shape[:2]
         x0 = (n % columns) * cell_w + gap + (side - w) // 2
         y0 = top + (n // columns) * cell_h + title_h + (side - h) // 2
-        canvas[y0:y0 + h, x0:x0 + w] = image[..., :3]
-        figure.text((x0 + w / 2) / width, 1 - (y0 - 4) / height,
-                    f"pred: {p} ({pp:.2f})\ntrue: {t} ({pt:.2f})\nloss {loss:.2f}", fontsize=9,
-                    ha="center", va="bottom", color="black" if p == t else "red")
+        canvas[y0 : y0 + h, x0 : x0 + w] = image[..., :3]
+        figure.text(
+            (x0 + w / 2) / width,
+            1 - (y0 - 4) / height,
+            f"pred: {p} ({pp:.2f})\ntrue: {t} ({pt:.2f})\nloss {loss:.2f}",
+            fontsize=9,
+            ha="center",
+            va="bottom",
+            color="black" if p == t else "red",
+        )
     figure.figimage(canvas, origin="upper")
     figure.suptitle(title, y=1 - 12 / height, va="top")
     figure.savefig(path, dpi=dpi, pil_kwargs=_FAST_PNG)
     return path
 
 
-def contact_sheet(groups: Sequence[Sequence[np.ndarray | None]], captions: Sequence[str], path: Path, *,
-                  title: str, colors: Sequence[str] | None = None) -> Path:
+def contact_sheet(
+    groups: Sequence[Sequence[np.ndarray | None]],
+    captions: Sequence[str],
+    path: Path,
+    *,
+    title: str,
+    colors: Sequence[str] | None = None,
+) -> Path:
     """Findings as thumbnails: each group (a duplicate pair, or one image) side by side,
     one caption under it; an image that could not be read is a grey tile.
 
@@ -131,15 +163,21 @@ def contact_sheet(groups: Sequence[Sequence[np.ndarray | None]], captions: Seque
                 else:
                     ax.imshow(np.asarray(image).astype(np.uint8))
             if m == 0:
-                ax.set_title(caption, fontsize=7, loc="left",
-                             color=(colors[g] if colors is not None else "black"))
+                ax.set_title(caption, fontsize=7, loc="left", color=(colors[g] if colors is not None else "black"))
     figure.suptitle(title)
     figure.savefig(path, dpi=100)
     return path
 
 
-def comparison_bars(names: Sequence[str], validation: Sequence[float | None], test: Sequence[float | None],
-                    seconds: Sequence[float], path: Path, *, title: str) -> Path:
+def comparison_bars(
+    names: Sequence[str],
+    validation: Sequence[float | None],
+    test: Sequence[float | None],
+    seconds: Sequence[float],
+    path: Path,
+    *,
+    title: str,
+) -> Path:
     """Accuracy per approach (validation and test bars) beside its wall time (log scale)."""
     figure = Figure(figsize=(max(7.0, 1.6 * len(names) + 3), 4.5), layout="constrained")
     acc_ax, time_ax = figure.subplots(1, 2, width_ratios=[3, 2])

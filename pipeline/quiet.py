@@ -53,8 +53,7 @@ class NativeLogFilter:
         os.close(write)
         # Python's own stderr goes straight to the terminal, unfiltered and unbuffered.
         self._stderr: IO[str] = sys.stderr
-        sys.stderr = open(os.dup(self._terminal), "w", buffering=1, encoding="utf-8", errors="replace",
-                          closefd=True)
+        sys.stderr = open(os.dup(self._terminal), "w", buffering=1, encoding="utf-8", errors="replace", closefd=True)
         self._thread = threading.Thread(target=self._pump, args=(read,), name="native-log-filter", daemon=True)
         self._thread.start()
 

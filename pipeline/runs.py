@@ -27,9 +27,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
     if config.train_per_class is not None:
         name += f"__{config.train_per_class}-per-class"
     if config.exclude is not None:
-        from pipeline.audit import exclusion_digest
+        from pipeline.audit.findings import exclusion_digest
 
         name += f"__excl-{exclusion_digest(config.exclude, config.exclude_kinds)}"
     return Path(config.runs_dir) / name
@@ -115,8 +116,9 @@ def read_labels(run_dir: Path) -> list[str]:
     try:
         return path.read_text().splitlines()
     except OSError:
-        raise CacheError(f"Expected class names in {path}; it cannot be read. Rerun the stage that wrote "
-                         f"{Path(run_dir).name}.") from None
+        raise CacheError(
+            f"Expected class names in {path}; it cannot be read. Rerun the stage that wrote {Path(run_dir).name}."
+        ) from None
 
 
 def read_history(run_dir: Path) -> list[dict[str, str]]:
@@ -141,8 +143,10 @@ def _read_record(path: Path) -> dict[str, Any]:
     try:
         return _read_json(path)
     except (OSError, ValueError) as err:
-        raise CacheError(f"Expected a run record at {path}; it cannot be read ({type(err).__name__}). Rerun "
-                         f"the stage that writes {path.parent.name}.") from None
+        raise CacheError(
+            f"Expected a run record at {path}; it cannot be read ({type(err).__name__}). Rerun "
+            f"the stage that writes {path.parent.name}."
+        ) from None
 
 
 # --------------------------------------------------------------------------- writing
@@ -167,8 +171,9 @@ def publish(work: Path, run_dir: Path) -> None:
     os.replace(work, run_dir)
 
 
-def write_records(work: Path, *, class_names: Sequence[str], config: Mapping[str, Any],
-                  metrics: Mapping[str, Any]) -> None:
+def write_records(
+    work: Path, *, class_names: Sequence[str], config: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> None:
     """labels.txt, config.json (keys sorted) and metrics.json of a run being assembled in `work`."""
     (work / LABELS).write_text("\n".join(class_names) + "\n")
     (work / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -209,9 +214,18 @@ def top_loss_rows(proba: np.ndarray, labels: np.ndarray, count: int) -> np.ndarr
     return np.argsort(p_true, kind="stable")[:count]
 
 
-def top_losses_grid(proba: np.ndarray, labels: np.ndarray, positions: np.ndarray, class_names: Sequence[str], *,
-                    count: int, read: Callable[[np.ndarray], Mapping[int, Any]], split: str, title: str,
-                    path: Path) -> Path | None:
+def top_losses_grid(
+    proba: np.ndarray,
+    labels: np.ndarray,
+    positions: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    count: int,
+    read: Callable[[np.ndarray], Mapping[int, Any]],
+    split: str,
+    title: str,
+    path: Path,
+) -> Path | None:
     """The `count` examples with the highest loss (fastai's top losses), what a model gets most
     wrong or is least sure of, as a picture grid at `path`; None, logged, when none can be shown.
 
@@ -237,7 +251,12 @@ def top_losses_grid(proba: np.ndarray, labels: np.ndarray, positions: np.ndarray
     truth, picked = labels[chosen], proba[chosen]
     p_true = picked[np.arange(len(chosen)), truth]
     return plots.top_losses(
-        [images[int(p)] for p in positions[chosen]], [class_names[t] for t in truth],
-        [class_names[p] for p in picked.argmax(axis=1)], picked.max(axis=1).tolist(), p_true.tolist(),
-        (-np.log(np.clip(p_true, 1e-15, 1))).tolist(), path, title=title,
+        [images[int(p)] for p in positions[chosen]],
+        [class_names[t] for t in truth],
+        [class_names[p] for p in picked.argmax(axis=1)],
+        picked.max(axis=1).tolist(),
+        p_true.tolist(),
+        (-np.log(np.clip(p_true, 1e-15, 1))).tolist(),
+        path,
+        title=title,
     )

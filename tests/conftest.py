@@ -70,7 +70,11 @@ def make_folder(root: Path, per_class: int, classes=("cat", "dog"), layout="flat
         else:
             for split, n in splits.items():
                 for i in range(n):
-                    write_image(root / split / name / f"{name}.{i}.jpg", COLORS[name], seed=zlib.crc32(f'{split}/{name}/{i}'.encode()))
+                    write_image(
+                        root / split / name / f"{name}.{i}.jpg",
+                        COLORS[name],
+                        seed=zlib.crc32(f"{split}/{name}/{i}".encode()),
+                    )
     return root
 
 
@@ -102,7 +106,7 @@ def real_features(shared_assets, tmp_path_factory):
     """`get(size)` -> path of MobileNetV2 ImageNet features of cats_and_dogs_filtered at
     `size` px, extracted once per session (the slow part of the real-asset tests)."""
     from pipeline.config import DataConfig, FeaturesConfig
-    from pipeline.extract import extract_features
+    from pipeline.features.extract import extract_features
 
     out = tmp_path_factory.mktemp("real-features")
     weights = shared_assets / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"

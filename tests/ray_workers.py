@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from pipeline.distributed import ExtractionWorker
+from pipeline.features.ray_engine import ExtractionWorker
 
 
 def _covers(task, record: int, num_shards: int) -> bool:
@@ -33,8 +33,11 @@ class KillOnceWorker(ExtractionWorker):
         self.markers, self.kills = Path(markers), [tuple(k) for k in kills]
 
     def extract(self, task):
-        armed = [self.markers / f"killed-{view}-{record}" for record, view in self.kills
-                 if task.view == view and _covers(task, record, self.config.num_shards)]
+        armed = [
+            self.markers / f"killed-{view}-{record}"
+            for record, view in self.kills
+            if task.view == view and _covers(task, record, self.config.num_shards)
+        ]
         for batch in super().extract(task):
             yield batch
             for marker in armed:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_folder
 from PIL import Image, ImageOps
 
-from conftest import make_folder
-from pipeline.audit import (
+from pipeline.audit.findings import (
     audit_features,
     clusters_of,
     confident_learning,
@@ -29,9 +29,9 @@ from pipeline.audit import (
 from pipeline.cli import main
 from pipeline.config import AuditConfig, HeadConfig
 from pipeline.errors import CacheError, ConfigError
-from pipeline.store import FORMAT_VERSION, read_features, write_features
+from pipeline.features.store import FORMAT_VERSION, read_features, write_features
+from pipeline.heads.train import train_head
 from pipeline.runs import top_loss_rows
-from pipeline.train import train_head
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -39,13 +39,19 @@ CLASSES = ("cat", "dog", "fox")
 def write_file(path: Path, splits: dict, *, classes=CLASSES, key=None, data_dir=None) -> Path:
     """A finished feature file from {split: (features, labels, ids)}."""
     stored = {
-        name: ([(x.astype(np.float32), np.asarray(y, np.int64), np.arange(len(y)), list(ids))],
-               {"spec": f"test:{name}", "num_inputs": len(y), "num_skipped": 0, "skipped": []})
+        name: (
+            [(x.astype(np.float32), np.asarray(y, np.int64), np.arange(len(y)), list(ids))],
+            {"spec": f"test:{name}", "num_inputs": len(y), "num_skipped": 0, "skipped": []},
+        )
         for name, (x, y, ids) in splits.items()
     }
-    attrs = {"format_version": FORMAT_VERSION, "key": key or {"dataset": "generated", "seed": 0},
-             "class_names": list(classes), "config": {"data": {"dataset": "generated", "data_dir": data_dir}},
-             "feature_dim": next(iter(splits.values()))[0].shape[1]}
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "key": key or {"dataset": "generated", "seed": 0},
+        "class_names": list(classes),
+        "config": {"data": {"dataset": "generated", "data_dir": data_dir}},
+        "feature_dim": next(iter(splits.values()))[0].shape[1],
+    }
     return write_features(path, attrs=attrs, splits=stored, feature_dim=attrs["feature_dim"], dtype=np.float32)
 
 
@@ -97,8 +103,12 @@ def planted(tmp_path):
     """Generated features with near copies planted within and across splits."""
     rng = np.random.default_rng(1)
     splits = clustered(rng, {"train": 90, "validation": 30, "test": 30})
-    copies = {("train", 0): ("test", 5), ("train", 7): ("validation", 11), ("validation", 3): ("test", 20),
-              ("train", 12): ("train", 50)}
+    copies = {
+        ("train", 0): ("test", 5),
+        ("train", 7): ("validation", 11),
+        ("validation", 3): ("test", 20),
+        ("train", 12): ("train", 50),
+    }
     for (s, r), (t, q) in copies.items():
         x, y, _ = splits[t]
         x[q] = splits[s][0][r] * 1.02 + rng.normal(0, 0.01, x.shape[1])  # brighter, re-encoded
@@ -123,7 +133,12 @@ def test_planted_copies_are_all_found_leaks_first_without_false_pairs(planted, t
     # A leak drops its train copy; a pair inside train keeps its first copy.
     assert excluded == sorted(["train/cat/0.jpg", "train/dog/7.jpg", "train/cat/50.jpg"])
     assert {p.name for p in result.out_dir.iterdir()} == {
-        "audit.json", "audit.md", "duplicates.png", "label_issues.png", "outliers.png"}
+        "audit.json",
+        "audit.md",
+        "duplicates.png",
+        "label_issues.png",
+        "outliers.png",
+    }
     assert not [p for p in result.out_dir.parent.iterdir() if p.name.startswith(".")]
 
 
@@ -164,8 +179,12 @@ def test_flipped_labels_rank_at_the_top_of_the_label_findings(tmp_path):
 
 
 def test_confident_learning_flags_confidently_wrong_labels_and_suggests_the_class():
-    proba = np.array([[0.98, 0.01, 0.01]] * 8 + [[0.01, 0.98, 0.01]] * 8 + [[0.01, 0.01, 0.98]] * 8
-                     + [[0.99, 0.005, 0.005], [0.5, 0.45, 0.05]])
+    proba = np.array(
+        [[0.98, 0.01, 0.01]] * 8
+        + [[0.01, 0.98, 0.01]] * 8
+        + [[0.01, 0.01, 0.98]] * 8
+        + [[0.99, 0.005, 0.005], [0.5, 0.45, 0.05]]
+    )
     labels = np.array([0] * 8 + [1] * 8 + [2] * 8 + [2, 1])
     issues = confident_learning(proba, labels)
     assert np.flatnonzero(issues.issue).tolist() == [24]  # p(dog) 0.45 is below the dog threshold 0.92
@@ -212,7 +231,11 @@ def test_exclude_drops_exactly_the_flagged_train_rows(planted, tmp_path):
     plain = train_head(path, HeadConfig(runs_dir=runs, grid_images=0))
     run = train_head(path, HeadConfig(runs_dir=runs, grid_images=0, exclude=str(audit)))
     splits = read_features(path).splits
-    assert run.metrics["train_examples"] == len(splits["train"]) - len(flagged) == plain.metrics["train_examples"] - len(flagged)
+    assert (
+        run.metrics["train_examples"]
+        == len(splits["train"]) - len(flagged)
+        == plain.metrics["train_examples"] - len(flagged)
+    )
     for split in ("validation", "test"):
         assert run.metrics[split]["n"] == len(splits[split]) == plain.metrics[split]["n"]
     assert run.run_dir.name.startswith(plain.run_dir.name + "__excl-")
@@ -220,7 +243,9 @@ def test_exclude_drops_exactly_the_flagged_train_rows(planted, tmp_path):
     assert set(stored["ids"]) == flagged and stored["kinds"] == ["duplicates", "label", "outlier"]
     assert len(stored["leaks_kept"]) == 3
     only = train_head(path, HeadConfig(runs_dir=runs, grid_images=0, exclude=str(audit), exclude_kinds="duplicates"))
-    assert only.metrics["train_examples"] == len(splits["train"]) - len({i for c in record["clusters"] for i in c["exclude"]})
+    assert only.metrics["train_examples"] == len(splits["train"]) - len(
+        {i for c in record["clusters"] for i in c["exclude"]}
+    )
     assert only.run_dir != run.run_dir
 
 
@@ -228,18 +253,24 @@ def test_exclude_with_an_audit_of_another_file_is_an_error(planted, tmp_path):
     path, _ = planted
     out = audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), top=0)).out_dir
     cached = read_features(path)
-    other = write_file(tmp_path / "other.h5", {s: (a.features, a.labels, a.ids) for s, a in cached.splits.items()},
-                       key={"dataset": "generated", "seed": 1})
+    other = write_file(
+        tmp_path / "other.h5",
+        {s: (a.features, a.labels, a.ids) for s, a in cached.splits.items()},
+        key={"dataset": "generated", "seed": 1},
+    )
     with pytest.raises(CacheError, match="audit of another feature file .*seed: file has 0, asked 1"):
         train_head(other, HeadConfig(runs_dir=str(tmp_path / "runs"), grid_images=0, exclude=str(out / "audit.json")))
     with pytest.raises(ConfigError, match="EXCLUDE must name an audit.json"):
         load_exclusion(tmp_path / "missing.json", cached, None)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"exclude": "a.json", "exclude_kinds": "labels"}, "comma-separated subset of duplicates,label,outlier"),
-    ({"exclude_kinds": "label"}, "needs exclude"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"exclude": "a.json", "exclude_kinds": "labels"}, "comma-separated subset of duplicates,label,outlier"),
+        ({"exclude_kinds": "label"}, "needs exclude"),
+    ],
+)
 def test_exclude_options_are_validated(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         HeadConfig(**kwargs)
@@ -257,19 +288,48 @@ def test_audit_options_are_validated():
 def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_path, capsys):
     folder = make_folder(tmp_path / "photos", 8, classes=("cat", "dog"), layout="presplit")
     shutil.copyfile(folder / "train/cat/cat.0.jpg", folder / "test/cat/copy.jpg")
-    flags = ["--data-dir", str(folder), "--backbone", "tiny", "--weights", "none", "--image-size", "32",
-             "--output-dir", str(tmp_path / "features"), "--no-progress"]
+    flags = [
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--output-dir",
+        str(tmp_path / "features"),
+        "--no-progress",
+    ]
     assert main(["features", *flags]) == 0
     capsys.readouterr()
     flags.remove("--no-progress")
     # The random tiny backbone maps all these photos close together: only the copy is certain.
-    assert main(["audit", *flags, "--audit-dir", str(tmp_path / "audit"), "--audit-top", "4", "--folds", "3",
-                 "--duplicate-threshold", "0.99999"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                *flags,
+                "--audit-dir",
+                str(tmp_path / "audit"),
+                "--audit-top",
+                "4",
+                "--folds",
+                "3",
+                "--duplicate-threshold",
+                "0.99999",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("audit: 33 rows; duplicates: 1 pairs in 1 clusters "
-                                                   "(1 across splits, 1 byte-identical); label issues: ")
+    assert len(lines) == 1 and lines[0].startswith(
+        "audit: 33 rows; duplicates: 1 pairs in 1 clusters (1 across splits, 1 byte-identical); label issues: "
+    )
     out = Path(lines[0].rpartition(" -> ")[2])
-    assert {"audit.json", "audit.md", "duplicates.png", "label_issues.png", "outliers.png"} <= {p.name for p in out.iterdir()}
+    assert {"audit.json", "audit.md", "duplicates.png", "label_issues.png", "outliers.png"} <= {
+        p.name for p in out.iterdir()
+    }
     exact = [f for f in findings(out, "duplicates") if f["match"] == "exact"]
     assert [sorted(f["ids"]) for f in exact] == [["test/cat/copy.jpg", "train/cat/cat.0.jpg"]]
     assert "# Data audit" in (out / "audit.md").read_text()
@@ -282,12 +342,13 @@ def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_pat
 
 
 def test_tfds_thumbnails_are_read_back_with_the_tf_reader(dummy_tfds_dir, tmp_path):
-    from pipeline.audit import read_thumbnails, stack_splits
+    from pipeline.audit.findings import read_thumbnails, stack_splits
     from pipeline.config import DataConfig, FeaturesConfig
-    from pipeline.extract import extract_features
+    from pipeline.features.extract import extract_features
 
-    data = DataConfig(dataset="dummy_mnist", tfds_dir=str(dummy_tfds_dir),
-                      splits={"train": "train", "validation": "test"})
+    data = DataConfig(
+        dataset="dummy_mnist", tfds_dir=str(dummy_tfds_dir), splits={"train": "train", "validation": "test"}
+    )
     config = FeaturesConfig(data=data, backbone="tiny", weights="none", image_size=32, output_dir=str(tmp_path))
     cached = read_features(extract_features(config, progress=False).path)
     rows = stack_splits(cached)
@@ -310,7 +371,7 @@ def test_calibrated_threshold_catches_altered_copies_not_distinct_photos(shared_
     planted across splits are all found by the default threshold; distinct photos of
     the same class pair with nothing; a blank frame and noise are the top outliers."""
     from pipeline.config import DataConfig, FeaturesConfig
-    from pipeline.extract import extract_features
+    from pipeline.features.extract import extract_features
 
     source = shared_assets / "datasets" / "cats_and_dogs_filtered" / "validation"
     root = tmp_path / "photos"
@@ -339,8 +400,12 @@ def test_calibrated_threshold_catches_altered_copies_not_distinct_photos(shared_
     noise = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     Image.fromarray(noise).save(root / "train" / "dogs" / "noise.png")
     weights = shared_assets / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-    config = FeaturesConfig(data=DataConfig(dataset=None, data_dir=str(root)), weights=str(weights), image_size=160,
-                            output_dir=str(tmp_path / "features"))
+    config = FeaturesConfig(
+        data=DataConfig(dataset=None, data_dir=str(root)),
+        weights=str(weights),
+        image_size=160,
+        output_dir=str(tmp_path / "features"),
+    )
     path = extract_features(config, progress=False).path
     out = audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), folds=3)).out_dir
     pairs = {tuple(sorted(f["ids"])) for f in findings(out, "duplicates")}

@@ -18,16 +18,15 @@ import numpy as np
 import pytest
 from keras.src.backend import config as keras_backend_config
 
-from pipeline.backbones import (
+from pipeline.errors import ConfigError, WeightsUnavailableError
+from pipeline.features.backbones import (
     BackboneSpec,
-    Preprocess,
-    build_extractor,
     get_backbone,
     list_backbones,
     register_backbone,
     weights_identity,
 )
-from pipeline.errors import ConfigError, WeightsUnavailableError
+from pipeline.features.extractor import Preprocess, build_extractor
 
 MOBILENET_V2_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 MOBILENET_075_FILE = "mobilenet_7_5_224_tf_no_top.h5"
@@ -54,11 +53,27 @@ SLOW_BACKBONES = {
     "resnet152_v2",
 }
 REQUIRED_BACKBONES = {
-    "mobilenet", "mobilenet_075", "mobilenet_v2", "mobilenet_v3_small",
-    "mobilenet_v3_large", "xception", "inception_v3", "inception_resnet_v2",
-    "resnet50", "resnet101", "resnet152", "resnet50_v2", "resnet101_v2",
-    "resnet152_v2", "densenet121", "densenet169", "densenet201", "vgg16", "vgg19",
-    "nasnet_mobile", "tiny",
+    "mobilenet",
+    "mobilenet_075",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "xception",
+    "inception_v3",
+    "inception_resnet_v2",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet50_v2",
+    "resnet101_v2",
+    "resnet152_v2",
+    "densenet121",
+    "densenet169",
+    "densenet201",
+    "vgg16",
+    "vgg19",
+    "nasnet_mobile",
+    "tiny",
     *(f"efficientnet_b{i}" for i in range(8)),
     *(f"efficientnet_v2_{v}" for v in ("b0", "b1", "b2", "b3", "s", "m", "l")),
     *(f"convnext_{v}" for v in ("tiny", "small", "base", "large", "xlarge")),
@@ -130,9 +145,7 @@ def test_spec_is_consistent(name):
     assert spec.feature_dim > 0
 
 
-@pytest.mark.parametrize(
-    "name", [n for n in list_backbones() if get_backbone(n).pretrained]
-)
+@pytest.mark.parametrize("name", [n for n in list_backbones() if get_backbone(n).pretrained])
 def test_spec_preprocessing_matches_its_keras_module(name):
     """Each module's own preprocess_input is the reference (identity for "none")."""
     spec = get_backbone(name)
@@ -190,8 +203,7 @@ def test_extractor_matrix(name):
     # "none" means the model rescales raw pixels itself; the others must not,
     # or the pixels would be preprocessed twice.
     rescales = any(
-        isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization))
-        for layer in _all_layers(base)
+        isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)) for layer in _all_layers(base)
     )
     assert rescales == (spec.preprocessing == "none")
 
@@ -201,13 +213,17 @@ def test_extractor_layout():
     assert model.name == "tiny_extractor"
     assert model.input_shape == (None, 32, 32, 3)
     assert [layer.name for layer in model.layers] == [
-        "images", "preprocess", "backbone", "pooling",
+        "images",
+        "preprocess",
+        "backbone",
+        "pooling",
     ]
     assert _dtype(model.inputs[0]) == "float32"
     assert isinstance(model.get_layer("pooling"), keras.layers.GlobalMaxPooling2D)
     assert model.get_layer("preprocess").mode == "tf"
     bn = [
-        layer for layer in _all_layers(model.get_layer("backbone"))
+        layer
+        for layer in _all_layers(model.get_layer("backbone"))
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
     assert len(bn) >= 2
@@ -218,9 +234,7 @@ def test_tiny_builds_are_identical():
     first = build_extractor("tiny", image_size=32, weights=None)
     second = build_extractor("tiny", image_size=32, weights=None)
     # Bit-identical by design: seeded initializers, the same batch, the same machine.
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(first(x)), keras.ops.convert_to_numpy(second(x))
-    )
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(first(x)), keras.ops.convert_to_numpy(second(x)))
     for a, b in zip(first.get_weights(), second.get_weights()):
         np.testing.assert_array_equal(a, b)
 
@@ -229,9 +243,7 @@ def test_mixed_precision_keeps_float32_output_and_restores_policy():
     before = keras.config.dtype_policy().name
     model = build_extractor("tiny", image_size=32, weights=None, mixed_precision=True)
     assert keras.config.dtype_policy().name == before
-    assert model.get_layer("backbone").get_layer("block1_conv").compute_dtype == (
-        "float16"
-    )
+    assert model.get_layer("backbone").get_layer("block1_conv").compute_dtype == ("float16")
     features = model(_images(32))
     assert _dtype(features) == "float32"
     assert tuple(features.shape) == (2, 32)
@@ -288,7 +300,12 @@ def test_tiny_has_no_imagenet_weights_but_loads_a_saved_file(tmp_path):
 def test_keras_value_errors_become_config_errors():
     """Keras rejects MobileNet ImageNet weights for alpha=0.3 before downloading."""
     spec = BackboneSpec(
-        "mobilenet_030", "MobileNet", keras.applications.MobileNet, "tf", 224, 307,
+        "mobilenet_030",
+        "MobileNet",
+        keras.applications.MobileNet,
+        "tf",
+        224,
+        307,
         builder_kwargs={"alpha": 0.3},
     )
     with pytest.raises(ConfigError, match="cannot build backbone 'mobilenet_030'"):
@@ -325,8 +342,7 @@ def test_preprocess_none_is_identity_and_casts_integers():
     pixels = np.arange(2 * 4 * 4 * 3, dtype="uint8").reshape(2, 4, 4, 3)
     out = Preprocess("tf")(pixels)
     assert _dtype(out) == "float32"
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), pixels / 127.5 - 1.0,
-                               atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), pixels / 127.5 - 1.0, atol=1e-6)
 
 
 def test_preprocess_rejects_unknown_mode():
@@ -338,9 +354,7 @@ def test_preprocess_rejects_unknown_mode():
 def test_preprocess_round_trips_through_keras_file(mode, tmp_path):
     inputs = keras.Input(shape=(8, 8, 3))
     x = Preprocess(mode, name="preprocess")(inputs)
-    outputs = keras.layers.Conv2D(
-        2, 3, kernel_initializer=keras.initializers.GlorotUniform(seed=1)
-    )(x)
+    outputs = keras.layers.Conv2D(2, 3, kernel_initializer=keras.initializers.GlorotUniform(seed=1))(x)
     model = keras.Model(inputs, outputs)
     path = tmp_path / "model.keras"
     model.save(path)
@@ -348,7 +362,8 @@ def test_preprocess_round_trips_through_keras_file(mode, tmp_path):
     assert loaded.get_layer("preprocess").mode == mode
     x = _images(8)
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)),
+        keras.ops.convert_to_numpy(loaded(x)),
+        keras.ops.convert_to_numpy(model(x)),
         atol=1e-6,
     )
 
@@ -361,7 +376,8 @@ def test_extractor_round_trips_through_keras_file(tmp_path):
     assert not loaded.get_layer("backbone").trainable
     x = _images(32)
     np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)),
+        keras.ops.convert_to_numpy(loaded(x)),
+        keras.ops.convert_to_numpy(model(x)),
         atol=1e-6,
     )
 
@@ -414,7 +430,8 @@ def test_imagenet_from_keras_cache(keras_home, shared_assets):
 @pytest.mark.assets
 def test_weights_from_path_at_another_size(shared_assets):
     model = build_extractor(
-        "mobilenet_v2", image_size=160,
+        "mobilenet_v2",
+        image_size=160,
         weights=str(_asset(shared_assets, MOBILENET_V2_FILE)),
     )
     _assert_informative(model(_images(160)), 1280)
@@ -423,7 +440,8 @@ def test_weights_from_path_at_another_size(shared_assets):
 @pytest.mark.assets
 def test_mobilenet_075_loads_its_asset(shared_assets):
     model = build_extractor(
-        "mobilenet_075", image_size=224,
+        "mobilenet_075",
+        image_size=224,
         weights=str(_asset(shared_assets, MOBILENET_075_FILE)),
     )
     _assert_informative(model(_images(224)), 768)

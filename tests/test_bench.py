@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from pipeline import bench
+from pipeline.bench import endtoend as bench
 from pipeline.cli import build_parser, config_of, main
 from pipeline.config import FinetuneConfig
 
@@ -26,8 +26,13 @@ def test_seed_workflow_flags_are_the_tutorials_recipe():
     assert (config.head_epochs, config.epochs) == (10, 0)
     assert (config.optimizer, config.head_learning_rate) == ("rmsprop", 1e-4)
     assert (config.dropout, config.batch_size) == (0.2, 32)
-    assert config.augment.to_dict() == {"flip": "horizontal", "rotation": 0.2, "zoom": 0.0, "contrast": 0.0,
-                                        "translation": 0.0}
+    assert config.augment.to_dict() == {
+        "flip": "horizontal",
+        "rotation": 0.2,
+        "zoom": 0.0,
+        "contrast": 0.0,
+        "translation": 0.0,
+    }
 
 
 def test_full_run_is_expected_to_fit_in_fifteen_minutes():
@@ -35,11 +40,14 @@ def test_full_run_is_expected_to_fit_in_fifteen_minutes():
     assert 6 < minutes < 15
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["bench", "--data-dir", "/no/such/folder"], "Benchmark data not found"),
-    (["bench", "--data-dir", ".", "--weights", "/no/such/weights.h5"], "Benchmark weights not found"),
-    (["bench", "--quick", "--data-dir", "."], "Quick mode (BENCH_QUICK=1) generates its images"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--data-dir", "/no/such/folder"], "Benchmark data not found"),
+        (["bench", "--data-dir", ".", "--weights", "/no/such/weights.h5"], "Benchmark weights not found"),
+        (["bench", "--quick", "--data-dir", "."], "Quick mode (BENCH_QUICK=1) generates its images"),
+    ],
+)
 def test_bench_user_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -85,8 +93,9 @@ def test_quick_benchmark_writes_consistent_results(tmp_path, capsys):
         wall = stages["features"]["wall_seconds"] + head_walls[name]
         assert p["wall_seconds"] == pytest.approx(wall, abs=0.01)
         assert p["speedup"] == pytest.approx(seed["wall_seconds"] / wall, abs=0.01)
-        assert p["accuracy_difference"] == pytest.approx(p["validation_accuracy"] - seed["validation_accuracy"],
-                                                         abs=1e-4)
+        assert p["accuracy_difference"] == pytest.approx(
+            p["validation_accuracy"] - seed["validation_accuracy"], abs=1e-4
+        )
         assert p["target_met"] == (p["speedup"] >= 12 and p["accuracy_difference"] >= 0)
         assert p["validation_accuracy"] >= 0.9  # the generated classes are separable
     for workflow in e2e.values():
@@ -96,7 +105,8 @@ def test_quick_benchmark_writes_consistent_results(tmp_path, capsys):
     # 3. the fast loop: no-op features, the dense head's fixed cost, the stages' phases
     assert len(fast["noop_features_seconds_all"]) == 2 and fast["noop_features_seconds"] > 0
     assert fast["head_dense_fixed_seconds"] == pytest.approx(
-        stages["head dense"]["wall_seconds"] - stages["head dense"]["training_seconds"], abs=0.01)
+        stages["head dense"]["wall_seconds"] - stages["head dense"]["training_seconds"], abs=0.01
+    )
     assert {"start-up and imports", "resolve key"} <= set(fast["noop_features_phases"])
     assert "forward" not in fast["noop_features_phases"]  # it found its file: no backbone ran
     phases = stages["features"]["phases"]
@@ -108,7 +118,8 @@ def test_quick_benchmark_writes_consistent_results(tmp_path, capsys):
     retrain = result["retrain"]
     assert retrain["logistic_seconds"] > 0 and retrain["seed_epoch_seconds"] > 0
     assert retrain["logistic_ratio_to_seed_epoch"] == pytest.approx(
-        retrain["seed_epoch_seconds"] / retrain["logistic_seconds"], abs=0.01)
+        retrain["seed_epoch_seconds"] / retrain["logistic_seconds"], abs=0.01
+    )
     assert retrain["target_met"] == (retrain["logistic_seconds"] < 1.0)
 
     # 5. storage: float16 files are smaller, and the accuracy difference is reported
@@ -120,14 +131,29 @@ def test_quick_benchmark_writes_consistent_results(tmp_path, capsys):
     assert math.isfinite(storage["accuracy_difference"])
 
     # 6. peak memory of every stage
-    expected = {"features", "head logistic", "head logistic 2", "head dense", "features float16",
-                "head logistic float16", "seed workflow", "bench-features 32 px, 300 images",
-                "bench-features 40 px, 300 images"}
+    expected = {
+        "features",
+        "head logistic",
+        "head logistic 2",
+        "head dense",
+        "features float16",
+        "head logistic float16",
+        "seed workflow",
+        "bench-features 32 px, 300 images",
+        "bench-features 40 px, 300 images",
+    }
     assert set(result["peak_rss_mib"]) == expected
     assert all(mib > 50 for mib in result["peak_rss_mib"].values())
 
-    for heading in ("## Targets", "## End to end", "## Head retrain", "## Storage", "## Peak memory",
-                    "## Extraction against the forward pass", "Quick mode"):
+    for heading in (
+        "## Targets",
+        "## End to end",
+        "## Head retrain",
+        "## Storage",
+        "## Peak memory",
+        "## Extraction against the forward pass",
+        "Quick mode",
+    ):
         assert heading in table
     assert f"| {stages['seed workflow']['wall_seconds']} |" in table
     profile = (out / "profile.md").read_text()

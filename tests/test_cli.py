@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, make_folder
+
 from pipeline.cli import build_parser, config_of, main
 from pipeline.config import FeaturesConfig
 
@@ -41,30 +41,43 @@ def test_bad_splits_flag_is_a_usage_error(capsys):
     assert "NAME one of train, validation, test" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["features", "--dataset", "x", "--data-dir", "y"], "not both"),
-    (["features", "--backbone", "nope", "--weights", "none"], "Unknown backbone 'nope'. Expected one of:"),
-    (["features", "--data-dir", "y", "--splits", "train=train"], "--splits slices tfds datasets"),
-    (["features", "--num-shards", "2", "--shard", "2"], "Expected 0 <= shard < num_shards"),
-    (["predict", "--run", "nowhere"], "predict needs images"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["features", "--dataset", "x", "--data-dir", "y"], "not both"),
+        (["features", "--backbone", "nope", "--weights", "none"], "Unknown backbone 'nope'. Expected one of:"),
+        (["features", "--data-dir", "y", "--splits", "train=train"], "--splits slices tfds datasets"),
+        (["features", "--num-shards", "2", "--shard", "2"], "Expected 0 <= shard < num_shards"),
+        (["predict", "--run", "nowhere"], "predict needs images"),
+    ],
+)
 def test_user_errors_print_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("line, kept", [
-    ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR", False),
-    ("I0000 00:00:1796056469.364410   21895 port.cc:153] oneDNN custom operations are on.", False),
-    ("W0000 00:00:1796056469.364410   21895 loop.cc:12] Local rendezvous is aborting", False),
-    ("E0000 00:00:1796056474.418383   21895 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)", False),
-    ("E0000 00:00:1796058219.817058    5657 util.cc:131] oneDNN supports DT_UINT8 only on platforms with AVX-512.", False),
-    ("E1130 16:40:01.000001   21895 gpu_device.cc:9] Resource exhausted: OOM when allocating tensor", True),
-    ("F1130 16:40:01.000001   21895 check.cc:9] Check failed: x", True),
-    ("error: Image folder not found", True),
-    ("train:  50%|#####     | 8/16", True),
-])
+@pytest.mark.parametrize(
+    "line, kept",
+    [
+        ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR", False),
+        ("I0000 00:00:1796056469.364410   21895 port.cc:153] oneDNN custom operations are on.", False),
+        ("W0000 00:00:1796056469.364410   21895 loop.cc:12] Local rendezvous is aborting", False),
+        (
+            "E0000 00:00:1796056474.418383   21895 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)",
+            False,
+        ),
+        (
+            "E0000 00:00:1796058219.817058    5657 util.cc:131] oneDNN supports DT_UINT8 only on platforms "
+            "with AVX-512.",
+            False,
+        ),
+        ("E1130 16:40:01.000001   21895 gpu_device.cc:9] Resource exhausted: OOM when allocating tensor", True),
+        ("F1130 16:40:01.000001   21895 check.cc:9] Check failed: x", True),
+        ("error: Image folder not found", True),
+        ("train:  50%|#####     | 8/16", True),
+    ],
+)
 def test_native_tensorflow_logs_are_filtered_but_real_errors_kept(line, kept):
     from pipeline.quiet import keep_line
 
@@ -87,16 +100,33 @@ def test_commands_print_no_tensorflow_start_up_chatter_unless_verbose(tmp_path, 
     from conftest import ROOT
 
     folder = _tiny_folder(tmp_path)
-    argv = [sys.executable, "-m", "pipeline", *(["--verbose"] if verbose else []), "features", "--data-dir",
-            str(folder), "--backbone", "tiny", "--weights", "none", "--output-dir", str(tmp_path / "f"),
-            "--no-progress"]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        *(["--verbose"] if verbose else []),
+        "features",
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--output-dir",
+        str(tmp_path / "f"),
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("features: 20 images")
-    assert "INFO pipeline.backbones: Built tiny_extractor" in done.stderr
-    native = [line for line in done.stderr.splitlines()
-              if "absl::InitializeLog" in line or line[:1] in "IWE" and line[1:5].isdigit()]
+    assert "INFO pipeline.features.backbones: Built tiny_extractor" in done.stderr
+    native = [
+        line
+        for line in done.stderr.splitlines()
+        if "absl::InitializeLog" in line or line[:1] in "IWE" and line[1:5].isdigit()
+    ]
     if verbose:
         assert native and "DEBUG" in done.stderr
     else:
@@ -118,10 +148,30 @@ def test_keras_is_imported_without_scikit_learn_or_matplotlib_which_stay_importa
     """Keras's optional scikit-learn wrappers and plotting helpers would import both (1.2 s)
     in every TensorFlow command."""
     folder = make_folder(tmp_path / "images", 4, layout="presplit")
-    flags = ["features", "--data-dir", str(folder), "--backbone", "tiny", "--weights", "none",
-             "--features-dir", str(tmp_path / "features"), "--no-progress"]
-    done = subprocess.run([sys.executable, "-c", _KERAS_PROBE, *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    flags = [
+        "features",
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--features-dir",
+        str(tmp_path / "features"),
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _KERAS_PROBE, *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {
-        "code": 0, "tensorflow": True, "sklearn": False, "matplotlib": False}
+        "code": 0,
+        "tensorflow": True,
+        "sklearn": False,
+        "matplotlib": False,
+    }

@@ -7,11 +7,11 @@ import zlib
 
 import pytest
 import tensorflow_datasets as tfds
-
 from conftest import COLORS, make_folder, write_image
+
 from pipeline.config import DataConfig
-from pipeline.data import folder_source, load_source, scan_folder, tfds_source
 from pipeline.errors import ConfigError, DataError
+from pipeline.features.sources import folder_source, load_source, scan_folder, tfds_source
 
 
 def folder_config(path, **kwargs) -> DataConfig:
@@ -23,7 +23,11 @@ def make_splits(root, per_class: dict, classes=("cat", "dog")):
     for split, n in per_class.items():
         for name in classes:
             for i in range(n):
-                write_image(root / split / name / f"{name}.{i}.jpg", COLORS[name], seed=zlib.crc32(f"{split}/{name}/{i}".encode()))
+                write_image(
+                    root / split / name / f"{name}.{i}.jpg",
+                    COLORS[name],
+                    seed=zlib.crc32(f"{split}/{name}/{i}".encode()),
+                )
     return root
 
 
@@ -73,7 +77,11 @@ def test_roboflow_train_valid_test_with_readme_files(tmp_path):
     assert sizes(scan) == {"train": 12, "validation": 6, "test": 4}
     assert set(scan.ignored) == {"README.roboflow.txt", "README.dataset.txt"}
     specs = {name: s.spec for name, s in folder_source(scan).splits.items()}
-    assert specs == {"train": "folder:presplit:train", "validation": "folder:presplit:validation", "test": "folder:presplit:test"}
+    assert specs == {
+        "train": "folder:presplit:train",
+        "validation": "folder:presplit:validation",
+        "test": "folder:presplit:test",
+    }
 
 
 def test_train_and_test_folders_carve_validation_from_train(tmp_path):
@@ -137,7 +145,7 @@ def test_unlabelled_test_folder_is_not_used_with_a_warning(tmp_path, caplog):
     assert scan.layout == "presplit"
     assert sizes(scan) == {"train": 20, "validation": 8}
     assert not any(path.startswith("test/") for v in scan.splits.values() for path, _ in v)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.features.sources"):
         source = folder_source(scan)
     assert set(source.splits) == {"train", "validation"}
     assert "test folder" in caplog.text and "3 images but no class sub-folders" in caplog.text
@@ -158,7 +166,7 @@ def test_class_named_like_a_split_is_a_warning(tmp_path, caplog):
         write_image(root / "train" / "test" / f"x.{i}.jpg", (0, 255, 0), seed=i)
     scan = scan_folder(folder_config(root), seed=0)
     assert scan.class_names == ("cat", "dog", "test")
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.features.sources"):
         folder_source(scan)
     assert "named like a split folder" in caplog.text and "class 'test'" in caplog.text
 
@@ -271,7 +279,8 @@ def test_tfds_source_with_mock_data():
 
 def test_tfds_slicing_on_a_prepared_dataset(dummy_tfds_dir):
     config = DataConfig(
-        dataset="dummy_mnist", tfds_dir=str(dummy_tfds_dir),
+        dataset="dummy_mnist",
+        tfds_dir=str(dummy_tfds_dir),
         splits={"train": "train[:60%]", "validation": "train[60%:]", "test": "test"},
     )
     source = tfds_source(config)

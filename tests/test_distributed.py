@@ -18,13 +18,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import ROOT, make_folder
+
 from pipeline.config import AugmentConfig, DataConfig, EngineConfig, FeaturesConfig, ViewsConfig
-from pipeline.data import scan_folder
 from pipeline.errors import ConfigError, WorkerError
-from pipeline.extract import extract_features, get_engine, resolve
-from pipeline.store import load_views, partial_path, read_features
+from pipeline.features.engines import get_engine
+from pipeline.features.extract import extract_features, resolve
+from pipeline.features.sources import scan_folder
+from pipeline.features.store import load_views, partial_path, read_features
 
 TESTS = Path(__file__).resolve().parent
 VIEWS = ViewsConfig(num_views=2, augment=AugmentConfig(flip="horizontal", rotation=0.1))
@@ -53,10 +54,11 @@ def config_for(folder: Path, out: Path, **kwargs) -> FeaturesConfig:
     return FeaturesConfig(data=data, backbone="tiny", weights="none", batch_size=4, output_dir=str(out), **kwargs)
 
 
-def ray_engine(workers: int = 2, worker: str | None = None, *, address: str | None = None, max_attempts: int = 3,
-               **worker_kwargs):
+def ray_engine(
+    workers: int = 2, worker: str | None = None, *, address: str | None = None, max_attempts: int = 3, **worker_kwargs
+):
     """The Ray engine with shards of 8 images, with a stand-in worker from tests/ray_workers.py if named."""
-    from pipeline.distributed import RayEngine
+    from pipeline.features.ray_engine import RayEngine
 
     config = EngineConfig(name="ray", address=address, workers=workers, shard_size=SHARD, max_attempts=max_attempts)
     if worker is None:
@@ -82,9 +84,11 @@ def assert_same_file(path: Path, expected: Path) -> None:
     got, want = read_features(path), read_features(expected)
     volatile = {"created", "config"}  # `config` differs only by its output_dir here
     assert {k: v for k, v in got.attrs.items() if k not in volatile} == {
-        k: v for k, v in want.attrs.items() if k not in volatile}
+        k: v for k, v in want.attrs.items() if k not in volatile
+    }
     assert dataclasses.replace(FeaturesConfig.from_dict(got.config), output_dir="") == dataclasses.replace(
-        FeaturesConfig.from_dict(want.config), output_dir="")
+        FeaturesConfig.from_dict(want.config), output_dir=""
+    )
     assert got.split_attrs == want.split_attrs  # including the skipped images and their reasons
     assert list(got.splits) == list(want.splits)
     for name, split in want.splits.items():
@@ -112,20 +116,28 @@ def test_a_ray_run_writes_the_file_of_a_one_process_run(ray_cluster, reference, 
 
 
 def test_a_ray_run_of_a_tfds_dataset_equals_a_one_process_run(ray_cluster, dummy_tfds_dir, tmp_path):
-    data = DataConfig(dataset="dummy_mnist", tfds_dir=str(dummy_tfds_dir),
-                      splits={"train": "train[:60%]", "validation": "train[60%:]", "test": "test"})
+    data = DataConfig(
+        dataset="dummy_mnist",
+        tfds_dir=str(dummy_tfds_dir),
+        splits={"train": "train[:60%]", "validation": "train[60%:]", "test": "test"},
+    )
     config = FeaturesConfig(data=data, backbone="tiny", weights="none", batch_size=4)
     local = extract_features(dataclasses.replace(config, output_dir=str(tmp_path / "local")), progress=False)
-    ray_run = extract_features(dataclasses.replace(config, output_dir=str(tmp_path / "ray")), progress=False,
-                               engine=ray_engine(workers=1))
+    ray_run = extract_features(
+        dataclasses.replace(config, output_dir=str(tmp_path / "ray")), progress=False, engine=ray_engine(workers=1)
+    )
     assert ray_run.images == 40
     assert_same_file(ray_run.path, local.path)
 
 
-@pytest.mark.parametrize("kill", [
-    (13, None),
-    pytest.param((21, 1), marks=pytest.mark.slow),
-], ids=["train-shard", "views-shard"])
+@pytest.mark.parametrize(
+    "kill",
+    [
+        (13, None),
+        pytest.param((21, 1), marks=pytest.mark.slow),
+    ],
+    ids=["train-shard", "views-shard"],
+)
 def test_a_killed_worker_is_restarted_and_the_file_is_the_same(ray_cluster, reference, tmp_path, kill):
     """A worker process is killed (SIGKILL) in the middle of a train shard, or of a shard of view 1.
 
@@ -168,7 +180,7 @@ import sys
 sys.path[:0] = [{tests!r}]
 from pathlib import Path
 from test_distributed import config_for, ray_engine
-from pipeline.extract import extract_features
+from pipeline.features.extract import extract_features
 engine = ray_engine(workers=2, worker="SlowWorker", address={address!r}, delay=0.2)
 extract_features(config_for(Path({folder!r}), Path({out!r})), progress=False, engine=engine)
 """
@@ -192,8 +204,9 @@ def test_a_rerun_after_the_driver_is_killed_computes_no_finished_shard(ray_clust
     folder, expected = reference
     out = tmp_path / "features"
     script = DRIVER.format(tests=str(TESTS), address=ray_cluster, folder=str(folder), out=str(out))
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     partial = partial_path(resolve(config_for(folder, out))[2])
     deadline = time.monotonic() + 120
     while _committed(partial) < 2 * SHARD:
@@ -212,10 +225,35 @@ def test_a_rerun_after_the_driver_is_killed_computes_no_finished_shard(ray_clust
 @pytest.mark.slow
 def test_make_features_engine_ray_on_an_existing_cluster(ray_cluster, reference, tmp_path):
     folder, expected = reference
-    command = [sys.executable, "-m", "pipeline", "features", "--data-dir", str(folder), "--backbone", "tiny",
-               "--weights", "none", "--batch-size", "4", "--val-fraction", "0.25", "--test-fraction", "0.25",
-               "--output-dir", str(tmp_path), "--aug-views", "2", "--no-progress", "--engine", "ray",
-               "--workers", "1", "--ray-shard-size", str(SHARD)]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "features",
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+        "--output-dir",
+        str(tmp_path),
+        "--aug-views",
+        "2",
+        "--no-progress",
+        "--engine",
+        "ray",
+        "--workers",
+        "1",
+        "--ray-shard-size",
+        str(SHARD),
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "TF_CPP_MIN_LOG_LEVEL": "3"}
     process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert process.returncode == 0, process.stderr
@@ -230,38 +268,44 @@ def test_engine_ray_without_ray_installed_is_a_one_line_config_error(monkeypatch
         extract_features(config_for(image_folder, tmp_path), progress=False, engine=engine)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"workers": 2}, "WORKERS=2 configure.*ENGINE=ray, but the engine is local"),
-    ({"name": "spark"}, "engine must be one of local, ray"),
-    ({"name": "ray", "workers": 0}, "workers must be >= 1"),
-    ({"name": "ray", "shard_size": 0}, "shard_size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"workers": 2}, "WORKERS=2 configure.*ENGINE=ray, but the engine is local"),
+        ({"name": "spark"}, "engine must be one of local, ray"),
+        ({"name": "ray", "workers": 0}, "workers must be >= 1"),
+        ({"name": "ray", "shard_size": 0}, "shard_size must be >= 1"),
+    ],
+)
 def test_engine_settings_are_validated(settings, message):
     with pytest.raises(ConfigError, match=message):
         EngineConfig(**settings)
 
 
-@pytest.mark.parametrize("settings, resources, placement", [
-    ({}, {"CPU": 16}, (1, 0.0, 16.0)),
-    ({}, {"CPU": 16, "GPU": 4}, (4, 1.0, 4.0)),
-    ({"workers": 2}, {"CPU": 2}, (2, 0.0, 1.0)),
-    ({"gpus_per_worker": 0.5}, {"CPU": 8, "GPU": 2}, (4, 0.5, 2.0)),
-])
+@pytest.mark.parametrize(
+    "settings, resources, placement",
+    [
+        ({}, {"CPU": 16}, (1, 0.0, 16.0)),
+        ({}, {"CPU": 16, "GPU": 4}, (4, 1.0, 4.0)),
+        ({"workers": 2}, {"CPU": 2}, (2, 0.0, 1.0)),
+        ({"gpus_per_worker": 0.5}, {"CPU": 8, "GPU": 2}, (4, 0.5, 2.0)),
+    ],
+)
 def test_workers_default_to_one_per_gpu_else_one(settings, resources, placement):
-    from pipeline.distributed import RayEngine
+    from pipeline.features.ray_engine import RayEngine
 
     assert RayEngine(EngineConfig(name="ray", **settings))._placement(resources) == placement
 
 
 def test_more_gpus_than_the_cluster_has_is_an_error():
-    from pipeline.distributed import RayEngine
+    from pipeline.features.ray_engine import RayEngine
 
     with pytest.raises(ConfigError, match="WORKERS=4 x GPUS_PER_WORKER=1 needs 4 GPUs; the Ray cluster has 2"):
         RayEngine(EngineConfig(name="ray", workers=4, gpus_per_worker=1))._placement({"CPU": 8, "GPU": 2})
 
 
 def test_batches_are_sent_in_chunks_of_about_chunk_bytes():
-    from pipeline.distributed import coalesce
+    from pipeline.features.ray_engine import coalesce
 
     def batches():
         for a in range(0, 10, 3):  # 4 batches: 3, 3, 3 and 1 rows of 4 float32 features (48 bytes a batch)
@@ -275,13 +319,16 @@ def test_batches_are_sent_in_chunks_of_about_chunk_bytes():
 
 
 def test_the_driver_ceiling_benchmark_runs_on_stand_in_workers(ray_cluster, tmp_path):
-    from pipeline.scale import bench_driver
+    from pipeline.bench.scale import bench_driver
 
     rows = bench_driver(rows=3000, dim=8, batch_size=32, work_dir=tmp_path, workers=(1,), shard_size=500)
     assert [r["what"] for r in rows] == [
-        "write only, appends of 32 rows (no Ray)", "write only, appends of 4 MB (no Ray)",
-        "receive only (1 stand-in worker)", "receive and write (1 stand-in worker)",
-        "finish the file (gzip copy, once per run)"]
+        "write only, appends of 32 rows (no Ray)",
+        "write only, appends of 4 MB (no Ray)",
+        "receive only (1 stand-in worker)",
+        "receive and write (1 stand-in worker)",
+        "finish the file (gzip copy, once per run)",
+    ]
     assert all(r["rows"] == 3000 and r["rows_per_s"] > 0 for r in rows)
     with h5py.File(tmp_path / "ray-1.h5") as f:  # the stand-in rows, in order
         assert f["train/index"][:].tolist() == list(range(3000)) and f["train/features"].shape == (3000, 8)

@@ -8,19 +8,21 @@ import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import assert_same_rows, make_folder, write_image
-from pipeline.backbones import build_extractor
+
 from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.errors import CacheError, DataError
-from pipeline.extract import extract_features, resolve
+from pipeline.features.extract import extract_features, resolve
+from pipeline.features.extractor import build_extractor
+from pipeline.features.store import merge_shards, read_features
 from pipeline.images import decode_and_resize
-from pipeline.store import merge_shards, read_features
 
 
 def tiny_config(folder, out, **kwargs) -> FeaturesConfig:
     data = DataConfig(dataset=None, data_dir=str(folder), val_fraction=0.25, test_fraction=0.25)
-    return FeaturesConfig(**{"data": data, "backbone": "tiny", "weights": "none", "batch_size": 4, "output_dir": str(out), **kwargs})
+    return FeaturesConfig(
+        **{"data": data, "backbone": "tiny", "weights": "none", "batch_size": 4, "output_dir": str(out), **kwargs}
+    )
 
 
 def test_every_split_is_stored_with_labels_ids_and_attributes(image_folder, tmp_path):
@@ -29,7 +31,9 @@ def test_every_split_is_stored_with_labels_ids_and_attributes(image_folder, tmp_
     assert (result.images, result.skipped) == (24, 0)
     cached = read_features(result.path)
     assert {name: s.features.shape for name, s in cached.splits.items()} == {
-        "train": (12, 32), "validation": (6, 32), "test": (6, 32)
+        "train": (12, 32),
+        "validation": (6, 32),
+        "test": (6, 32),
     }
     for split in cached.splits.values():
         assert split.features.dtype == np.float32 and split.labels.dtype == np.int64
@@ -109,7 +113,7 @@ def awkward_folder(tmp_path):
 
 
 def test_unreadable_images_are_skipped_and_reported_the_rest_converted(awkward_folder, tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="pipeline.extract"):
+    with caplog.at_level("WARNING", logger="pipeline.features.extract"):
         result = extract_features(tiny_config(awkward_folder, tmp_path), progress=False)
     # The warning names the file by its path under the folder (a split folder's name is in it once).
     assert any(r.getMessage().startswith("skipped cat/truncated.jpg (split ") for r in caplog.records)
@@ -120,8 +124,15 @@ def test_unreadable_images_are_skipped_and_reported_the_rest_converted(awkward_f
     assert "Invalid JPEG data" in skipped["cat/truncated.jpg"]
     assert "empty" in skipped["dog/empty.jpg"]
     assert "Unknown image file format" in skipped["dog/text.jpg"]
-    converted = {"cat/gray.jpg", "cat/cmyk.jpg", "cat/rgba.png", "cat/png_named.jpg",
-                 "dog/gif_named.jpg", "dog/pic.bmp", "dog/deep16.png"}
+    converted = {
+        "cat/gray.jpg",
+        "cat/cmyk.jpg",
+        "cat/rgba.png",
+        "cat/png_named.jpg",
+        "dog/gif_named.jpg",
+        "dog/pic.bmp",
+        "dog/deep16.png",
+    }
     assert converted <= stored
     assert len(stored) + len(skipped) == 12 + 10 and result.skipped == 3
     assert cached.attrs["num_skipped"] == 3
@@ -132,14 +143,15 @@ def test_unreadable_images_are_skipped_and_reported_the_rest_converted(awkward_f
 
 def test_both_input_schedules_store_the_same_rows_and_skips(awkward_folder, tmp_path, monkeypatch):
     """A CPU run decodes in bursts, a GPU run overlaps decoding with the backbone: the file is the same."""
-    from pipeline import extract
+    from pipeline.features import forward
 
-    assert extract.input_schedule() is extract.BURSTS  # no GPU on the test machines
+    assert forward.input_schedule() is forward.BURSTS  # no GPU on the test machines
     config = tiny_config(awkward_folder, tmp_path / "bursts")
     bursts = read_features(extract_features(config, progress=False).path)
-    monkeypatch.setattr(extract, "input_schedule", lambda: extract.OVERLAP)
-    overlap = read_features(extract_features(dataclasses.replace(config, output_dir=str(tmp_path / "overlap")),
-                                             progress=False).path)
+    monkeypatch.setattr(forward, "input_schedule", lambda: forward.OVERLAP)
+    overlap = read_features(
+        extract_features(dataclasses.replace(config, output_dir=str(tmp_path / "overlap")), progress=False).path
+    )
     assert_same_rows(overlap, bursts, exact=True)  # the same batches through the same kernels
     assert overlap.split_attrs == bursts.split_attrs  # the same skipped images
 
@@ -179,7 +191,8 @@ def test_merge_refuses_an_incomplete_set_of_shards(tmp_path):
 
 def test_tfds_dataset_end_to_end(dummy_tfds_dir, tmp_path):
     data = DataConfig(
-        dataset="dummy_mnist", tfds_dir=str(dummy_tfds_dir),
+        dataset="dummy_mnist",
+        tfds_dir=str(dummy_tfds_dir),
         splits={"train": "train[:60%]", "validation": "train[60%:]"},
     )
     config = FeaturesConfig(data=data, backbone="tiny", weights="none", batch_size=8, output_dir=str(tmp_path))
@@ -216,7 +229,9 @@ def test_stage_1_traces_its_functions_without_autograph(image_folder, tmp_path, 
 
     converted = []
     convert = api._convert_actual
-    monkeypatch.setattr(api, "_convert_actual", lambda entity, *a, **k: converted.append(entity) or convert(entity, *a, **k))
+    monkeypatch.setattr(
+        api, "_convert_actual", lambda entity, *a, **k: converted.append(entity) or convert(entity, *a, **k)
+    )
     result = extract_features(tiny_config(image_folder, tmp_path, num_shards=2, shard_index=1), progress=False)
     assert result.images > 0
     assert converted == []

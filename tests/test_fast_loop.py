@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, make_folder
 
 _PROBE = """
@@ -26,8 +25,14 @@ print(json.dumps({"code": code, "heavy": heavy}))
 
 
 def _run(argv: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -36,8 +41,17 @@ def _extract(root, layout: str):
     from pipeline.cli import main
 
     folder = make_folder(root / "images", 6, layout=layout)
-    flags = ["--data-dir", str(folder), "--backbone", "tiny", "--weights", "none", "--features-dir",
-             str(root / "features"), "--no-progress"]
+    flags = [
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--features-dir",
+        str(root / "features"),
+        "--no-progress",
+    ]
     assert main(["features", *flags]) == 0
     return root, flags
 
@@ -82,7 +96,7 @@ def test_a_dense_head_run_imports_no_scikit_learn(extracted):
 def test_a_head_is_still_a_scikit_learn_estimator_in_shape():
     from sklearn.base import clone
 
-    from pipeline.heads import LogisticHead
+    from pipeline.heads.base import LogisticHead
 
     head = LogisticHead(C=0.5, max_iter=50)
     copy = clone(head)
@@ -96,8 +110,15 @@ def test_a_head_run_reports_its_phases(extracted, tmp_path):
     assert result["code"] == 0
     phases = json.loads((tmp_path / "run.json").read_text())["phases"]
     assert list(phases)[:2] == ["start-up and imports", "stage imports"]
-    assert {"read features", "fit", "evaluate", "save head", "plot confusion matrix", "plot top losses",
-            "report"} <= set(phases)
+    assert {
+        "read features",
+        "fit",
+        "evaluate",
+        "save head",
+        "plot confusion matrix",
+        "plot top losses",
+        "report",
+    } <= set(phases)
     assert all(seconds >= 0 for seconds in phases.values())
     again = _run(["head", *flags, "--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "again.json")])
     assert again["code"] == 0

@@ -12,13 +12,14 @@ import pytest
 from conftest import make_folder
 from test_extract import tiny_config
 
-from pipeline.backbones import build_extractor
 from pipeline.cli import main
 from pipeline.config import AugmentConfig, FinetuneConfig, HeadConfig
-from pipeline.data import load_source
 from pipeline.errors import CacheError, ConfigError
-from pipeline.extract import extract_features
-from pipeline.finetune import (
+from pipeline.features.extract import extract_features
+from pipeline.features.extractor import build_extractor
+from pipeline.features.sources import load_source, stratified_rows
+from pipeline.features.store import read_features
+from pipeline.finetune.train import (
     block_starts,
     build_model,
     few_shot,
@@ -27,10 +28,8 @@ from pipeline.finetune import (
     predict,
     resolve_fine_tune_at,
 )
-from pipeline.heads import load_head
-from pipeline.store import read_features
-from pipeline.data import stratified_rows
-from pipeline.train import train_head
+from pipeline.heads.base import load_head
+from pipeline.heads.train import train_head
 
 AT = "block2_conv"  # tiny: input, then conv/bn/relu for blocks 1-3; block 2 starts at layer 4
 
@@ -58,8 +57,9 @@ def stage2(tmp_path_factory):
 
 
 def tune(tmp_path, **kwargs) -> FinetuneConfig:
-    defaults = dict(fine_tune_at=AT, epochs=2, patience=0, learning_rate=1e-2, runs_dir=str(tmp_path / "runs"),
-                    grid_images=2)
+    defaults = dict(
+        fine_tune_at=AT, epochs=2, patience=0, learning_rate=1e-2, runs_dir=str(tmp_path / "runs"), grid_images=2
+    )
     return FinetuneConfig(**{**defaults, **kwargs})
 
 
@@ -115,8 +115,18 @@ def test_run_directory_before_and_after_metrics_and_exported_model(stage2, tmp_p
     features, head, stage2_run, _ = stage2
     run = finetune(features, head, tune(tmp_path), progress=False)
     files = {p.name for p in run.run_dir.iterdir()}
-    assert {"model.keras", "labels.txt", "config.json", "metrics.json", "history.csv", "learning_curves.png",
-            "confusion_matrix.png", "top_losses.png", "report.md", "tensorboard"} <= files
+    assert {
+        "model.keras",
+        "labels.txt",
+        "config.json",
+        "metrics.json",
+        "history.csv",
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "top_losses.png",
+        "report.md",
+        "tensorboard",
+    } <= files
     assert not list(run.run_dir.parent.glob("*.partial-*"))
     metrics = run.metrics
     assert metrics["before"]["validation"]["loss"] == pytest.approx(stage2_run.metrics["validation"]["loss"], abs=1e-5)
@@ -219,9 +229,18 @@ def test_state_left_by_the_earlier_format_starts_afresh_with_a_warning(stage2, t
     for leftover in work.glob("*.npz"):
         leftover.unlink()
     (work / "epoch-001.weights.h5").write_bytes(b"old")
-    (work / "state.json").write_text(json.dumps({"history": [{"epoch": 1, "phase": "finetune", "seconds": 1.0}],
-                                                 "last_weights": "epoch-001.weights.h5", "best_epoch": 0,
-                                                 "best_loss": 0.5, "before": None, "stopped": False}))
+    (work / "state.json").write_text(
+        json.dumps(
+            {
+                "history": [{"epoch": 1, "phase": "finetune", "seconds": 1.0}],
+                "last_weights": "epoch-001.weights.h5",
+                "best_epoch": 0,
+                "best_loss": 0.5,
+                "before": None,
+                "stopped": False,
+            }
+        )
+    )
     epochs = Epochs()
     run = finetune(features, head, config, progress=False, callbacks=[epochs])
     assert epochs.started == [0, 1] and "cannot be resumed: starting afresh" in caplog.text
@@ -229,8 +248,8 @@ def test_state_left_by_the_earlier_format_starts_afresh_with_a_warning(stage2, t
 
 
 def test_the_data_source_is_loaded_once_per_run(stage2, tmp_path, monkeypatch):
-    import pipeline.data
-    import pipeline.finetune
+    import pipeline.features.sources
+    import pipeline.finetune.train
 
     features, head, _, _ = stage2
     calls = []
@@ -239,8 +258,8 @@ def test_the_data_source_is_loaded_once_per_run(stage2, tmp_path, monkeypatch):
         calls.append(args)
         return load_source(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.finetune, "load_source", counted)
-    monkeypatch.setattr(pipeline.data, "load_source", counted)
+    monkeypatch.setattr(pipeline.finetune.train, "load_source", counted)
+    monkeypatch.setattr(pipeline.features.sources, "load_source", counted)
     run = finetune(features, head, tune(tmp_path, epochs=1, grid_images=3), progress=False)
     assert len(list(run.run_dir.glob("*.png"))) == 3  # learning curves, confusion matrix, the image grid
     assert len(calls) == 1
@@ -285,13 +304,16 @@ def test_blocks_and_names_resolve_on_mobilenet_v2():
     assert resolve_fine_tune_at(backbone, "Conv_1") == [la.name for la in backbone.layers].index("Conv_1")
 
 
-@pytest.mark.parametrize("at, message", [
-    ("999", r"FINE_TUNE_AT=999 is out of range: backbone has 10 layers \(0-9\)"),
-    ("-1", "out of range"),
-    ("blocks:7", r"expected blocks:N with 1 <= N <= 3"),
-    ("block9", "neither a layer index"),
-    ("blok2_conv", "Did you mean block2_conv"),
-])
+@pytest.mark.parametrize(
+    "at, message",
+    [
+        ("999", r"FINE_TUNE_AT=999 is out of range: backbone has 10 layers \(0-9\)"),
+        ("-1", "out of range"),
+        ("blocks:7", r"expected blocks:N with 1 <= N <= 3"),
+        ("block9", "neither a layer index"),
+        ("blok2_conv", "Did you mean block2_conv"),
+    ],
+)
 def test_an_invalid_fine_tune_at_is_a_clear_error(stage2, tmp_path, at, message):
     features, head, _, _ = stage2
     with pytest.raises(ConfigError, match=message):
@@ -305,18 +327,41 @@ def test_a_missing_head_a_random_backbone_or_another_image_size_are_errors(stage
     with pytest.raises(ConfigError, match="needs a pretrained backbone, but WEIGHTS=none"):
         finetune(dataclasses.replace(features, weights="none"), head, tune(tmp_path), progress=False)
     with pytest.raises(CacheError, match="image_size: head 32, asked 48"):
-        finetune(dataclasses.replace(features, image_size=48), head, tune(tmp_path), head_run=run.run_dir,
-                 progress=False)
+        finetune(
+            dataclasses.replace(features, image_size=48), head, tune(tmp_path), head_run=run.run_dir, progress=False
+        )
     with pytest.raises(ConfigError, match="FROM_SCRATCH=1 trains from random weights: set WEIGHTS=none"):
         finetune(features, head, tune(tmp_path, from_scratch=True), progress=False)
 
 
 def test_make_style_cli_runs_stage3(stage2, tmp_path, capsys):
     features, _, run, _ = stage2
-    args = ["finetune", "--data-dir", features.data.data_dir, "--backbone", "tiny", "--weights", features.weights,
-            "--image-size", "32", "--output-dir", features.output_dir, "--val-fraction", "0.25",
-            "--test-fraction", "0.25", "--run", str(run.run_dir), "--runs-dir", str(tmp_path / "runs"),
-            "--fine-tune-epochs", "1", "--no-progress", "--grid-images", "0"]
+    args = [
+        "finetune",
+        "--data-dir",
+        features.data.data_dir,
+        "--backbone",
+        "tiny",
+        "--weights",
+        features.weights,
+        "--image-size",
+        "32",
+        "--output-dir",
+        features.output_dir,
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+        "--run",
+        str(run.run_dir),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--fine-tune-epochs",
+        "1",
+        "--no-progress",
+        "--grid-images",
+        "0",
+    ]
     assert main([*args, "--fine-tune-at", "blocks:1"]) == 0
     assert "finetune, validation accuracy" in capsys.readouterr().out
     assert main([*args, "--fine-tune-at", "nope"]) == 2
@@ -326,10 +371,36 @@ def test_make_style_cli_runs_stage3(stage2, tmp_path, capsys):
 def test_make_head_runs_stages_1_and_2_first_only_when_warm_starting(stage2, tmp_path, capsys):
     """`make finetune` passes --make-head; the command, not Make, decides whether a head is needed."""
     features, _, _, _ = stage2
-    args = ["finetune", "--data-dir", features.data.data_dir, "--backbone", "tiny", "--weights", features.weights,
-            "--image-size", "32", "--features-dir", str(tmp_path / "features"), "--val-fraction", "0.25",
-            "--test-fraction", "0.25", "--runs-dir", str(tmp_path / "runs"), "--head", "dense", "--epochs", "2",
-            "--fine-tune-epochs", "1", "--fine-tune-at", "blocks:1", "--no-progress", "--grid-images", "0"]
+    args = [
+        "finetune",
+        "--data-dir",
+        features.data.data_dir,
+        "--backbone",
+        "tiny",
+        "--weights",
+        features.weights,
+        "--image-size",
+        "32",
+        "--features-dir",
+        str(tmp_path / "features"),
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--head",
+        "dense",
+        "--epochs",
+        "2",
+        "--fine-tune-epochs",
+        "1",
+        "--fine-tune-at",
+        "blocks:1",
+        "--no-progress",
+        "--grid-images",
+        "0",
+    ]
     assert main(args) == 2  # without it: the one-line error naming both ways out
     assert "No stage-2 head to warm-start from" in capsys.readouterr().err
     assert main([*args, "--make-head"]) == 0

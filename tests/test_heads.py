@@ -1,4 +1,4 @@
-"""Tests of pipeline.heads on synthetic Gaussian blobs (no features files, no models).
+"""Tests of pipeline.heads.base on synthetic Gaussian blobs (no features files, no models).
 
 Heads that several tests share are fitted once per module; every fit pins its seed.
 """
@@ -16,7 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import balanced_accuracy_score
 
 from pipeline.errors import ConfigError, DataError, NotFittedError
-from pipeline.heads import (
+from pipeline.heads.base import (
     ABSENT_CLASS_LOGIT,
     DEFAULT_CS,
     HEADS,
@@ -98,9 +98,7 @@ def test_registry_names():
 def test_create_head_unknown_name():
     with pytest.raises(ConfigError) as info:
         create_head("x")
-    assert str(info.value) == (
-        "Unknown head 'x'. Expected one of: dense, logistic. Received: head='x'."
-    )
+    assert str(info.value) == ("Unknown head 'x'. Expected one of: dense, logistic. Received: head='x'.")
 
 
 def test_create_head_unknown_parameter():
@@ -146,12 +144,8 @@ def test_save_load_round_trip(fitted, case_id, k, tmp_path):
     path = head.save(tmp_path / "head")
     assert path == tmp_path / "head" / type(head).model_file and path.is_file()
     record = json.loads((tmp_path / "head" / "head.json").read_text())
-    assert record["head"] == head.name and record["hyperparameters"] == json.loads(
-        json.dumps(head.get_params())
-    )
-    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == sorted(
-        ["head.json", path.name]
-    )
+    assert record["head"] == head.name and record["hyperparameters"] == json.loads(json.dumps(head.get_params()))
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == sorted(["head.json", path.name])
     X, _ = DATA[k]["test"]
     for loaded in (load_head(tmp_path / "head"), type(head).load(tmp_path / "head")):
         assert type(loaded) is type(head)
@@ -175,8 +169,12 @@ def test_load_errors(fitted, tmp_path):
 @pytest.mark.parametrize("method", ["predict_proba", "predict", "save", "dense_weights"])
 def test_unfitted_head_raises(name, method, tmp_path):
     head = create_head(name)
-    args = {"predict_proba": (np.zeros((2, 4)),), "predict": (np.zeros((2, 4)),),
-            "save": (tmp_path,), "dense_weights": ()}[method]
+    args = {
+        "predict_proba": (np.zeros((2, 4)),),
+        "predict": (np.zeros((2, 4)),),
+        "save": (tmp_path,),
+        "dense_weights": (),
+    }[method]
     checked = "predict_proba" if method == "predict" else method
     with pytest.raises(NotFittedError, match=f"not fitted yet.*before {checked}"):
         getattr(head, method)(*args)
@@ -273,7 +271,7 @@ def test_logistic_non_convergence_is_recorded_not_spammed(caplog):
     X, y = DATA[4]["train"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        with caplog.at_level(logging.WARNING, logger="pipeline.heads"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.heads.base"):
             head = LogisticHead(C=100.0, max_iter=2).fit(X, y)
     assert head.params_["converged"] is False
     messages = [r.getMessage() for r in caplog.records]
@@ -345,19 +343,20 @@ def test_other_seed_other_dense_weights(fitted):
 
 
 # ------------------------------------------------------------ class weights
-@pytest.mark.parametrize("name,params", [
-    ("logistic", {"C": 0.01}),
-    ("dense", {"epochs": 10}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("logistic", {"C": 0.01}),
+        ("dense", {"epochs": 10}),
+    ],
+)
 def test_balanced_class_weight_improves_mean_recall(name, params):
     data = make_splits(16, 2, seed=5, sep=1.5, n=(600, 200, 1000), weights=[0.93, 0.07])
     (X, y), (Xt, yt) = data["train"], data["test"]
     plain = create_head(name, **params).fit(X, y)
     balanced = create_head(name, class_weight="balanced", **params).fit(X, y)
     assert balanced.params_["class_weight"] == "balanced"
-    assert balanced_accuracy_score(yt, balanced.predict(Xt)) > balanced_accuracy_score(
-        yt, plain.predict(Xt)
-    ) + 0.02
+    assert balanced_accuracy_score(yt, balanced.predict(Xt)) > balanced_accuracy_score(yt, plain.predict(Xt)) + 0.02
     if name == "dense":
         weights = balanced.params_["class_weights"]
         assert set(weights) == {"0", "1"} and weights["1"] > 1 > weights["0"]
@@ -386,8 +385,7 @@ def test_binary_fit_inside_a_multiclass_head():
     Xt, _ = DATA[4]["test"]
     kernel, bias, activation = head.dense_weights()
     assert activation == "softmax" and kernel.shape == (X.shape[1], 3)
-    np.testing.assert_allclose(numpy_layer(Xt, kernel, bias, activation),
-                               head.predict_proba(Xt), atol=1e-5)
+    np.testing.assert_allclose(numpy_layer(Xt, kernel, bias, activation), head.predict_proba(Xt), atol=1e-5)
 
 
 # --------------------------------------------------------------- validation
@@ -398,22 +396,34 @@ def _bad_inputs():
     nan[5, :2] = np.inf
     return [
         ("x_1d", (X[:, 0], y), {}, DataError, r"X_train must be a 2-D array .* shape \(300,\)"),
-        ("length", (X, y[:-1]), {}, DataError,
-         "same length. Received: 300 feature rows and 299 labels"),
-        ("nan", (nan, y), {}, DataError,
-         r"features contain 3 NaN/inf values \(in 2 of 300 rows\)"),
-        ("one_class", (X, np.zeros_like(y)), {}, DataError,
-         r"needs at least 2 classes; got 1: \[0\]"),
+        ("length", (X, y[:-1]), {}, DataError, "same length. Received: 300 feature rows and 299 labels"),
+        ("nan", (nan, y), {}, DataError, r"features contain 3 NaN/inf values \(in 2 of 300 rows\)"),
+        ("one_class", (X, np.zeros_like(y)), {}, DataError, r"needs at least 2 classes; got 1: \[0\]"),
         ("negative", (X, y - 1), {}, DataError, r"labels are negative \(minimum -1\)"),
         ("y_2d", (X, np.eye(2)[y]), {}, DataError, "1-D array of integer class indices"),
         ("y_fraction", (X, y + 0.5), {}, DataError, "must hold integer class indices"),
-        ("val_width", (X, y, Xv[:, :5], yv), {}, DataError,
-         r"X_val must have the feature width of X_train \(32\). Received: shape \(100, 5\)"),
-        ("val_label", (X, y, Xv, np.where(yv == 1, 2, yv)), {}, DataError,
-         r"y_val labels must lie in \[0, 2\) .* Received: labels \[2\].*n_classes="),
+        (
+            "val_width",
+            (X, y, Xv[:, :5], yv),
+            {},
+            DataError,
+            r"X_val must have the feature width of X_train \(32\). Received: shape \(100, 5\)",
+        ),
+        (
+            "val_label",
+            (X, y, Xv, np.where(yv == 1, 2, yv)),
+            {},
+            DataError,
+            r"y_val labels must lie in \[0, 2\) .* Received: labels \[2\].*n_classes=",
+        ),
         ("val_alone", (X, y, Xv), {}, ConfigError, "X_val and y_val go together"),
-        ("n_classes", (X, y), {"n_classes": 1}, ConfigError,
-         r"n_classes must exceed the largest label in y_train \(1\)"),
+        (
+            "n_classes",
+            (X, y),
+            {"n_classes": 1},
+            ConfigError,
+            r"n_classes must exceed the largest label in y_train \(1\)",
+        ),
         ("empty", (X[:0], y[:0]), {}, DataError, "at least one example"),
     ]
 
@@ -434,16 +444,18 @@ def test_fit_accepts_float64_features_and_integral_float_labels():
     assert head.predict(X).dtype == np.int64
 
 
-@pytest.mark.parametrize("name,params,message", [
-    ("logistic", {"C": -1.0},
-     r"The 'C' parameter must be a number in \(0, inf\). Received: C=-1.0"),
-    ("logistic", {"Cs": []}, "The 'Cs' parameter must be a non-empty sequence"),
-    ("logistic", {"class_weight": "auto"}, r"class_weight must be one of \[None, 'balanced'\]"),
-    ("logistic", {"max_iter": 0}, "The 'max_iter' parameter must be an integer"),
-    ("dense", {"dropout": 1.0}, r"The 'dropout' parameter must be a number in \[0, 1\)"),
-    ("dense", {"hidden": 2.5}, "The 'hidden' parameter must be an integer"),
-    ("dense", {"learning_rate": 0}, "The 'learning_rate' parameter"),
-])
+@pytest.mark.parametrize(
+    "name,params,message",
+    [
+        ("logistic", {"C": -1.0}, r"The 'C' parameter must be a number in \(0, inf\). Received: C=-1.0"),
+        ("logistic", {"Cs": []}, "The 'Cs' parameter must be a non-empty sequence"),
+        ("logistic", {"class_weight": "auto"}, r"class_weight must be one of \[None, 'balanced'\]"),
+        ("logistic", {"max_iter": 0}, "The 'max_iter' parameter must be an integer"),
+        ("dense", {"dropout": 1.0}, r"The 'dropout' parameter must be a number in \[0, 1\)"),
+        ("dense", {"hidden": 2.5}, "The 'hidden' parameter must be an integer"),
+        ("dense", {"learning_rate": 0}, "The 'learning_rate' parameter"),
+    ],
+)
 def test_fit_validates_hyperparameters(name, params, message):
     X, y = DATA[2]["train"]
     with pytest.raises(ConfigError, match=message):

@@ -11,17 +11,31 @@ import tensorflow as tf
 from PIL import Image
 
 from pipeline.config import DataConfig, FeaturesConfig
-from pipeline.extract import extract_features, resolve
+from pipeline.features.extract import extract_features, resolve
+from pipeline.features.store import read_features
 from pipeline.images import DECODER, decode_and_resize, decode_image, exif_orientation
-from pipeline.store import read_features
 
 T = Image.Transpose
 # PIL's ImageOps.exif_transpose: the transform that turns stored pixels upright.
-UPRIGHT = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE,
-           6: T.ROTATE_270, 7: T.TRANSVERSE, 8: T.ROTATE_90}
+UPRIGHT = {
+    2: T.FLIP_LEFT_RIGHT,
+    3: T.ROTATE_180,
+    4: T.FLIP_TOP_BOTTOM,
+    5: T.TRANSPOSE,
+    6: T.ROTATE_270,
+    7: T.TRANSVERSE,
+    8: T.ROTATE_90,
+}
 # Its inverse: upright pixels -> what a camera stores with that tag.
-STORED = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE,
-          6: T.ROTATE_90, 7: T.TRANSVERSE, 8: T.ROTATE_270}
+STORED = {
+    2: T.FLIP_LEFT_RIGHT,
+    3: T.ROTATE_180,
+    4: T.FLIP_TOP_BOTTOM,
+    5: T.TRANSPOSE,
+    6: T.ROTATE_90,
+    7: T.TRANSVERSE,
+    8: T.ROTATE_270,
+}
 
 _traced = tf.function(exif_orientation, input_signature=[tf.TensorSpec([], tf.string)])
 
@@ -101,8 +115,9 @@ def test_features_of_tagged_jpegs_equal_those_of_the_upright_images(tmp_path):
         (folder / "tagged" / f"{orientation}.jpg").write_bytes(jpeg)
         Image.fromarray(turned_upright(jpeg, orientation)).save(folder / "upright" / f"{orientation}.png")
     data = DataConfig(dataset=None, data_dir=str(folder), val_fraction=0.0, test_fraction=0.0)
-    config = FeaturesConfig(data=data, backbone="tiny", weights="none", image_size=40, batch_size=4,
-                            output_dir=str(tmp_path / "features"))
+    config = FeaturesConfig(
+        data=data, backbone="tiny", weights="none", image_size=40, batch_size=4, output_dir=str(tmp_path / "features")
+    )
     train = read_features(extract_features(config, progress=False).path).splits["train"]
     rows = dict(zip(train.ids, train.features))
     tagged = np.stack([rows[f"tagged/{o}.jpg"] for o in range(1, 9)])
@@ -145,18 +160,22 @@ def test_untagged_and_non_jpeg_images_are_untouched():
         )
 
 
-@pytest.mark.parametrize("payload", [
-    b"Exif\0\0",                                    # no TIFF header
-    b"Exif\0\0XX*\0\x08\0\0\0",                     # unknown byte order
-    b"Exif\0\0II\x2b\0\x08\0\0\0",                  # not 42
-    b"Exif\0\0II*\0\xff\xff\xff\x7f",               # IFD0 far beyond the file
-    exif_payload(6)[:30],                           # IFD0 cut short
-    exif_payload(9),                                # orientation out of range
-    exif_payload(0),
-    exif_payload(6, kind=2),                        # orientation stored as ASCII
-    exif_payload(6, kind=4),                        # as a LONG (the standard says SHORT)
-    b"Exif\0\0" + bytes(range(256)) * 4,
-], ids=["empty", "order", "magic", "offset", "short", "nine", "zero", "ascii", "long", "garbage"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"Exif\0\0",  # no TIFF header
+        b"Exif\0\0XX*\0\x08\0\0\0",  # unknown byte order
+        b"Exif\0\0II\x2b\0\x08\0\0\0",  # not 42
+        b"Exif\0\0II*\0\xff\xff\xff\x7f",  # IFD0 far beyond the file
+        exif_payload(6)[:30],  # IFD0 cut short
+        exif_payload(9),  # orientation out of range
+        exif_payload(0),
+        exif_payload(6, kind=2),  # orientation stored as ASCII
+        exif_payload(6, kind=4),  # as a LONG (the standard says SHORT)
+        b"Exif\0\0" + bytes(range(256)) * 4,
+    ],
+    ids=["empty", "order", "magic", "offset", "short", "nine", "zero", "ascii", "long", "garbage"],
+)
 def test_corrupt_exif_never_raises_and_leaves_the_pixels(payload):
     jpeg = with_app1(plain_jpeg(), payload)
     assert orientation_of(jpeg) == 1

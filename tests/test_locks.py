@@ -21,17 +21,17 @@ import time
 
 import filelock
 import pytest
-
 from conftest import ROOT, assert_same_rows, make_folder
+from test_extract import tiny_config
+
 from pipeline import locks
 from pipeline.config import HeadConfig
 from pipeline.errors import LockError
-from pipeline.extract import extract_features, resolve
+from pipeline.features.extract import extract_features, resolve
+from pipeline.features.store import partial_path, read_features
+from pipeline.heads.train import train_head
 from pipeline.locks import Holder, exclusive, holder_path, is_lock_file, lock_path
-from pipeline.store import partial_path, read_features
 from pipeline.runs import run_dir_for
-from pipeline.train import train_head
-from test_extract import tiny_config
 
 #: A hang guard only: the processes below normally get there in seconds.
 DEADLINE = 300
@@ -42,8 +42,9 @@ class Process:
     """A subprocess whose stderr is read line by line as it comes."""
 
     def __init__(self, command: list[str]):
-        self.popen = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=ENV)
+        self.popen = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        )
         self.stderr: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -82,8 +83,23 @@ def cli(*args: str) -> Process:
 
 def feature_flags(folder, out) -> list[str]:
     """The CLI flags of `tiny_config(folder, out)`."""
-    return ["--data-dir", str(folder), "--backbone", "tiny", "--weights", "none", "--batch-size", "4",
-            "--val-fraction", "0.25", "--test-fraction", "0.25", "--output-dir", str(out), "--no-progress"]
+    return [
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
 
 
 # ------------------------------------------------------------------ the module
@@ -140,7 +156,9 @@ class RefusedLock:
 
 def test_a_refused_lock_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(filelock, "FileLock", RefusedLock)
-    with pytest.raises(LockError, match=r"Expected to lock .*f\.h5\.lock .*refused \(\[Errno \d+\] No locks available\)"):
+    with pytest.raises(
+        LockError, match=r"Expected to lock .*f\.h5\.lock .*refused \(\[Errno \d+\] No locks available\)"
+    ):
         with exclusive(tmp_path / "f.h5"):
             pytest.fail("entered without the lock")
 

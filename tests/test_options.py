@@ -7,8 +7,8 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline.cli import COMMAND_SECTIONS, build_parser, main
 from pipeline.config import SECTIONS, FeaturesConfig, HeadConfig, derived_fields, nested_fields, options
 
@@ -56,9 +56,26 @@ def test_every_option_of_a_command_has_exactly_one_flag(command):
 
 
 def test_flags_fill_every_field_that_records_them():
-    args = build_parser().parse_args(["finetune", "--data-dir", "x", "--seed", "3", "--learning-rate", "0.01",
-                                      "--dropout", "0.5", "--head-batch-size", "8", "--fine-tune-epochs", "2",
-                                      "--strict", "--no-download", "0"])
+    args = build_parser().parse_args(
+        [
+            "finetune",
+            "--data-dir",
+            "x",
+            "--seed",
+            "3",
+            "--learning-rate",
+            "0.01",
+            "--dropout",
+            "0.5",
+            "--head-batch-size",
+            "8",
+            "--fine-tune-epochs",
+            "2",
+            "--strict",
+            "--no-download",
+            "0",
+        ]
+    )
     from pipeline.cli import config_of
     from pipeline.config import FinetuneConfig
 
@@ -77,8 +94,13 @@ def test_choices_are_checked_once_by_the_config_with_the_make_variable_named(cap
 
 
 def test_make_passes_only_the_options_that_are_set():
-    done = subprocess.run(["make", "-n", "head", "EPOCHS=5", "DATA_DIR=some dir", "STRICT=1"], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["make", "-n", "head", "EPOCHS=5", "DATA_DIR=some dir", "STRICT=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     (head,) = [line for line in done.stdout.splitlines() if " -m pipeline" in line and " head " in line]
     assert head.split(" head ", 1)[1].strip() == "--data-dir 'some dir' --strict '1' --epochs '5'"
 

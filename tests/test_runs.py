@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_folder
+
 from pipeline import runs
 from pipeline.cli import main
 from pipeline.config import fingerprint
@@ -19,11 +19,20 @@ from pipeline.errors import CacheError
 
 def write_run(run_dir: Path, *, config=None, metrics=None) -> Path:
     with runs.assembling(run_dir) as work:
-        runs.write_records(work, class_names=["cat", "dog"], config=config or {"head": {"C": 1.0}},
-                           metrics=metrics or {"validation": {"accuracy": 0.5}})
-        runs.write_history(work, ["epoch", "phase", "loss", "seconds"],
-                           [{"epoch": 1, "phase": "head", "loss": 0.7, "seconds": 1.5},
-                            {"epoch": 2, "phase": "finetune", "seconds": 2.5}])
+        runs.write_records(
+            work,
+            class_names=["cat", "dog"],
+            config=config or {"head": {"C": 1.0}},
+            metrics=metrics or {"validation": {"accuracy": 0.5}},
+        )
+        runs.write_history(
+            work,
+            ["epoch", "phase", "loss", "seconds"],
+            [
+                {"epoch": 1, "phase": "head", "loss": 0.7, "seconds": 1.5},
+                {"epoch": 2, "phase": "finetune", "seconds": 2.5},
+            ],
+        )
     return run_dir
 
 
@@ -69,8 +78,10 @@ def test_a_missing_or_corrupt_record_is_a_clear_error_for_readers_and_not_a_fini
 
 
 def test_a_run_is_current_when_its_config_holds_the_identity_asked_for(tmp_path):
-    run_dir = write_run(tmp_path / "run", config={"features_key": {"size": 32}, "head": {"hidden": [8, 4]},
-                                                  "features_path": "elsewhere.h5"})
+    run_dir = write_run(
+        tmp_path / "run",
+        config={"features_key": {"size": 32}, "head": {"hidden": [8, 4]}, "features_path": "elsewhere.h5"},
+    )
     found = runs.current(run_dir, {"features_key": {"size": 32}, "head": {"hidden": (8, 4)}})  # compared as JSON
     assert found is not None and found.metrics == {"validation": {"accuracy": 0.5}}
     assert runs.current(run_dir, {"features_key": {"size": 64}}) is None
@@ -79,12 +90,16 @@ def test_a_run_is_current_when_its_config_holds_the_identity_asked_for(tmp_path)
 
 
 def test_a_finetune_run_written_with_the_old_mtime_identity_stays_current(tmp_path):
-    from pipeline.finetune import _finished, _head_identity, _Job, _Origin
+    from pipeline.finetune.train import _finished, _head_identity, _Job, _Origin
 
     head_run = write_run(tmp_path / "f__dense", config={"head": {"head": "dense"}})
-    origin = _Origin("f__dense", run_dir=head_run, record={"head": {"head": "dense"}},
-                     trained=fingerprint(runs.read_metrics(head_run)),
-                     trained_mtime=(head_run / runs.METRICS).stat().st_mtime_ns)
+    origin = _Origin(
+        "f__dense",
+        run_dir=head_run,
+        record={"head": {"head": "dense"}},
+        trained=fingerprint(runs.read_metrics(head_run)),
+        trained_mtime=(head_run / runs.METRICS).stat().st_mtime_ns,
+    )
     identity = {"finetune": {"epochs": 2}, "head_run": _head_identity(origin)}
     job = _Job(None, None, origin, tmp_path / "f__dense__ft-all", identity, None, 0)
     old = {**identity, "head_run": {**identity["head_run"], "trained": origin.trained_mtime}}
@@ -98,8 +113,9 @@ def test_a_finetune_run_written_with_the_old_mtime_identity_stays_current(tmp_pa
 
 def test_the_fingerprint_is_the_canonical_json_digest_feature_file_names_always_used():
     key = {"backbone": "tiny", "image_size": 32, "splits": ("a", "b")}
-    legacy = hashlib.sha256(json.dumps({"backbone": "tiny", "image_size": 32, "splits": ["a", "b"]},
-                                       sort_keys=True).encode()).hexdigest()[:10]
+    legacy = hashlib.sha256(
+        json.dumps({"backbone": "tiny", "image_size": 32, "splits": ["a", "b"]}, sort_keys=True).encode()
+    ).hexdigest()[:10]
     assert fingerprint(key) == legacy == fingerprint(dict(reversed(list(key.items()))))
     assert fingerprint({"path": Path("x/y")}) == fingerprint({"path": "x/y"})
     assert len(fingerprint(key, length=8)) == 8 and fingerprint(key) != fingerprint({**key, "image_size": 64})
@@ -117,8 +133,17 @@ def test_top_losses_grid_shows_what_it_can_read_and_never_fails_the_run(tmp_path
     picture = np.zeros((8, 8, 3), np.uint8)
 
     def grid(read):
-        return runs.top_losses_grid(proba, labels, positions, ["cat", "dog"], count=3, read=read, split="test",
-                                    title="t", path=tmp_path / runs.TOP_LOSSES)
+        return runs.top_losses_grid(
+            proba,
+            labels,
+            positions,
+            ["cat", "dog"],
+            count=3,
+            read=read,
+            split="test",
+            title="t",
+            path=tmp_path / runs.TOP_LOSSES,
+        )
 
     asked = []
     path = grid(lambda rows: asked.append(positions[rows].tolist()) or {11: picture, 12: picture})
@@ -133,8 +158,21 @@ def test_top_losses_grid_shows_what_it_can_read_and_never_fails_the_run(tmp_path
 
 def test_stages_write_their_result_as_json_for_the_benchmark(tmp_path, capsys):
     folder = make_folder(tmp_path / "images", 8)
-    common = ["--data-dir", str(folder), "--backbone", "tiny", "--weights", "none", "--val-fraction", "0.25",
-              "--test-fraction", "0.25", "--output-dir", str(tmp_path / "features"), "--no-progress"]
+    common = [
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+        "--output-dir",
+        str(tmp_path / "features"),
+        "--no-progress",
+    ]
     assert main(["features", *common, "--json", str(tmp_path / "features.json")]) == 0
     features = json.loads((tmp_path / "features.json").read_text())
     assert (features["images"], features["skipped"], features["up_to_date"]) == (16, 0, False)

@@ -11,12 +11,12 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import ROOT, make_folder
-from pipeline.errors import CacheError
-from pipeline.extract import extract_features, resolve
-from pipeline.store import FeatureWriter, _append, load_views, partial_path, read_features
 from test_extract import tiny_config
+
+from pipeline.errors import CacheError
+from pipeline.features.extract import extract_features, resolve
+from pipeline.features.store import FeatureWriter, _append, load_views, partial_path, read_features
 
 KEY = {"backbone": "tiny", "image_size": 32}
 
@@ -72,7 +72,9 @@ def test_a_partial_file_from_other_settings_is_refused(tmp_path):
     path = tmp_path / "f.h5"
     with writer(path) as w:
         w.append("train", *batch(0, 2))
-    with pytest.raises(CacheError, match=r"started with other settings \(backbone: file has 'tiny', asked 'xception'\)"):
+    with pytest.raises(
+        CacheError, match=r"started with other settings \(backbone: file has 'tiny', asked 'xception'\)"
+    ):
         with writer(path, key={**KEY, "backbone": "xception"}):
             pass
 
@@ -107,9 +109,27 @@ def _partial_rows(path) -> int:
 
 def _run_until(tmp_path, folder, out, rows, sig):
     """Starts `python -m pipeline features` and sends `sig` once `rows` train rows are safe."""
-    command = [sys.executable, "-m", "pipeline", "features", "--data-dir", str(folder), "--backbone", "tiny",
-               "--weights", "none", "--batch-size", "2", "--val-fraction", "0.25", "--test-fraction", "0.25",
-               "--output-dir", str(out), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "features",
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = partial_path(resolve(tiny_config(folder, out, batch_size=2))[2])
     deadline = time.monotonic() + 120
@@ -125,7 +145,9 @@ def _run_until(tmp_path, folder, out, rows, sig):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_an_interrupted_run_resumes_after_its_last_batch(tmp_path, sig):
     folder = make_folder(tmp_path / "images", 100)  # 200 images, 100 for train
-    reference = read_features(extract_features(tiny_config(folder, tmp_path / "ref", batch_size=2), progress=False).path)
+    reference = read_features(
+        extract_features(tiny_config(folder, tmp_path / "ref", batch_size=2), progress=False).path
+    )
     out = tmp_path / "features"
     returncode, stderr, partial = _run_until(tmp_path, folder, out, rows=20, sig=sig)
     if sig == signal.SIGINT:
@@ -147,9 +169,22 @@ def test_an_interrupted_run_resumes_after_its_last_batch(tmp_path, sig):
 
 def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
     process = subprocess.run(
-        [sys.executable, "-m", "pipeline", "features", "--data-dir", str(tmp_path / "missing"), "--backbone", "tiny",
-         "--weights", "none"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "features",
+            "--data-dir",
+            str(tmp_path / "missing"),
+            "--backbone",
+            "tiny",
+            "--weights",
+            "none",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert process.returncode == 2
     assert "Traceback" not in process.stderr
@@ -157,27 +192,43 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
 
 
 # The on-disk layout both tables share: pinned, since files written before must stay readable and resumable.
-_PARTIAL_LAYOUT = {  # dataset: (dtype, chunks, compression); features at D=700 float16: 1 MiB is 748 rows, capped at 256
-    "train/features": ("float16", (256, 700), None), "train/labels": ("int64", (4096,), None),
-    "train/index": ("int64", (4096,), None), "train/id_ends": ("int64", (4096,), None),
-    "train/id_bytes": ("uint8", (4096,), None), "train/committed": ("int64", None, None),
-    "train/views/features": ("float16", (256, 700), None), "train/views/labels": ("int64", (4096,), None),
-    "train/views/index": ("int64", (4096,), None), "train/views/view": ("int64", (4096,), None),
-    "train/views/committed": ("int64", None, None), "train/views/seconds": ("float64", None, None),
+# dataset: (dtype, chunks, compression); features at D=700 float16: 1 MiB is 748 rows, capped at 256
+_PARTIAL_LAYOUT = {
+    "train/features": ("float16", (256, 700), None),
+    "train/labels": ("int64", (4096,), None),
+    "train/index": ("int64", (4096,), None),
+    "train/id_ends": ("int64", (4096,), None),
+    "train/id_bytes": ("uint8", (4096,), None),
+    "train/committed": ("int64", None, None),
+    "train/views/features": ("float16", (256, 700), None),
+    "train/views/labels": ("int64", (4096,), None),
+    "train/views/index": ("int64", (4096,), None),
+    "train/views/view": ("int64", (4096,), None),
+    "train/views/committed": ("int64", None, None),
+    "train/views/seconds": ("float64", None, None),
 }
 _FINISHED_LAYOUT = {  # capped at 1024 rows, so 748
-    "train/features": ("float16", (748, 700), "gzip"), "train/labels": ("int64", (16384,), "gzip"),
-    "train/index": ("int64", (16384,), "gzip"), "train/ids": ("object", (16384,), "gzip"),
-    "train/views/features": ("float16", (748, 700), "gzip"), "train/views/labels": ("int64", (16384,), "gzip"),
-    "train/views/index": ("int64", (16384,), "gzip"), "train/views/view": ("int64", (16384,), "gzip"),
+    "train/features": ("float16", (748, 700), "gzip"),
+    "train/labels": ("int64", (16384,), "gzip"),
+    "train/index": ("int64", (16384,), "gzip"),
+    "train/ids": ("object", (16384,), "gzip"),
+    "train/views/features": ("float16", (748, 700), "gzip"),
+    "train/views/labels": ("int64", (16384,), "gzip"),
+    "train/views/index": ("int64", (16384,), "gzip"),
+    "train/views/view": ("int64", (16384,), "gzip"),
 }
 
 
 def _layout(path, swmr=False) -> dict:
     found = {}
     with h5py.File(path, "r", swmr=swmr, libver="latest") as f:
-        f.visititems(lambda name, obj: found.update({name: (str(obj.dtype), obj.chunks, obj.compression)})
-                     if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, obj: (
+                found.update({name: (str(obj.dtype), obj.chunks, obj.compression)})
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
+        )
     return found
 
 
@@ -186,9 +237,14 @@ def test_both_tables_keep_their_on_disk_layout_and_ids_survive_a_resume_across_c
     ids = [f"dir/é{i}.jpg".encode() for i in range(5000)]  # non-ASCII, and more rows than one copy chunk (4096)
 
     def open_writer():
-        return FeatureWriter(path, attrs={"format_version": 1, "key": KEY, "class_names": ["a", "b"]},
-                             splits={"train": {"spec": "t"}}, feature_dim=700, dtype="float16",
-                             views={"num_views": 1, "seed": 0, "augment": {}})
+        return FeatureWriter(
+            path,
+            attrs={"format_version": 1, "key": KEY, "class_names": ["a", "b"]},
+            splits={"train": {"spec": "t"}},
+            feature_dim=700,
+            dtype="float16",
+            views={"num_views": 1, "seed": 0, "augment": {}},
+        )
 
     features = np.random.default_rng(0).normal(size=(5000, 700)).astype(np.float32)
     labels, index = np.arange(5000) % 2, np.arange(5000)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.bench.scale import write_synthetic_features
 from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.heads import DenseHead
-from pipeline.scale import write_synthetic_features
-from pipeline.store import load_views, open_rows, read_features
-from pipeline.train import train_head
+from pipeline.features.store import load_views, open_rows, read_features
+from pipeline.heads.base import DenseHead
+from pipeline.heads.train import train_head
 
 SMALL_BUDGET = "200kB"  # the 3000 x 3 x 16 float32 train rows below take 576 kB
 
@@ -72,8 +72,15 @@ def test_a_streamed_epoch_is_every_row_once_in_one_of_its_versions(big_file):
 
 
 def _config(tmp_path, name, **kwargs) -> HeadConfig:
-    return HeadConfig(head="dense", epochs=8, batch_size=64, learning_rate=0.01, grid_images=0,
-                      runs_dir=str(tmp_path / name), **kwargs)
+    return HeadConfig(
+        head="dense",
+        epochs=8,
+        batch_size=64,
+        learning_rate=0.01,
+        grid_images=0,
+        runs_dir=str(tmp_path / name),
+        **kwargs,
+    )
 
 
 def test_the_streamed_dense_head_matches_the_in_memory_one(big_file, tmp_path):

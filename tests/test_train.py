@@ -6,18 +6,18 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_folder
+from test_extract import tiny_config
+
 from pipeline.cli import main
 from pipeline.config import HeadConfig
 from pipeline.errors import CacheError, DataError
 from pipeline.export import expand_images, export_run, load_classifier, predict_images
-from pipeline.extract import extract_features, resolve
-from pipeline.heads import load_head
+from pipeline.features.extract import extract_features, resolve
+from pipeline.features.store import read_features, write_features
+from pipeline.heads.base import load_head
+from pipeline.heads.train import train_head
 from pipeline.locks import is_lock_file
-from pipeline.store import read_features, write_features
-from pipeline.train import train_head
-from test_extract import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,16 @@ def test_logistic_run_writes_head_metrics_plots_and_report(tiny_features, tmp_pa
     _, _, path, key = tiny_features
     run = train_head(path, head_config(tmp_path), expect=key)
     files = {p.name for p in run.run_dir.iterdir()}
-    assert {"head.joblib", "head.json", "labels.txt", "config.json", "metrics.json",
-            "confusion_matrix.png", "top_losses.png", "report.md"} <= files
+    assert {
+        "head.joblib",
+        "head.json",
+        "labels.txt",
+        "config.json",
+        "metrics.json",
+        "confusion_matrix.png",
+        "top_losses.png",
+        "report.md",
+    } <= files
     assert (run.run_dir / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
     metrics = json.loads((run.run_dir / "metrics.json").read_text())
     assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9
@@ -64,8 +72,10 @@ def test_dense_run_has_history_curves_and_tensorboard(tiny_features, tmp_path):
 @pytest.mark.parametrize("head", ["logistic", "dense"])
 def test_same_seed_gives_identical_metrics(tiny_features, tmp_path, head):
     _, _, path, key = tiny_features
-    runs = [train_head(path, HeadConfig(head=head, epochs=4, runs_dir=str(tmp_path / str(i)), grid_images=0),
-                       expect=key) for i in range(2)]
+    runs = [
+        train_head(path, HeadConfig(head=head, epochs=4, runs_dir=str(tmp_path / str(i)), grid_images=0), expect=key)
+        for i in range(2)
+    ]
     first, second = (r.metrics for r in runs)
     assert first["validation"] == second["validation"] and first["test"] == second["test"]
 
@@ -125,14 +135,32 @@ def test_features_built_with_other_settings_are_refused(tiny_features, tmp_path)
 
 def test_cli_head_without_features_names_make_features(tiny_features, tmp_path, capsys):
     folder, _, _, _ = tiny_features
-    code = main(["head", "--data-dir", str(folder), "--backbone", "tiny", "--weights", "none",
-                 "--image-size", "48", "--output-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    code = main(
+        [
+            "head",
+            "--data-dir",
+            str(folder),
+            "--backbone",
+            "tiny",
+            "--weights",
+            "none",
+            "--image-size",
+            "48",
+            "--output-dir",
+            str(tmp_path),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     assert code == 2
     assert "Feature file not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("head_kwargs", [{"head": "logistic"}, {"head": "dense", "epochs": 3},
-                                         {"head": "dense", "epochs": 3, "hidden": 8}], ids=["logistic", "dense", "hidden"])
+@pytest.mark.parametrize(
+    "head_kwargs",
+    [{"head": "logistic"}, {"head": "dense", "epochs": 3}, {"head": "dense", "epochs": 3, "hidden": 8}],
+    ids=["logistic", "dense", "hidden"],
+)
 def test_exported_model_matches_the_head_on_cached_features(tiny_features, tmp_path, head_kwargs):
     folder, _, path, key = tiny_features
     run = train_head(path, head_config(tmp_path, **head_kwargs), expect=key)
@@ -147,9 +175,24 @@ def test_exported_model_matches_the_head_on_cached_features(tiny_features, tmp_p
 
 def test_predict_cli_prints_top_classes_and_writes_csv(tiny_features, tmp_path, capsys):
     folder, _, _, _ = tiny_features
-    flags = ["--data-dir", str(folder), "--backbone", "tiny", "--weights", "none", "--batch-size", "4",
-             "--val-fraction", "0.25", "--test-fraction", "0.25",
-             "--output-dir", str(tiny_features[2].parent), "--runs-dir", str(tmp_path / "runs")]
+    flags = [
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+        "--output-dir",
+        str(tiny_features[2].parent),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
     assert main(["head", *flags]) == 0
     assert main(["export", *flags, "--no-saved-model"]) == 0
     csv_path = tmp_path / "out.csv"
@@ -226,7 +269,6 @@ def test_predict_turns_tagged_photos_upright(tiny_features, tmp_path):
     classified like its upright pixels, not like the sideways pixels it stores."""
     import tensorflow as tf
     from PIL import Image
-
     from test_images import tagged_jpeg, turned_upright, upright_image
 
     _, _, path, key = tiny_features

@@ -13,20 +13,20 @@ import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import ROOT, make_folder
+from test_extract import tiny_config
+
 from pipeline.augment import example_augmenter
-from pipeline.backbones import build_extractor
 from pipeline.cli import main
 from pipeline.config import AugmentConfig, HeadConfig, ViewsConfig
 from pipeline.errors import CacheError, ConfigError
-from pipeline.extract import extract_features, resolve
+from pipeline.features.extract import extract_features, resolve
+from pipeline.features.extractor import build_extractor
+from pipeline.features.sources import stratified_rows
+from pipeline.features.store import FeatureWriter, load_views, merge_shards, partial_path, read_features
+from pipeline.heads.base import DenseHead, LogisticHead
+from pipeline.heads.train import train_head
 from pipeline.images import decode_and_resize
-from pipeline.heads import DenseHead, LogisticHead
-from pipeline.store import FeatureWriter, load_views, merge_shards, partial_path, read_features
-from pipeline.data import stratified_rows
-from pipeline.train import train_head
-from test_extract import tiny_config
 
 VIEWS = ViewsConfig(num_views=2, augment=AugmentConfig(flip="horizontal", rotation=0.1, zoom=0.1))
 
@@ -59,10 +59,12 @@ def test_views_are_features_of_augmented_train_images_with_their_source(with_vie
     model = build_extractor("tiny", image_size=32, weights=None)
     augment = example_augmenter(VIEWS.augment, seed=VIEWS.seed)
     for view in (0, 1):
-        images = tf.stack([
-            augment(decode_and_resize(tf.io.read_file(str(folder / i)), 32), view, tf.constant(p, tf.int64))
-            for i, p in zip(train.ids, train.index)
-        ])
+        images = tf.stack(
+            [
+                augment(decode_and_resize(tf.io.read_file(str(folder / i)), 32), view, tf.constant(p, tf.int64))
+                for i, p in zip(train.ids, train.index)
+            ]
+        )
         np.testing.assert_allclose(model(images, training=False).numpy(), views[view], atol=1e-5)
     # They differ from the plain features and from each other.
     assert not np.allclose(views[0], train.features, atol=1e-3)
@@ -91,13 +93,21 @@ def test_the_example_augmenter_applies_the_shared_layers_per_example():
 def _view_images(config, batch_size: int, view: int) -> np.ndarray:
     """The augmented train images of `view` as the extraction pipeline batches them."""
     from pipeline.augment import example_augmenter
-    from pipeline.data import load_source
-    from pipeline.extract import BURSTS, view_batches
+    from pipeline.features.batches import view_batches
+    from pipeline.features.forward import BURSTS
+    from pipeline.features.sources import load_source
 
     split = load_source(config.data, seed=config.seed).splits["train"]
     augment = example_augmenter(VIEWS.augment, seed=VIEWS.seed)
-    batches = view_batches(split, keep=np.arange(split.total), image_size=32, batch_size=batch_size,
-                           augment=augment, view=view, schedule=BURSTS)
+    batches = view_batches(
+        split,
+        keep=np.arange(split.total),
+        image_size=32,
+        batch_size=batch_size,
+        augment=augment,
+        view=view,
+        schedule=BURSTS,
+    )
     return np.concatenate([images.numpy() for images, *_ in batches])
 
 
@@ -113,14 +123,17 @@ def test_views_are_reproducible_for_a_seed_whatever_the_batch_size(with_views, t
     reference = load_views(read_features(result.path), 2)
     for view in (0, 1):
         np.testing.assert_array_equal(_view_images(config, 5, view), _view_images(config, config.batch_size, view))
-    again = extract_features(dataclasses.replace(config, batch_size=5, output_dir=str(tmp_path / "a")),
-                             views=VIEWS, progress=False)
+    again = extract_features(
+        dataclasses.replace(config, batch_size=5, output_dir=str(tmp_path / "a")), views=VIEWS, progress=False
+    )
     np.testing.assert_allclose(load_views(read_features(again.path), 2), reference, rtol=1e-5, atol=1e-5)
-    same = extract_features(dataclasses.replace(config, output_dir=str(tmp_path / "same")), views=VIEWS,
-                            progress=False)
+    same = extract_features(dataclasses.replace(config, output_dir=str(tmp_path / "same")), views=VIEWS, progress=False)
     np.testing.assert_array_equal(load_views(read_features(same.path), 2), reference)
-    other_seed = extract_features(dataclasses.replace(config, output_dir=str(tmp_path / "b")),
-                                  views=dataclasses.replace(VIEWS, seed=1), progress=False)
+    other_seed = extract_features(
+        dataclasses.replace(config, output_dir=str(tmp_path / "b")),
+        views=dataclasses.replace(VIEWS, seed=1),
+        progress=False,
+    )
     assert not np.allclose(load_views(read_features(other_seed.path), 2), reference, atol=1e-3)
 
 
@@ -156,14 +169,38 @@ def _views_committed(partial) -> int:
 def test_views_added_to_a_file_resume_after_kill_9(tmp_path):
     folder = make_folder(tmp_path / "images", 30)  # 60 images, 30 for train
     views = ViewsConfig(num_views=4)
-    reference = load_views(read_features(extract_features(
-        tiny_config(folder, tmp_path / "ref", batch_size=2), views=views, progress=False).path), 4)
+    reference = load_views(
+        read_features(
+            extract_features(tiny_config(folder, tmp_path / "ref", batch_size=2), views=views, progress=False).path
+        ),
+        4,
+    )
     out = tmp_path / "features"
     config = tiny_config(folder, out, batch_size=2)
     path = extract_features(config, progress=False).path
-    command = [sys.executable, "-m", "pipeline", "features", "--data-dir", str(folder), "--backbone", "tiny",
-               "--weights", "none", "--batch-size", "2", "--val-fraction", "0.25", "--test-fraction", "0.25",
-               "--output-dir", str(out), "--no-progress", "--aug-views", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "features",
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--aug-views",
+        "4",
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while _views_committed(partial_path(path)) < 40:  # inside the second view
@@ -184,8 +221,7 @@ def test_views_added_to_a_file_resume_after_kill_9(tmp_path):
 def test_an_interrupted_run_with_views_resumes_in_the_views(image_folder, tmp_path, monkeypatch):
     config = tiny_config(image_folder, tmp_path, batch_size=2)
     # The same batch size: a resumed run forms the same batches, so it is bit-identical (see above).
-    reference = extract_features(tiny_config(image_folder, tmp_path / "ref", batch_size=2), views=VIEWS,
-                                 progress=False)
+    reference = extract_features(tiny_config(image_folder, tmp_path / "ref", batch_size=2), views=VIEWS, progress=False)
     original, calls = FeatureWriter.append_views, []
 
     def interrupted(self, *args, **kwargs):
@@ -210,8 +246,11 @@ def test_an_interrupted_run_with_views_resumes_in_the_views(image_folder, tmp_pa
 def test_merged_shards_have_the_views_of_a_one_process_run(with_views, tmp_path):
     folder, config, result = with_views
     shards = [
-        extract_features(dataclasses.replace(config, shard_index=i, num_shards=2, output_dir=str(tmp_path)),
-                         views=VIEWS, progress=False).path
+        extract_features(
+            dataclasses.replace(config, shard_index=i, num_shards=2, output_dir=str(tmp_path)),
+            views=VIEWS,
+            progress=False,
+        ).path
         for i in range(2)
     ]
     merged, whole = read_features(merge_shards(shards, tmp_path / "merged.h5")), read_features(result.path)
@@ -226,8 +265,20 @@ def test_bad_views_settings_are_one_line_errors(with_views, tmp_path, capsys):
     with pytest.raises(ConfigError, match="num_views must be >= 0"):
         ViewsConfig(num_views=-1)
     folder, _, result = with_views
-    flags = ["--data-dir", str(folder), "--backbone", "tiny", "--weights", "none", "--val-fraction", "0.25",
-             "--test-fraction", "0.25", "--output-dir", str(result.path.parent)]
+    flags = [
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.25",
+        "--output-dir",
+        str(result.path.parent),
+    ]
     assert main(["features", *flags, "--aug-views", "2", "--aug-flip", "none", "--aug-rotation", "0"]) == 2
     assert main(["head", *flags, "--head", "dense", "--views", "3", "--runs-dir", str(tmp_path)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
@@ -320,10 +371,13 @@ def test_train_per_class_is_a_seeded_stratified_subset(with_views, tmp_path):
     keep = index != dropped
     again = stratified_rows(labels[keep], index[keep], 4, ["cat", "dog"], seed=0)
     assert index[keep][again].tolist() == index[rows].tolist()
-    with pytest.raises(ConfigError, match="TRAIN_PER_CLASS=7 needs that many train examples in every class. Received: dog: 6"):
+    with pytest.raises(
+        ConfigError, match="TRAIN_PER_CLASS=7 needs that many train examples in every class. Received: dog: 6"
+    ):
         stratified_rows(labels, index, 7, ["cat", "dog"], seed=0)
     _, _, result = with_views
-    run = train_head(result.path, HeadConfig(head="dense", epochs=2, train_per_class=3,
-                                             runs_dir=str(tmp_path), grid_images=0))
+    run = train_head(
+        result.path, HeadConfig(head="dense", epochs=2, train_per_class=3, runs_dir=str(tmp_path), grid_images=0)
+    )
     assert run.metrics["train_examples"] == 6 and run.head.params_["n_views"] == 2
     assert run.run_dir.name.endswith("__dense__3-per-class") and "3 train examples per class" in run.summary()

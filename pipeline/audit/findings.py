@@ -36,15 +36,16 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import AUDIT_KINDS, AuditConfig, audit_kinds, fingerprint
 from pipeline.errors import CacheError, ConfigError, DataError
-from pipeline.store import FeatureSet, key_diff, read_features
+from pipeline.features.store import FeatureSet, key_diff, read_features
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,9 @@ class Neighbours:
     knn_similarity: np.ndarray
 
 
-def similarity_search(unit: np.ndarray, *, threshold: float, k: int, block: int = 2048,
-                      max_pairs: int = MAX_PAIRS) -> Neighbours:
+def similarity_search(
+    unit: np.ndarray, *, threshold: float, k: int, block: int = 2048, max_pairs: int = MAX_PAIRS
+) -> Neighbours:
     """Pairs at cosine >= `threshold` and the k nearest neighbours of every row.
 
     `unit` (N, D) holds unit rows (`unit_rows`). The (N, N) similarity matrix is
@@ -130,9 +132,9 @@ def similarity_search(unit: np.ndarray, *, threshold: float, k: int, block: int 
     best_idx = np.full((n, k), -1, np.int64)
     found_i, found_j, found_s, count = [], [], [], 0
     for a0 in range(0, n, block):
-        a = unit[a0:a0 + block]
+        a = unit[a0 : a0 + block]
         for b0 in range(a0, n, block):
-            sim = a @ unit[b0:b0 + block].T
+            sim = a @ unit[b0 : b0 + block].T
             if b0 == a0:
                 np.fill_diagonal(sim, -np.inf)  # no row is its own neighbour or duplicate
             above = sim >= threshold
@@ -152,12 +154,13 @@ def similarity_search(unit: np.ndarray, *, threshold: float, k: int, block: int 
                 found_j.append(jj + b0)
                 found_s.append(sim[ii, jj])
             if k:
-                _merge_top(best_sim[a0:a0 + len(a)], best_idx[a0:a0 + len(a)], sim, b0, k)
+                _merge_top(best_sim[a0 : a0 + len(a)], best_idx[a0 : a0 + len(a)], sim, b0, k)
                 if b0 != a0:
-                    _merge_top(best_sim[b0:b0 + sim.shape[1]], best_idx[b0:b0 + sim.shape[1]], sim.T, a0, k)
+                    _merge_top(best_sim[b0 : b0 + sim.shape[1]], best_idx[b0 : b0 + sim.shape[1]], sim.T, a0, k)
     order = np.argsort(-best_sim, axis=1, kind="stable")
-    pairs = (np.stack([np.concatenate(found_i), np.concatenate(found_j)], axis=1) if found_i
-             else np.zeros((0, 2), np.int64))
+    pairs = (
+        np.stack([np.concatenate(found_i), np.concatenate(found_j)], axis=1) if found_i else np.zeros((0, 2), np.int64)
+    )
     return Neighbours(
         pairs=pairs.astype(np.int64),
         similarity=np.concatenate(found_s) if found_s else np.zeros(0, np.float32),
@@ -183,11 +186,14 @@ def _merge_top(best_sim: np.ndarray, best_idx: np.ndarray, sim: np.ndarray, offs
         rows = np.flatnonzero(hit.any(axis=1))
         sub = sim[rows]
         width = sub.shape[1]
-        top = (np.argpartition(sub, width - k, axis=1)[:, width - k:] if width > k
-               else np.broadcast_to(np.arange(width), sub.shape))
+        top = (
+            np.argpartition(sub, width - k, axis=1)[:, width - k :]
+            if width > k
+            else np.broadcast_to(np.arange(width), sub.shape)
+        )
         cand_sim = np.concatenate([best_sim[rows], np.take_along_axis(sub, top, axis=1)], axis=1)
         cand_idx = np.concatenate([best_idx[rows], top + offset], axis=1)
-        keep = np.argpartition(cand_sim, cand_sim.shape[1] - k, axis=1)[:, cand_sim.shape[1] - k:]
+        keep = np.argpartition(cand_sim, cand_sim.shape[1] - k, axis=1)[:, cand_sim.shape[1] - k :]
         best_sim[rows] = np.take_along_axis(cand_sim, keep, axis=1)
         best_idx[rows] = np.take_along_axis(cand_idx, keep, axis=1)
         return
@@ -213,8 +219,12 @@ def file_digests(root: Path, ids: Sequence[str]) -> list[str | None]:
             digests.append(None)
             missing.append(i)
     if missing:
-        log.warning("audit: %d files under %s cannot be read (moved since extraction?), no byte check for them: %s",
-                    len(missing), root, ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+        log.warning(
+            "audit: %d files under %s cannot be read (moved since extraction?), no byte check for them: %s",
+            len(missing),
+            root,
+            ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""),
+        )
     return digests
 
 
@@ -224,7 +234,7 @@ def byte_identical_pairs(digests: Sequence[str | None]) -> np.ndarray:
     for row, digest in enumerate(digests):
         if digest is not None:
             groups.setdefault(digest, []).append(row)
-    pairs = [(a, b) for members in groups.values() for x, a in enumerate(members) for b in members[x + 1:]]
+    pairs = [(a, b) for members in groups.values() for x, a in enumerate(members) for b in members[x + 1 :]]
     return np.array(pairs, np.int64).reshape(-1, 2)
 
 
@@ -251,14 +261,15 @@ def clusters_of(n: int, pairs: np.ndarray) -> list[list[int]]:
 # ----------------------------------------------------------------- label errors
 def choose_C(train_x, train_y, val_x, val_y, *, n_classes: int, seed: int) -> float:
     """The C the stage-2 logistic head's validation sweep picks, chosen once."""
-    from pipeline.heads import LogisticHead
+    from pipeline.heads.base import LogisticHead
 
     head = LogisticHead(C=None, seed=seed).fit(train_x, train_y, val_x, val_y, n_classes=n_classes)
     return float(head.params_["C"])
 
 
-def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, *, n_classes: int, folds: int,
-                              C: float, seed: int) -> np.ndarray:
+def out_of_fold_probabilities(
+    features: np.ndarray, labels: np.ndarray, *, n_classes: int, folds: int, C: float, seed: int
+) -> np.ndarray:
     """(N, K) float64: each row's probabilities from a logistic head fitted without it.
 
     Stratified, seeded `folds`-fold cross-validation with the stage-2 `LogisticHead`
@@ -266,7 +277,7 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, *, n_cla
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from pipeline.heads import LogisticHead
+    from pipeline.heads.base import LogisticHead
 
     counts = np.bincount(labels, minlength=n_classes)
     if (counts[counts > 0] < folds).any():
@@ -348,8 +359,14 @@ def confident_learning(proba: np.ndarray, labels: np.ndarray) -> LabelIssues:
     others[rows, labels] = -np.inf
     suggested = others.argmax(axis=1)
     margin = (given - others.max(axis=1) + 1) / 2 if k > 1 else np.ones(n)
-    return LabelIssues(issue=issue, suggested=suggested, margin=margin, self_confidence=given,
-                       thresholds=thresholds, confident_joint=joint)
+    return LabelIssues(
+        issue=issue,
+        suggested=suggested,
+        margin=margin,
+        self_confidence=given,
+        thresholds=thresholds,
+        confident_joint=joint,
+    )
 
 
 def _round_rows(matrix: np.ndarray) -> np.ndarray:
@@ -398,11 +415,15 @@ def class_overlap(confusion: np.ndarray, class_names: Sequence[str]) -> list[dic
         for b in range(a + 1, len(class_names)):
             count = int(confusion[a, b] + confusion[b, a])
             if count:
-                pairs.append({
-                    "classes": [class_names[a], class_names[b]], "count": count,
-                    "a_as_b": int(confusion[a, b]), "b_as_a": int(confusion[b, a]),
-                    "rate": round(count / max(int(totals[a] + totals[b]), 1), 4),
-                })
+                pairs.append(
+                    {
+                        "classes": [class_names[a], class_names[b]],
+                        "count": count,
+                        "a_as_b": int(confusion[a, b]),
+                        "b_as_a": int(confusion[b, a]),
+                        "rate": round(count / max(int(totals[a] + totals[b]), 1), 4),
+                    }
+                )
     return sorted(pairs, key=lambda p: (-p["count"], p["classes"]))
 
 
@@ -418,8 +439,12 @@ class AuditResult:
     def summary(self) -> str:
         c = self.counts
         overlap = c.get("most_confused")
-        confused = (f"most confused: {overlap['classes'][0]} <-> {overlap['classes'][1]} {overlap['count']} "
-                    f"({overlap['rate']:.1%})" if overlap else "no classes confused")
+        confused = (
+            f"most confused: {overlap['classes'][0]} <-> {overlap['classes'][1]} {overlap['count']} "
+            f"({overlap['rate']:.1%})"
+            if overlap
+            else "no classes confused"
+        )
         return (
             f"audit: {c['rows']} rows; duplicates: {c['duplicate_pairs']} pairs in {c['duplicate_clusters']} "
             f"clusters ({c['cross_split_pairs']} across splits, {c['byte_identical_pairs']} byte-identical); "
@@ -432,8 +457,7 @@ def audit_dir_for(features_path: Path, config: AuditConfig) -> Path:
     return Path(config.audit_dir) / Path(features_path).stem
 
 
-def audit_features(features_path: Path, config: AuditConfig, *,
-                   expect: Mapping[str, Any] | None = None) -> AuditResult:
+def audit_features(features_path: Path, config: AuditConfig, *, expect: Mapping[str, Any] | None = None) -> AuditResult:
     """Runs every check on a feature file and writes `<audit_dir>/<stem>/`; see the module docstring."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -445,8 +469,7 @@ def audit_features(features_path: Path, config: AuditConfig, *,
 
     step = time.perf_counter()
     unit = unit_rows(rows.features)
-    near = similarity_search(unit, threshold=config.duplicate_threshold, k=config.neighbours,
-                             block=config.block_rows)
+    near = similarity_search(unit, threshold=config.duplicate_threshold, k=config.neighbours, block=config.block_rows)
     timings["similarity_search"] = time.perf_counter() - step
 
     step = time.perf_counter()
@@ -454,8 +477,11 @@ def audit_features(features_path: Path, config: AuditConfig, *,
     if root is not None:
         exact = byte_identical_pairs(file_digests(root, rows.ids))
     else:
-        log.info("audit: %s names no image folder (a tfds dataset?): no byte check; exact copies show as "
-                 "near-duplicates at cosine 1.0.", cached.path)
+        log.info(
+            "audit: %s names no image folder (a tfds dataset?): no byte check; exact copies show as "
+            "near-duplicates at cosine 1.0.",
+            cached.path,
+        )
         exact = np.zeros((0, 2), np.int64)
     duplicates, clusters = _duplicate_findings(rows, unit, near, exact)
     timings["duplicates"] = time.perf_counter() - step
@@ -510,11 +536,15 @@ def _check_rows(cached: FeatureSet, rows: Rows) -> None:
     k = len(cached.class_names)
     bad = (rows.labels < 0) | (rows.labels >= k)
     if bad.any():
-        raise DataError(f"{cached.path}: {int(bad.sum())} labels outside the {k} classes {cached.class_names}. "
-                        "The file is inconsistent; rebuild it with `make features`.")
+        raise DataError(
+            f"{cached.path}: {int(bad.sum())} labels outside the {k} classes {cached.class_names}. "
+            "The file is inconsistent; rebuild it with `make features`."
+        )
     if not np.isfinite(rows.features).all():
-        raise DataError(f"{cached.path}: features hold NaN/inf values. Expected finite floats; re-extract "
-                        "the features (float16 overflow?).")
+        raise DataError(
+            f"{cached.path}: features hold NaN/inf values. Expected finite floats; re-extract "
+            "the features (float16 overflow?)."
+        )
     if len(rows) < 2:
         raise DataError(f"{cached.path} holds {len(rows)} row; an audit needs at least 2.")
 
@@ -533,8 +563,12 @@ def _describe(rows: Rows, members: Sequence[int], root: Path | None, class_names
     }
 
 
-def _duplicate_findings(rows: Rows, unit: np.ndarray, near: Neighbours, exact: np.ndarray,
-                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _duplicate_findings(
+    rows: Rows,
+    unit: np.ndarray,
+    near: Neighbours,
+    exact: np.ndarray,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One finding per pair (leaks first, then by similarity) and the clusters they form.
 
     EXCLUDE keeps one copy of a cluster inside train (the first by split order and
@@ -556,83 +590,121 @@ def _duplicate_findings(rows: Rows, unit: np.ndarray, near: Neighbours, exact: n
         train = [r for r in members if rows.splits[r] == "train"]
         leak = len(set(splits)) > 1
         drop = train if (leak and len(train) < len(members)) else train[1:]
-        clusters.append({"cluster": c, "rows": members, "splits": splits, "cross_split": leak,
-                         "exclude": [str(rows.ids[r]) for r in drop]})
+        clusters.append(
+            {
+                "cluster": c,
+                "rows": members,
+                "splits": splits,
+                "cross_split": leak,
+                "exclude": [str(rows.ids[r]) for r in drop],
+            }
+        )
     findings = []
     for i, j in pairs:
-        findings.append({
-            "kind": "duplicates",
-            "match": "exact" if (i, j) in exact_set else "near",
-            "rows": [i, j],
-            "score": round(similarity[(i, j)], 5),
-            "cross_split": bool(rows.splits[i] != rows.splits[j]),
-            "cluster": cluster_of[i],
-        })
+        findings.append(
+            {
+                "kind": "duplicates",
+                "match": "exact" if (i, j) in exact_set else "near",
+                "rows": [i, j],
+                "score": round(similarity[(i, j)], 5),
+                "cross_split": bool(rows.splits[i] != rows.splits[j]),
+                "cluster": cluster_of[i],
+            }
+        )
     findings.sort(key=lambda f: (not f["cross_split"], f["match"] != "exact", -f["score"], f["rows"]))
     return findings, clusters
 
 
-def _label_findings(cached: FeatureSet, rows: Rows, class_names: list[str], config: AuditConfig,
-                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _label_findings(
+    cached: FeatureSet,
+    rows: Rows,
+    class_names: list[str],
+    config: AuditConfig,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Confident learning on out-of-fold probabilities of train + validation rows."""
     k = len(class_names)
     pool = np.flatnonzero(np.isin(rows.splits, ["train", "validation"]))
     C = config.C
     if C is None:
         if "validation" not in cached.splits:
-            raise ConfigError(f"{cached.path} has no validation split to choose the probe's C on. "
-                              "Give one: C=1 (--C 1).")
+            raise ConfigError(
+                f"{cached.path} has no validation split to choose the probe's C on. Give one: C=1 (--C 1)."
+            )
         train, validation = cached.splits["train"], cached.splits["validation"]
-        C = choose_C(train.features, train.labels, validation.features, validation.labels, n_classes=k,
-                     seed=config.seed)
-    proba = out_of_fold_probabilities(rows.features[pool], rows.labels[pool], n_classes=k, folds=config.folds,
-                                      C=C, seed=config.seed)
+        C = choose_C(
+            train.features, train.labels, validation.features, validation.labels, n_classes=k, seed=config.seed
+        )
+    proba = out_of_fold_probabilities(
+        rows.features[pool], rows.labels[pool], n_classes=k, folds=config.folds, C=C, seed=config.seed
+    )
     issues = confident_learning(proba, rows.labels[pool])
     predicted = proba.argmax(axis=1)
     confusion = np.zeros((k, k), np.int64)
     np.add.at(confusion, (rows.labels[pool], predicted), 1)
     probe = {
-        "head": "logistic", "C": C, "C_chosen_on": "validation" if config.C is None else "given",
-        "folds": config.folds, "rows": int(len(pool)), "splits": ["train", "validation"],
+        "head": "logistic",
+        "C": C,
+        "C_chosen_on": "validation" if config.C is None else "given",
+        "folds": config.folds,
+        "rows": int(len(pool)),
+        "splits": ["train", "validation"],
         "out_of_fold_accuracy": round(float((predicted == rows.labels[pool]).mean()), 4),
         "thresholds": [round(float(t), 4) for t in issues.thresholds],
         "confident_joint": issues.confident_joint.tolist(),
         "confusion_matrix": confusion.tolist(),
         "method": "confident learning (Northcutt, Jiang & Chuang, JAIR 2021), prune by noise rate, "
-                  "ranked by normalized margin",
+        "ranked by normalized margin",
     }
     findings = []
     for rank, local in enumerate(issues.ranked().tolist(), start=1):
         row = int(pool[local])
-        findings.append({
-            "kind": "label", "rows": [row], "rank": rank,
-            "score": round(float(issues.margin[local]), 5),
-            "self_confidence": round(float(issues.self_confidence[local]), 5),
-            "given": class_names[rows.labels[row]],
-            "suggested": class_names[issues.suggested[local]],
-            "suggested_probability": round(float(proba[local, issues.suggested[local]]), 5),
-        })
+        findings.append(
+            {
+                "kind": "label",
+                "rows": [row],
+                "rank": rank,
+                "score": round(float(issues.margin[local]), 5),
+                "self_confidence": round(float(issues.self_confidence[local]), 5),
+                "given": class_names[rows.labels[row]],
+                "suggested": class_names[issues.suggested[local]],
+                "suggested_probability": round(float(proba[local, issues.suggested[local]]), 5),
+            }
+        )
     return probe, findings
 
 
-def _outlier_findings(rows: Rows, unit: np.ndarray, near: Neighbours, class_names: list[str],
-                      config: AuditConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _outlier_findings(
+    rows: Rows, unit: np.ndarray, near: Neighbours, class_names: list[str], config: AuditConfig
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows far from every other row: mean cosine distance to the k nearest, flagged by robust z."""
     distance = 1.0 - near.knn_similarity.astype(np.float64).mean(axis=1)
     z = robust_z(distance)
     centroid = centroid_distance(unit, rows.labels, len(class_names))
     order = np.argsort(-distance, kind="stable")
     findings = [
-        {"kind": "outlier", "rows": [int(r)], "rank": rank, "score": round(float(distance[r]), 5),
-         "z": round(float(z[r]), 3), "centroid_distance": round(float(centroid[r]), 5),
-         "nearest": str(rows.ids[near.knn_index[r, 0]]) if near.knn_index.shape[1] else None}
+        {
+            "kind": "outlier",
+            "rows": [int(r)],
+            "rank": rank,
+            "score": round(float(distance[r]), 5),
+            "z": round(float(z[r]), 3),
+            "centroid_distance": round(float(centroid[r]), 5),
+            "nearest": str(rows.ids[near.knn_index[r, 0]]) if near.knn_index.shape[1] else None,
+        }
         for rank, r in enumerate(order[z[order] >= config.outlier_z].tolist(), start=1)
     ]
     scores = {
         "score": f"mean cosine distance to the {near.knn_index.shape[1]} nearest rows",
         "flagged_from_z": config.outlier_z,
-        "ranking": [{"id": str(rows.ids[r]), "split": str(rows.splits[r]), "score": round(float(distance[r]), 5),
-                     "z": round(float(z[r]), 3)} for r in order[: max(config.top, 20)].tolist()],
+        "ranking": [
+            {
+                "id": str(rows.ids[r]),
+                "split": str(rows.splits[r]),
+                "score": round(float(distance[r]), 5),
+                "z": round(float(z[r]), 3),
+            }
+            for r in order[: max(config.top, 20)].tolist()
+        ],
         "median": round(float(np.median(distance)), 5),
         "quantiles": {q: round(float(np.quantile(distance, float(q))), 5) for q in ("0.5", "0.9", "0.99")},
     }
@@ -648,8 +720,13 @@ def _excluded_ids(findings: Sequence[Mapping[str, Any]], clusters: Sequence[Mapp
 
 
 # --------------------------------------------------------------------- writing
-def _name_rows(findings: list[dict[str, Any]], clusters: list[dict[str, Any]], rows: Rows, root: Path | None,
-               class_names: Sequence[str]) -> None:
+def _name_rows(
+    findings: list[dict[str, Any]],
+    clusters: list[dict[str, Any]],
+    rows: Rows,
+    root: Path | None,
+    class_names: Sequence[str],
+) -> None:
     """Replaces row numbers by ids, paths, splits and labels; label and outlier
     findings in train get the id EXCLUDE would drop."""
     for finding in findings:
@@ -681,8 +758,9 @@ def _write_audit(out_dir: Path, record: dict[str, Any], cached: FeatureSet, rows
 SHEETS = {"duplicates": "duplicates.png", "label": "label_issues.png", "outlier": "outliers.png"}
 
 
-def _contact_sheets(work: Path, record: Mapping[str, Any], cached: FeatureSet, rows: Rows,
-                    config: AuditConfig) -> list[str]:
+def _contact_sheets(
+    work: Path, record: Mapping[str, Any], cached: FeatureSet, rows: Rows, config: AuditConfig
+) -> list[str]:
     """One PNG per finding kind: the top findings as thumbnails with labels and scores."""
     from pipeline import plots
 
@@ -700,7 +778,7 @@ def _contact_sheets(work: Path, record: Mapping[str, Any], cached: FeatureSet, r
             colors.append("red" if f.get("cross_split") else "black")
         title = {
             "duplicates": f"Duplicates: top {len(findings)} of {record['counts']['duplicate_pairs']} pairs "
-                          "(leaks across splits first, in red)",
+            "(leaks across splits first, in red)",
             "label": f"Label issues: top {len(findings)} of {record['counts']['label_issues']} (given -> suggested)",
             "outlier": f"Outliers: top {len(findings)} of {record['counts']['outliers']} (kNN distance)",
         }[kind]
@@ -710,7 +788,7 @@ def _contact_sheets(work: Path, record: Mapping[str, Any], cached: FeatureSet, r
 
 
 def _short(text: str, width: int = 28) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
 
 
 def _caption(f: Mapping[str, Any]) -> str:
@@ -718,10 +796,14 @@ def _caption(f: Mapping[str, Any]) -> str:
         ends = "\n".join(f"{s}: {_short(i, 34)}" for s, i in zip(f["splits"], f["ids"]))
         return f"{f['match']}, cosine {f['score']:.3f}, {' / '.join(f['labels'])}\n{ends}"
     if f["kind"] == "label":
-        return (f"#{f['rank']} given {f['given']} -> {f['suggested']}\n"
-                f"p(given) {f['self_confidence']:.2f}\n{f['splits'][0]}: {_short(f['ids'][0])}")
-    return (f"#{f['rank']} distance {f['score']:.3f} (z {f['z']:.1f})\n"
-            f"{f['labels'][0]}, {f['splits'][0]}\n{_short(f['ids'][0])}")
+        return (
+            f"#{f['rank']} given {f['given']} -> {f['suggested']}\n"
+            f"p(given) {f['self_confidence']:.2f}\n{f['splits'][0]}: {_short(f['ids'][0])}"
+        )
+    return (
+        f"#{f['rank']} distance {f['score']:.3f} (z {f['z']:.1f})\n"
+        f"{f['labels'][0]}, {f['splits'][0]}\n{_short(f['ids'][0])}"
+    )
 
 
 def read_thumbnails(cached: FeatureSet, rows: Rows, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
@@ -749,8 +831,9 @@ def read_thumbnails(cached: FeatureSet, rows: Rows, wanted: set[tuple[str, str]]
         for split in sorted({s for s, _ in wanted}):
             mine = sorted(i for s, i in wanted if s == split)
             try:
-                images = load_images(FeaturesConfig.from_dict(cached.config), split,
-                                     np.array([position[(split, i)] for i in mine]))
+                images = load_images(
+                    FeaturesConfig.from_dict(cached.config), split, np.array([position[(split, i)] for i in mine])
+                )
             except Exception as err:  # the sheets are optional; audit.json is not
                 log.warning("audit: cannot read the %s images back for the contact sheets (%s).", split, err)
                 continue
@@ -763,8 +846,11 @@ def read_thumbnails(cached: FeatureSet, rows: Rows, wanted: set[tuple[str, str]]
     else:
         log.info("audit: %s names no image folder or tfds dataset; contact sheets without images.", cached.path)
     if failed:
-        log.warning("audit: %d images cannot be read back for the contact sheets (moved since extraction?): %s",
-                    len(failed), ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else ""))
+        log.warning(
+            "audit: %d images cannot be read back for the contact sheets (moved since extraction?): %s",
+            len(failed),
+            ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else ""),
+        )
     return out
 
 
@@ -773,34 +859,62 @@ def report(record: Mapping[str, Any], sheets: Sequence[str]) -> str:
     c, probe = record["counts"], record["probe"]
     findings = record["findings"]
     lines = [
-        "# Data audit", "",
+        "# Data audit",
+        "",
         f"Features: `{record['features']}`, {c['rows']} rows "
-        f"({', '.join(f'{s} {n}' for s, n in c['rows_per_split'].items())}).", "",
-        "| finding | count | EXCLUDE drops (train rows) |", "|---|---:|---:|",
+        f"({', '.join(f'{s} {n}' for s, n in c['rows_per_split'].items())}).",
+        "",
+        "| finding | count | EXCLUDE drops (train rows) |",
+        "|---|---:|---:|",
         f"| duplicate pairs ({c['duplicate_clusters']} clusters; {c['cross_split_pairs']} across splits, "
         f"{c['byte_identical_pairs']} byte-identical) | {c['duplicate_pairs']} | {c['exclude']['duplicates']} |",
         f"| label issues ({c['label_issues_train']} in train) | {c['label_issues']} | {c['exclude']['label']} |",
         f"| outliers | {c['outliers']} | {c['exclude']['outlier']} |",
-        f"| confused class pairs | {c['overlapping_class_pairs']} | - |", "",
+        f"| confused class pairs | {c['overlapping_class_pairs']} | - |",
+        "",
         f"Probe: logistic head, C={probe['C']:g} ({probe['C_chosen_on']}), {probe['folds']}-fold out-of-fold "
         f"accuracy {probe['out_of_fold_accuracy']:.4f} on {probe['rows']} train + validation rows; "
-        f"label issues by {probe['method']}.", "",
+        f"label issues by {probe['method']}.",
+        "",
         "Retrain without the flagged train rows: `make head EXCLUDE=<this folder>/audit.json "
-        "[EXCLUDE_KINDS=duplicates,label,outlier]` (validation and test rows are never dropped).", "",
+        "[EXCLUDE_KINDS=duplicates,label,outlier]` (validation and test rows are never dropped).",
+        "",
     ]
     top = int(record["config"]["top"]) or 20
     sections = [
-        ("duplicates", "Duplicates (leaks across splits first)", "| match | cosine | splits | ids | labels |",
-         lambda f: f"| {f['match']} | {f['score']:.4f} | {' / '.join(f['splits'])} | {' / '.join(f['ids'])} "
-                   f"| {' / '.join(f['labels'])} |"),
-        ("label", "Label issues (most likely first)", "| # | id | split | given | suggested | p(given) | margin |",
-         lambda f: f"| {f['rank']} | {f['ids'][0]} | {f['splits'][0]} | {f['given']} | {f['suggested']} "
-                   f"| {f['self_confidence']:.3f} | {f['score']:.3f} |"),
-        ("outlier", "Outliers (farthest first)", "| # | id | split | label | kNN distance | z | centroid distance |",
-         lambda f: f"| {f['rank']} | {f['ids'][0]} | {f['splits'][0]} | {f['labels'][0]} | {f['score']:.4f} "
-                   f"| {f['z']:.1f} | {f['centroid_distance']:.4f} |"),
-        ("overlap", "Class overlap (out-of-fold confusions, both ways)", "| classes | count | rate |",
-         lambda f: f"| {f['classes'][0]} <-> {f['classes'][1]} | {f['count']} | {f['rate']:.2%} |"),
+        (
+            "duplicates",
+            "Duplicates (leaks across splits first)",
+            "| match | cosine | splits | ids | labels |",
+            lambda f: (
+                f"| {f['match']} | {f['score']:.4f} | {' / '.join(f['splits'])} | {' / '.join(f['ids'])} "
+                f"| {' / '.join(f['labels'])} |"
+            ),
+        ),
+        (
+            "label",
+            "Label issues (most likely first)",
+            "| # | id | split | given | suggested | p(given) | margin |",
+            lambda f: (
+                f"| {f['rank']} | {f['ids'][0]} | {f['splits'][0]} | {f['given']} | {f['suggested']} "
+                f"| {f['self_confidence']:.3f} | {f['score']:.3f} |"
+            ),
+        ),
+        (
+            "outlier",
+            "Outliers (farthest first)",
+            "| # | id | split | label | kNN distance | z | centroid distance |",
+            lambda f: (
+                f"| {f['rank']} | {f['ids'][0]} | {f['splits'][0]} | {f['labels'][0]} | {f['score']:.4f} "
+                f"| {f['z']:.1f} | {f['centroid_distance']:.4f} |"
+            ),
+        ),
+        (
+            "overlap",
+            "Class overlap (out-of-fold confusions, both ways)",
+            "| classes | count | rate |",
+            lambda f: f"| {f['classes'][0]} <-> {f['classes'][1]} | {f['count']} | {f['rate']:.2%} |",
+        ),
     ]
     for kind, heading, header, row in sections:
         mine = [f for f in findings if f["kind"] == kind]
@@ -830,9 +944,14 @@ class Exclusion:
     leaks: tuple[dict[str, Any], ...]
 
     def record(self) -> dict[str, Any]:
-        return {"audit": str(self.audit), "kinds": list(self.kinds), "digest": self.digest,
-                "excluded": len(self.ids), "ids": list(self.ids),
-                "leaks_kept": [{"ids": l["ids"], "splits": l["splits"]} for l in self.leaks]}
+        return {
+            "audit": str(self.audit),
+            "kinds": list(self.kinds),
+            "digest": self.digest,
+            "excluded": len(self.ids),
+            "ids": list(self.ids),
+            "leaks_kept": [{"ids": l["ids"], "splits": l["splits"]} for l in self.leaks],
+        }
 
 
 def _read_audit(path: Path) -> dict[str, Any]:
@@ -842,13 +961,17 @@ def _read_audit(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except OSError as err:
-        raise ConfigError(f"EXCLUDE must name an audit.json of `make audit`. Received: {str(path)!r} ({err.strerror}). "
-                          "Run `make audit` with the same feature variables first.") from None
+        raise ConfigError(
+            f"EXCLUDE must name an audit.json of `make audit`. Received: {str(path)!r} ({err.strerror}). "
+            "Run `make audit` with the same feature variables first."
+        ) from None
     except ValueError as err:
         raise ConfigError(f"{path} is not valid JSON ({err}); rerun `make audit`.") from None
     if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION or "findings" not in record:
-        raise ConfigError(f"Expected an audit.json of format {FORMAT_VERSION} written by `make audit`. "
-                          f"Received: {path}. Rerun `make audit`.")
+        raise ConfigError(
+            f"Expected an audit.json of format {FORMAT_VERSION} written by `make audit`. "
+            f"Received: {path}. Rerun `make audit`."
+        )
     return record
 
 
@@ -895,8 +1018,9 @@ def load_exclusion(audit: str | os.PathLike, cached: FeatureSet, kinds: str | No
     position = {str(i): r for r, i in enumerate(train.ids)}
     unknown = [i for i in ids if i not in position]
     if unknown:
-        raise CacheError(f"{audit} names train ids that {cached.path} does not hold ({', '.join(unknown[:3])}); "
-                         "rerun `make audit`.")
+        raise CacheError(
+            f"{audit} names train ids that {cached.path} does not hold ({', '.join(unknown[:3])}); rerun `make audit`."
+        )
     keep = np.ones(len(train), bool)
     keep[[position[i] for i in ids]] = False
     left = np.unique(train.labels[keep])
@@ -907,15 +1031,24 @@ def load_exclusion(audit: str | os.PathLike, cached: FeatureSet, kinds: str | No
             "DUPLICATE_THRESHOLD?) or choose fewer EXCLUDE_KINDS."
         )
     leaks = tuple(c for c in record["clusters"] if c["cross_split"])
-    kept = [(f["ids"][0], f["splits"][0], f["kind"]) for f in record["findings"]
-            if f["kind"] in kinds_ and f["kind"] != "duplicates" and f["splits"][0] != "train"]
+    kept = [
+        (f["ids"][0], f["splits"][0], f["kind"])
+        for f in record["findings"]
+        if f["kind"] in kinds_ and f["kind"] != "duplicates" and f["splits"][0] != "train"
+    ]
     if leaks and "duplicates" in kinds_:
-        log.warning("EXCLUDE: %d duplicate clusters reach validation/test (leaks); their train copies are left out, "
-                    "the validation/test copies stay (yours to decide): %s", len(leaks),
-                    "; ".join(" = ".join(c["ids"]) for c in leaks[:5]) + ("; ..." if len(leaks) > 5 else ""))
+        log.warning(
+            "EXCLUDE: %d duplicate clusters reach validation/test (leaks); their train copies are left out, "
+            "the validation/test copies stay (yours to decide): %s",
+            len(leaks),
+            "; ".join(" = ".join(c["ids"]) for c in leaks[:5]) + ("; ..." if len(leaks) > 5 else ""),
+        )
     if kept:
-        log.warning("EXCLUDE: %d flagged validation/test rows stay in their splits (yours to decide): %s",
-                    len(kept), ", ".join(f"{i} ({k})" for i, _, k in kept[:5]) + (", ..." if len(kept) > 5 else ""))
+        log.warning(
+            "EXCLUDE: %d flagged validation/test rows stay in their splits (yours to decide): %s",
+            len(kept),
+            ", ".join(f"{i} ({k})" for i, _, k in kept[:5]) + (", ..." if len(kept) > 5 else ""),
+        )
     digest = _exclusion_fingerprint(kinds_, ids)
     log.info("EXCLUDE: leaving %d of %d train rows out (%s).", len(ids), len(train), ", ".join(kinds_))
     return Exclusion(audit=Path(audit), kinds=kinds_, keep=keep, ids=tuple(ids), digest=digest, leaks=leaks)

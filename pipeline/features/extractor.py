@@ -1,6 +1,6 @@
 """The backbone as a Keras model: raw 0-255 images in, pooled features out.
 
-Kept apart from the registry (`pipeline.backbones`), which is plain data: listing
+Kept apart from the registry (`pipeline.features.backbones`), which is plain data: listing
 backbones, resolving a cache key or finding an up-to-date feature file needs no
 Keras, and importing Keras costs seconds. Everything here builds models.
 """
@@ -16,16 +16,16 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipeline.backbones import (
-    PREPROCESSING_MODES,
-    BackboneSpec,
-    _check_weights,
-    get_backbone,
-)
 from pipeline.config import POOLINGS
 from pipeline.errors import ConfigError, WeightsUnavailableError
+from pipeline.features.backbones import (
+    PREPROCESSING_MODES,
+    BackboneSpec,
+    check_weights,
+    get_backbone,
+)
 
-logger = logging.getLogger("pipeline.backbones")
+logger = logging.getLogger("pipeline.features.backbones")
 
 # Constants of keras.applications.imagenet_utils.preprocess_input.
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -47,10 +47,7 @@ class Preprocess(keras.layers.Layer):
 
     def __init__(self, mode: str, **kwargs: Any) -> None:
         if mode not in PREPROCESSING_MODES:
-            raise ValueError(
-                f"Expected mode to be one of {', '.join(PREPROCESSING_MODES)}. "
-                f"Received: mode={mode!r}."
-            )
+            raise ValueError(f"Expected mode to be one of {', '.join(PREPROCESSING_MODES)}. Received: mode={mode!r}.")
         super().__init__(**kwargs)
         self.mode = mode
 
@@ -111,9 +108,7 @@ def build_extractor(
     if not isinstance(spec, BackboneSpec):
         spec = get_backbone(spec)
     if isinstance(image_size, bool) or not isinstance(image_size, int):
-        raise ConfigError(
-            f"image_size must be an integer. Received: image_size={image_size!r}."
-        )
+        raise ConfigError(f"image_size must be an integer. Received: image_size={image_size!r}.")
     if image_size < spec.min_size:
         raise ConfigError(
             f"Backbone {spec.name!r} needs images of at least {spec.min_size}x"
@@ -121,12 +116,9 @@ def build_extractor(
             f"image_size={image_size}."
         )
     if pooling not in POOLINGS:
-        raise ConfigError(
-            f"Expected pooling to be one of {', '.join(POOLINGS)}. "
-            f"Received: pooling={pooling!r}."
-        )
+        raise ConfigError(f"Expected pooling to be one of {', '.join(POOLINGS)}. Received: pooling={pooling!r}.")
     if weights is not None and weights != "imagenet":
-        weights = _check_weights(weights)
+        weights = check_weights(weights)
     if weights == "imagenet" and not spec.pretrained:
         raise ConfigError(
             f"Backbone {spec.name!r} has no ImageNet weights; use weights=None (random "
@@ -137,18 +129,14 @@ def build_extractor(
     try:
         if mixed_precision:
             keras.config.set_dtype_policy("mixed_float16")
-        inputs = keras.Input(
-            shape=(image_size, image_size, 3), dtype="float32", name="images"
-        )
+        inputs = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="images")
         # float32 keeps the mean subtraction precise; the backbone casts afterwards.
         x = Preprocess(spec.preprocessing, name="preprocess", dtype="float32")(inputs)
         base = _build_base(spec, image_size=image_size, weights=weights)
         base.name = "backbone"
         base.trainable = False
         x = base(x, training=False)
-        pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else (
-            keras.layers.GlobalMaxPooling2D
-        )
+        pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else (keras.layers.GlobalMaxPooling2D)
         # A float32 layer casts its input, so features are float32 in any policy.
         outputs = pool(name="pooling", dtype="float32")(x)
         model = keras.Model(inputs, outputs, name=f"{spec.name}_extractor")
@@ -156,12 +144,15 @@ def build_extractor(
         keras.config.set_dtype_policy(previous_policy)
     logger.info(
         "Built %s: %dx%d px, weights=%s, pooling=%s, mixed_precision=%s, %d features",
-        model.name, image_size, image_size, weights, pooling, mixed_precision,
+        model.name,
+        image_size,
+        image_size,
+        weights,
+        pooling,
+        mixed_precision,
         spec.feature_dim,
     )
     return model
-
-
 
 
 def _build_base(spec: BackboneSpec, *, image_size: int, weights: str | None):
@@ -182,8 +173,7 @@ def _build_base(spec: BackboneSpec, *, image_size: int, weights: str | None):
     except ValueError as err:
         # e.g. NASNet or MobileNet ImageNet weights that exist for one size only.
         raise ConfigError(
-            f"Keras cannot build backbone {spec.name!r} with image_size={image_size}"
-            f", weights={weights!r}: {err}"
+            f"Keras cannot build backbone {spec.name!r} with image_size={image_size}, weights={weights!r}: {err}"
         ) from err
     except Exception as err:
         file_name = _failed_download(err)

@@ -51,16 +51,15 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from pipeline import plots, runs
 from pipeline.augment import augmentation_layers
-from pipeline.backbones import get_backbone
-from pipeline.extractor import build_extractor
 from pipeline.config import (
     FeaturesConfig,
     FinetuneConfig,
@@ -68,11 +67,13 @@ from pipeline.config import (
     fingerprint,
     slugify,
 )
-from pipeline.data import DataSource, SplitSource, load_source, stratified_rows
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.export import image_classifier
-from pipeline.extract import resolve
-from pipeline.heads import Head, load_head, logits_loss_and_accuracy
+from pipeline.features.backbones import get_backbone
+from pipeline.features.extract import resolve
+from pipeline.features.extractor import build_extractor
+from pipeline.features.sources import DataSource, SplitSource, load_source, stratified_rows
+from pipeline.heads.base import Head, load_head, logits_loss_and_accuracy
 from pipeline.images import decode_and_resize, load_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics, probabilities
@@ -138,8 +139,7 @@ def resolve_fine_tune_at(backbone, fine_tune_at: str) -> int:
     close = difflib.get_close_matches(text, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else f" Its layers run from {names[0]!r} to {names[-1]!r}."
     raise ConfigError(
-        f"FINE_TUNE_AT={text!r} is neither a layer index, `all`, `blocks:N` nor a layer name of "
-        f"{backbone.name}.{hint}"
+        f"FINE_TUNE_AT={text!r} is neither a layer index, `all`, `blocks:N` nor a layer name of {backbone.name}.{hint}"
     )
 
 
@@ -161,6 +161,7 @@ def unfreeze(backbone, at: int, *, batch_norm: bool = False) -> None:
 
 def parameter_counts(model) -> dict[str, int]:
     """Trainable and non-trainable parameters, the figures of `model.summary()`."""
+
     def count(variables) -> int:
         return int(sum(math.prod(v.shape) for v in variables))
 
@@ -189,8 +190,12 @@ class FinetuneModel:
 
     def classifier(self, image_size: int):
         """Raw uint8 images of any size -> probabilities, sharing the trained layers."""
-        return image_classifier(self.extractor, self.head, image_size=image_size,
-                                name=f"{self.extractor.name.removesuffix('_extractor')}_finetuned")
+        return image_classifier(
+            self.extractor,
+            self.head,
+            image_size=image_size,
+            name=f"{self.extractor.name.removesuffix('_extractor')}_finetuned",
+        )
 
 
 def build_model(features: FeaturesConfig, config: FinetuneConfig, head: Head | None, n_classes: int) -> FinetuneModel:
@@ -199,8 +204,13 @@ def build_model(features: FeaturesConfig, config: FinetuneConfig, head: Head | N
 
     keras.utils.set_random_seed(config.seed)
     spec = get_backbone(features.backbone)
-    extractor = build_extractor(spec, image_size=features.image_size, weights=features.weights_arg,
-                                pooling=features.pooling, mixed_precision=config.mixed_precision)
+    extractor = build_extractor(
+        spec,
+        image_size=features.image_size,
+        weights=features.weights_arg,
+        pooling=features.pooling,
+        mixed_precision=config.mixed_precision,
+    )
     # Without a fine-tuning phase FINE_TUNE_AT is unused, so it is not held against small backbones.
     at = resolve_fine_tune_at(extractor.get_layer("backbone"), config.fine_tune_at) if config.epochs else None
     units = 1 if n_classes == 2 else n_classes
@@ -220,16 +230,16 @@ def _fresh_head(n_features: int, units: int, config: FinetuneConfig):
 
     inputs = keras.Input((n_features,), name="features")
     x = keras.layers.Dropout(config.dropout, seed=config.seed, name="dropout")(inputs)
-    outputs = keras.layers.Dense(units, kernel_initializer=keras.initializers.GlorotUniform(seed=config.seed),
-                                 name="logits")(x)
+    outputs = keras.layers.Dense(
+        units, kernel_initializer=keras.initializers.GlorotUniform(seed=config.seed), name="logits"
+    )(x)
     return keras.Model(inputs, outputs, name="head")
 
 
 def _compile(model, config: FinetuneConfig, learning_rate: float, binary: bool) -> None:
     import keras
 
-    optimizers = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop,
-                  "sgd": keras.optimizers.SGD}
+    optimizers = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop, "sgd": keras.optimizers.SGD}
     optimizer = optimizers[config.optimizer](learning_rate)
     if config.mixed_precision:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -238,8 +248,9 @@ def _compile(model, config: FinetuneConfig, learning_rate: float, binary: bool) 
 
 
 # -------------------------------------------------------------------- the data
-def image_dataset(split: SplitSource, image_size: int, batch_size: int, *, binary: bool,
-                  shuffle_seed: int | None = None):
+def image_dataset(
+    split: SplitSource, image_size: int, batch_size: int, *, binary: bool, shuffle_seed: int | None = None
+):
     """Batches of (images (N, S, S, 3) float 0-255, labels) decoded as stage 1 decodes.
 
     Binary labels are float (N, 1), the shape of the single logit. Unreadable images
@@ -359,14 +370,20 @@ class Resumable:
 
         return Snapshots()
 
-    def end_epoch(self, model, number: int, phase: str, seconds: float, logs: Mapping[str, Any], *,
-                  patience: int | None) -> bool:
+    def end_epoch(
+        self, model, number: int, phase: str, seconds: float, logs: Mapping[str, Any], *, patience: int | None
+    ) -> bool:
         """Snapshots epoch `number` and commits; True when early stopping ends training.
 
         The best model is tracked by validation loss in the fine-tuning phase;
         `patience` (None: never) stops training that many epochs after it.
         """
-        entry = {"epoch": number, "phase": phase, "seconds": round(seconds, 3), **{k: float(v) for k, v in logs.items()}}
+        entry = {
+            "epoch": number,
+            "phase": phase,
+            "seconds": round(seconds, 3),
+            **{k: float(v) for k, v in logs.items()},
+        }
         self.history = [h for h in self.history if h["epoch"] < number] + [entry]
         self.last = self._snapshot(model, number)
         if phase == "finetune" and entry.get("val_loss", math.inf) < self.best_loss:
@@ -374,8 +391,9 @@ class Resumable:
         stop = patience is not None and self.best_epoch is not None and number - self.best_epoch >= patience
         if stop:
             self.stopped = True
-            log.info("Early stopping after epoch %d: no better validation loss since epoch %d.",
-                     number, self.best_epoch)
+            log.info(
+                "Early stopping after epoch %d: no better validation loss since epoch %d.", number, self.best_epoch
+            )
         self._commit()
         return stop
 
@@ -395,14 +413,16 @@ class Resumable:
     def _load(self, model, name: str, *, optimizer: bool) -> None:
         with np.load(self.work / name) as saved:
             arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-        model.set_weights(arrays[:len(model.weights)])
+        model.set_weights(arrays[: len(model.weights)])
         if optimizer:
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
-            variables, values = model.optimizer.variables, arrays[len(model.weights):]
+            variables, values = model.optimizer.variables, arrays[len(model.weights) :]
             if len(values) != len(variables):
-                raise CacheError(f"{self.work / name} holds {len(values)} optimizer variables, the optimizer has "
-                                 f"{len(variables)}. Delete {self.work} to start this fine-tuning afresh.")
+                raise CacheError(
+                    f"{self.work / name} holds {len(values)} optimizer variables, the optimizer has "
+                    f"{len(variables)}. Delete {self.work} to start this fine-tuning afresh."
+                )
             for variable, value in zip(variables, values):
                 variable.assign(value)
 
@@ -438,8 +458,12 @@ class FinetuneRun:
 
     def record(self) -> dict[str, Any]:
         """The result as JSON (`--json`): what `make bench` reads instead of the summary line."""
-        return {"stage": "finetune", "run_dir": str(self.run_dir), "up_to_date": self.up_to_date,
-                "metrics": self.metrics}
+        return {
+            "stage": "finetune",
+            "run_dir": str(self.run_dir),
+            "up_to_date": self.up_to_date,
+            "metrics": self.metrics,
+        }
 
 
 @dataclass(frozen=True)
@@ -491,8 +515,9 @@ class _Data:
         return len(self.source.class_names) == 2
 
 
-def finetune_run_dir(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
-                     *, head_run: Path | None = None) -> Path:
+def finetune_run_dir(
+    features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig, *, head_run: Path | None = None
+) -> Path:
     """`runs/<stage-2 run>__ft-<at>`; without a stage-2 head, `<features>__<origin>__ft-<at>`."""
     _, _, path = resolve(features)
     few = f"__{head.train_per_class}-per-class" if head.train_per_class is not None else ""
@@ -506,9 +531,16 @@ def finetune_run_dir(features: FeaturesConfig, head: HeadConfig, config: Finetun
     return Path(config.runs_dir) / f"{base}__ft-{at}"
 
 
-def finetune(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig, *,
-             head_run: Path | None = None, progress: bool = True, make_head: bool = False,
-             callbacks: Sequence[Any] = ()) -> FinetuneRun:
+def finetune(
+    features: FeaturesConfig,
+    head: HeadConfig,
+    config: FinetuneConfig,
+    *,
+    head_run: Path | None = None,
+    progress: bool = True,
+    make_head: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> FinetuneRun:
     """Runs stage 3 and writes its run directory; see the module docstring.
 
     `features` and `head` locate the stage-2 run (or `head_run` names it); with
@@ -534,32 +566,44 @@ def _run(job: _Job, *, progress: bool, callbacks: Sequence[Any]) -> FinetuneRun:
     training = Resumable.open(job.work)
     if training.epochs_done:
         log.info("Resuming %s after epoch %d.", job.work, training.epochs_done)
-    fit = functools.partial(_fit, parts.model, data=data, training=training, progress=progress,
-                            callbacks=[*callbacks, _tensorboard(job.work)])
-    counts = {"frozen": _phase_head(parts, job.config, data, training, fit),
-              "finetune": _phase_finetune(parts, job.config, data, training, fit)}
+    fit = functools.partial(
+        _fit,
+        parts.model,
+        data=data,
+        training=training,
+        progress=progress,
+        callbacks=[*callbacks, _tensorboard(job.work)],
+    )
+    counts = {
+        "frozen": _phase_head(parts, job.config, data, training, fit),
+        "finetune": _phase_finetune(parts, job.config, data, training, fit),
+    }
     metrics = _evaluate_run(job, parts, data, training, counts)
     return _write_run(job, parts, data, training, metrics)
 
 
 def _make_head(features: FeaturesConfig, head: HeadConfig, *, progress: bool) -> None:
     """Stages 1 and 2 for the warm start, as `make head` runs them (no-ops when up to date)."""
-    from pipeline.extract import extract_features
-    from pipeline.train import train_head
+    from pipeline.features.extract import extract_features
+    from pipeline.heads.train import train_head
 
     result = extract_features(features, progress=progress)
     train_head(result.path, head, expect=resolve(features)[1])
 
 
-def _resolve_job(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig,
-                 head_run: Path | None) -> _Job:
+def _resolve_job(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig, head_run: Path | None) -> _Job:
     """Checks the options, reads the stage-2 run to start from and names the run directory."""
     features, key, features_path = resolve(features)
     _check_options(features, config)
     origin = _origin(features, key, features_path, head, config, head_run)
     per_class, subset_seed = _few_shot_setting(origin, head)
-    identity = {"features": features.to_dict(), "features_key": key, "finetune": config.to_dict(),
-                "head_run": _head_identity(origin), "train_per_class": per_class}
+    identity = {
+        "features": features.to_dict(),
+        "features_key": key,
+        "finetune": config.to_dict(),
+        "head_run": _head_identity(origin),
+        "train_per_class": per_class,
+    }
     run_dir = finetune_run_dir(features, head, config, head_run=origin.run_dir)
     return _Job(features, config, origin, run_dir, identity, per_class, subset_seed)
 
@@ -574,16 +618,23 @@ def _load_data(job: _Job) -> _Data:
         train_split = few_shot(train_split, job.per_class, source.class_names, seed=job.subset_seed)
 
     def dataset(split: SplitSource, shuffle_seed: int | None = None):
-        return image_dataset(split, job.features.image_size, job.config.batch_size, binary=binary,
-                             shuffle_seed=shuffle_seed)
+        return image_dataset(
+            split, job.features.image_size, job.config.batch_size, binary=binary, shuffle_seed=shuffle_seed
+        )
 
     test = source.splits.get("test")
-    return _Data(source, train_split, train=dataset(train_split, shuffle_seed=job.config.seed),
-                 validation=dataset(source.splits["validation"]), test=None if test is None else dataset(test))
+    return _Data(
+        source,
+        train_split,
+        train=dataset(train_split, shuffle_seed=job.config.seed),
+        validation=dataset(source.splits["validation"]),
+        test=None if test is None else dataset(test),
+    )
 
 
-def _phase_head(parts: FinetuneModel, config: FinetuneConfig, data: _Data, training: Resumable,
-                fit: Callable[..., None]) -> dict[str, int]:
+def _phase_head(
+    parts: FinetuneModel, config: FinetuneConfig, data: _Data, training: Resumable, fit: Callable[..., None]
+) -> dict[str, int]:
     """Phase 1, the backbone frozen: `head_epochs` (often 0) of a fresh head on images.
 
     Its result, the warm-started model when there is no phase 1, is evaluated once
@@ -601,8 +652,9 @@ def _phase_head(parts: FinetuneModel, config: FinetuneConfig, data: _Data, train
     return parameter_counts(parts.model)
 
 
-def _phase_finetune(parts: FinetuneModel, config: FinetuneConfig, data: _Data, training: Resumable,
-                    fit: Callable[..., None]) -> dict[str, int]:
+def _phase_finetune(
+    parts: FinetuneModel, config: FinetuneConfig, data: _Data, training: Resumable, fit: Callable[..., None]
+) -> dict[str, int]:
     """Phase 2: unfreeze from `fine_tune_at`, recompile, train at a low rate; ends on the best model.
 
     Returns the parameter counts of the model as fine-tuned.
@@ -621,31 +673,56 @@ def _phase_finetune(parts: FinetuneModel, config: FinetuneConfig, data: _Data, t
     return parameter_counts(parts.model)
 
 
-def _fit(model, *, phase: str, epochs: int, patience: int | None, data: _Data, training: Resumable,
-         progress: bool, callbacks: Sequence[Any]) -> None:
-    log.info("%s: epochs %d-%d", "Fine-tuning" if phase == "finetune" else "Training the head on images",
-             training.epochs_done + 1, epochs)
+def _fit(
+    model,
+    *,
+    phase: str,
+    epochs: int,
+    patience: int | None,
+    data: _Data,
+    training: Resumable,
+    progress: bool,
+    callbacks: Sequence[Any],
+) -> None:
+    log.info(
+        "%s: epochs %d-%d",
+        "Fine-tuning" if phase == "finetune" else "Training the head on images",
+        training.epochs_done + 1,
+        epochs,
+    )
     with warnings.catch_warnings():
         # A dataset that skips unreadable images has no known length, which Keras
         # reports at the end of every epoch; the tf.data pipeline does the shuffling.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
-        model.fit(data.train, validation_data=data.validation, epochs=epochs, initial_epoch=training.epochs_done,
-                  callbacks=[training.callback(phase=phase, patience=patience), *callbacks],
-                  verbose=1 if progress else 0, shuffle=False)
+        model.fit(
+            data.train,
+            validation_data=data.validation,
+            epochs=epochs,
+            initial_epoch=training.epochs_done,
+            callbacks=[training.callback(phase=phase, patience=patience), *callbacks],
+            verbose=1 if progress else 0,
+            shuffle=False,
+        )
 
 
-def _evaluate_run(job: _Job, parts: FinetuneModel, data: _Data, training: Resumable,
-                  counts: Mapping[str, dict[str, int]]) -> dict[str, Any]:
+def _evaluate_run(
+    job: _Job, parts: FinetuneModel, data: _Data, training: Resumable, counts: Mapping[str, dict[str, int]]
+) -> dict[str, Any]:
     """metrics.json: the fine-tuned model evaluated, beside the starting point and the training record."""
     config, at, backbone = job.config, parts.fine_tune_at, parts.backbone
     finetune_epochs = [h for h in training.history if h["phase"] == "finetune"]
     return {
         "stage": "finetune",
         "backbone": job.features.backbone,
-        "fine_tune_at": None if at is None else {
-            "requested": config.fine_tune_at, "index": at, "layer": backbone.layers[at].name,
-            "layers": len(backbone.layers)},
+        "fine_tune_at": None
+        if at is None
+        else {
+            "requested": config.fine_tune_at,
+            "index": at,
+            "layer": backbone.layers[at].name,
+            "layers": len(backbone.layers),
+        },
         "learning_rate": config.resolved_learning_rate,
         "optimizer": config.optimizer,
         "head_run": str(job.origin.run_dir) if job.origin.run_dir else job.origin.name,
@@ -685,12 +762,15 @@ def _few_shot_setting(origin: _Origin, head: HeadConfig) -> tuple[int | None, in
 
 def _check_options(features: FeaturesConfig, config: FinetuneConfig) -> None:
     if features.num_shards > 1:
-        raise ConfigError("Fine-tuning uses the whole dataset: drop SHARD/NUM_SHARDS "
-                          f"(received shard {features.shard_index} of {features.num_shards}).")
+        raise ConfigError(
+            "Fine-tuning uses the whole dataset: drop SHARD/NUM_SHARDS "
+            f"(received shard {features.shard_index} of {features.num_shards})."
+        )
     if config.from_scratch:
         if features.weights != "none":
-            raise ConfigError("FROM_SCRATCH=1 trains from random weights: set WEIGHTS=none. "
-                              f"Received: WEIGHTS={features.weights}.")
+            raise ConfigError(
+                f"FROM_SCRATCH=1 trains from random weights: set WEIGHTS=none. Received: WEIGHTS={features.weights}."
+            )
         if config.head_epochs:
             raise ConfigError("FROM_SCRATCH=1 trains everything at once: set HEAD_EPOCHS=0.")
     elif features.weights == "none":
@@ -700,8 +780,14 @@ def _check_options(features: FeaturesConfig, config: FinetuneConfig) -> None:
         )
 
 
-def _origin(features: FeaturesConfig, key: Mapping[str, Any], features_path: Path, head: HeadConfig,
-            config: FinetuneConfig, head_run: Path | None) -> _Origin:
+def _origin(
+    features: FeaturesConfig,
+    key: Mapping[str, Any],
+    features_path: Path,
+    head: HeadConfig,
+    config: FinetuneConfig,
+    head_run: Path | None,
+) -> _Origin:
     """The stage-2 run to warm-start from, checked against the backbone asked for."""
     if config.from_scratch:
         return _Origin("scratch")
@@ -724,8 +810,13 @@ def _read_origin(run_dir: Path, key: Mapping[str, Any]) -> _Origin:
         )
     record = found.config
     stored = record["features_key"]
-    wanted = {"backbone": key["backbone"], "image_size": key["image_size"], "pooling": key["pooling"],
-              "weights": key["weights"], "data_fingerprint": key["data_fingerprint"]}
+    wanted = {
+        "backbone": key["backbone"],
+        "image_size": key["image_size"],
+        "pooling": key["pooling"],
+        "weights": key["weights"],
+        "data_fingerprint": key["data_fingerprint"],
+    }
     differs = [f"{k}: head {stored.get(k)!r}, asked {v!r}" for k, v in wanted.items() if stored.get(k) != v]
     if differs:
         raise CacheError(
@@ -733,26 +824,39 @@ def _read_origin(run_dir: Path, key: Mapping[str, Any]) -> _Origin:
             f"({'; '.join(differs)}). Use the same BACKBONE/IMAGE_SIZE/POOLING/WEIGHTS/data as its "
             "`make head`, or train a head for these settings."
         )
-    return _Origin(run_dir.name, run_dir=run_dir, head=load_head(run_dir), record=record,
-                   trained=fingerprint(found.metrics), trained_mtime=(run_dir / runs.METRICS).stat().st_mtime_ns)
+    return _Origin(
+        run_dir.name,
+        run_dir=run_dir,
+        head=load_head(run_dir),
+        record=record,
+        trained=fingerprint(found.metrics),
+        trained_mtime=(run_dir / runs.METRICS).stat().st_mtime_ns,
+    )
 
 
 def _head_identity(origin: _Origin, *, trained: str | int | None = None) -> Any:
     """The stage-2 run a fine-tuning starts from: its place, its head config and which training of it."""
     if origin.run_dir is None:
         return origin.name
-    return {"run": str(origin.run_dir), "head": origin.record["head"],
-            "trained": origin.trained if trained is None else trained}
+    return {
+        "run": str(origin.run_dir),
+        "head": origin.record["head"],
+        "trained": origin.trained if trained is None else trained,
+    }
 
 
 def _check_source(source: DataSource, origin: _Origin) -> None:
     missing = [s for s in ("train", "validation") if s not in source.splits]
     if missing:
-        raise DataError(f"Fine-tuning needs train and validation splits; {source.name} has no "
-                        f"{' or '.join(missing)} (available: {', '.join(source.splits)}).")
+        raise DataError(
+            f"Fine-tuning needs train and validation splits; {source.name} has no "
+            f"{' or '.join(missing)} (available: {', '.join(source.splits)})."
+        )
     if origin.head is not None and origin.head.n_classes_ != len(source.class_names):
-        raise CacheError(f"The head in {origin.run_dir} has {origin.head.n_classes_} classes, the data "
-                         f"{len(source.class_names)}. Retrain the head with `make head`.")
+        raise CacheError(
+            f"The head in {origin.run_dir} has {origin.head.n_classes_} classes, the data "
+            f"{len(source.class_names)}. Retrain the head with `make head`."
+        )
 
 
 def _finished(job: _Job) -> FinetuneRun | None:
@@ -796,19 +900,27 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------------- outputs
-def _write_run(job: _Job, parts: FinetuneModel, data: _Data, training: Resumable,
-               metrics: dict[str, Any]) -> FinetuneRun:
+def _write_run(
+    job: _Job, parts: FinetuneModel, data: _Data, training: Resumable, metrics: dict[str, Any]
+) -> FinetuneRun:
     """The model, records and figures, written into the `.partial` folder, which is then renamed."""
     work, features, config, class_names = job.work, job.features, job.config, data.class_names
     training.clear()
     parts.classifier(features.image_size).save(work / MODEL_FILE)
     runs.write_records(work, class_names=class_names, config=job.identity, metrics=metrics)
-    runs.write_history(work, ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"],
-                       training.history)
+    runs.write_history(
+        work, ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"], training.history
+    )
     figures = [_learning_curves(job.origin, training, work / runs.LEARNING_CURVES, config)]
     scored = "test" if metrics["after"]["test"] else "validation"
-    figures.append(plots.confusion_matrix(metrics["after"][scored]["confusion_matrix"], class_names,
-                                          work / runs.CONFUSION_MATRIX, title=f"fine-tuned, {scored} split"))
+    figures.append(
+        plots.confusion_matrix(
+            metrics["after"][scored]["confusion_matrix"],
+            class_names,
+            work / runs.CONFUSION_MATRIX,
+            title=f"fine-tuned, {scored} split",
+        )
+    )
     grid = _predictions_grid(parts, features, data.source, scored, class_names, config, work / runs.TOP_LOSSES)
     if grid:
         figures.append(grid)
@@ -829,8 +941,15 @@ def _learning_curves(origin: _Origin, training: Resumable, path: Path, config: F
     return plots.learning_curves(history, path, marker=marker if config.epochs else None)
 
 
-def _predictions_grid(parts: FinetuneModel, features: FeaturesConfig, source: DataSource, split: str,
-                      class_names: list[str], config: FinetuneConfig, path: Path) -> Path | None:
+def _predictions_grid(
+    parts: FinetuneModel,
+    features: FeaturesConfig,
+    source: DataSource,
+    split: str,
+    class_names: list[str],
+    config: FinetuneConfig,
+    path: Path,
+) -> Path | None:
     """The `grid_images` images of `split` the fine-tuned model gets most wrong or is
     least sure of (highest -log p(true), fastai's top losses), one more pass over it."""
     if config.grid_images == 0:
@@ -841,22 +960,38 @@ def _predictions_grid(parts: FinetuneModel, features: FeaturesConfig, source: Da
         log.warning("No top-losses grid: cannot read the %s images back (%s).", split, err)
         return None
     return runs.top_losses_grid(
-        proba, labels, positions, class_names, count=config.grid_images, split=split, path=path,
+        proba,
+        labels,
+        positions,
+        class_names,
+        count=config.grid_images,
+        split=split,
+        path=path,
         read=lambda chosen: load_images(features, split, positions[chosen], source=source),
         title=f"fine-tuned model: top losses on {split} images",
     )
 
 
-def _split_predictions(model, features: FeaturesConfig, split: SplitSource, batch_size: int,
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _split_predictions(
+    model,
+    features: FeaturesConfig,
+    split: SplitSource,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(probabilities (N, K), labels (N,), split positions (N,)) of every readable image of `split`."""
     import tensorflow as tf
 
     records = split.records(0)
-    batches = records.map(
-        lambda r: (decode_and_resize(r["image"], features.image_size), r["label"], r["index"]),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
-    ).ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    batches = (
+        records.map(
+            lambda r: (decode_and_resize(r["image"], features.image_size), r["label"], r["index"]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        .ignore_errors()
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
     positions = []
 
     def images_and_labels():
@@ -871,24 +1006,37 @@ def _split_predictions(model, features: FeaturesConfig, split: SplitSource, batc
 def report(metrics: Mapping[str, Any], figures: list[str]) -> str:
     """Before/after accuracy, parameter counts and time per epoch, then the figures."""
     at = metrics["fine_tune_at"]
-    unfrozen = (f"Unfrozen from layer {at['index']} ({at['layer']}) of {at['layers']}" if at
-                else "No fine-tuning phase: the backbone stayed frozen")
-    lines = [f"# Fine-tuned {metrics['backbone']}", "",
-             f"Warm start: {metrics['head_run']}. {unfrozen}; {metrics['optimizer']} at "
-             f"{metrics['learning_rate']:g}.", "",
-             "| split | n | accuracy before | accuracy after | loss before | loss after |",
-             "|---|---:|---:|---:|---:|---:|"]
+    unfrozen = (
+        f"Unfrozen from layer {at['index']} ({at['layer']}) of {at['layers']}"
+        if at
+        else "No fine-tuning phase: the backbone stayed frozen"
+    )
+    lines = [
+        f"# Fine-tuned {metrics['backbone']}",
+        "",
+        f"Warm start: {metrics['head_run']}. {unfrozen}; {metrics['optimizer']} at {metrics['learning_rate']:g}.",
+        "",
+        "| split | n | accuracy before | accuracy after | loss before | loss after |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for split in ("validation", "test"):
         before, after = metrics["before"].get(split), metrics["after"].get(split)
         if after:
-            lines.append(f"| {split} | {after['n']} | {before['accuracy']:.4f} | {after['accuracy']:.4f} | "
-                         f"{before['loss']:.4f} | {after['loss']:.4f} |")
+            lines.append(
+                f"| {split} | {after['n']} | {before['accuracy']:.4f} | {after['accuracy']:.4f} | "
+                f"{before['loss']:.4f} | {after['loss']:.4f} |"
+            )
     p = metrics["parameters"]
-    lines += ["", "| parameters | trainable | non-trainable |", "|---|---:|---:|",
-              f"| frozen backbone | {p['frozen']['trainable']:,} | {p['frozen']['non_trainable']:,} |",
-              f"| fine-tuning | {p['finetune']['trainable']:,} | {p['finetune']['non_trainable']:,} |", "",
-              f"Epochs run: {metrics['epochs_run']} (best: {metrics['best_epoch']}), "
-              f"{metrics['seconds_per_epoch']:.1f} s per fine-tuning epoch, {metrics['training_seconds']:.0f} s in all.",
-              ""]
+    lines += [
+        "",
+        "| parameters | trainable | non-trainable |",
+        "|---|---:|---:|",
+        f"| frozen backbone | {p['frozen']['trainable']:,} | {p['frozen']['non_trainable']:,} |",
+        f"| fine-tuning | {p['finetune']['trainable']:,} | {p['finetune']['non_trainable']:,} |",
+        "",
+        f"Epochs run: {metrics['epochs_run']} (best: {metrics['best_epoch']}), "
+        f"{metrics['seconds_per_epoch']:.1f} s per fine-tuning epoch, {metrics['training_seconds']:.0f} s in all.",
+        "",
+    ]
     lines += [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"

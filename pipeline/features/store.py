@@ -41,9 +41,10 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -167,8 +168,9 @@ class FeaturesColumn(Column):
 
     def create(self, group: h5py.Group, layout: _Layout) -> None:
         dim = layout.feature_dim
-        group.create_dataset(self.name, shape=(0, dim), maxshape=(None, dim), dtype=layout.dtype,
-                             **layout.options(features=True))
+        group.create_dataset(
+            self.name, shape=(0, dim), maxshape=(None, dim), dtype=layout.dtype, **layout.options(features=True)
+        )
 
     def append(self, group: h5py.Group, start: int, values) -> None:
         _extend(group[self.name], start, values)
@@ -200,8 +202,11 @@ class TextColumn(Column):
 
     def append(self, group: h5py.Group, start: int, values) -> None:
         if not self._partial(group):
-            _extend(group[self.name], start,
-                    np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object))
+            _extend(
+                group[self.name],
+                start,
+                np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object),
+            )
             return
         encoded = [v if isinstance(v, bytes) else str(v).encode() for v in values]
         lengths = np.fromiter((len(b) for b in encoded), np.int64, count=len(encoded))
@@ -253,8 +258,9 @@ def _stored_rows(group: h5py.Group, *, finished: bool) -> int:
 def _append(group: h5py.Group, *values, columns: Sequence[Column] = SPLIT_COLUMNS) -> None:
     """Appends one batch: `values` in the order of `columns`."""
     if len(values) != len(columns):
-        raise ValueError(f"Expected {len(columns)} columns ({', '.join(c.name for c in columns)}). "
-                         f"Received {len(values)}.")
+        raise ValueError(
+            f"Expected {len(columns)} columns ({', '.join(c.name for c in columns)}). Received {len(values)}."
+        )
     start = _rows(group)
     for column, value in zip(columns, values):
         column.append(group, start, value)
@@ -312,7 +318,9 @@ class FeatureWriter:
         self.dtype = np.dtype(dtype)
         self.views = dict(views) if views else None
         if self.views is not None and VIEWS_SPLIT not in self.split_attrs:
-            raise CacheError(f"Augmented views need a '{VIEWS_SPLIT}' split. Received splits: {', '.join(self.split_attrs)}.")
+            raise CacheError(
+                f"Augmented views need a '{VIEWS_SPLIT}' split. Received splits: {', '.join(self.split_attrs)}."
+            )
         self.extend = Path(extend) if extend is not None else None
         self._file: h5py.File | None = None
 
@@ -376,8 +384,13 @@ class FeatureWriter:
                 for name in self.split_attrs:
                     rows = _stored_rows(old[name], finished=finished) if name in old else 0
                     new[name]["committed"][0] = _fill(new[name], SPLIT_COLUMNS, _chunks(old[name], SPLIT_COLUMNS, rows))
-                    log.info("%s %s: %d %s rows already written", "Extending" if finished else "Resuming",
-                             self.path.name, rows, name)
+                    log.info(
+                        "%s %s: %d %s rows already written",
+                        "Extending" if finished else "Resuming",
+                        self.path.name,
+                        rows,
+                        name,
+                    )
                 self._carry_views(old, new, source, finished=finished)
         os.replace(fresh, self.partial)
 
@@ -423,17 +436,26 @@ class FeatureWriter:
         """View rows written so far (view-major: row v*N + r is view v of train row r)."""
         return int(self._file[VIEWS_SPLIT]["views"]["committed"][0])
 
-    def append_views(self, features: np.ndarray, labels: np.ndarray, index: np.ndarray, view: np.ndarray,
-                     seconds: float) -> None:
+    def append_views(
+        self, features: np.ndarray, labels: np.ndarray, index: np.ndarray, view: np.ndarray, seconds: float
+    ) -> None:
         """Appends one batch of views, adds the `seconds` it took, and makes both durable."""
-        self._commit(self._file[VIEWS_SPLIT]["views"], VIEW_COLUMNS,
-                     (features.astype(self.dtype, copy=False), labels, index, view), seconds=seconds)
+        self._commit(
+            self._file[VIEWS_SPLIT]["views"],
+            VIEW_COLUMNS,
+            (features.astype(self.dtype, copy=False), labels, index, view),
+            seconds=seconds,
+        )
 
-    def append(self, split: str, features: np.ndarray, labels: np.ndarray, index: np.ndarray, ids: Sequence[bytes]) -> None:
+    def append(
+        self, split: str, features: np.ndarray, labels: np.ndarray, index: np.ndarray, ids: Sequence[bytes]
+    ) -> None:
         """Appends one batch and makes it durable before returning."""
         self._commit(self._file[split], SPLIT_COLUMNS, (features.astype(self.dtype, copy=False), labels, index, ids))
 
-    def _commit(self, group: h5py.Group, columns: Sequence[Column], values: tuple, *, seconds: float | None = None) -> None:
+    def _commit(
+        self, group: h5py.Group, columns: Sequence[Column], values: tuple, *, seconds: float | None = None
+    ) -> None:
         """Appends and flushes a batch, then advances the commit counter (and the seconds
         spent) and flushes again, so the rows up to the counter are always whole batches."""
         _append(group, *values, columns=columns)
@@ -462,15 +484,21 @@ class FeatureWriter:
                 expected = int(self.views["num_views"]) * int(old[VIEWS_SPLIT]["committed"][0])
                 if rows != expected:
                     raise CacheError(
-                        f"{self.partial} holds {rows} view rows, expected {expected}; rerun the same command to finish them."
+                        f"{self.partial} holds {rows} view rows, expected {expected}; "
+                        "rerun the same command to finish them."
                     )
                 seconds = float(group["seconds"][0])
-                views = (_chunks(group, VIEW_COLUMNS, rows), {
-                    **self.views, "seconds": round(seconds, 3),
-                    "seconds_per_view": round(seconds / int(self.views["num_views"]), 3),
-                })
-            write_features(self.path, attrs=self.attrs, splits=splits, feature_dim=self.feature_dim,
-                           dtype=self.dtype, views=views)
+                views = (
+                    _chunks(group, VIEW_COLUMNS, rows),
+                    {
+                        **self.views,
+                        "seconds": round(seconds, 3),
+                        "seconds_per_view": round(seconds / int(self.views["num_views"]), 3),
+                    },
+                )
+            write_features(
+                self.path, attrs=self.attrs, splits=splits, feature_dim=self.feature_dim, dtype=self.dtype, views=views
+            )
         self.partial.unlink()
         return self.path
 
@@ -512,7 +540,9 @@ def write_features(
             _fill(group, VIEW_COLUMNS, chunks)
             stored = sum(d.id.get_storage_size() for c in VIEW_COLUMNS for d in c.datasets(group))
             num_views = int(view_attrs["num_views"])
-            _write_attrs(group.attrs, {**view_attrs, "bytes": int(stored), "bytes_per_view": int(round(stored / num_views))})
+            _write_attrs(
+                group.attrs, {**view_attrs, "bytes": int(stored), "bytes_per_view": int(round(stored / num_views))}
+            )
         f.attrs["complete"] = True
     os.replace(tmp, path)
     return path
@@ -610,9 +640,7 @@ def read_features(
         wanted = [k for k in (list(splits) if splits is not None else f.keys()) if k not in exclude]
         missing = [s for s in wanted if s not in f]
         if missing:
-            raise CacheError(
-                f"{path} has no split {', '.join(missing)}. Available: {', '.join(f.keys())}."
-            )
+            raise CacheError(f"{path} has no split {', '.join(missing)}. Available: {', '.join(f.keys())}.")
         loaded = {name: SplitArrays(**_read_rows(f[name], SPLIT_COLUMNS, 0, _rows(f[name]))) for name in wanted}
         split_attrs = {name: _read_attrs(f[name].attrs) for name in wanted}
         view_attrs = _view_attrs(f)
@@ -654,8 +682,7 @@ def load_views(cached: FeatureSet, count: int) -> np.ndarray:
         features = table["features"].reshape(count, n, -1)
         index, view, labels = (table[c].reshape(count, n) for c in ("index", "view", "labels"))
     if not (
-        (index == train.index).all() and (labels == train.labels).all()
-        and (view == np.arange(count)[:, None]).all()
+        (index == train.index).all() and (labels == train.labels).all() and (view == np.arange(count)[:, None]).all()
     ):
         raise CacheError(
             f"{cached.path}: the stored views do not line up with the train rows (source index, "
@@ -698,8 +725,9 @@ class FeatureRows:
     def select(self, rows: np.ndarray) -> FeatureRows:
         """The rows at positions `rows` (sorted) of this selection."""
         rows = np.asarray(rows, np.int64)
-        return dataclasses.replace(self, rows=self.rows[rows], labels=self.labels[rows], index=self.index[rows],
-                                   ids=self.ids[rows])
+        return dataclasses.replace(
+            self, rows=self.rows[rows], labels=self.labels[rows], index=self.index[rows], ids=self.ids[rows]
+        )
 
     def with_views(self, count: int) -> FeatureRows:
         """The same rows with their first `count` augmented views, checked against the rows like `load_views`."""
@@ -716,8 +744,11 @@ class FeatureRows:
             rows = _read_rows(f[self.split], (LABELS, INDEX), 0, self.file_rows)
             for v in range(count):
                 stored = _read_rows(group, (LABELS, INDEX, VIEW), v * self.file_rows, (v + 1) * self.file_rows)
-                if not ((stored["index"] == rows["index"]).all() and (stored["labels"] == rows["labels"]).all()
-                        and (stored["view"] == v).all()):
+                if not (
+                    (stored["index"] == rows["index"]).all()
+                    and (stored["labels"] == rows["labels"]).all()
+                    and (stored["view"] == v).all()
+                ):
                     raise CacheError(
                         f"{self.path}: the stored views do not line up with the train rows (source index, "
                         "label or view number differ). The file is inconsistent; rebuild it."
@@ -742,10 +773,12 @@ class FeatureRows:
 
     def load(self) -> tuple[SplitArrays, np.ndarray | None]:
         """The used rows in memory, and their views as `(num_views, n, D)` (None without views)."""
-        parts = [self.read(a, min(a + self.block_rows * 16, len(self)))
-                 for a in range(0, len(self), self.block_rows * 16)]
-        table = (np.concatenate(parts, axis=1) if parts
-                 else np.zeros((self.num_views + 1, 0, self.n_features), np.float32))
+        parts = [
+            self.read(a, min(a + self.block_rows * 16, len(self))) for a in range(0, len(self), self.block_rows * 16)
+        ]
+        table = (
+            np.concatenate(parts, axis=1) if parts else np.zeros((self.num_views + 1, 0, self.n_features), np.float32)
+        )
         arrays = SplitArrays(features=table[0], labels=self.labels, ids=self.ids, index=self.index)
         return arrays, (table[1:] if self.num_views else None)
 
@@ -759,8 +792,12 @@ def open_rows(path: Path, split: str) -> FeatureRows:
         features = group[FEATURES.name]
         n = _rows(group)
         return FeatureRows(
-            path=Path(path), split=split, rows=np.arange(n, dtype=np.int64),
-            **_read_rows(group, (LABELS, INDEX, IDS), 0, n), n_features=int(features.shape[1]), file_rows=n,
+            path=Path(path),
+            split=split,
+            rows=np.arange(n, dtype=np.int64),
+            **_read_rows(group, (LABELS, INDEX, IDS), 0, n),
+            n_features=int(features.shape[1]),
+            file_rows=n,
             block_rows=int(features.chunks[0]) if features.chunks else 1024,
         )
 
@@ -825,8 +862,12 @@ def merge_shards(paths: Sequence[Path], out: Path) -> Path:
     attrs["num_skipped"] = sum(len(a["skipped"]) for _, a in splits.values())
     with exclusive(out, what="merged feature file"):  # one writer of `out` and its temporary file
         return write_features(
-            out, attrs=attrs, splits=splits, feature_dim=sets[0].attrs["feature_dim"],
-            dtype=sets[0].splits[next(iter(sets[0].splits))].features.dtype, views=_merge_views(sets),
+            out,
+            attrs=attrs,
+            splits=splits,
+            feature_dim=sets[0].attrs["feature_dim"],
+            dtype=sets[0].splits[next(iter(sets[0].splits))].features.dtype,
+            views=_merge_views(sets),
         )
 
 
@@ -837,7 +878,8 @@ def _merge_views(sets: Sequence[FeatureSet]) -> tuple[list[tuple], dict[str, Any
         raise CacheError(
             "The shards hold different augmented views (number, augmentation or seed); rerun "
             "`make features` for every shard with the same AUG_VIEWS and AUG_* settings. Received: "
-            + ", ".join(f"{s.path.name}: {s.num_views} views" for s in sets) + "."
+            + ", ".join(f"{s.path.name}: {s.num_views} views" for s in sets)
+            + "."
         )
     num_views = sets[0].num_views
     if not num_views:

@@ -43,8 +43,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -77,8 +78,7 @@ def _as_features(X: Any, name: str, *, n_features: int | None = None) -> np.ndar
         X = np.asarray(X, dtype=np.float32)
     except (TypeError, ValueError) as err:
         raise DataError(
-            f"{name} must be a numeric (N, D) feature array. Received: {err}. "
-            "Fix: pass the features as a numpy array."
+            f"{name} must be a numeric (N, D) feature array. Received: {err}. Fix: pass the features as a numpy array."
         ) from None
     if X.ndim != 2:
         raise DataError(
@@ -87,8 +87,7 @@ def _as_features(X: Any, name: str, *, n_features: int | None = None) -> np.ndar
         )
     if X.shape[0] == 0:
         raise DataError(
-            f"{name} must hold at least one example. Received: shape {X.shape}. "
-            "Fix: check that the split is not empty."
+            f"{name} must hold at least one example. Received: shape {X.shape}. Fix: check that the split is not empty."
         )
     if n_features is not None and X.shape[1] != n_features:
         raise DataError(
@@ -124,8 +123,7 @@ def _as_labels(y: Any, name: str, n_rows: int, x_name: str) -> np.ndarray:
     if y.dtype.kind not in "iub":
         if y.dtype.kind != "f" or not np.all(np.isfinite(y) & (y == np.round(y))):
             raise DataError(
-                f"{name} must hold integer class indices. Received: dtype "
-                f"{y.dtype}. Fix: encode the labels as 0..K-1."
+                f"{name} must hold integer class indices. Received: dtype {y.dtype}. Fix: encode the labels as 0..K-1."
             )
     y = y.astype(np.int64)
     if y.min() < 0:
@@ -154,7 +152,12 @@ def _validate_fit_inputs(
 
 
 def _validate_labels_and_val(
-    y_train: Any, n_rows: int, n_features: int, X_val: Any, y_val: Any, n_classes: int | None,
+    y_train: Any,
+    n_rows: int,
+    n_features: int,
+    X_val: Any,
+    y_val: Any,
+    n_classes: int | None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
     """The checks of `_validate_fit_inputs` past X_train (whose rows may stay in a file)."""
     y = _as_labels(y_train, "y_train", n_rows, "X_train")
@@ -170,10 +173,7 @@ def _validate_labels_and_val(
         K = max_label + 1
     else:
         if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)):
-            raise ConfigError(
-                f"n_classes must be an integer or None. Received: n_classes="
-                f"{n_classes!r}."
-            )
+            raise ConfigError(f"n_classes must be an integer or None. Received: n_classes={n_classes!r}.")
         K = int(n_classes)
         if K <= max_label:
             raise ConfigError(
@@ -228,9 +228,7 @@ def _check_label_range(y: np.ndarray, name: str, K: int) -> None:
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
-        raise ConfigError(
-            f"{name} must be one of {list(choices)}. Received: {name}={value!r}."
-        )
+        raise ConfigError(f"{name} must be one of {list(choices)}. Received: {name}={value!r}.")
 
 
 def _check_number(
@@ -250,15 +248,9 @@ def _check_number(
     if ok and high is not None:
         ok = value < high
     if not ok:
-        bounds = (
-            f"{'[' if low_inclusive else '('}{'-inf' if low is None else low}, "
-            f"{'inf' if high is None else high})"
-        )
+        bounds = f"{'[' if low_inclusive else '('}{'-inf' if low is None else low}, {'inf' if high is None else high})"
         what = "an integer" if integer else "a number"
-        raise ConfigError(
-            f"The '{name}' parameter must be {what} in {bounds}. Received: "
-            f"{name}={value!r}."
-        )
+        raise ConfigError(f"The '{name}' parameter must be {what} in {bounds}. Received: {name}={value!r}.")
 
 
 # ----------------------------------------------------------------------- numerics
@@ -320,7 +312,7 @@ class Head(abc.ABC):
 
     # ------------------------------------------------------- what callers need
     @classmethod
-    def from_config(cls, config: Any) -> "Head":
+    def from_config(cls, config: Any) -> Head:
         """An unfitted head with the hyper-parameters of a `HeadConfig` that it takes.
 
         The config names each option once; every head picks the ones its constructor
@@ -389,6 +381,7 @@ class Head(abc.ABC):
         inputs = keras.Input((self.n_features_,), name="features")
         x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(inputs)
         return keras.Model(inputs, self.logits_model()(x), name="head")
+
     #: Float32 copies of the train rows that `fit` holds at its peak (measured by `make
     #: bench-scale`): what a memory budget must allow for training in memory.
     memory_copies: ClassVar[int] = 3
@@ -405,7 +398,7 @@ class Head(abc.ABC):
         callbacks: Sequence[Any] | None = None,
         verbose: int = 0,
         views: Any = None,
-    ) -> "Head":
+    ) -> Head:
         """Train on `X_train` float32 `(N, D)` and `y_train` int64 `(N,)` in [0, K).
 
         `X_val`/`y_val` (optional, together) select hyper-parameters or stop early.
@@ -423,8 +416,9 @@ class Head(abc.ABC):
         self._set_shape(X.shape[1], K, y)
         start = time.perf_counter()
         params = self._fit(X, y, Xv, yv, callbacks=callbacks, verbose=verbose, views=V)
-        self._finish_fit(params, start, n_views=0 if V is None else len(V), n_train=len(X),
-                         n_val=0 if Xv is None else len(Xv))
+        self._finish_fit(
+            params, start, n_views=0 if V is None else len(V), n_train=len(X), n_val=0 if Xv is None else len(Xv)
+        )
         return self
 
     def fit_streamed(
@@ -437,17 +431,18 @@ class Head(abc.ABC):
         callbacks: Sequence[Any] | None = None,
         verbose: int = 0,
         memory_budget: int,
-    ) -> "Head":
+    ) -> Head:
         """Like `fit`, on train rows left in their feature file, read within `memory_budget` bytes.
 
-        `train` is a `pipeline.store.FeatureRows` (its views included); validation stays
+        `train` is a `pipeline.features.store.FeatureRows` (its views included); validation stays
         in memory. For train sets larger than memory. Heads that need every row in
         memory at once raise `ConfigError` naming the alternative.
         """
         versions = f" with {train.num_views} augmented views each" if train.num_views else ""
         raise ConfigError(
             f"The {self.name} head trains on rows in memory, but the {len(train)} train rows{versions} take "
-            f"{train.nbytes / 1e9:.2f} GB as float32 and about {self.memory_copies} times that to train, over MEMORY_BUDGET="
+            f"{train.nbytes / 1e9:.2f} GB as float32 and about {self.memory_copies} times that to train, "
+            "over MEMORY_BUDGET="
             f"{memory_budget / 1e9:.2f} GB. Use HEAD=dense, which streams the rows from the feature file; or "
             "train on fewer rows (TRAIN_PER_CLASS, fewer VIEWS); or raise MEMORY_BUDGET."
         )
@@ -516,7 +511,7 @@ class Head(abc.ABC):
         return model_path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Head":
+    def load(cls, directory: str | os.PathLike) -> Head:
         """Rebuild a head saved by `save` (of this class) from `directory`."""
         directory = Path(directory)
         record = _read_record(directory)
@@ -529,15 +524,17 @@ class Head(abc.ABC):
         model_path = directory / cls.model_file
         if not model_path.is_file():
             raise DataError(
-                f"Expected {model_path} beside {JSON_NAME}. Received: no such file. "
-                "Fix: train and save the head again."
+                f"Expected {model_path} beside {JSON_NAME}. Received: no such file. Fix: train and save the head again."
             )
         current = _library_versions(cls.libraries)
         for lib, version in record.get("versions", {}).items():
             if lib in current and current[lib] != version:
                 log.warning(
                     "Head in %s was saved with %s %s; loading with %s.",
-                    directory, lib, version, current.get(lib),
+                    directory,
+                    lib,
+                    version,
+                    current.get(lib),
                 )
         head = cls(**record["hyperparameters"])
         head.n_features_ = int(record["n_features"])
@@ -588,8 +585,7 @@ class Head(abc.ABC):
     def _check_fitted(self, method: str) -> None:
         if not hasattr(self, "params_"):
             raise NotFittedError(
-                f"This {type(self).__name__} is not fitted yet; call fit(X_train, "
-                f"y_train, ...) before {method}()."
+                f"This {type(self).__name__} is not fitted yet; call fit(X_train, y_train, ...) before {method}()."
             )
 
 
@@ -677,8 +673,7 @@ class LogisticHead(Head):
             _check_number("C", self.C, low=0, low_inclusive=False)
         if isinstance(self.Cs, (str, bytes)) or len(np.atleast_1d(self.Cs)) == 0:
             raise ConfigError(
-                f"The 'Cs' parameter must be a non-empty sequence of positive floats. "
-                f"Received: Cs={self.Cs!r}."
+                f"The 'Cs' parameter must be a non-empty sequence of positive floats. Received: Cs={self.Cs!r}."
             )
         for c in np.atleast_1d(self.Cs).tolist():
             _check_number("Cs", c, low=0, low_inclusive=False)
@@ -700,8 +695,7 @@ class LogisticHead(Head):
         with threadpool_limits(limits=self.blas_threads, user_api="blas"):
             params = self._fit_logistic(X, y, Xv, yv, callbacks=callbacks, verbose=verbose)
         if views is not None:
-            params.update(view_use="stacked: plain rows and every view as rows of their own",
-                          n_train_rows=len(X))
+            params.update(view_use="stacked: plain rows and every view as rows of their own", n_train_rows=len(X))
         return params
 
     def _fit_logistic(self, X, y, Xv, yv, *, callbacks, verbose):
@@ -727,8 +721,12 @@ class LogisticHead(Head):
 
         def new_model(C: float, warm_start: bool) -> LogisticRegression:
             return LogisticRegression(
-                C=C, class_weight=self.class_weight, max_iter=self.max_iter,
-                tol=self.tol, random_state=self.seed, warm_start=warm_start,
+                C=C,
+                class_weight=self.class_weight,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                random_state=self.seed,
+                warm_start=warm_start,
             )
 
         Zv = None if Xv is None else self.scaler_.transform(Xv.astype(np.float64))
@@ -747,17 +745,28 @@ class LogisticHead(Head):
                 converged = _fit_quietly(sweep, Z32, y)
                 self.model_ = sweep
                 accuracy, loss = _accuracy_and_log_loss(self._proba_scaled(Zv32), yv)
-                grid.append({"C": C, "val_accuracy": accuracy, "val_log_loss": loss,
-                             "converged": converged,
-                             "n_iter": int(np.max(sweep.n_iter_))})
-                log.log(logging.INFO if verbose else logging.DEBUG,
-                        "logistic C=%.3g: val_accuracy=%.4f val_log_loss=%.4f",
-                        C, accuracy, loss)
+                grid.append(
+                    {
+                        "C": C,
+                        "val_accuracy": accuracy,
+                        "val_log_loss": loss,
+                        "converged": converged,
+                        "n_iter": int(np.max(sweep.n_iter_)),
+                    }
+                )
+                log.log(
+                    logging.INFO if verbose else logging.DEBUG,
+                    "logistic C=%.3g: val_accuracy=%.4f val_log_loss=%.4f",
+                    C,
+                    accuracy,
+                    loss,
+                )
             del Z32, Zv32
             best = min(grid, key=lambda g: (-g["val_accuracy"], g["val_log_loss"], g["C"]))
             C = best["C"]
-            params.update(C_selected_on="validation", grid=grid,
-                          sweep_seconds=round(time.perf_counter() - sweep_start, 4))
+            params.update(
+                C_selected_on="validation", grid=grid, sweep_seconds=round(time.perf_counter() - sweep_start, 4)
+            )
         else:
             C = float(self.C)
             params["C_selected_on"] = "given"
@@ -766,8 +775,9 @@ class LogisticHead(Head):
         self.model_ = model
         if not converged:
             log.warning(
-                "LogisticHead: lbfgs did not converge in max_iter=%d iterations at "
-                "C=%g; increase max_iter or lower C.", self.max_iter, C,
+                "LogisticHead: lbfgs did not converge in max_iter=%d iterations at C=%g; increase max_iter or lower C.",
+                self.max_iter,
+                C,
             )
         params.update(C=C, converged=converged, n_iter=int(np.max(model.n_iter_)))
         if Zv is not None:
@@ -901,6 +911,7 @@ class DenseHead(Head):
     def finetune_model(self, *, dropout: float, seed: int) -> Any:
         """The head's own copy: it carries its trained Dropout already."""
         return self.logits_model()
+
     memory_copies = 3  # measured 3.0: the rows, the stacked versions, TensorFlow's constant
 
     def __init__(
@@ -940,13 +951,11 @@ class DenseHead(Head):
         inputs = keras.Input(shape=(n_features,), name="features")
         x = keras.layers.Dropout(self.dropout, seed=self.seed, name="dropout")(inputs)
         if self.hidden:
-            x = keras.layers.Dense(self.hidden, activation="relu",
-                                   kernel_initializer=init(seed=self.seed + 1),
-                                   name="hidden")(x)
-            x = keras.layers.Dropout(self.dropout, seed=self.seed + 2,
-                                     name="hidden_dropout")(x)
-        outputs = keras.layers.Dense(units, kernel_initializer=init(seed=self.seed + 3),
-                                     name="logits")(x)
+            x = keras.layers.Dense(
+                self.hidden, activation="relu", kernel_initializer=init(seed=self.seed + 1), name="hidden"
+            )(x)
+            x = keras.layers.Dropout(self.dropout, seed=self.seed + 2, name="hidden_dropout")(x)
+        outputs = keras.layers.Dense(units, kernel_initializer=init(seed=self.seed + 3), name="logits")(x)
         return keras.Model(inputs, outputs, name=f"{self.name}_head")
 
     def _compile(self, n_features: int) -> None:
@@ -958,7 +967,9 @@ class DenseHead(Head):
         loss, accuracy = logits_loss_and_accuracy(binary)
         self.model_.compile(
             optimizer=keras.optimizers.Adam(self.learning_rate),
-            loss=loss, metrics=[accuracy], steps_per_execution=_STEPS_PER_EXECUTION,
+            loss=loss,
+            metrics=[accuracy],
+            steps_per_execution=_STEPS_PER_EXECUTION,
         )
 
     def _targets(self, labels: np.ndarray) -> np.ndarray:
@@ -995,8 +1006,7 @@ class DenseHead(Head):
             params.update(view_use="sampled: one of plain + views per example per epoch, uniformly")
         return self._train(train, Xv, yv, params, callbacks=callbacks, verbose=verbose)
 
-    def fit_streamed(self, train, X_val=None, y_val=None, *, n_classes=None, callbacks=None, verbose=0,
-                     memory_budget):
+    def fit_streamed(self, train, X_val=None, y_val=None, *, n_classes=None, callbacks=None, verbose=0, memory_budget):
         """See `Head.fit_streamed`: one sequential pass over the file per epoch, within `memory_budget`.
 
         The epoch's order differs from `fit`'s full shuffle, which needs every row at
@@ -1008,19 +1018,20 @@ class DenseHead(Head):
         against `fit` the weights differ by the order of the steps, not in kind.
         """
         self._start_fit()
-        y, Xv, yv, K = _validate_labels_and_val(train.labels, len(train), train.n_features, X_val, y_val,
-                                                 n_classes)
+        y, Xv, yv, K = _validate_labels_and_val(train.labels, len(train), train.n_features, X_val, y_val, n_classes)
         self._set_shape(train.n_features, K, y)
         start = time.perf_counter()
         self._compile(train.n_features)
         params: dict[str, Any] = {}
         lookup = self._weight_lookup(y, params)
-        window = max(train.block_rows, memory_budget // (4 * 4 * train.n_features) // train.block_rows
-                     * train.block_rows)
+        window = max(
+            train.block_rows, memory_budget // (4 * 4 * train.n_features) // train.block_rows * train.block_rows
+        )
         failures: list[Exception] = []
         dataset = self._streamed_dataset(train, y, lookup, window, failures)
-        params.update(streamed={"window_rows": window, "block_rows": train.block_rows,
-                                "memory_budget_bytes": memory_budget})
+        params.update(
+            streamed={"window_rows": window, "block_rows": train.block_rows, "memory_budget_bytes": memory_budget}
+        )
         if train.num_views:
             params.update(view_use="sampled: one of plain + views per example per epoch, uniformly")
         try:
@@ -1029,12 +1040,12 @@ class DenseHead(Head):
             if failures:  # raised inside tf.data, which rewraps it; the original says more
                 raise failures[0] from None
             raise
-        self._finish_fit(params, start, n_views=train.num_views, n_train=len(train),
-                         n_val=0 if Xv is None else len(Xv))
+        self._finish_fit(params, start, n_views=train.num_views, n_train=len(train), n_val=0 if Xv is None else len(Xv))
         return self
 
-    def _streamed_dataset(self, train, y: np.ndarray, lookup: np.ndarray | None, window: int,
-                          failures: list[Exception]):
+    def _streamed_dataset(
+        self, train, y: np.ndarray, lookup: np.ndarray | None, window: int, failures: list[Exception]
+    ):
         """Batches of (features, targets[, weights]) read from `train` (a FeatureRows), as `fit_streamed` says."""
         import tensorflow as tf
 
@@ -1059,11 +1070,13 @@ class DenseHead(Head):
                 rows, features = np.concatenate(rows), np.concatenate(features)
                 if not np.isfinite(features).all():
                     bad = rows[~np.isfinite(features).all(axis=1)]
-                    failures.append(DataError(
-                        f"X_train: features contain NaN/inf values (in {len(bad)} rows read so far, the first "
-                        f"train row {int(bad.min())}). Expected finite floats. Fix: re-extract the features "
-                        "(float16 overflow?) or drop those rows."
-                    ))
+                    failures.append(
+                        DataError(
+                            f"X_train: features contain NaN/inf values (in {len(bad)} rows read so far, the first "
+                            f"train row {int(bad.min())}). Expected finite floats. Fix: re-extract the features "
+                            "(float16 overflow?) or drop those rows."
+                        )
+                    )
                     raise failures[-1]
                 shuffle = rng.permutation(len(rows))
                 rows, features = rows[shuffle], features[shuffle]
@@ -1074,14 +1087,18 @@ class DenseHead(Head):
                     yield (features[i : i + bs], targets[r]) + (() if lookup is None else (lookup[y[r]],))
                 carry = rows[full:], features[full:]
 
-        target_spec = tf.TensorSpec((None, 1) if self.n_classes_ == 2 else (None,),
-                                    tf.float32 if self.n_classes_ == 2 else tf.int64)
+        target_spec = tf.TensorSpec(
+            (None, 1) if self.n_classes_ == 2 else (None,), tf.float32 if self.n_classes_ == 2 else tf.int64
+        )
         signature = (tf.TensorSpec((None, train.n_features), tf.float32), target_spec)
         if lookup is not None:
             signature += (tf.TensorSpec((None,), tf.float32),)
         steps = -(-n // bs)
-        return (tf.data.Dataset.from_generator(batches, output_signature=signature)
-                .apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2))
+        return (
+            tf.data.Dataset.from_generator(batches, output_signature=signature)
+            .apply(tf.data.experimental.assert_cardinality(steps))
+            .prefetch(2)
+        )
 
     def _train(self, train, Xv, yv, params: dict[str, Any], *, callbacks, verbose) -> dict[str, Any]:
         """Runs Keras `fit` on the `train` dataset with early stopping on (Xv, yv); returns `params`."""
@@ -1092,16 +1109,18 @@ class DenseHead(Head):
         validation = None
         stopper = None
         if Xv is not None:
-            validation = tf.data.Dataset.from_tensor_slices((Xv, self._targets(yv))).batch(
-                max(self.batch_size, 1024)
-            )
+            validation = tf.data.Dataset.from_tensor_slices((Xv, self._targets(yv))).batch(max(self.batch_size, 1024))
             stopper = keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=self.patience, restore_best_weights=True
             )
             all_callbacks.append(stopper)
         history = self.model_.fit(
-            train, validation_data=validation, epochs=self.epochs,
-            callbacks=all_callbacks, verbose=verbose, shuffle=False,  # the dataset shuffles
+            train,
+            validation_data=validation,
+            epochs=self.epochs,
+            callbacks=all_callbacks,
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles
         )
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         epochs_run = len(self.history_["loss"])
@@ -1112,8 +1131,7 @@ class DenseHead(Head):
         )
         if stopper is not None:
             best = params["best_epoch"] - 1
-            params.update(val_loss=self.history_["val_loss"][best],
-                          val_accuracy=self.history_["val_accuracy"][best])
+            params.update(val_loss=self.history_["val_loss"][best], val_accuracy=self.history_["val_accuracy"][best])
         return params
 
     def _view_dataset(self, X: np.ndarray, views: np.ndarray, columns: tuple[np.ndarray, ...]):
@@ -1138,10 +1156,12 @@ class DenseHead(Head):
         return tf.data.Dataset.zip(rows, draws).batch(self.batch_size).map(pick)
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
-        return np.concatenate([
-            np.asarray(self.model_(X[i:i + _PREDICT_BATCH], training=False))
-            for i in range(0, len(X), _PREDICT_BATCH)
-        ])
+        return np.concatenate(
+            [
+                np.asarray(self.model_(X[i : i + _PREDICT_BATCH], training=False))
+                for i in range(0, len(X), _PREDICT_BATCH)
+            ]
+        )
 
     def _predict_proba(self, X):
         return probabilities(self._logits(X))
@@ -1156,8 +1176,7 @@ class DenseHead(Head):
                 "whose probabilities are not an affine map of the features. Fix: "
                 "export head.model_ itself, or train with hidden=0."
             )
-        kernel, bias = (np.asarray(w, dtype=np.float32)
-                        for w in self.model_.get_layer("logits").get_weights())
+        kernel, bias = (np.asarray(w, dtype=np.float32) for w in self.model_.get_layer("logits").get_weights())
         return kernel, bias, "sigmoid" if self.n_classes_ == 2 else "softmax"
 
     def _extra_record(self):
@@ -1199,8 +1218,7 @@ def head_class(name: str) -> type[Head]:
     """The registered head class called `name`; an unknown name lists the valid ones."""
     if name not in HEADS:
         raise ConfigError(
-            f"Unknown head '{name}'. Expected one of: {', '.join(list_heads())}. "
-            f"Received: head={name!r}."
+            f"Unknown head '{name}'. Expected one of: {', '.join(list_heads())}. Received: head={name!r}."
         )
     return HEADS[name]
 
@@ -1226,7 +1244,11 @@ def logits_loss_and_accuracy(binary: bool) -> tuple[Any, Any]:
 
     if binary:
         # One logit: class 1 iff it is positive.
-        return (keras.losses.BinaryCrossentropy(from_logits=True),
-                keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy"))
-    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+        return (
+            keras.losses.BinaryCrossentropy(from_logits=True),
+            keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy"),
+        )
+    return (
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+    )

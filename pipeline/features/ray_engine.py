@@ -38,17 +38,18 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import EngineConfig, FeaturesConfig, ViewsConfig
-from pipeline.data import DataSource, SplitSource
 from pipeline.errors import ConfigError, DataError, PipelineError, WorkerError
-from pipeline.extract import feature_batches, resume_position, view_feature_batches, views_left
+from pipeline.features.batches import feature_batches, resume_position, view_feature_batches, views_left
+from pipeline.features.sources import DataSource, SplitSource
+from pipeline.features.store import FeatureWriter
 from pipeline.phases import Phases
-from pipeline.store import FeatureWriter
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,11 @@ def join_batches(batches: list[tuple]) -> tuple:
     if len(batches) == 1:
         return batches[0]
     return tuple(
-        [item for b in batches for item in b[i]] if isinstance(batches[0][i], list)
+        [item for b in batches for item in b[i]]
+        if isinstance(batches[0][i], list)
         else np.concatenate([b[i] for b in batches])
         for i in range(len(batches[0]))
     )
-
 
 
 def enable_memory_growth() -> None:
@@ -151,13 +152,16 @@ class ExtractionWorker:
         # as a message only, while a method's exception reaches the driver as itself.
         self._error: PipelineError | None = None
         enable_memory_growth()
-        from pipeline import backbones
-        from pipeline.extract import compiled_forward
+        from pipeline.features.extractor import build_extractor
+        from pipeline.features.forward import compiled_forward
 
         try:
-            model = backbones.build_extractor(
-                config.backbone, image_size=config.image_size, weights=config.weights_arg,
-                pooling=config.pooling, mixed_precision=config.mixed_precision,
+            model = build_extractor(
+                config.backbone,
+                image_size=config.image_size,
+                weights=config.weights_arg,
+                pooling=config.pooling,
+                mixed_precision=config.mixed_precision,
             )
         except PipelineError as err:
             self._error = err
@@ -179,22 +183,35 @@ class ExtractionWorker:
         split = self._split(task)
         config = self.config
         if task.view is None:
-            yield from feature_batches(split, self.forward, start=task.start, stop=task.stop,
-                                       image_size=config.image_size, batch_size=config.batch_size)
+            yield from feature_batches(
+                split,
+                self.forward,
+                start=task.start,
+                stop=task.stop,
+                image_size=config.image_size,
+                batch_size=config.batch_size,
+            )
         else:
             yield from view_feature_batches(
-                split, self.forward, self._augmenter(task.views), view=task.view, positions=task.positions,
-                num_shards=config.num_shards, image_size=config.image_size, batch_size=config.batch_size,
+                split,
+                self.forward,
+                self._augmenter(task.views),
+                view=task.view,
+                positions=task.positions,
+                num_shards=config.num_shards,
+                image_size=config.image_size,
+                batch_size=config.batch_size,
             )
 
     def _split(self, task: ShardTask) -> SplitSource:
         """The split as this worker reads it, refused if it differs from the driver's."""
-        from pipeline.data import load_source
+        from pipeline.features.sources import load_source
 
         config = self.config
         if self._source is None:
-            self._source = load_source(config.data, seed=config.seed, shard_index=config.shard_index,
-                                       num_shards=config.num_shards)
+            self._source = load_source(
+                config.data, seed=config.seed, shard_index=config.shard_index, num_shards=config.num_shards
+            )
         split = self._source.splits.get(task.split)
         mine = {"version": self._source.version, "spec": split and split.spec, "total": split and split.total}
         if mine != task.expected:
@@ -224,8 +241,9 @@ class RayEngine:
     stand-ins with the same methods) and `worker_kwargs` extra arguments for it.
     """
 
-    def __init__(self, config: EngineConfig, *, worker: type = ExtractionWorker,
-                 worker_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, *, worker: type = ExtractionWorker, worker_kwargs: dict[str, Any] | None = None
+    ) -> None:
         self.config = config
         self.worker = worker
         self.worker_kwargs = dict(worker_kwargs or {})
@@ -241,8 +259,10 @@ class RayEngine:
         if self.startup_seconds is None:
             return ""
         hosts = sorted({w["host"] for w in self.workers})
-        return (f"engine: ray, {len(self.workers)} worker(s) on {', '.join(hosts)}, start-up "
-                f"{self.startup_seconds:.1f} s, {self.failures} failed shard attempt(s)")
+        return (
+            f"engine: ray, {len(self.workers)} worker(s) on {', '.join(hosts)}, start-up "
+            f"{self.startup_seconds:.1f} s, {self.failures} failed shard attempt(s)"
+        )
 
     @contextlib.contextmanager
     def start(self, config: FeaturesConfig, spec, phases: Phases) -> Iterator[RayRunner]:
@@ -260,15 +280,24 @@ class RayEngine:
         try:
             workers, gpus, cpus = self._placement(ray.cluster_resources())
             remote = ray.remote(self.worker).options(
-                num_cpus=cpus, num_gpus=gpus, max_restarts=self.config.max_attempts, max_task_retries=0,
+                num_cpus=cpus,
+                num_gpus=gpus,
+                max_restarts=self.config.max_attempts,
+                max_task_retries=0,
             )
             actors = [remote.remote(config, **self.worker_kwargs) for _ in range(workers)]
             self.workers = _first_pipeline_error(ray, lambda: ray.get([a.ready.remote() for a in actors]))
             self.startup_seconds = time.perf_counter() - began
             phases.add("start Ray and its workers", self.startup_seconds)
             hosts = sorted({i["host"] for i in self.workers})
-            log.info("Ray: %d worker(s) with %g GPU and %g CPU each on %s, ready in %.1f s",
-                     workers, gpus, cpus, ", ".join(hosts), self.startup_seconds)
+            log.info(
+                "Ray: %d worker(s) with %g GPU and %g CPU each on %s, ready in %.1f s",
+                workers,
+                gpus,
+                cpus,
+                ", ".join(hosts),
+                self.startup_seconds,
+            )
             yield RayRunner(ray, actors, config, self)
         finally:
             for actor in actors:
@@ -378,7 +407,9 @@ class RayRunner:
         if start >= split.size:
             return 0
         size = self.engine.config.shard_size
-        shards = [_Shard(seq, split, a, min(a + size, split.size)) for seq, a in enumerate(range(start, split.size, size))]
+        shards = [
+            _Shard(seq, split, a, min(a + size, split.size)) for seq, a in enumerate(range(start, split.size, size))
+        ]
         expected = _expected(writer, split)
         num_shards = self.config.num_shards
 
@@ -393,8 +424,9 @@ class RayRunner:
         def write(batches: list[tuple]) -> None:
             writer.append(split.name, *join_batches(batches))
 
-        return self._run(shards, task, received, write, desc=split.name, total=split.size, initial=start,
-                         progress=progress)
+        return self._run(
+            shards, task, received, write, desc=split.name, total=split.size, initial=start, progress=progress
+        )
 
     def extract_views(
         self, split: SplitSource, writer: FeatureWriter, views: ViewsConfig, *, progress: bool
@@ -408,13 +440,17 @@ class RayRunner:
         for view in range(done // n, views.num_views):
             first = done - view * n if view == done // n else 0
             for a in range(first, n, size):
-                shards.append(_Shard(len(shards), split, 0, min(a + size, n) - a,
-                                     rows=source_index[a : min(a + size, n)], view=view))
+                shards.append(
+                    _Shard(
+                        len(shards), split, 0, min(a + size, n) - a, rows=source_index[a : min(a + size, n)], view=view
+                    )
+                )
         expected = _expected(writer, split)
 
         def task(shard: _Shard) -> ShardTask:
-            return ShardTask(split=split.name, view=shard.view, positions=shard.rows[shard.start:], views=views,
-                             expected=expected)
+            return ShardTask(
+                split=split.name, view=shard.view, positions=shard.rows[shard.start :], views=views, expected=expected
+            )
 
         def received(shard: _Shard, batch: tuple) -> int:
             shard.start += len(batch[2])
@@ -431,13 +467,24 @@ class RayRunner:
             seconds += now - tick
             tick = now
 
-        rows = self._run(shards, task, received, write, desc=f"{split.name} views", total=total, initial=done,
-                         progress=progress)
+        rows = self._run(
+            shards, task, received, write, desc=f"{split.name} views", total=total, initial=done, progress=progress
+        )
         log.info("views: %d rows of %d views in %.1f s", rows, views.num_views, seconds)
         return rows, seconds
 
-    def _run(self, shards: list[_Shard], task: Callable[[_Shard], ShardTask], received: Callable[[_Shard, tuple], int],
-             write: Callable[[list[tuple]], None], *, desc: str, total: int, initial: int, progress: bool) -> int:
+    def _run(
+        self,
+        shards: list[_Shard],
+        task: Callable[[_Shard], ShardTask],
+        received: Callable[[_Shard, tuple], int],
+        write: Callable[[list[tuple]], None],
+        *,
+        desc: str,
+        total: int,
+        initial: int,
+        progress: bool,
+    ) -> int:
         """Runs `shards` on the workers and writes their batches in shard order; returns rows computed.
 
         `task(shard)` is what is left of a shard, `received(shard, batch)` records a
@@ -454,8 +501,15 @@ class RayRunner:
         unwell = set(self.probing.values()) | {a for _, a in self.reprobe}
         idle = [i for i in range(len(self.actors)) if i not in self.dead and i not in unwell]
         rows = 0
-        with tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
-                  mininterval=0.5) as bar:
+        with tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit="img",
+            disable=not progress,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        ) as bar:
             while head < len(shards):
                 self._probe_again()
                 while idle and queue and queue[0].seq < shards[head].seq + self.window:
@@ -510,8 +564,14 @@ class RayRunner:
         self.engine.failures += 1
         shard.attempts += 1
         shard.errors.append(_one_line(err))
-        log.warning("%s failed on worker %d (attempt %d of %d): %s", shard.describe(), actor, shard.attempts,
-                    self.engine.config.max_attempts, shard.errors[-1])
+        log.warning(
+            "%s failed on worker %d (attempt %d of %d): %s",
+            shard.describe(),
+            actor,
+            shard.attempts,
+            self.engine.config.max_attempts,
+            shard.errors[-1],
+        )
         if shard.attempts >= self.engine.config.max_attempts:
             record = shard.first_record(self.config.num_shards)
             raise WorkerError(

@@ -32,23 +32,24 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from pipeline import runs
 from pipeline.config import FeaturesConfig, HeadConfig, parse_size
-from pipeline.data import stratified_rows
 from pipeline.errors import CacheError, DataError
-from pipeline.heads import Head, head_class, load_head
+from pipeline.features.sources import stratified_rows
+from pipeline.features.store import VIEWS_SPLIT, FeatureRows, FeatureSet, open_rows, read_features
+from pipeline.heads.base import Head, head_class, load_head
 from pipeline.images import read_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
 from pipeline.phases import Phases
 from pipeline.runs import run_dir_for
-from pipeline.store import VIEWS_SPLIT, FeatureRows, FeatureSet, open_rows, read_features
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,14 @@ class HeadRun:
 
     def record(self) -> dict[str, Any]:
         """The result as JSON (`--json`): what `make bench` reads instead of the summary line."""
-        return {"stage": "head", "run_dir": str(self.run_dir), "head": self.head.name,
-                "up_to_date": self.up_to_date, "metrics": self.metrics, "phases": dict(self.phases)}
+        return {
+            "stage": "head",
+            "run_dir": str(self.run_dir),
+            "head": self.head.name,
+            "up_to_date": self.up_to_date,
+            "metrics": self.metrics,
+            "phases": dict(self.phases),
+        }
 
 
 def memory_budget(config: HeadConfig) -> int:
@@ -95,8 +102,9 @@ def memory_budget(config: HeadConfig) -> int:
     return psutil.virtual_memory().total // 4
 
 
-def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None,
-               phases: Phases | None = None) -> HeadRun:
+def train_head(
+    features_path: Path, config: HeadConfig, *, expect: Mapping[str, Any] | None = None, phases: Phases | None = None
+) -> HeadRun:
     """Fits `config.head` on the train split of `features_path` and writes its run directory.
 
     The train rows are read into memory when the head's `memory_copies` of them (as
@@ -116,8 +124,9 @@ def train_head(features_path: Path, config: HeadConfig, *, expect: Mapping[str, 
     return replace(run, phases=phases.record())
 
 
-def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
-                expect: Mapping[str, Any] | None, phases: Phases) -> HeadRun:
+def _train_head(
+    features_path: Path, config: HeadConfig, run_dir: Path, *, expect: Mapping[str, Any] | None, phases: Phases
+) -> HeadRun:
     with phases("read features"):
         cached = read_features(features_path, expect=expect, exclude=[VIEWS_SPLIT])  # train: block by block
     with phases("up-to-date check"):
@@ -134,14 +143,15 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
         log.warning("%s has no test split: reporting validation metrics only.", features_path)
     excluded = None
     if config.exclude is not None:
-        from pipeline.audit import load_exclusion
+        from pipeline.audit.findings import load_exclusion
 
         exclusion = load_exclusion(config.exclude, cached, config.exclude_kinds, train=rows)
         excluded = exclusion.record()
         rows = rows.select(np.flatnonzero(exclusion.keep))
     if config.train_per_class is not None:
-        rows = rows.select(stratified_rows(rows.labels, rows.index, config.train_per_class, class_names,
-                                           seed=config.seed))
+        rows = rows.select(
+            stratified_rows(rows.labels, rows.index, config.train_per_class, class_names, seed=config.seed)
+        )
     rows = rows.with_views(used["used"])
     head = head_class(config.head).from_config(config)
     budget = memory_budget(config)
@@ -153,18 +163,36 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
     with runs.assembling(run_dir) as work:
         fitting = time.perf_counter()
         if streamed:
-            log.info("%d train rows x %d versions take %.2f GB as float32, %d times that over MEMORY_BUDGET "
-                     "(%.2f GB): streaming them from %s", len(rows), rows.num_views + 1, rows.nbytes / 1e9,
-                     head.memory_copies, budget / 1e9, features_path)
-            head.fit_streamed(rows, validation.features, validation.labels, n_classes=len(class_names),
-                              callbacks=head.training_callbacks(work), memory_budget=budget)
+            log.info(
+                "%d train rows x %d versions take %.2f GB as float32, %d times that over MEMORY_BUDGET "
+                "(%.2f GB): streaming them from %s",
+                len(rows),
+                rows.num_views + 1,
+                rows.nbytes / 1e9,
+                head.memory_copies,
+                budget / 1e9,
+                features_path,
+            )
+            head.fit_streamed(
+                rows,
+                validation.features,
+                validation.labels,
+                n_classes=len(class_names),
+                callbacks=head.training_callbacks(work),
+                memory_budget=budget,
+            )
         else:
             with phases("read features"):
                 train, views = rows.load()
             fitting = time.perf_counter()
             head.fit(
-                train.features, train.labels, validation.features, validation.labels,
-                n_classes=len(class_names), callbacks=head.training_callbacks(work), views=views,
+                train.features,
+                train.labels,
+                validation.features,
+                validation.labels,
+                n_classes=len(class_names),
+                callbacks=head.training_callbacks(work),
+                views=views,
             )
         phases.add("fit", time.perf_counter() - fitting)
         evaluating = time.perf_counter()
@@ -177,8 +205,12 @@ def _train_head(features_path: Path, config: HeadConfig, run_dir: Path, *,
             "memory": memory,
             "hyperparameters": head.params_,
             "training_seconds": head.params_["fit_seconds"],
-            "validation": classification_metrics(head.predict_proba(validation.features), validation.labels, class_names),
-            "test": classification_metrics(head.predict_proba(test.features), test.labels, class_names) if test else None,
+            "validation": classification_metrics(
+                head.predict_proba(validation.features), validation.labels, class_names
+            ),
+            "test": classification_metrics(head.predict_proba(test.features), test.labels, class_names)
+            if test
+            else None,
         }
         if test is None:
             metrics["note"] = "no test split: validation metrics only"
@@ -218,7 +250,10 @@ def _views_record(cached: FeatureSet, config: HeadConfig) -> dict[str, Any]:
     if used:
         a = cached.view_attrs
         record = {
-            "used": used, "available": cached.num_views, "augment": a["augment"], "seed": a["seed"],
+            "used": used,
+            "available": cached.num_views,
+            "augment": a["augment"],
+            "seed": a["seed"],
             "how": kind.views_use,
         }
     if config.train_per_class is not None:
@@ -250,14 +285,25 @@ def _check_splits(cached: FeatureSet) -> FeatureRows:
     return rows
 
 
-def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any],
-               phases: Phases) -> None:
+def _write_run(
+    work: Path, head: Head, cached: FeatureSet, config: HeadConfig, metrics: dict[str, Any], phases: Phases
+) -> None:
     class_names = list(cached.class_names)
     with phases("save head"):
         head.save(work)
-        runs.write_records(work, class_names=class_names, metrics=metrics, config={
-            "features": cached.config, "features_key": cached.key, "features_path": str(cached.path),
-            "head": config.to_dict(), "views": metrics["views"], "exclude": metrics.get("exclude")})
+        runs.write_records(
+            work,
+            class_names=class_names,
+            metrics=metrics,
+            config={
+                "features": cached.config,
+                "features_key": cached.key,
+                "features_path": str(cached.path),
+                "head": config.to_dict(),
+                "views": metrics["views"],
+                "exclude": metrics.get("exclude"),
+            },
+        )
     with phases("import matplotlib"):  # here, not at the top: an up-to-date run draws nothing
         from pipeline import plots
     figures = []
@@ -265,16 +311,25 @@ def _write_run(work: Path, head: Head, cached: FeatureSet, config: HeadConfig, m
     if history:
         with phases("plot learning curves"):
             names = list(history)
-            runs.write_history(work, ["epoch", *names], [
-                {"epoch": epoch, **dict(zip(names, row))}
-                for epoch, row in enumerate(zip(*(history[n] for n in names)), start=1)])
+            runs.write_history(
+                work,
+                ["epoch", *names],
+                [
+                    {"epoch": epoch, **dict(zip(names, row))}
+                    for epoch, row in enumerate(zip(*(history[n] for n in names)), start=1)
+                ],
+            )
             figures.append(plots.learning_curves(history, work / runs.LEARNING_CURVES))
     scored = "test" if metrics["test"] else "validation"
     with phases("plot confusion matrix"):
-        figures.append(plots.confusion_matrix(
-            metrics[scored]["confusion_matrix"], class_names, work / runs.CONFUSION_MATRIX,
-            title=f"{config.head} head, {scored} split",
-        ))
+        figures.append(
+            plots.confusion_matrix(
+                metrics[scored]["confusion_matrix"],
+                class_names,
+                work / runs.CONFUSION_MATRIX,
+                title=f"{config.head} head, {scored} split",
+            )
+        )
     with phases("plot top losses"):  # reading its images included
         grid = _predictions_grid(head, cached, scored, config, work / runs.TOP_LOSSES)
     if grid:
@@ -290,8 +345,13 @@ def _predictions_grid(head: Head, cached: FeatureSet, split: str, config: HeadCo
     rows = cached.splits[split]
     features = FeaturesConfig.from_dict(cached.config)
     return runs.top_losses_grid(
-        head.predict_proba(rows.features), rows.labels, rows.index,
-        cached.class_names, count=config.grid_images, split=split, path=path,
+        head.predict_proba(rows.features),
+        rows.labels,
+        rows.index,
+        cached.class_names,
+        count=config.grid_images,
+        split=split,
+        path=path,
         read=lambda chosen: read_images(features, split, dict(zip(rows.index[chosen].tolist(), rows.ids[chosen]))),
         title=f"{head.name} head: top losses on {split} images",
     )
@@ -307,15 +367,23 @@ def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str
         lines.append(f"| {s} | {m['n']} | {m['accuracy']:.4f} | {m['mean_per_class_accuracy']:.4f} | {m['loss']:.4f} |")
     if metrics.get("note"):
         lines += ["", f"Note: {metrics['note']}."]
-    chosen = {k: v for k, v in metrics["hyperparameters"].items() if k in ("C", "best_epoch", "epochs_run", "converged")}
+    chosen = {
+        k: v for k, v in metrics["hyperparameters"].items() if k in ("C", "best_epoch", "epochs_run", "converged")
+    }
     lines += ["", f"Training: {metrics['training_seconds']:.2f} s; {json.dumps(chosen)}", ""]
     views = metrics.get("views") or {}
     if views.get("used") or views.get("train_per_class"):
-        lines[-1:] = [f"Train split: {metrics.get('train_examples')} examples"
-                      + (f" ({views['train_per_class']} per class)" if views.get("train_per_class") else "")
-                      + (f", {views['used']} augmented views each, {views['how']} (augmentation "
-                         f"{json.dumps(views['augment'])}, seed {views['seed']})" if views.get("used") else ""),
-                      ""]
+        lines[-1:] = [
+            f"Train split: {metrics.get('train_examples')} examples"
+            + (f" ({views['train_per_class']} per class)" if views.get("train_per_class") else "")
+            + (
+                f", {views['used']} augmented views each, {views['how']} (augmentation "
+                f"{json.dumps(views['augment'])}, seed {views['seed']})"
+                if views.get("used")
+                else ""
+            ),
+            "",
+        ]
     last = splits[-1]
     lines += [f"Per class ({last}):", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for name in class_names:

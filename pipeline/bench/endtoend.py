@@ -30,12 +30,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipeline import runs
-from pipeline.data import IMAGE_EXTENSIONS
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.features.sources import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,10 @@ def run_stage(command: str, flags: Sequence[str]) -> dict[str, Any]:
         stage = _run_process(command, [*flags, "--json", str(result_path)])
         result = json.loads(result_path.read_text())
     if result["up_to_date"]:
-        raise StageFailed(f"`python -m pipeline {command}` found its output up to date instead of measuring it "
-                          f"({stage['summary']}); the benchmark needs a fresh work folder.")
+        raise StageFailed(
+            f"`python -m pipeline {command}` found its output up to date instead of measuring it "
+            f"({stage['summary']}); the benchmark needs a fresh work folder."
+        )
     return {**stage, "result": result, "output": result.get("path") or result["run_dir"]}
 
 
@@ -138,8 +141,11 @@ def _run_process(command: str, flags: Sequence[str]) -> dict[str, Any]:
     process, stdout, stderr, wall, peak_mib = measured_process(argv)
     lines = [line for line in stdout.splitlines() if line.strip()]
     if process.returncode != 0 or not lines:
-        log.error("bench: `%s` failed; its stderr ends with:\n%s", " ".join(argv[2:]),
-                  "\n".join(stderr.strip().splitlines()[-30:]))
+        log.error(
+            "bench: `%s` failed; its stderr ends with:\n%s",
+            " ".join(argv[2:]),
+            "\n".join(stderr.strip().splitlines()[-30:]),
+        )
         last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise StageFailed(f"`python -m pipeline {command}` failed with status {process.returncode}: {last}")
     return {"command": command, "wall_seconds": round(wall, 2), "peak_rss_mib": peak_mib, "summary": lines[-1]}
@@ -147,15 +153,22 @@ def _run_process(command: str, flags: Sequence[str]) -> dict[str, Any]:
 
 def features_figures(result: dict[str, Any]) -> dict[str, Any]:
     """Images, skipped, extraction seconds and img/s from a `features` result (its --json file)."""
-    return {"images": result["images"], "skipped": result["skipped"], "extract_seconds": result["seconds"],
-            "img_per_s": result["images_per_second"]}
+    return {
+        "images": result["images"],
+        "skipped": result["skipped"],
+        "extract_seconds": result["seconds"],
+        "img_per_s": result["images_per_second"],
+    }
 
 
 def run_features_process(flags: Sequence[str]) -> dict[str, Any]:
     """Runs `python -m pipeline features` in a fresh process: wall time, img/s, peak RSS."""
     stage = run_stage("features", flags)
-    return {**features_figures(stage["result"]), "wall_seconds": stage["wall_seconds"],
-            "peak_rss_mib": stage["peak_rss_mib"]}
+    return {
+        **features_figures(stage["result"]),
+        "wall_seconds": stage["wall_seconds"],
+        "peak_rss_mib": stage["peak_rss_mib"],
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -195,11 +208,12 @@ def bench_features(
     compared with the mean of the forward measurements just before and after it, and
     the median of those ratios is reported, with every individual figure.
     """
-    from pipeline.extractor import build_extractor
-    from pipeline.extract import compiled_forward
+    from pipeline.features.extractor import build_extractor
+    from pipeline.features.forward import compiled_forward
 
-    forward = compiled_forward(build_extractor(backbone, image_size=image_size, weights=weights), image_size,
-                               batch_size)
+    forward = compiled_forward(
+        build_extractor(backbone, image_size=image_size, weights=weights), image_size, batch_size
+    )
 
     def measure_forward() -> float:
         return forward_throughput(forward, image_size=image_size, batch_size=batch_size, seconds=forward_seconds)
@@ -207,9 +221,18 @@ def bench_features(
     def extract(size: int, attempt: int) -> dict[str, Any]:
         folder = subset_folder(Path(data_dir), work_dir / f"data-{size}", size)
         flags = [
-            "--data-dir", str(folder), "--backbone", backbone, "--weights", weights or "none",
-            "--image-size", str(image_size), "--batch-size", str(batch_size),
-            "--output-dir", str(work_dir / f"features-{size}-{attempt}"),
+            "--data-dir",
+            str(folder),
+            "--backbone",
+            backbone,
+            "--weights",
+            weights or "none",
+            "--image-size",
+            str(image_size),
+            "--batch-size",
+            str(batch_size),
+            "--output-dir",
+            str(work_dir / f"features-{size}-{attempt}"),
         ]
         return run_features_process(flags)
 
@@ -228,8 +251,14 @@ def bench_features(
     return {
         "benchmark": "features",
         "machine": machine(),
-        "settings": {"backbone": backbone, "image_size": image_size, "batch_size": batch_size,
-                     "weights": str(weights), "data_dir": str(data_dir), "repeats": repeats},
+        "settings": {
+            "backbone": backbone,
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "weights": str(weights),
+            "data_dir": str(data_dir),
+            "repeats": repeats,
+        },
         "runs": runs,
         "ratio_to_forward_median": ratios[len(ratios) // 2],
         "ratio_to_forward_all": ratios,
@@ -255,9 +284,12 @@ def features_table(result: dict[str, Any]) -> str:
             f"| {run['extract_seconds']} | {run['wall_seconds']} | {run['peak_rss_mib']} |"
         )
     ratios = result["ratio_to_forward_all"]
-    lines += ["", f"Median ratio to the forward pass: **{result['ratio_to_forward_median']}** (range "
-                  f"{ratios[0]}-{ratios[-1]}, {len(ratios)} runs of {result['runs'][-1]['images']} images; "
-                  f"target {result['target_ratio']})."]
+    lines += [
+        "",
+        f"Median ratio to the forward pass: **{result['ratio_to_forward_median']}** (range "
+        f"{ratios[0]}-{ratios[-1]}, {len(ratios)} runs of {result['runs'][-1]['images']} images; "
+        f"target {result['target_ratio']}).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -275,8 +307,8 @@ def bench_head(features_path: Path, *, repeats: int = 3, seed: int = 0) -> dict[
     This is the retrain cost the product promises: seconds, where the seed workflow
     pays a backbone pass over every image per epoch.
     """
-    from pipeline.heads import create_head
-    from pipeline.store import read_features
+    from pipeline.features.store import read_features
+    from pipeline.heads.base import create_head
 
     cached = read_features(features_path)
     train, validation = cached.splits["train"], cached.splits["validation"]
@@ -286,8 +318,9 @@ def bench_head(features_path: Path, *, repeats: int = 3, seed: int = 0) -> dict[
         for _ in range(repeats):
             head = create_head(name, seed=seed)
             started = time.perf_counter()
-            head.fit(train.features, train.labels, validation.features, validation.labels,
-                     n_classes=len(cached.class_names))
+            head.fit(
+                train.features, train.labels, validation.features, validation.labels, n_classes=len(cached.class_names)
+            )
             times.append(time.perf_counter() - started)
             accuracy = float((head.predict(validation.features) == validation.labels).mean())
         heads[name] = {
@@ -332,16 +365,30 @@ def head_table(result: dict[str, Any]) -> str:
 #: measurements; `stage_repeats` is the number of logistic `head` processes and no-op
 #: `features` processes timed. About 13 minutes on 2 CPUs.
 FULL_SETTINGS: dict[str, Any] = {
-    "backbone": "mobilenet_v2", "image_size": 160, "batch_size": 32, "epochs": 10,
-    "extraction_image_sizes": (160, 224), "extraction_sizes": (3000,), "extraction_repeats": 5,
-    "forward_seconds": 5.0, "head_repeats": 3, "stage_repeats": 3,
+    "backbone": "mobilenet_v2",
+    "image_size": 160,
+    "batch_size": 32,
+    "epochs": 10,
+    "extraction_image_sizes": (160, 224),
+    "extraction_sizes": (3000,),
+    "extraction_repeats": 5,
+    "forward_seconds": 5.0,
+    "head_repeats": 3,
+    "stage_repeats": 3,
 }
 #: Quick mode (CI, about a minute): the tiny backbone on generated images, 2 epochs.
 #: It checks that the benchmark code runs and its figures are consistent, not the product.
 QUICK_SETTINGS: dict[str, Any] = {
-    "backbone": "tiny", "image_size": 32, "batch_size": 32, "epochs": 2,
-    "extraction_image_sizes": (32, 40), "extraction_sizes": (300,), "extraction_repeats": 1,
-    "forward_seconds": 1.0, "head_repeats": 1, "stage_repeats": 2,
+    "backbone": "tiny",
+    "image_size": 32,
+    "batch_size": 32,
+    "epochs": 2,
+    "extraction_image_sizes": (32, 40),
+    "extraction_sizes": (300,),
+    "extraction_repeats": 1,
+    "forward_seconds": 1.0,
+    "head_repeats": 1,
+    "stage_repeats": 2,
 }
 #: Generated images per class and split in quick mode (300 in all).
 QUICK_IMAGES = {"train": 100, "validation": 50}
@@ -359,8 +406,14 @@ TARGETS = {
 #: of stage-1 extraction and of one seed epoch (training and validation), seconds per
 #: process for start-up, imports, model build and writing outputs, and the seed
 #: workflow's extra fixed cost (its evaluations before and after, saving the model).
-_RATES = {"extract": 1 / 180, "seed_epoch": 22.0 / 3000, "process": 6.0, "light_process": 2.5,
-          "head_fits": 3.0, "seed_fixed": 40.0}
+_RATES = {
+    "extract": 1 / 180,
+    "seed_epoch": 22.0 / 3000,
+    "process": 6.0,
+    "light_process": 2.5,
+    "head_fits": 3.0,
+    "seed_fixed": 40.0,
+}
 
 
 def seed_workflow_flags(epochs: int) -> list[str]:
@@ -376,10 +429,30 @@ def seed_workflow_flags(epochs: int) -> list[str]:
     layer 0, the default 100 does not exist in the tiny one).
     """
     return [
-        "--head-epochs", str(epochs), "--fine-tune-epochs", "0", "--fine-tune-at", "all",
-        "--optimizer", "rmsprop", "--learning-rate", "1e-4", "--dropout", "0.2", "--fine-tune-batch-size", "32",
-        "--aug-flip", "horizontal", "--aug-rotation", "0.2", "--aug-zoom", "0", "--aug-contrast", "0",
-        "--aug-translation", "0",
+        "--head-epochs",
+        str(epochs),
+        "--fine-tune-epochs",
+        "0",
+        "--fine-tune-at",
+        "all",
+        "--optimizer",
+        "rmsprop",
+        "--learning-rate",
+        "1e-4",
+        "--dropout",
+        "0.2",
+        "--fine-tune-batch-size",
+        "32",
+        "--aug-flip",
+        "horizontal",
+        "--aug-rotation",
+        "0.2",
+        "--aug-zoom",
+        "0",
+        "--aug-contrast",
+        "0",
+        "--aug-translation",
+        "0",
     ]
 
 
@@ -393,8 +466,11 @@ def expected_seconds(n_images: int, settings: dict[str, Any]) -> float:
     Scaled from MobileNetV2 figures at 160 px by pixel count; other backbones differ,
     and more cores or a GPU make it shorter.
     """
-    sizes, repeats, image_sizes = settings["extraction_sizes"], settings["extraction_repeats"], \
-        settings["extraction_image_sizes"]
+    sizes, repeats, image_sizes = (
+        settings["extraction_sizes"],
+        settings["extraction_repeats"],
+        settings["extraction_image_sizes"],
+    )
     runs_per_image_size = len(sizes) - 1 + repeats
     extracted_per_image_size = sum(sizes[:-1]) + sizes[-1] * repeats
     heavy = len(image_sizes) * runs_per_image_size + 4  # + both feature files, the dense head, the seed workflow
@@ -404,13 +480,20 @@ def expected_seconds(n_images: int, settings: dict[str, Any]) -> float:
         return (size / 160) ** 2
 
     return (
-        heavy * _RATES["process"] + light * _RATES["light_process"]
+        heavy * _RATES["process"]
+        + light * _RATES["light_process"]
         + settings["forward_seconds"] * len(image_sizes) * (runs_per_image_size + 1)
         + settings["head_repeats"] * _RATES["head_fits"]
-        + scale(settings["image_size"]) * (_RATES["seed_fixed"] + 2 * n_images * _RATES["extract"]
-                                           + settings["epochs"] * n_images * _RATES["seed_epoch"])
+        + scale(settings["image_size"])
+        * (
+            _RATES["seed_fixed"]
+            + 2 * n_images * _RATES["extract"]
+            + settings["epochs"] * n_images * _RATES["seed_epoch"]
+        )
         + sum(scale(size) for size in image_sizes) * extracted_per_image_size * _RATES["extract"]
     )
+
+
 def write_quick_assets(root: Path, *, seed: int = 0) -> tuple[Path, Path]:
     """(image folder, weights file) for quick mode, so CI needs no shared assets.
 
@@ -423,7 +506,7 @@ def write_quick_assets(root: Path, *, seed: int = 0) -> tuple[Path, Path]:
     import numpy as np
     from PIL import Image
 
-    from pipeline.extractor import build_extractor
+    from pipeline.features.extractor import build_extractor
 
     rng = np.random.default_rng(seed)
     colors = {"cats": (200, 70, 60), "dogs": (60, 80, 200)}
@@ -439,7 +522,8 @@ def write_quick_assets(root: Path, *, seed: int = 0) -> tuple[Path, Path]:
                 image.save(folder / f"{name}.{split}.{i}.jpg", quality=90)
     weights = Path(root) / "tiny.weights.h5"
     build_extractor("tiny", image_size=QUICK_SETTINGS["image_size"], weights=None).get_layer("backbone").save_weights(
-        weights)
+        weights
+    )
     return data, weights
 
 
@@ -488,13 +572,26 @@ def bench_pipeline(
     which should be fresh. Returns everything as one JSON-ready dict.
     """
     if str(weights).lower() == "none":
-        raise ConfigError("The seed workflow trains on a pretrained backbone. Received: weights='none'. "
-                          "Set BENCH_WEIGHTS to a weights file or imagenet.")
+        raise ConfigError(
+            "The seed workflow trains on a pretrained backbone. Received: weights='none'. "
+            "Set BENCH_WEIGHTS to a weights file or imagenet."
+        )
     work_dir = Path(work_dir)
     features_flags = [
-        "--data-dir", str(data_dir), "--backbone", backbone, "--weights", str(weights),
-        "--image-size", str(image_size), "--batch-size", str(batch_size), "--seed", "0",
-        "--output-dir", str(work_dir / "features"),
+        "--data-dir",
+        str(data_dir),
+        "--backbone",
+        backbone,
+        "--weights",
+        str(weights),
+        "--image-size",
+        str(image_size),
+        "--batch-size",
+        str(batch_size),
+        "--seed",
+        "0",
+        "--output-dir",
+        str(work_dir / "features"),
     ]
     float16 = ["--dtype", "float16"]
     stages: dict[str, dict[str, Any]] = {}
@@ -509,8 +606,11 @@ def bench_pipeline(
         else:
             metrics = result["metrics"]
             validation = metrics["after"]["validation"] if command == "finetune" else metrics["validation"]
-            record.update(validation_accuracy=validation["accuracy"], validation_examples=validation["n"],
-                          training_seconds=metrics["training_seconds"])
+            record.update(
+                validation_accuracy=validation["accuracy"],
+                validation_examples=validation["n"],
+                training_seconds=metrics["training_seconds"],
+            )
             if command == "finetune":
                 record["epoch_seconds"] = runs.history_column(Path(record["output"]), "seconds")
         log.info("bench: %s: %.1f s wall, peak %.0f MiB", name, record["wall_seconds"], record["peak_rss_mib"])
@@ -524,9 +624,15 @@ def bench_pipeline(
     log.info("bench: 1/5 extraction against the forward pass at %s px", ", ".join(map(str, extraction_image_sizes)))
     extraction = {
         str(size): bench_features(
-            data_dir=Path(data_dir), weights=str(weights), work_dir=work_dir / f"bench-features-{size}",
-            backbone=backbone, image_size=size, batch_size=batch_size, sizes=extraction_sizes,
-            repeats=extraction_repeats, forward_seconds=forward_seconds,
+            data_dir=Path(data_dir),
+            weights=str(weights),
+            work_dir=work_dir / f"bench-features-{size}",
+            backbone=backbone,
+            image_size=size,
+            batch_size=batch_size,
+            sizes=extraction_sizes,
+            repeats=extraction_repeats,
+            forward_seconds=forward_seconds,
         )
         for size in extraction_image_sizes
     }
@@ -541,17 +647,25 @@ def bench_pipeline(
     log.info("bench: 4/5 head retrains on the cached features")
     retrain = bench_head(Path(f32["output"]), repeats=head_repeats)
     log.info("bench: 5/5 the seed workflow, %d epochs with the backbone in the loop", epochs)
-    seed = stage("seed workflow", "finetune",
-                 [*features_flags, *seed_workflow_flags(epochs), "--runs-dir", str(work_dir / "seed-runs")])
+    seed = stage(
+        "seed workflow",
+        "finetune",
+        [*features_flags, *seed_workflow_flags(epochs), "--runs-dir", str(work_dir / "seed-runs")],
+    )
 
     logistic_walls = [r["wall_seconds"] for r in logistic_runs]
     logistic = {**logistic_runs[0], "wall_seconds": _median(logistic_walls)}
     # The first epoch also traces the model; later ones are what each further epoch costs.
     seed_epoch = round(_median(seed["epoch_seconds"][1:] or seed["epoch_seconds"]), 3)
-    end_to_end = {"seed_workflow": {
-        "stages": ["finetune"], "wall_seconds": seed["wall_seconds"], "compute_seconds": seed["training_seconds"],
-        "validation_accuracy": seed["validation_accuracy"], "epochs": epochs,
-    }}
+    end_to_end = {
+        "seed_workflow": {
+            "stages": ["finetune"],
+            "wall_seconds": seed["wall_seconds"],
+            "compute_seconds": seed["training_seconds"],
+            "validation_accuracy": seed["validation_accuracy"],
+            "epochs": epochs,
+        }
+    }
     for name, head_stage in (("logistic", logistic), ("dense", dense)):
         wall = f32["wall_seconds"] + head_stage["wall_seconds"]
         compute = f32["extract_seconds"] + head_stage["training_seconds"]
@@ -593,18 +707,27 @@ def bench_pipeline(
         "quick": quick,
         "machine": machine(),
         "settings": {
-            "data_dir": str(data_dir), "weights": str(weights), "backbone": backbone, "image_size": image_size,
-            "batch_size": batch_size, "epochs": epochs, "extraction_image_sizes": list(extraction_image_sizes),
-            "extraction_sizes": list(extraction_sizes), "extraction_repeats": extraction_repeats,
-            "forward_seconds": forward_seconds, "head_repeats": head_repeats, "stage_repeats": stage_repeats,
-            "train_examples": retrain["train_examples"], "validation_examples": seed["validation_examples"],
+            "data_dir": str(data_dir),
+            "weights": str(weights),
+            "backbone": backbone,
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "extraction_image_sizes": list(extraction_image_sizes),
+            "extraction_sizes": list(extraction_sizes),
+            "extraction_repeats": extraction_repeats,
+            "forward_seconds": forward_seconds,
+            "head_repeats": head_repeats,
+            "stage_repeats": stage_repeats,
+            "train_examples": retrain["train_examples"],
+            "validation_examples": seed["validation_examples"],
             "seed_workflow_flags": seed_workflow_flags(epochs),
         },
         "wall_time_includes": "each stage's `python -m pipeline` process: interpreter start-up, imports, data "
-                              "listing, model build, the work itself, evaluation and writing its outputs "
-                              "(files, plots, report)",
+        "listing, model build, the work itself, evaluation and writing its outputs "
+        "(files, plots, report)",
         "compute_time_includes": "the stage's own timer: the extraction loop; the head's fit; the seed "
-                                 "workflow's training epochs (each with its validation pass)",
+        "workflow's training epochs (each with its validation pass)",
         "targets": TARGETS,
         "extraction": {size: {k: v for k, v in e.items() if k != "machine"} for size, e in extraction.items()},
         "end_to_end": end_to_end,
@@ -629,8 +752,11 @@ def bench_pipeline(
         },
         "peak_rss_mib": {
             **{name: s["peak_rss_mib"] for name, s in stages.items()},
-            **{f"bench-features {size} px, {r['images']} images": r["peak_rss_mib"]
-               for size, e in extraction.items() for r in e["runs"]},
+            **{
+                f"bench-features {size} px, {r['images']} images": r["peak_rss_mib"]
+                for size, e in extraction.items()
+                for r in e["runs"]
+            },
         },
         "stages": stages,
     }
@@ -643,8 +769,10 @@ def run_up_to_date(command: str, flags: Sequence[str]) -> dict[str, Any]:
         stage = _run_process(command, [*flags, "--json", str(result_path)])
         result = json.loads(result_path.read_text())
     if not result["up_to_date"]:
-        raise StageFailed(f"`python -m pipeline {command}` did work ({stage['summary']}) where its output should "
-                          "have been up to date.")
+        raise StageFailed(
+            f"`python -m pipeline {command}` did work ({stage['summary']}) where its output should "
+            "have been up to date."
+        )
     return {**stage, "phases": result.get("phases", {})}
 
 
@@ -665,22 +793,31 @@ def pipeline_table(result: dict[str, Any]) -> str:
     s, m, t = result["settings"], result["machine"], result["targets"]
     e2e, retrain, storage, ext = result["end_to_end"], result["retrain"], result["storage"], result["extraction"]
     fast, seed, stages = result["fast_loop"], e2e["seed_workflow"], result["stages"]
-    mode = ("**Quick mode**: the tiny backbone on generated images; it checks the benchmark code, "
-            "its figures say nothing about the product.\n\n" if result["quick"] else "")
+    mode = (
+        "**Quick mode**: the tiny backbone on generated images; it checks the benchmark code, "
+        "its figures say nothing about the product.\n\n"
+        if result["quick"]
+        else ""
+    )
     lines = [
-        "# `make bench`: cached features against the seed workflow", "",
+        "# `make bench`: cached features against the seed workflow",
+        "",
         f"{mode}Machine: {m['cpus']} CPUs ({m['processor']}, {m['platform']}), {m.get('memory_gib', '?')} GiB, "
         f"GPUs: {', '.join(m['gpus']) or 'none'}; Python {m['python']}, TensorFlow {m['tensorflow']}. "
         f"Data: {Path(s['data_dir']).name} ({s['train_examples']} train, {s['validation_examples']} validation "
         f"images); {s['backbone']} at {s['image_size']} px, weights {Path(s['weights']).name}, batch "
         f"{s['batch_size']}. Everything below was measured in one run on this machine; figures given as "
-        "'median (min-max)' are repeated measurements.", "",
+        "'median (min-max)' are repeated measurements.",
+        "",
         f"Seed workflow: the TensorFlow tutorial's model (RandomFlip horizontal + RandomRotation 0.2, the "
         f"backbone's preprocessing, the frozen backbone called with `training=False`, Dropout 0.2, Dense) trained "
         f"with `fit` for {_epochs(s['epochs'])}, RMSprop at 1e-4, the backbone in the loop: `python -m pipeline "
-        f"finetune --head-epochs {s['epochs']} --fine-tune-epochs 0 --optimizer rmsprop ...`.", "",
-        f"Wall seconds: {result['wall_time_includes']}. Compute seconds: {result['compute_time_includes']}.", "",
-        "## Targets", "",
+        f"finetune --head-epochs {s['epochs']} --fine-tune-epochs 0 --optimizer rmsprop ...`.",
+        "",
+        f"Wall seconds: {result['wall_time_includes']}. Compute seconds: {result['compute_time_includes']}.",
+        "",
+        "## Targets",
+        "",
         "| # | measure | pipeline | reference | ratio | target | met |",
         "|---|---|---:|---:|---:|---|---|",
         f"| 1 | `head` logistic, whole process, wall s ({len(fast['head_logistic_seconds_all'])} runs) "
@@ -698,14 +835,16 @@ def pipeline_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| 3 | end to end, features + {name} head: wall s (validation accuracy) | {p['wall_seconds']} "
             f"({p['validation_accuracy']:.4f}) | {seed['wall_seconds']} ({seed['validation_accuracy']:.4f}) "
-            f"| {p['speedup']}x faster | >= {t['speedup']:g}x faster, accuracy >= seed | {_yes(p['target_met'])} |")
+            f"| {p['speedup']}x faster | >= {t['speedup']:g}x faster, accuracy >= seed | {_yes(p['target_met'])} |"
+        )
     for size, e in ext.items():
         ratios = e["ratio_to_forward_all"]
         lines.append(
             f"| 4 | extraction img/s vs the bare forward pass at {size} px ({len(ratios)} runs) "
             f"| {_median([r['img_per_s'] for r in e['runs']])} | {_median([r['forward_img_per_s'] for r in e['runs']])} "
             f"| {e['ratio_to_forward_median']} ({ratios[0]}-{ratios[-1]}) | >= {t['extraction_ratio']} "
-            f"| {_yes(e['ratio_to_forward_median'] >= t['extraction_ratio'])} |")
+            f"| {_yes(e['ratio_to_forward_median'] >= t['extraction_ratio'])} |"
+        )
     lines += [
         f"| - | logistic retrain on cached features vs one seed epoch, s | {retrain['logistic_seconds']} "
         f"| {retrain['seed_epoch_seconds']} | {retrain['logistic_ratio_to_seed_epoch']}x faster "
@@ -714,8 +853,10 @@ def pipeline_table(result: dict[str, Any]) -> str:
         f"| {_mib(storage['float32_bytes'])} | {storage['size_ratio']} | accuracy change reported "
         f"| {storage['accuracy_difference']:+.4f} |",
         "",
-        "Where each process's time goes: `profile.md`, written by the same run.", "",
-        "## End to end", "",
+        "Where each process's time goes: `profile.md`, written by the same run.",
+        "",
+        "## End to end",
+        "",
         "| workflow | wall s | compute s | validation accuracy | speed-up, wall | speed-up, compute "
         "| accuracy - seed |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -727,35 +868,48 @@ def pipeline_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| `features` + `head` {name} | {p['wall_seconds']} | {p['compute_seconds']} "
             f"| {p['validation_accuracy']:.4f} | {p['speedup']}x | {p['compute_speedup']}x "
-            f"| {p['accuracy_difference']:+.4f} |")
+            f"| {p['accuracy_difference']:+.4f} |"
+        )
     lines += [
-        "", f"Pipeline wall = `features` ({stages['features']['wall_seconds']} s, of which extraction "
+        "",
+        f"Pipeline wall = `features` ({stages['features']['wall_seconds']} s, of which extraction "
         f"{stages['features']['extract_seconds']} s) + `head` ({fast['head_logistic_seconds']} s logistic, the "
         f"median of {len(fast['head_logistic_seconds_all'])} processes; {stages['head dense']['wall_seconds']} s "
-        "dense).", "",
-        "## Head retrain on cached features", "",
+        "dense).",
+        "",
+        "## Head retrain on cached features",
+        "",
         f"Median of {s['head_repeats']} in-process fits (logistic including its sweep over C) against the median "
         f"seed epoch after the first, which also traces the model (all epochs: "
-        f"{', '.join(map(str, retrain['seed_epoch_seconds_all']))} s).", "",
+        f"{', '.join(map(str, retrain['seed_epoch_seconds_all']))} s).",
+        "",
         "| head | seconds | one seed epoch s | ratio | validation accuracy |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in ("logistic", "dense"):
         h = retrain["heads"][name]
-        lines.append(f"| {name} | {h['seconds_median']} | {retrain['seed_epoch_seconds']} "
-                     f"| {retrain[f'{name}_ratio_to_seed_epoch']}x faster | {h['validation_accuracy']:.4f} |")
+        lines.append(
+            f"| {name} | {h['seconds_median']} | {retrain['seed_epoch_seconds']} "
+            f"| {retrain[f'{name}_ratio_to_seed_epoch']}x faster | {h['validation_accuracy']:.4f} |"
+        )
     lines += [
-        "", "## Storage", "",
+        "",
+        "## Storage",
+        "",
         "| dtype | feature file MiB | bytes | logistic validation accuracy | `features` wall s |",
         "|---|---:|---:|---:|---:|",
         f"| float32 | {_mib(storage['float32_bytes'])} | {storage['float32_bytes']} "
         f"| {storage['float32_validation_accuracy']:.4f} | {stages['features']['wall_seconds']} |",
         f"| float16 | {_mib(storage['float16_bytes'])} | {storage['float16_bytes']} "
         f"| {storage['float16_validation_accuracy']:.4f} | {stages['features float16']['wall_seconds']} |",
-        "", f"float16 / float32 size: {storage['size_ratio']}; validation accuracy difference (float16 - float32): "
-        f"{storage['accuracy_difference']:+.4f}.", "",
-        "## Peak memory", "",
-        "Resident memory of each stage's process and its children, sampled every 50 ms.", "",
+        "",
+        f"float16 / float32 size: {storage['size_ratio']}; validation accuracy difference (float16 - float32): "
+        f"{storage['accuracy_difference']:+.4f}.",
+        "",
+        "## Peak memory",
+        "",
+        "Resident memory of each stage's process and its children, sampled every 50 ms.",
+        "",
         "| stage | peak RSS MiB | wall s |",
         "|---|---:|---:|",
     ]
@@ -763,8 +917,9 @@ def pipeline_table(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {stage['peak_rss_mib']} | {stage['wall_seconds']} |")
     for size, e in ext.items():
         for run in e["runs"]:
-            lines.append(f"| bench-features {size} px, {run['images']} images | {run['peak_rss_mib']} "
-                         f"| {run['wall_seconds']} |")
+            lines.append(
+                f"| bench-features {size} px, {run['images']} images | {run['peak_rss_mib']} | {run['wall_seconds']} |"
+            )
     lines += ["", "## Extraction against the forward pass", ""]
     for size, e in ext.items():
         lines += [features_table({**e, "machine": m}), ""]
@@ -784,7 +939,7 @@ PHASE_NOTES = {
     "write": "appending each batch to the HDF5 file, flushed",
     "build input pipeline": "tf.data pipelines, one per split (the first one also starts tf.data)",
     "finish file": "the finished, compressed copy of the partial file, and the rename",
-    "stage imports": "pipeline.train and what it imports: numpy, h5py",
+    "stage imports": "pipeline.heads.train and what it imports: numpy, h5py",
     "resolve feature file": "the feature file's path and key, as `features` computes them",
     "lock": "waiting for the run directory's lock",
     "read features": "validation and test rows, then the train rows",
@@ -810,25 +965,33 @@ def profile_table(result: dict[str, Any]) -> str:
     """
     m, s = result["machine"], result["settings"]
     lines = [
-        "# Where the time goes: one `features` run and one logistic `head` run", "",
+        "# Where the time goes: one `features` run and one logistic `head` run",
+        "",
         f"Measured by `make bench` in the same run as `results.md`: {m['cpus']} CPUs ({m['processor']}), GPUs: "
         f"{', '.join(m['gpus']) or 'none'}; {Path(s['data_dir']).name}, {s['backbone']} at {s['image_size']} px, "
         f"batch {s['batch_size']}. Each phase is timed by the stage itself (`pipeline/phases.py`); the last row "
-        "is the rest of the process's wall time, measured from outside.", "",
+        "is the rest of the process's wall time, measured from outside.",
+        "",
     ]
     stages = result["stages"]
-    noop = {"wall_seconds": result["fast_loop"]["noop_features_seconds"],
-            "phases": result["fast_loop"]["noop_features_phases"]}
-    for title, stage in ((f"`features`, {stages['features']['images']} images extracted", stages["features"]),
-                         ("`head`, logistic", stages["head logistic"]),
-                         ("`features`, file up to date", noop)):
+    noop = {
+        "wall_seconds": result["fast_loop"]["noop_features_seconds"],
+        "phases": result["fast_loop"]["noop_features_phases"],
+    }
+    for title, stage in (
+        (f"`features`, {stages['features']['images']} images extracted", stages["features"]),
+        ("`head`, logistic", stages["head logistic"]),
+        ("`features`, file up to date", noop),
+    ):
         phases, wall = stage["phases"], stage["wall_seconds"]
         lines += [f"## {title}: {wall} s wall", "", "| phase | seconds | share | what |", "|---|---:|---:|---|"]
         for name, seconds in phases.items():
             lines.append(f"| {name} | {seconds:.3f} | {seconds / wall:.1%} | {PHASE_NOTES.get(name, '')} |")
         rest = wall - sum(phases.values())
-        lines += [f"| rest of the process | {rest:.3f} | {rest / wall:.1%} | process creation and exit, "
-                  "untimed steps |", ""]
+        lines += [
+            f"| rest of the process | {rest:.3f} | {rest / wall:.1%} | process creation and exit, untimed steps |",
+            "",
+        ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -843,16 +1006,23 @@ def _alterations():
 
     return {
         "jpeg-q30": lambda image: (image, 30),
-        "resize-90%": lambda image: (image.resize((round(image.width * 0.9), round(image.height * 0.9)),
-                                                  Image.BILINEAR), 95),
+        "resize-90%": lambda image: (
+            image.resize((round(image.width * 0.9), round(image.height * 0.9)), Image.BILINEAR),
+            95,
+        ),
         "crop-5%": lambda image: (crop(image), 95),
         "flip": lambda image: (ImageOps.mirror(image), 95),
     }
 
 
-def calibrate_duplicates(features_path: Path, *, work_dir: Path, count: int = 300, seed: int = 0,
-                         thresholds: Sequence[float] = (0.80, 0.82, 0.84, 0.85, 0.86, 0.88, 0.90),
-                         ) -> dict[str, Any]:
+def calibrate_duplicates(
+    features_path: Path,
+    *,
+    work_dir: Path,
+    count: int = 300,
+    seed: int = 0,
+    thresholds: Sequence[float] = (0.80, 0.82, 0.84, 0.85, 0.86, 0.88, 0.90),
+) -> dict[str, Any]:
     """Cosine similarity of planted altered copies against that of distinct photos.
 
     `count` seeded photos of the feature file's image folder are altered
@@ -868,17 +1038,20 @@ def calibrate_duplicates(features_path: Path, *, work_dir: Path, count: int = 30
     import numpy as np
     from PIL import Image
 
-    from pipeline.audit import stack_splits
-    from pipeline.backbones import build_extractor
+    from pipeline.audit.findings import stack_splits
     from pipeline.config import FeaturesConfig
-    from pipeline.extract import compiled_forward, decode_and_resize
-    from pipeline.store import read_features
+    from pipeline.features.extractor import build_extractor
+    from pipeline.features.forward import compiled_forward
+    from pipeline.features.store import read_features
+    from pipeline.images import decode_and_resize
 
     cached = read_features(features_path)
     config = FeaturesConfig.from_dict(cached.config)
     if not config.data.data_dir:
-        raise ConfigError("Calibration plants altered copies of image files: it needs features of an image folder "
-                          f"(DATA_DIR). Received: {features_path} of tfds {config.data.dataset!r}.")
+        raise ConfigError(
+            "Calibration plants altered copies of image files: it needs features of an image folder "
+            f"(DATA_DIR). Received: {features_path} of tfds {config.data.dataset!r}."
+        )
     root = Path(config.data.data_dir)
     rows = stack_splits(cached)
     rng = np.random.default_rng(seed)
@@ -894,17 +1067,22 @@ def calibrate_duplicates(features_path: Path, *, work_dir: Path, count: int = 30
             target = folder / f"{r}.jpg"
             altered.save(target, quality=quality)
             files[name].append(target)
-    forward = compiled_forward(build_extractor(config.backbone, image_size=config.image_size,
-                                               weights=config.weights_arg, pooling=config.pooling),
-                               config.image_size, config.batch_size)
+    forward = compiled_forward(
+        build_extractor(
+            config.backbone, image_size=config.image_size, weights=config.weights_arg, pooling=config.pooling
+        ),
+        config.image_size,
+        config.batch_size,
+    )
 
     def features_of(paths: Sequence[Path]) -> np.ndarray:
         import tensorflow as tf
 
         out = []
         for start in range(0, len(paths), 32):
-            batch = tf.stack([decode_and_resize(tf.io.read_file(str(p)), config.image_size)
-                              for p in paths[start:start + 32]])
+            batch = tf.stack(
+                [decode_and_resize(tf.io.read_file(str(p)), config.image_size) for p in paths[start : start + 32]]
+            )
             out.append(np.asarray(forward(batch)))
         return np.concatenate(out)
 
@@ -916,10 +1094,16 @@ def calibrate_duplicates(features_path: Path, *, work_dir: Path, count: int = 30
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     result: dict[str, Any] = {
-        "features": str(features_path), "planted": int(len(chosen)), "seed": seed,
-        "backbone": config.backbone, "image_size": config.image_size, "weights": config.weights,
+        "features": str(features_path),
+        "planted": int(len(chosen)),
+        "seed": seed,
+        "backbone": config.backbone,
+        "image_size": config.image_size,
+        "weights": config.weights,
         "reextracted_max_abs_diff": float(np.abs(again - rows.features[chosen]).max()),
-        "thresholds": list(thresholds), "centred": {}, "raw": {},
+        "thresholds": list(thresholds),
+        "centred": {},
+        "raw": {},
     }
     copies = {name: features_of(paths) for name, paths in files.items()}
     odd_folder = Path(work_dir) / "off-distribution"
@@ -939,7 +1123,8 @@ def calibrate_duplicates(features_path: Path, *, work_dir: Path, count: int = 30
         for name, x in copies.items():
             sims = np.sum(originals * unit(x, centre), axis=1)
             planted[name] = {
-                "min": round(float(sims.min()), 4), "p01": round(float(np.quantile(sims, 0.01)), 4),
+                "min": round(float(sims.min()), 4),
+                "p01": round(float(np.quantile(sims, 0.01)), 4),
                 "median": round(float(np.median(sims)), 4),
                 "recall": {str(t): round(float((sims >= t).mean()), 4) for t in thresholds},
             }
@@ -957,13 +1142,18 @@ def calibrate_duplicates(features_path: Path, *, work_dir: Path, count: int = 30
             "distinct_pairs": int(len(values)),
             "pairs_above": {str(t): int((values >= t).sum()) for t in thresholds},
             "same_class_pairs_above": {str(t): int((values[same] >= t).sum()) for t in thresholds},
-            "nearest_other_quantiles": {q: round(float(np.quantile(nearest, float(q))), 4)
-                                        for q in ("0.5", "0.99", "0.999")},
-            "off_distribution": [{"image": p.name, "score": round(float(d), 4),
-                                  "rank": int((own > d).sum()) + 1} for p, d in zip(odd, planted_odd)],
+            "nearest_other_quantiles": {
+                q: round(float(np.quantile(nearest, float(q))), 4) for q in ("0.5", "0.99", "0.999")
+            },
+            "off_distribution": [
+                {"image": p.name, "score": round(float(d), 4), "rank": int((own > d).sum()) + 1}
+                for p, d in zip(odd, planted_odd)
+            ],
             "own_score_max": round(float(own.max()), 4),
-            "top_pairs": [{"ids": [str(rows.ids[upper[0][t]]), str(rows.ids[upper[1][t]])],
-                           "cosine": round(float(values[t]), 4)} for t in top],
+            "top_pairs": [
+                {"ids": [str(rows.ids[upper[0][t]]), str(rows.ids[upper[1][t]])], "cosine": round(float(values[t]), 4)}
+                for t in top
+            ],
         }
     return result
 
@@ -977,7 +1167,7 @@ def generated_features(path: Path, rows: int, *, width: int = 1280, classes: int
     """
     import numpy as np
 
-    from pipeline.store import FORMAT_VERSION, write_features
+    from pipeline.features.store import FORMAT_VERSION, write_features
 
     rng = np.random.default_rng(seed)
     means = (rng.normal(0.3, 0.3, width) + rng.normal(0, 0.07, (classes, width))).astype(np.float32)
@@ -990,13 +1180,19 @@ def generated_features(path: Path, rows: int, *, width: int = 1280, classes: int
         labels = np.arange(n) % classes
         chunks = []
         for start in range(0, n, 8192):
-            y = labels[start:start + 8192]
+            y = labels[start : start + 8192]
             x = np.maximum(means[y] + rng.normal(0, 0.6, (len(y), width)).astype(np.float32), 0)
             ids = [f"{split}/{names[c]}/{start + i}.jpg" for i, c in enumerate(y)]
             chunks.append((x, y.astype(np.int64), np.arange(start, start + len(y)), ids))
         splits[split] = (chunks, {"spec": f"generated:{split}", "num_inputs": n, "num_skipped": 0, "skipped": []})
-    attrs = {"format_version": FORMAT_VERSION, "key": key, "class_names": names, "feature_dim": width,
-             "config": {"data": {"dataset": "generated", "data_dir": None}}, "dataset": "generated"}
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "class_names": names,
+        "feature_dim": width,
+        "config": {"data": {"dataset": "generated", "data_dir": None}},
+        "dataset": "generated",
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_features(path, attrs=attrs, splits=splits, feature_dim=width, dtype=np.float32)
 
@@ -1004,15 +1200,16 @@ def generated_features(path: Path, rows: int, *, width: int = 1280, classes: int
 _AUDIT_CHILD = """
 import json, sys
 from pathlib import Path
-from pipeline.audit import audit_features
+from pipeline.audit.findings import audit_features
 from pipeline.config import AuditConfig
 result = audit_features(Path(sys.argv[1]), AuditConfig(audit_dir=sys.argv[2], top=0, C=float(sys.argv[3])))
 print(json.dumps({"seconds": result.seconds, "counts": result.counts}))
 """
 
 
-def bench_audit(*, work_dir: Path, sizes: Sequence[int] = (10_000, 100_000), width: int = 1280,
-                C: float = 0.01) -> dict[str, Any]:
+def bench_audit(
+    *, work_dir: Path, sizes: Sequence[int] = (10_000, 100_000), width: int = 1280, C: float = 0.01
+) -> dict[str, Any]:
     """Seconds (per step) and peak resident memory of an audit of generated rows.
 
     Each size runs in a fresh process (`python -c`, the audit itself without contact
@@ -1027,8 +1224,14 @@ def bench_audit(*, work_dir: Path, sizes: Sequence[int] = (10_000, 100_000), wid
         if process.returncode != 0:
             raise StageFailed(f"The audit of {size} generated rows failed: {stderr.strip().splitlines()[-1:]}")
         child = json.loads(stdout.strip().splitlines()[-1])
-        run = {"rows": size, "width": width, "wall_seconds": round(wall, 2), "peak_rss_mib": peak,
-               "feature_mib": round(size * width * 4 / 2**20, 1), **child}
+        run = {
+            "rows": size,
+            "width": width,
+            "wall_seconds": round(wall, 2),
+            "peak_rss_mib": peak,
+            "feature_mib": round(size * width * 4 / 2**20, 1),
+            **child,
+        }
         log.info("bench-audit: %s", run)
         runs.append(run)
         path.unlink()
@@ -1048,33 +1251,56 @@ def audit_table(result: dict[str, Any]) -> str:
         "|---:|---:|---:|" + "---:|" * len(steps) + "---:|",
     ]
     for run in result["runs"]:
-        lines.append(f"| {run['rows']:,} | {run['feature_mib']} | {run['wall_seconds']} | "
-                     + " | ".join(str(run["seconds"].get(s, "")) for s in steps) + f" | {run['peak_rss_mib']} |")
+        lines.append(
+            f"| {run['rows']:,} | {run['feature_mib']} | {run['wall_seconds']} | "
+            + " | ".join(str(run["seconds"].get(s, "")) for s in steps)
+            + f" | {run['peak_rss_mib']} |"
+        )
     calibration = result.get("calibration")
     if calibration:
         c = calibration["raw"]
         thresholds = calibration["thresholds"]
         lines += [
-            "", f"Duplicate threshold: {calibration['planted']} photos of `{calibration['features']}` altered and "
+            "",
+            f"Duplicate threshold: {calibration['planted']} photos of `{calibration['features']}` altered and "
             f"re-extracted ({calibration['backbone']} at {calibration['image_size']} px); recall of the altered "
-            "copies and count of distinct-photo pairs at each cosine threshold.", "",
+            "copies and count of distinct-photo pairs at each cosine threshold.",
+            "",
             "| | min cosine | median | " + " | ".join(f">= {t}" for t in thresholds) + " |",
             "|---|---:|---:|" + "---:|" * len(thresholds),
         ]
         for name, p in c["planted"].items():
-            lines.append(f"| {name} copies | {p['min']} | {p['median']} | "
-                         + " | ".join(f"{p['recall'][str(t)]:.1%}" for t in thresholds) + " |")
-        lines.append(f"| pairs of the {c['distinct_pairs']:,} in the file | | | "
-                     + " | ".join(str(c["pairs_above"][str(t)]) for t in thresholds) + " |")
+            lines.append(
+                f"| {name} copies | {p['min']} | {p['median']} | "
+                + " | ".join(f"{p['recall'][str(t)]:.1%}" for t in thresholds)
+                + " |"
+            )
+        lines.append(
+            f"| pairs of the {c['distinct_pairs']:,} in the file | | | "
+            + " | ".join(str(c["pairs_above"][str(t)]) for t in thresholds)
+            + " |"
+        )
         centred = calibration["centred"]
-        lines.append("| (centred features) pairs of the file | | | "
-                     + " | ".join(str(centred["pairs_above"][str(t)]) for t in thresholds) + " |")
+        lines.append(
+            "| (centred features) pairs of the file | | | "
+            + " | ".join(str(centred["pairs_above"][str(t)]) for t in thresholds)
+            + " |"
+        )
         for name, p in centred["planted"].items():
-            lines.append(f"| (centred features) {name} copies | {p['min']} | {p['median']} | "
-                         + " | ".join(f"{p['recall'][str(t)]:.1%}" for t in thresholds) + " |")
-        lines += ["", "Most similar pairs in the file: " + "; ".join(
-            f"{' = '.join(p['ids'])} ({p['cosine']})" for p in c["top_pairs"][:5]) + ".", "",
+            lines.append(
+                f"| (centred features) {name} copies | {p['min']} | {p['median']} | "
+                + " | ".join(f"{p['recall'][str(t)]:.1%}" for t in thresholds)
+                + " |"
+            )
+        lines += [
+            "",
+            "Most similar pairs in the file: "
+            + "; ".join(f"{' = '.join(p['ids'])} ({p['cosine']})" for p in c["top_pairs"][:5])
+            + ".",
+            "",
             "Planted off-distribution images, outlier score (rank among the file's rows; its highest own score "
-            f"is {c['own_score_max']}): " + ", ".join(f"{o['image']} {o['score']} (#{o['rank']})"
-                                                       for o in c["off_distribution"]) + "."]
+            f"is {c['own_score_max']}): "
+            + ", ".join(f"{o['image']} {o['score']} (#{o['rank']})" for o in c["off_distribution"])
+            + ".",
+        ]
     return "\n".join(lines) + "\n"

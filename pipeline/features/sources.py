@@ -2,7 +2,7 @@
 
 Every source yields, per split, records of *encoded* image bytes with their label,
 a stable id and their position in the split. Decoding happens later, in one place
-(`pipeline.extract`), so both sources share the same handling of bad images, and
+(`pipeline.features.extract`), so both sources share the same handling of bad images, and
 positions make resumption and sharding exact: shard I of N holds the positions
 p with p % N == I, and a resumed run restarts at a position, never at a guess.
 
@@ -20,9 +20,10 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError, DataError
@@ -50,7 +51,7 @@ class SplitSource:
     spec: str
     size: int
     total: int
-    records: Callable[[int], "tf.data.Dataset"] = field(repr=False, compare=False)
+    records: Callable[[int], tf.data.Dataset] = field(repr=False, compare=False)
     num_shards: int = 1  # shard I of N holds the positions p with p % N == I: record p // N
 
     def at(self, positions: Sequence[int]) -> SplitSource:
@@ -66,8 +67,10 @@ class SplitSource:
 
         chosen = np.unique(np.asarray(positions, np.int64))
         if len(chosen) and not 0 <= chosen[0] <= chosen[-1] < self.total:
-            raise DataError(f"Positions of split '{self.name}' must lie in 0-{self.total - 1}. "
-                            f"Received: {int(chosen[0])}-{int(chosen[-1])}.")
+            raise DataError(
+                f"Positions of split '{self.name}' must lie in 0-{self.total - 1}. "
+                f"Received: {int(chosen[0])}-{int(chosen[-1])}."
+            )
         wanted = np.zeros(self.total, bool)
         wanted[chosen] = True
         base, num_shards = self.records, self.num_shards
@@ -79,8 +82,10 @@ class SplitSource:
             first = int(chosen[start]) // num_shards if start < len(chosen) else self.size
             # Read no further than the last chosen record: a shard of a large split costs its own length.
             stop = int(chosen[-1]) // num_shards + 1 if start < len(chosen) else first
-            return base(first).take(stop - first).filter(
-                tf.autograph.experimental.do_not_convert(lambda r: tf.gather(mask, r["index"]))
+            return (
+                base(first)
+                .take(stop - first)
+                .filter(tf.autograph.experimental.do_not_convert(lambda r: tf.gather(mask, r["index"])))
             )
 
         return dataclasses.replace(self, size=len(chosen), records=records)
@@ -285,8 +290,9 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
     return {split: by_split[split][0] for split in SPLIT_ORDER if split in by_split}
 
 
-def _list_split(split: str, directory: Path, root: Path, ignored: list[str],
-                warnings: list[str]) -> dict[str, list[str]] | None:
+def _list_split(
+    split: str, directory: Path, root: Path, ignored: list[str], warnings: list[str]
+) -> dict[str, list[str]] | None:
     """The classes of a split folder, or None (with a warning) for one without class
     sub-folders, whose images have no label; a train folder like that is an error."""
     has_classes = any(e.is_dir() and not e.name.startswith(".") for e in directory.iterdir())
@@ -369,9 +375,7 @@ def _stratified_split(entries, fraction: float, seed: int):
         return list(entries), []
     labels = [label for _, label in entries]
     try:
-        rest, carved = train_test_split(
-            list(entries), test_size=fraction, stratify=labels, random_state=seed
-        )
+        rest, carved = train_test_split(list(entries), test_size=fraction, stratify=labels, random_state=seed)
     except ValueError as err:
         counts = dict(sorted(Counter(labels).items()))
         raise DataError(
@@ -510,8 +514,7 @@ def _ensure_prepared(builder, config: DataConfig) -> None:
     )
     if not config.download:
         raise DataError(
-            f"tensorflow-datasets '{config.dataset}' is not prepared in {where} and "
-            f"downloads are off. {instead}"
+            f"tensorflow-datasets '{config.dataset}' is not prepared in {where} and downloads are off. {instead}"
         )
     log.info("Downloading and preparing %s into %s", config.dataset, where)
     try:
@@ -574,12 +577,14 @@ def _tfds_records(builder, spec, image_key, label_key, name, shard_index, num_sh
             ds = ds.filter(tf.autograph.experimental.do_not_convert(lambda i, _: i % num_shards == shard_index))
         ds = ds.skip(start)
         return ds.map(
-            tf.autograph.experimental.do_not_convert(lambda i, ex: {
-                "image": ex[image_key],
-                "label": tf.cast(ex[label_key], tf.int64),
-                "id": ex["tfds_id"],
-                "index": i,
-            }),
+            tf.autograph.experimental.do_not_convert(
+                lambda i, ex: {
+                    "image": ex[image_key],
+                    "label": tf.cast(ex[label_key], tf.int64),
+                    "id": ex["tfds_id"],
+                    "index": i,
+                }
+            ),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
@@ -604,8 +609,9 @@ def data_fingerprint(config: DataConfig, *, seed: int) -> str:
 # --- subsets ----------------------------------------------------------------------
 
 
-def stratified_rows(labels: np.ndarray, index: np.ndarray, per_class: int, class_names: list[str], *,
-                    seed: int) -> np.ndarray:
+def stratified_rows(
+    labels: np.ndarray, index: np.ndarray, per_class: int, class_names: list[str], *, seed: int
+) -> np.ndarray:
     """Sorted rows of a seeded subset with `per_class` examples of every class.
 
     Each class keeps the examples whose split `index` ranks first under a seeded hash,

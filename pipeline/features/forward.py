@@ -1,0 +1,105 @@
+"""When and how images meet the backbone: the input schedule and the traced forward pass."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputSchedule:
+    """When images are decoded relative to the forward pass: the one choice that decides
+    whether extraction runs at the backbone's speed.
+
+    `overlap` decodes in the background while the backbone runs (tf.data's AUTOTUNE map
+    and prefetch): right when the backbone runs on an accelerator and the CPU is free.
+    Without one, the backbone's kernels split every layer across all cores and wait for
+    the slowest at each layer; a decoding thread that takes a core from one of them
+    stalls the rest. `bursts` then decodes each batch on all cores between forward
+    passes (a fixed parallel map, no prefetch), which costs decoding's CPU time divided
+    by the cores and nothing more. Measured on 2 cores, MobileNetV2 (bench/profile.md):
+    overlap ran at 0.56-0.97 of the bare forward pass from one run to the next, bursts
+    at 0.89-1.06. Decoding ahead on threads lowered to SCHED_IDLE, which run only in
+    the backbone's gaps, gained 2-5 points on an idle machine but ran 10x slower than
+    bursts beside two busy processes (8 against 78 img/s), so it is not offered. Raising
+    those threads while the backbone waits for them does not save it: Linux's fair
+    scheduler queues them behind the busy processes (0.86 against 1.03 of the forward
+    pass), and raising a thread's priority needs CAP_SYS_NICE.
+    """
+
+    name: str
+    overlap: bool
+
+    def batches(self, records, fn, batch_size: int):
+        """`records` mapped by `fn`, unreadable images dropped, batched on this schedule."""
+        import tensorflow as tf
+
+        # `fn` holds no Python control flow: tracing it as written skips autograph's
+        # conversion of it and its callees, a tenth of a second at a run's first pipeline.
+        fn = tf.autograph.experimental.do_not_convert(fn)
+        if self.overlap:
+            ds = records.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            return ds.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.autotune.enabled = False  # autotuning would grow buffers and decode ahead again
+        ds = records.map(fn, num_parallel_calls=_cores(), deterministic=True)
+        return ds.ignore_errors().batch(batch_size).with_options(options)
+
+
+OVERLAP = InputSchedule("overlap", overlap=True)
+
+
+BURSTS = InputSchedule("bursts", overlap=False)
+
+
+def input_schedule() -> InputSchedule:
+    """`OVERLAP` when TensorFlow places the backbone on a GPU, `BURSTS` on a CPU."""
+    import tensorflow as tf
+
+    return OVERLAP if tf.config.list_logical_devices("GPU") else BURSTS
+
+
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and Ray set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Forward:
+    """The backbone as one traced graph, and the input schedule for the device it runs on.
+
+    Called like a function (images -> features); `schedule` is what `image_batches` and
+    `view_batches` need to feed it (see `InputSchedule`).
+    """
+
+    fn: Any
+    schedule: InputSchedule
+
+    def __call__(self, images):
+        return self.fn(images)
+
+
+def compiled_forward(model, image_size: int, batch_size: int) -> Forward:
+    """The backbone as one traced graph for every batch size, warmed up at `batch_size`.
+
+    The batch dimension is left open so a split's last, smaller batch reuses the
+    graph instead of tracing another. The warm-up call pays for the trace and for
+    the kernels oneDNN builds for each input shape (a tenth of a second and more
+    for MobileNetV2 on a CPU) before the first batch, as the benchmark's bare forward
+    pass does before its timing starts.
+    """
+    import tensorflow as tf
+
+    # No Python control flow: traced as written, without autograph (0.02-0.03 s).
+    @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)], autograph=False)
+    def forward(images):
+        return model(images, training=False)
+
+    forward(tf.zeros((batch_size, image_size, image_size, 3))).numpy()
+    schedule = input_schedule()
+    log.info("input schedule: %s", schedule.name)
+    return Forward(forward, schedule)
