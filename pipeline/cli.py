@@ -26,10 +26,9 @@ from pipeline.config import (
     FinetuneConfig,
     HeadConfig,
     ViewsConfig,
-    build_config,
-    options,
 )
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.options import build_config, options
 
 log = logging.getLogger("pipeline")
 
@@ -272,7 +271,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from pipeline.features.store import merge_shards
+    from pipeline.features.merge import merge_shards
 
     out = merge_shards([Path(p) for p in args.shards], Path(args.output))
     print(f"merge: {len(args.shards)} shards -> {out}")

@@ -14,7 +14,8 @@ from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.errors import CacheError, DataError
 from pipeline.features.extract import extract_features, resolve
 from pipeline.features.extractor import build_extractor
-from pipeline.features.store import merge_shards, read_features
+from pipeline.features.merge import merge_shards
+from pipeline.features.store import read_features
 from pipeline.images import decode_and_resize
 
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 from pipeline.cli import COMMAND_SECTIONS, build_parser, main
-from pipeline.config import SECTIONS, FeaturesConfig, HeadConfig, derived_fields, nested_fields, options
+from pipeline.config import SECTIONS, FeaturesConfig, HeadConfig
+from pipeline.options import derived_fields, nested_fields, options
 
 
 def _make_option_variables() -> list[str]:

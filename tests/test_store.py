@@ -16,7 +16,8 @@ from test_extract import tiny_config
 
 from pipeline.errors import CacheError
 from pipeline.features.extract import extract_features, resolve
-from pipeline.features.store import FeatureWriter, _append, load_views, partial_path, read_features
+from pipeline.features.store import FeatureWriter, load_views, partial_path, read_features
+from pipeline.features.tables import append_rows
 
 KEY = {"backbone": "tiny", "image_size": 32}
 
@@ -60,7 +61,7 @@ def test_uncommitted_rows_of_a_crash_are_dropped_on_resume(tmp_path):
     path = tmp_path / "f.h5"
     with writer(path) as w:
         w.append("train", *batch(0, 3))
-        _append(w._file["train"], *batch(3, 3))  # a batch written but never committed
+        append_rows(w._file["train"], *batch(3, 3))  # a batch written but never committed
     with writer(path) as w:
         assert w.committed("train") == (3, 2)
         w.append("train", *batch(3, 3))

@@ -22,8 +22,9 @@ from pipeline.config import AugmentConfig, HeadConfig, ViewsConfig
 from pipeline.errors import CacheError, ConfigError
 from pipeline.features.extract import extract_features, resolve
 from pipeline.features.extractor import build_extractor
+from pipeline.features.merge import merge_shards
 from pipeline.features.sources import stratified_rows
-from pipeline.features.store import FeatureWriter, load_views, merge_shards, partial_path, read_features
+from pipeline.features.store import FeatureWriter, load_views, partial_path, read_features
 from pipeline.heads.base import DenseHead, LogisticHead
 from pipeline.heads.train import train_head
 from pipeline.images import decode_and_resize

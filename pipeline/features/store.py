@@ -41,7 +41,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +50,29 @@ import h5py
 import numpy as np
 
 from pipeline.errors import CacheError
-from pipeline.locks import exclusive
+from pipeline.features.tables import (
+    FEATURES,
+    IDS,
+    INDEX,
+    LABELS,
+    SPLIT_COLUMNS,
+    VIEW,
+    VIEW_COLUMNS,
+    Column,
+    Layout,
+    append_rows,
+    create_table,
+    fill_table,
+    read_rows,
+    row_chunks,
+    stored_rows,
+    table_rows,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
-_COPY_ROWS = 4096
 _STR = h5py.string_dtype("utf-8")
 #: The only split that gets augmented views; validation and test are never augmented.
 VIEWS_SPLIT = "train"
@@ -111,177 +127,6 @@ class FeatureSet:
 #
 # A split and its views are both tables of rows: one column spec each, and one
 # create/append/read path for both, in a partial file (grown under SWMR) or a finished one.
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How a table is stored: a partial file grows under SWMR in small uncompressed
-    chunks; a finished file is written once, in larger gzip chunks."""
-
-    feature_dim: int
-    dtype: np.dtype
-    finished: bool
-
-    @property
-    def feature_chunks(self) -> tuple[int, int]:
-        """About 1 MiB of features a chunk, at most 256 (partial) or 1024 (finished) rows."""
-        cap = 1024 if self.finished else 256
-        return max(1, min(cap, (1 << 20) // (self.feature_dim * self.dtype.itemsize))), self.feature_dim
-
-    def options(self, *, features: bool = False) -> dict[str, Any]:
-        if not self.finished:
-            return {"chunks": self.feature_chunks if features else (4096,)}
-        if features:
-            # Level 1: 3000 x 1280 MobileNetV2 features took 0.33 s and 11.32 MB, against 0.51 s and
-            # 11.14 MB at level 4 (lzf: 0.14 s, 13.41 MB; none: 15.67 MB).
-            return {"chunks": self.feature_chunks, "compression": "gzip", "compression_opts": 1, "shuffle": True}
-        return {"chunks": (16384,), "compression": "gzip"}
-
-
-def _extend(dataset: h5py.Dataset, start: int, values) -> None:
-    dataset.resize(start + len(values), axis=0)
-    dataset[start:] = values
-
-
-@dataclass(frozen=True)
-class Column:
-    """An `(N,)` int64 column of a rows table."""
-
-    name: str
-
-    def create(self, group: h5py.Group, layout: _Layout) -> None:
-        group.create_dataset(self.name, shape=(0,), maxshape=(None,), dtype=np.int64, **layout.options())
-
-    def datasets(self, group: h5py.Group) -> list[h5py.Dataset]:
-        return [group[self.name]]
-
-    def append(self, group: h5py.Group, start: int, values) -> None:
-        _extend(group[self.name], start, np.asarray(values, np.int64))
-
-    def read(self, group: h5py.Group, start: int, stop: int):
-        return group[self.name][start:stop]
-
-
-@dataclass(frozen=True)
-class FeaturesColumn(Column):
-    """The `(N, D)` features, in the file's feature dtype."""
-
-    def create(self, group: h5py.Group, layout: _Layout) -> None:
-        dim = layout.feature_dim
-        group.create_dataset(
-            self.name, shape=(0, dim), maxshape=(None, dim), dtype=layout.dtype, **layout.options(features=True)
-        )
-
-    def append(self, group: h5py.Group, start: int, values) -> None:
-        _extend(group[self.name], start, values)
-
-
-@dataclass(frozen=True)
-class TextColumn(Column):
-    """`(N,)` UTF-8 strings, stored two ways. A finished file holds variable-length
-    strings (`name`); a partial file, which SWMR cannot grow with variable-length data,
-    holds every string's bytes (`blob`) and where each ends in them (`ends`). Which one
-    a group holds is read from the group, so both encodings share one column. Reading
-    gives str (finished) or bytes (partial); appending takes either."""
-
-    ends: str = ""
-    blob: str = ""
-
-    def _partial(self, group: h5py.Group) -> bool:
-        return self.ends in group
-
-    def create(self, group: h5py.Group, layout: _Layout) -> None:
-        if layout.finished:
-            group.create_dataset(self.name, shape=(0,), maxshape=(None,), dtype=_STR, **layout.options())
-            return
-        for name, dtype in ((self.ends, np.int64), (self.blob, np.uint8)):
-            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, **layout.options())
-
-    def datasets(self, group: h5py.Group) -> list[h5py.Dataset]:
-        return [group[self.ends], group[self.blob]] if self._partial(group) else [group[self.name]]
-
-    def append(self, group: h5py.Group, start: int, values) -> None:
-        if not self._partial(group):
-            _extend(
-                group[self.name],
-                start,
-                np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object),
-            )
-            return
-        encoded = [v if isinstance(v, bytes) else str(v).encode() for v in values]
-        lengths = np.fromiter((len(b) for b in encoded), np.int64, count=len(encoded))
-        end = int(group[self.ends][start - 1]) if start else 0
-        _extend(group[self.ends], start, end + np.cumsum(lengths))
-        _extend(group[self.blob], group[self.blob].shape[0], np.frombuffer(b"".join(encoded), np.uint8))
-
-    def read(self, group: h5py.Group, start: int, stop: int):
-        if not self._partial(group):
-            return np.array(group[self.name].asstr()[start:stop], dtype=object)
-        if stop <= start:
-            return []
-        ends = group[self.ends][start:stop]
-        first = int(group[self.ends][start - 1]) if start else 0
-        blob = group[self.blob][first : int(ends[-1])].tobytes()
-        bounds = np.concatenate([[0], ends - first])
-        return [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-FEATURES = FeaturesColumn("features")
-LABELS = Column("labels")
-INDEX = Column("index")
-IDS = TextColumn("ids", ends="id_ends", blob="id_bytes")
-VIEW = Column("view")
-#: The columns of a split, in the order of the row tuples (features, labels, index, ids).
-SPLIT_COLUMNS = (FEATURES, LABELS, INDEX, IDS)
-#: The columns of /train/views, in the order of the row tuples (features, labels, index, view).
-VIEW_COLUMNS = (FEATURES, LABELS, INDEX, VIEW)
-
-
-def _create_table(group: h5py.Group, columns: Sequence[Column], layout: _Layout) -> None:
-    """The empty columns; a partial table also gets its commit counter."""
-    for column in columns:
-        column.create(group, layout)
-    if not layout.finished:
-        group.create_dataset("committed", data=np.zeros(1, np.int64))
-
-
-def _rows(group: h5py.Group) -> int:
-    """Rows appended to a table (committed or not)."""
-    return group[INDEX.name].shape[0]
-
-
-def _stored_rows(group: h5py.Group, *, finished: bool) -> int:
-    """The rows of a table worth reading: all of a finished file's, the committed ones of a partial one's."""
-    return _rows(group) if finished else int(group["committed"][0])
-
-
-def _append(group: h5py.Group, *values, columns: Sequence[Column] = SPLIT_COLUMNS) -> None:
-    """Appends one batch: `values` in the order of `columns`."""
-    if len(values) != len(columns):
-        raise ValueError(
-            f"Expected {len(columns)} columns ({', '.join(c.name for c in columns)}). Received {len(values)}."
-        )
-    start = _rows(group)
-    for column, value in zip(columns, values):
-        column.append(group, start, value)
-
-
-def _read_rows(group: h5py.Group, columns: Sequence[Column], start: int, stop: int) -> dict[str, Any]:
-    """Rows start..stop-1 of `columns`, by column name."""
-    return {column.name: column.read(group, start, stop) for column in columns}
-
-
-def _chunks(group: h5py.Group, columns: Sequence[Column], stop: int) -> Iterator[tuple]:
-    """Rows 0..stop-1 as tuples in the order of `columns`, `_COPY_ROWS` at a time (flat memory)."""
-    for start in range(0, stop, _COPY_ROWS):
-        yield tuple(_read_rows(group, columns, start, min(stop, start + _COPY_ROWS)).values())
-
-
-def _fill(group: h5py.Group, columns: Sequence[Column], chunks: Iterable[tuple]) -> int:
-    """Appends every chunk of rows to a table; returns its rows."""
-    for chunk in chunks:
-        _append(group, *chunk, columns=columns)
-    return _rows(group)
 
 
 # --- writing ------------------------------------------------------------------------
@@ -342,17 +187,17 @@ class FeatureWriter:
             self._file = None
 
     def _create(self, target: Path) -> h5py.File:
-        layout = _Layout(self.feature_dim, self.dtype, finished=False)
+        layout = Layout(self.feature_dim, self.dtype, finished=False)
         with h5py.File(target, "w", libver="latest") as f:
             _write_attrs(f.attrs, {**self.attrs, "complete": False})
             for name, split_attrs in self.split_attrs.items():
                 group = f.create_group(name)
                 _write_attrs(group.attrs, split_attrs)
-                _create_table(group, SPLIT_COLUMNS, layout)
+                create_table(group, SPLIT_COLUMNS, layout)
             if self.views is not None:
                 views = f[VIEWS_SPLIT].create_group("views")
                 _write_attrs(views.attrs, self.views)
-                _create_table(views, VIEW_COLUMNS, layout)
+                create_table(views, VIEW_COLUMNS, layout)
                 views.create_dataset("seconds", data=np.zeros(1, np.float64))
         return target
 
@@ -382,8 +227,10 @@ class FeatureWriter:
             self._create(fresh)
             with h5py.File(fresh, "a", libver="latest") as new:
                 for name in self.split_attrs:
-                    rows = _stored_rows(old[name], finished=finished) if name in old else 0
-                    new[name]["committed"][0] = _fill(new[name], SPLIT_COLUMNS, _chunks(old[name], SPLIT_COLUMNS, rows))
+                    rows = stored_rows(old[name], finished=finished) if name in old else 0
+                    new[name]["committed"][0] = fill_table(
+                        new[name], SPLIT_COLUMNS, row_chunks(old[name], SPLIT_COLUMNS, rows)
+                    )
                     log.info(
                         "%s %s: %d %s rows already written",
                         "Extending" if finished else "Resuming",
@@ -404,7 +251,7 @@ class FeatureWriter:
         if group is None:
             return
         stored = _read_attrs(group.attrs)
-        rows = _stored_rows(group, finished=finished)
+        rows = stored_rows(group, finished=finished)
         if self.views is None:
             if rows:
                 log.info("Dropping %d view rows of %s: no views asked in this run.", rows, source.name)
@@ -417,7 +264,7 @@ class FeatureWriter:
             )
         rows = min(rows, int(self.views["num_views"]) * int(new[VIEWS_SPLIT]["committed"][0]))
         target = new[VIEWS_SPLIT]["views"]
-        target["committed"][0] = _fill(target, VIEW_COLUMNS, _chunks(group, VIEW_COLUMNS, rows))
+        target["committed"][0] = fill_table(target, VIEW_COLUMNS, row_chunks(group, VIEW_COLUMNS, rows))
         target["seconds"][0] = float(stored.get("seconds", 0.0)) if finished else float(group["seconds"][0])
         log.info("%s %s: %d view rows already written", "Extending" if finished else "Resuming", self.path.name, rows)
 
@@ -458,11 +305,11 @@ class FeatureWriter:
     ) -> None:
         """Appends and flushes a batch, then advances the commit counter (and the seconds
         spent) and flushes again, so the rows up to the counter are always whole batches."""
-        _append(group, *values, columns=columns)
+        append_rows(group, *values, columns=columns)
         self._file.flush()
         if seconds is not None:
             group["seconds"][0] = float(group["seconds"][0]) + seconds
-        group["committed"][0] = _rows(group)
+        group["committed"][0] = table_rows(group)
         self._file.flush()
 
     def finish(self, skipped: Mapping[str, list[dict[str, Any]]]) -> Path:
@@ -474,13 +321,13 @@ class FeatureWriter:
             for name, split_attrs in self.split_attrs.items():
                 items = skipped.get(name, [])
                 splits[name] = (
-                    _chunks(old[name], SPLIT_COLUMNS, _stored_rows(old[name], finished=False)),
+                    row_chunks(old[name], SPLIT_COLUMNS, stored_rows(old[name], finished=False)),
                     {**split_attrs, "num_skipped": len(items), "skipped": items},
                 )
             views = None
             if self.views is not None:
                 group = old[VIEWS_SPLIT]["views"]
-                rows = _stored_rows(group, finished=False)
+                rows = stored_rows(group, finished=False)
                 expected = int(self.views["num_views"]) * int(old[VIEWS_SPLIT]["committed"][0])
                 if rows != expected:
                     raise CacheError(
@@ -489,7 +336,7 @@ class FeatureWriter:
                     )
                 seconds = float(group["seconds"][0])
                 views = (
-                    _chunks(group, VIEW_COLUMNS, rows),
+                    row_chunks(group, VIEW_COLUMNS, rows),
                     {
                         **self.views,
                         "seconds": round(seconds, 3),
@@ -524,20 +371,20 @@ def write_features(
     Written under a temporary name and renamed, so the final path never holds a
     half-written file; memory stays flat because rows arrive in chunks.
     """
-    layout = _Layout(feature_dim, np.dtype(dtype), finished=True)
+    layout = Layout(feature_dim, np.dtype(dtype), finished=True)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         _write_attrs(f.attrs, {**attrs, "complete": False})
         for name, (chunks, split_attrs) in splits.items():
             group = f.create_group(name)
             _write_attrs(group.attrs, split_attrs)
-            _create_table(group, SPLIT_COLUMNS, layout)
-            _fill(group, SPLIT_COLUMNS, chunks)
+            create_table(group, SPLIT_COLUMNS, layout)
+            fill_table(group, SPLIT_COLUMNS, chunks)
         if views is not None:
             chunks, view_attrs = views
             group = f[VIEWS_SPLIT].create_group("views")
-            _create_table(group, VIEW_COLUMNS, layout)
-            _fill(group, VIEW_COLUMNS, chunks)
+            create_table(group, VIEW_COLUMNS, layout)
+            fill_table(group, VIEW_COLUMNS, chunks)
             stored = sum(d.id.get_storage_size() for c in VIEW_COLUMNS for d in c.datasets(group))
             num_views = int(view_attrs["num_views"])
             _write_attrs(
@@ -641,7 +488,7 @@ def read_features(
         missing = [s for s in wanted if s not in f]
         if missing:
             raise CacheError(f"{path} has no split {', '.join(missing)}. Available: {', '.join(f.keys())}.")
-        loaded = {name: SplitArrays(**_read_rows(f[name], SPLIT_COLUMNS, 0, _rows(f[name]))) for name in wanted}
+        loaded = {name: SplitArrays(**read_rows(f[name], SPLIT_COLUMNS, 0, table_rows(f[name]))) for name in wanted}
         split_attrs = {name: _read_attrs(f[name].attrs) for name in wanted}
         view_attrs = _view_attrs(f)
     return FeatureSet(path=path, attrs=attrs, splits=loaded, split_attrs=split_attrs, view_attrs=view_attrs)
@@ -678,7 +525,7 @@ def load_views(cached: FeatureSet, count: int) -> np.ndarray:
     if count == 0:
         return np.zeros((0, n, train.features.shape[1]), train.features.dtype)
     with h5py.File(cached.path, "r") as f:
-        table = _read_rows(f[VIEWS_SPLIT]["views"], VIEW_COLUMNS, 0, count * n)
+        table = read_rows(f[VIEWS_SPLIT]["views"], VIEW_COLUMNS, 0, count * n)
         features = table["features"].reshape(count, n, -1)
         index, view, labels = (table[c].reshape(count, n) for c in ("index", "view", "labels"))
     if not (
@@ -741,9 +588,9 @@ class FeatureRows:
                     f"{self.path} has {have} augmented views, {count} asked. "
                     f"Run `make features AUG_VIEWS={count}` with the same settings first."
                 )
-            rows = _read_rows(f[self.split], (LABELS, INDEX), 0, self.file_rows)
+            rows = read_rows(f[self.split], (LABELS, INDEX), 0, self.file_rows)
             for v in range(count):
-                stored = _read_rows(group, (LABELS, INDEX, VIEW), v * self.file_rows, (v + 1) * self.file_rows)
+                stored = read_rows(group, (LABELS, INDEX, VIEW), v * self.file_rows, (v + 1) * self.file_rows)
                 if not (
                     (stored["index"] == rows["index"]).all()
                     and (stored["labels"] == rows["labels"]).all()
@@ -790,12 +637,12 @@ def open_rows(path: Path, split: str) -> FeatureRows:
             raise CacheError(f"{path} has no split {split}. Available: {', '.join(f.keys())}.")
         group = f[split]
         features = group[FEATURES.name]
-        n = _rows(group)
+        n = table_rows(group)
         return FeatureRows(
             path=Path(path),
             split=split,
             rows=np.arange(n, dtype=np.int64),
-            **_read_rows(group, (LABELS, INDEX, IDS), 0, n),
+            **read_rows(group, (LABELS, INDEX, IDS), 0, n),
             n_features=int(features.shape[1]),
             file_rows=n,
             block_rows=int(features.chunks[0]) if features.chunks else 1024,
@@ -814,85 +661,3 @@ def key_diff(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> str
 
 
 # --- shards -------------------------------------------------------------------------
-
-
-def merge_shards(paths: Sequence[Path], out: Path) -> Path:
-    """Joins the finished shard files of one run into a file equal to a one-process run.
-
-    Every shard must carry the same key but for its shard number, and all N shards
-    must be present. Rows are put back in source order by their `index`. The shards
-    are joined in memory (a consolidated copy); fine for feature sizes up to a few GB,
-    a streaming k-way merge can replace it when the distributed runner needs one.
-    Augmented views are merged the same way, view by view; since a view depends only
-    on its example, the merged views equal a one-process run's too.
-    """
-    if not paths:
-        raise CacheError("merge needs at least one shard file.")
-    sets = [read_features(Path(p)) for p in paths]
-    num_shards = sets[0].attrs["num_shards"]
-    shards = sorted(s.attrs["shard_index"] for s in sets)
-    if shards != list(range(num_shards)) or any(s.attrs["num_shards"] != num_shards for s in sets):
-        raise CacheError(
-            f"Expected shard files 0..{num_shards - 1} of one run. Received shards "
-            f"{shards} ({', '.join(str(p) for p in paths)})."
-        )
-    base = {k: v for k, v in sets[0].key.items() if k != "shard"}
-    for s in sets[1:]:
-        diff = key_diff(base, {k: v for k, v in s.key.items() if k != "shard"})
-        if diff:
-            raise CacheError(f"{s.path} belongs to another run than {sets[0].path}: {diff}.")
-    attrs = dict(sets[0].attrs)
-    attrs.update(shard_index=0, num_shards=1, key={**sets[0].key, "shard": [0, 1]})
-    attrs["config"] = {**attrs["config"], "shard_index": 0, "num_shards": 1}
-    attrs.pop("complete", None)
-    splits = {}
-    for name in sets[0].splits:
-        parts = [s.splits[name] for s in sets]
-        order = np.argsort(np.concatenate([p.index for p in parts]), kind="stable")
-        skipped = sorted((i for s in sets for i in s.split_attrs[name]["skipped"]), key=lambda d: d["index"])
-        split_attrs = {**sets[0].split_attrs[name], "num_inputs": sum(s.split_attrs[name]["num_inputs"] for s in sets)}
-        split_attrs.update(num_skipped=len(skipped), skipped=skipped)
-        rows = (
-            np.concatenate([p.features for p in parts])[order],
-            np.concatenate([p.labels for p in parts])[order],
-            np.concatenate([p.index for p in parts])[order],
-            list(np.concatenate([p.ids for p in parts])[order]),
-        )
-        splits[name] = ([rows], split_attrs)
-    attrs["num_skipped"] = sum(len(a["skipped"]) for _, a in splits.values())
-    with exclusive(out, what="merged feature file"):  # one writer of `out` and its temporary file
-        return write_features(
-            out,
-            attrs=attrs,
-            splits=splits,
-            feature_dim=sets[0].attrs["feature_dim"],
-            dtype=sets[0].splits[next(iter(sets[0].splits))].features.dtype,
-            views=_merge_views(sets),
-        )
-
-
-def _merge_views(sets: Sequence[FeatureSet]) -> tuple[list[tuple], dict[str, Any]] | None:
-    """The views of all shards in source order, view-major, or None when no shard has views."""
-    described = {(s.num_views, json.dumps(views_identity(s.view_attrs or {}), sort_keys=True)) for s in sets}
-    if len(described) > 1:
-        raise CacheError(
-            "The shards hold different augmented views (number, augmentation or seed); rerun "
-            "`make features` for every shard with the same AUG_VIEWS and AUG_* settings. Received: "
-            + ", ".join(f"{s.path.name}: {s.num_views} views" for s in sets)
-            + "."
-        )
-    num_views = sets[0].num_views
-    if not num_views:
-        return None
-    parts = [(s.splits[VIEWS_SPLIT], load_views(s, num_views)) for s in sets]
-    order = np.argsort(np.concatenate([train.index for train, _ in parts]), kind="stable")
-    index = np.concatenate([train.index for train, _ in parts])[order]
-    labels = np.concatenate([train.labels for train, _ in parts])[order]
-    chunks = [
-        (np.concatenate([views[v] for _, views in parts])[order], labels, index, np.full(len(index), v, np.int64))
-        for v in range(num_views)
-    ]
-    attrs = {k: v for k, v in sets[0].view_attrs.items() if k not in ("bytes", "bytes_per_view")}
-    attrs["seconds"] = round(sum(float(s.view_attrs.get("seconds", 0.0)) for s in sets), 3)
-    attrs["seconds_per_view"] = round(attrs["seconds"] / num_views, 3)
-    return chunks, attrs

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import runs
-from pipeline.config import FeaturesConfig, HeadConfig, parse_size
+from pipeline.config import FeaturesConfig, HeadConfig
 from pipeline.errors import CacheError, DataError
 from pipeline.features.sources import stratified_rows
 from pipeline.features.store import VIEWS_SPLIT, FeatureRows, FeatureSet, open_rows, read_features
@@ -48,6 +48,7 @@ from pipeline.heads.base import Head, head_class, load_head
 from pipeline.images import read_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
+from pipeline.options import parse_size
 from pipeline.phases import Phases
 from pipeline.runs import run_dir_for
 
