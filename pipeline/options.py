@@ -42,7 +42,6 @@ class Option:
         return self.name.upper()
 
 
-
 def option(
     default: Any = dataclasses.MISSING,
     help: str = "",
@@ -64,7 +63,6 @@ def option(
     return field(default=default, metadata=meta)
 
 
-
 def derived(source: str, default: Any) -> Any:
     """A field set from the option named `source` of another section (one option, several readers).
 
@@ -72,7 +70,6 @@ def derived(source: str, default: Any) -> Any:
     fine-tuning and the audit all record; it is declared once and copied here by `build_config`.
     """
     return field(default=default, metadata={"derived": source})
-
 
 
 def options(cls: type) -> dict[str, Option]:
@@ -85,11 +82,9 @@ def options(cls: type) -> dict[str, Option]:
     return found
 
 
-
 def derived_fields(cls: type) -> dict[str, str]:
     """`{field name: source option name}` of a config class."""
     return {f.name: f.metadata["derived"] for f in dataclasses.fields(cls) if "derived" in f.metadata}
-
 
 
 def nested_fields(cls: type) -> dict[str, type]:
@@ -101,7 +96,6 @@ def nested_fields(cls: type) -> dict[str, type]:
 def _is_section(kind: Any) -> bool:
     """A config section is a dataclass that declares options."""
     return dataclasses.is_dataclass(kind) and isinstance(kind, type) and bool(options(kind))
-
 
 
 def build_config(cls: type, values: Mapping[str, Any]):
@@ -123,7 +117,6 @@ def build_config(cls: type, values: Mapping[str, Any]):
     return cls(**kwargs)
 
 
-
 def check_choices(config: Any) -> None:
     """The one check of every option's `choices` (the CLI lists them but does not check)."""
     for name, opt in options(type(config)).items():
@@ -133,7 +126,6 @@ def check_choices(config: Any) -> None:
             raise ConfigError(
                 f"{opt.name} must be one of {shown}. Received: {opt.name}={value!r} ({opt.make_variable})."
             )
-
 
 
 _SIZE_UNITS = {
@@ -148,7 +140,6 @@ _SIZE_UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-
 
 
 def parse_size(text: str, name: str = "size") -> int:

@@ -195,18 +195,13 @@ def _extract(
     views = views if views is not None and views.num_views else None
     extend = None
     if path.exists():
-        attrs = read_attrs(path)
-        if not (attrs.get("complete") and attrs.get("key") == key):
-            raise CacheError(
-                f"{path} exists but was built with other settings or is unfinished; it is "
-                "never mixed with this run. Delete it to rebuild."
-            )
-        stored = read_view_attrs(path)
+        stored = _finished_views(path, key)
         if not _needs_views(path, stored, views):
             return ExtractionResult(path=path, up_to_date=True, view_attrs=stored)
         extend = path
     # The backbone first: missing weights fail in a second, before a dataset download.
     spec = backbones.get_backbone(config.backbone)
+    view_images, view_seconds = 0, 0.0
     with (engine or LocalEngine(EngineConfig())).start(config, spec, phases) as runner:
         with phases("list data"):
             source = load_source(
@@ -214,49 +209,9 @@ def _extract(
             )
         if views is not None:
             _check_views_source(source, views)
-        attrs = _file_attrs(config, key, source, spec)
-        splits = {
-            name: {"spec": split.spec, "num_inputs": split.size, "num_inputs_all_shards": split.total}
-            for name, split in source.splits.items()
-        }
-        view_attrs = (
-            None
-            if views is None
-            else {
-                "num_views": views.num_views,
-                "seed": views.seed,
-                "augment": views.augment.to_dict(),
-                "config": views.to_dict(),
-            }
-        )
         started = time.perf_counter()
-        images = 0
-        view_images, view_seconds = 0, 0.0
-        skipped: dict[str, list[dict[str, Any]]] = {}
-        with FeatureWriter(
-            path,
-            attrs=attrs,
-            splits=splits,
-            feature_dim=spec.feature_dim,
-            dtype=config.dtype,
-            views=view_attrs,
-            extend=extend,
-        ) as writer:
-            for split in source.splits.values():
-                images += runner.extract_split(split, writer, progress=progress)
-                with phases("account for skipped images"):
-                    skipped[split.name] = _skipped(split, writer, config)
-                if skipped[split.name]:
-                    for item in skipped[split.name]:
-                        log.warning(
-                            "skipped %s (split %s): %s", item["id"], split.name, item["reason"]
-                        )  # the id as found on disk
-                    if config.strict:
-                        raise DataError(
-                            f"{len(skipped[split.name])} image(s) of split '{split.name}' could not be "
-                            f"read (first: {skipped[split.name][0]['id']}: {skipped[split.name][0]['reason']}) "
-                            "and --strict is set. Fix or remove them, or drop --strict to skip them."
-                        )
+        with _writer(path, config, key, source, spec, views, extend) as writer:
+            images, skipped = _extract_splits(runner, source, writer, config, phases, progress=progress)
             seconds = time.perf_counter() - started
             if views is not None:
                 view_images, view_seconds = runner.extract_views(
@@ -264,11 +219,10 @@ def _extract(
                 )
     with phases("finish file"):
         writer.finish(skipped)
-    total_skipped = sum(len(v) for v in skipped.values())
     return ExtractionResult(
         path=path,
         images=images,
-        skipped=total_skipped,
+        skipped=sum(len(v) for v in skipped.values()),
         seconds=seconds,
         skipped_items=skipped,
         view_images=view_images,
@@ -277,7 +231,62 @@ def _extract(
     )
 
 
-# --- engines -----------------------------------------------------------------------
+def _finished_views(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The views attributes of the finished file at `path`; a file of other settings is never reused."""
+    attrs = read_attrs(path)
+    if not (attrs.get("complete") and attrs.get("key") == key):
+        raise CacheError(
+            f"{path} exists but was built with other settings or is unfinished; it is "
+            "never mixed with this run. Delete it to rebuild."
+        )
+    return read_view_attrs(path)
+
+
+def _writer(path, config: FeaturesConfig, key, source: DataSource, spec, views: ViewsConfig | None, extend):
+    """The `FeatureWriter` of this run: the file's attributes, its splits and its views."""
+    splits = {
+        name: {"spec": split.spec, "num_inputs": split.size, "num_inputs_all_shards": split.total}
+        for name, split in source.splits.items()
+    }
+    view_attrs = None
+    if views is not None:
+        view_attrs = {
+            "num_views": views.num_views,
+            "seed": views.seed,
+            "augment": views.augment.to_dict(),
+            "config": views.to_dict(),
+        }
+    return FeatureWriter(
+        path,
+        attrs=_file_attrs(config, key, source, spec),
+        splits=splits,
+        feature_dim=spec.feature_dim,
+        dtype=config.dtype,
+        views=view_attrs,
+        extend=extend,
+    )
+
+
+def _extract_splits(
+    runner, source: DataSource, writer: FeatureWriter, config: FeaturesConfig, phases: Phases, *, progress: bool
+) -> tuple[int, dict[str, list[dict[str, Any]]]]:
+    """Every split through the runner; returns (images computed, skipped images per split)."""
+    images = 0
+    skipped: dict[str, list[dict[str, Any]]] = {}
+    for split in source.splits.values():
+        images += runner.extract_split(split, writer, progress=progress)
+        with phases("account for skipped images"):
+            skipped[split.name] = _skipped(split, writer, config)
+        for item in skipped[split.name]:  # the id as found on disk
+            log.warning("skipped %s (split %s): %s", item["id"], split.name, item["reason"])
+        if skipped[split.name] and config.strict:
+            first = skipped[split.name][0]
+            raise DataError(
+                f"{len(skipped[split.name])} image(s) of split '{split.name}' could not be "
+                f"read (first: {first['id']}: {first['reason']}) "
+                "and --strict is set. Fix or remove them, or drop --strict to skip them."
+            )
+    return images, skipped
 
 
 def _needs_views(path: Path, stored: dict[str, Any] | None, views: ViewsConfig | None) -> bool:

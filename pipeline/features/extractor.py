@@ -107,24 +107,7 @@ def build_extractor(
     """
     if not isinstance(spec, BackboneSpec):
         spec = get_backbone(spec)
-    if isinstance(image_size, bool) or not isinstance(image_size, int):
-        raise ConfigError(f"image_size must be an integer. Received: image_size={image_size!r}.")
-    if image_size < spec.min_size:
-        raise ConfigError(
-            f"Backbone {spec.name!r} needs images of at least {spec.min_size}x"
-            f"{spec.min_size} pixels (native size {spec.default_size}). Received: "
-            f"image_size={image_size}."
-        )
-    if pooling not in POOLINGS:
-        raise ConfigError(f"Expected pooling to be one of {', '.join(POOLINGS)}. Received: pooling={pooling!r}.")
-    if weights is not None and weights != "imagenet":
-        weights = check_weights(weights)
-    if weights == "imagenet" and not spec.pretrained:
-        raise ConfigError(
-            f"Backbone {spec.name!r} has no ImageNet weights; use weights=None (random "
-            f"initialization) or a weights file saved from it. Received: weights={weights!r}."
-        )
-
+    weights = _checked_options(spec, image_size, weights, pooling)
     previous_policy = keras.config.dtype_policy()
     try:
         if mixed_precision:
@@ -153,6 +136,28 @@ def build_extractor(
         spec.feature_dim,
     )
     return model
+
+
+def _checked_options(spec: BackboneSpec, image_size: int, weights, pooling: str):
+    """Validates the options before any Keras work; returns the weights argument to build with."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise ConfigError(f"image_size must be an integer. Received: image_size={image_size!r}.")
+    if image_size < spec.min_size:
+        raise ConfigError(
+            f"Backbone {spec.name!r} needs images of at least {spec.min_size}x"
+            f"{spec.min_size} pixels (native size {spec.default_size}). Received: "
+            f"image_size={image_size}."
+        )
+    if pooling not in POOLINGS:
+        raise ConfigError(f"Expected pooling to be one of {', '.join(POOLINGS)}. Received: pooling={pooling!r}.")
+    if weights is not None and weights != "imagenet":
+        weights = check_weights(weights)
+    if weights == "imagenet" and not spec.pretrained:
+        raise ConfigError(
+            f"Backbone {spec.name!r} has no ImageNet weights; use weights=None (random "
+            f"initialization) or a weights file saved from it. Received: weights={weights!r}."
+        )
+    return weights
 
 
 def _build_base(spec: BackboneSpec, *, image_size: int, weights: str | None):

@@ -522,38 +522,34 @@ class RayRunner:
                         "workers' logs (out of memory?) and rerun to resume."
                     )
                 ready, _ = ray.wait([*running, *self.probing], num_returns=1, timeout=0.5)
-                for ref in ready:
-                    if ref in self.probing:
-                        self._probed(ref, self.probing.pop(ref), idle)
-                        continue
-                    actor, shard = running[ref]
-                    try:
-                        batch = ray.get(next(ref))
-                    except StopIteration:
-                        del running[ref]
-                        shard.done = True
-                        idle.append(actor)
-                    except ray.exceptions.RayError as err:
-                        del running[ref]
-                        self._failed(shard, actor, err, queue, idle)
-                    else:
-                        shard.batches.append(batch)
-                        rows += len(batch[2])
-                        bar.update(received(shard, batch))
-                while head < len(shards) and (shards[head].batches or shards[head].done):
-                    shard = shards[head]
-                    if not shard.done and sum(b[0].nbytes for b in shard.batches) < WRITE_BYTES:
-                        break
-                    if shard.batches:
-                        write(shard.batches)
-                        shard.batches = []
-                    if not shard.done:
-                        break
-                    bar.update(shard.stop - shard.start)  # records skipped at the end of the shard
-                    shard.start = shard.stop
-                    head += 1
+                rows += self._receive(ready, running, queue, idle, received, bar)
+                head = _write_finished(shards, head, write, bar)
                 alive = len(self.actors) - len(self.dead) - len(self.probing) - len(self.reprobe)
                 bar.set_postfix(workers=f"{alive}/{len(self.actors)}", refresh=False)
+        return rows
+
+    def _receive(self, ready, running: dict, queue: list[_Shard], idle: list[int], received, bar) -> int:
+        """Takes one batch (or the end, or a failure) from each ready generator; returns the rows received."""
+        ray = self.ray
+        rows = 0
+        for ref in ready:
+            if ref in self.probing:
+                self._probed(ref, self.probing.pop(ref), idle)
+                continue
+            actor, shard = running[ref]
+            try:
+                batch = ray.get(next(ref))
+            except StopIteration:
+                del running[ref]
+                shard.done = True
+                idle.append(actor)
+            except ray.exceptions.RayError as err:
+                del running[ref]
+                self._failed(shard, actor, err, queue, idle)
+            else:
+                shard.batches.append(batch)
+                rows += len(batch[2])
+                bar.update(received(shard, batch))
         return rows
 
     def _failed(self, shard: _Shard, actor: int, err: BaseException, queue: list[_Shard], idle: list[int]) -> None:
@@ -623,3 +619,23 @@ def _one_line(err: BaseException) -> str:
     err = getattr(err, "cause", None) or err
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _write_finished(shards: list[_Shard], head: int, write, bar) -> int:
+    """Writes the batches that are next in shard order; returns the oldest shard not yet written completely.
+
+    A shard still running is written once it holds `WRITE_BYTES`, so memory stays flat.
+    """
+    while head < len(shards) and (shards[head].batches or shards[head].done):
+        shard = shards[head]
+        if not shard.done and sum(b[0].nbytes for b in shard.batches) < WRITE_BYTES:
+            break
+        if shard.batches:
+            write(shard.batches)
+            shard.batches = []
+        if not shard.done:
+            break
+        bar.update(shard.stop - shard.start)  # records skipped at the end of the shard
+        shard.start = shard.stop
+        head += 1
+    return head

@@ -213,37 +213,12 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         files = {"train": [(path, class_names.index(c)) for c in class_names for path in classes[c]]}
     else:
         ignored += [e.name for e in sorted(root.iterdir()) if e.name.startswith(".") or not e.is_dir()]
-        listed = {}
-        for split, directory in split_dirs.items():
-            classes = _list_split(split, directory, root, ignored, warnings)
-            if classes is not None:
-                listed[split] = classes
-        class_names = tuple(sorted(listed["train"]))
-        for split, classes in listed.items():
-            extra = sorted(set(classes) - set(class_names))
-            if extra:
-                raise DataError(
-                    f"Split '{split}' has classes that train lacks: {', '.join(extra)}. "
-                    f"Expected a subset of: {', '.join(class_names)}."
-                )
-        layout = FOLDER_LAYOUTS[tuple(listed)]
-        files = {
-            split: [(path, class_names.index(c)) for c in sorted(classes) for path in classes[c]]
-            for split, classes in listed.items()
-        }
+        layout, class_names, files = _list_presplit(split_dirs, root, ignored, warnings)
     _check_classes(class_names, root)
     files = layout.carve({"validation": [], "test": [], **files}, config, seed)
     layout_name = layout.name
     if config.test_from_validation:
-        if files["test"]:
-            raise ConfigError(
-                "test_from_validation carves a test split out of validation, but "
-                f"{root} already has a test split. Received: "
-                f"test_from_validation={config.test_from_validation}."
-            )
-        files["validation"], files["test"] = _stratified_split(
-            files["validation"], config.test_from_validation, seed + 1
-        )
+        files = _test_from_validation(files, root, config, seed)
         layout_name += ", test carved from validation"
     files = {split: files[split] for split in SPLIT_ORDER if files[split]}
     return FolderScan(
@@ -255,6 +230,40 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         fingerprint=_fingerprint(root, files),
         warnings=tuple(warnings),
     )
+
+
+def _list_presplit(split_dirs: dict[str, Path], root: Path, ignored: list[str], warnings: list[str]):
+    """(layout, class names, files per split) of a folder of split folders."""
+    listed = {}
+    for split, directory in split_dirs.items():
+        classes = _list_split(split, directory, root, ignored, warnings)
+        if classes is not None:
+            listed[split] = classes
+    class_names = tuple(sorted(listed["train"]))
+    for split, classes in listed.items():
+        extra = sorted(set(classes) - set(class_names))
+        if extra:
+            raise DataError(
+                f"Split '{split}' has classes that train lacks: {', '.join(extra)}. "
+                f"Expected a subset of: {', '.join(class_names)}."
+            )
+    files = {
+        split: [(path, class_names.index(c)) for c in sorted(classes) for path in classes[c]]
+        for split, classes in listed.items()
+    }
+    return FOLDER_LAYOUTS[tuple(listed)], class_names, files
+
+
+def _test_from_validation(files: Files, root: Path, config: DataConfig, seed: int) -> Files:
+    """Moves `test_from_validation` of validation to test (the TF tutorial's split)."""
+    if files["test"]:
+        raise ConfigError(
+            "test_from_validation carves a test split out of validation, but "
+            f"{root} already has a test split. Received: "
+            f"test_from_validation={config.test_from_validation}."
+        )
+    files["validation"], files["test"] = _stratified_split(files["validation"], config.test_from_validation, seed + 1)
+    return files
 
 
 def _split_folders(root: Path) -> dict[str, Path] | None:
