@@ -63,7 +63,7 @@ class DataConfig:
     """
 
     dataset: str | None = option(None, f"tensorflow-datasets name (default: {DEFAULT_DATASET} unless DATA_DIR is set)")
-    data_dir: str | None = option(None, "image folder: one sub-folder per class, or split folders (README: layouts)")
+    data_dir: str | None = option(None, "image folder: one sub-folder per class, or split folders (docs/features.md)")
     tfds_dir: str | None = option(None, "tensorflow-datasets data_dir holding prepared data")
     download: bool = option(True, "never download tfds data (fail at once offline)", name="no_download", invert=True)
     splits: Mapping[str, str] = option(
@@ -523,7 +523,7 @@ class AuditConfig:
     `folds`: stratified folds of the out-of-fold linear probe (label errors, class
     overlap); `C`: its inverse regularization, None to pick it once with the logistic
     head's validation sweep. `duplicate_threshold`: cosine similarity of the features
-    from which two rows are near-duplicates (calibrated for MobileNetV2, see README).
+    from which two rows are near-duplicates (calibrated for MobileNetV2, see docs/audit.md).
     `neighbours`: k of the kNN outlier score; `outlier_z`: robust z-score
     from which a row is flagged as an outlier. `top`: findings per contact sheet.
     `block_rows`: rows per block of the similarity search (memory is O(block_rows**2)).
@@ -532,7 +532,7 @@ class AuditConfig:
     folds: int = option(5, "folds of the out-of-fold logistic probe (label errors, class overlap)")
     C: float | None = derived("C", None)
     duplicate_threshold: float = option(
-        0.85, "cosine similarity from which two images are near-duplicates (calibrated, see README)"
+        0.85, "cosine similarity from which two images are near-duplicates (calibrated, see docs/audit.md)"
     )
     neighbours: int = option(10, "k of the kNN outlier score")
     outlier_z: float = option(3.5, "robust z-score from which an example is flagged as an outlier")

@@ -113,7 +113,7 @@ def _view_images(config, batch_size: int, view: int) -> np.ndarray:
 
 
 def test_views_are_reproducible_for_a_seed_whatever_the_batch_size(with_views, tmp_path):
-    """The guarantee that holds on every CPU (README, *Augmented views*).
+    """The guarantee that holds on every CPU (docs/views.md).
 
     The augmented image of view v of example p is a pure function of (SEED, v, p): bit for bit the same
     whatever the batch size. Its features come from the backbone's batched kernels, whose blocking (oneDNN on
