@@ -26,7 +26,8 @@ from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.features.backbones import get_backbone, weights_identity
 from pipeline.features.extractor import build_extractor
 from pipeline.features.sources import IMAGE_EXTENSIONS
-from pipeline.heads.base import Head, load_head
+from pipeline.heads.base import Head
+from pipeline.heads.registry import load_head
 
 log = logging.getLogger(__name__)
 

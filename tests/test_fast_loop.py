@@ -96,7 +96,7 @@ def test_a_dense_head_run_imports_no_scikit_learn(extracted):
 def test_a_head_is_still_a_scikit_learn_estimator_in_shape():
     from sklearn.base import clone
 
-    from pipeline.heads.base import LogisticHead
+    from pipeline.heads.logistic import LogisticHead
 
     head = LogisticHead(C=0.5, max_iter=50)
     copy = clone(head)

@@ -28,7 +28,7 @@ from pipeline.finetune.train import (
     predict,
     resolve_fine_tune_at,
 )
-from pipeline.heads.base import load_head
+from pipeline.heads.registry import load_head
 from pipeline.heads.train import train_head
 
 AT = "block2_conv"  # tiny: input, then conv/bn/relu for blocks 1-3; block 2 starts at layer 4

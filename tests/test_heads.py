@@ -1,4 +1,4 @@
-"""Tests of pipeline.heads.base on synthetic Gaussian blobs (no features files, no models).
+"""Tests of the pipeline.heads heads on synthetic Gaussian blobs (no features files, no models).
 
 Heads that several tests share are fitted once per module; every fit pins its seed.
 """
@@ -16,17 +16,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import balanced_accuracy_score
 
 from pipeline.errors import ConfigError, DataError, NotFittedError
-from pipeline.heads.base import (
-    ABSENT_CLASS_LOGIT,
-    DEFAULT_CS,
-    HEADS,
-    DenseHead,
-    Head,
-    LogisticHead,
-    create_head,
-    list_heads,
-    load_head,
-)
+from pipeline.heads.base import Head
+from pipeline.heads.dense import DenseHead
+from pipeline.heads.logistic import ABSENT_CLASS_LOGIT, DEFAULT_CS, LogisticHead
+from pipeline.heads.registry import HEADS, create_head, list_heads, load_head
 
 
 def make_blobs(n, d, k, *, seed, sep=4.0, weights=None):
@@ -271,7 +264,7 @@ def test_logistic_non_convergence_is_recorded_not_spammed(caplog):
     X, y = DATA[4]["train"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        with caplog.at_level(logging.WARNING, logger="pipeline.heads.base"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.heads.logistic"):
             head = LogisticHead(C=100.0, max_iter=2).fit(X, y)
     assert head.params_["converged"] is False
     messages = [r.getMessage() for r in caplog.records]

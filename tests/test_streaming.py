@@ -9,7 +9,7 @@ from pipeline.bench.scale import write_synthetic_features
 from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.store import load_views, open_rows, read_features
-from pipeline.heads.base import DenseHead
+from pipeline.heads.dense import DenseHead
 from pipeline.heads.train import train_head
 
 SMALL_BUDGET = "200kB"  # the 3000 x 3 x 16 float32 train rows below take 576 kB

@@ -15,7 +15,7 @@ from pipeline.errors import CacheError, DataError
 from pipeline.export import expand_images, export_run, load_classifier, predict_images
 from pipeline.features.extract import extract_features, resolve
 from pipeline.features.store import read_features, write_features
-from pipeline.heads.base import load_head
+from pipeline.heads.registry import load_head
 from pipeline.heads.train import train_head
 from pipeline.locks import is_lock_file
 

@@ -25,7 +25,8 @@ from pipeline.features.extractor import build_extractor
 from pipeline.features.merge import merge_shards
 from pipeline.features.sources import stratified_rows
 from pipeline.features.store import FeatureWriter, load_views, partial_path, read_features
-from pipeline.heads.base import DenseHead, LogisticHead
+from pipeline.heads.dense import DenseHead
+from pipeline.heads.logistic import LogisticHead
 from pipeline.heads.train import train_head
 from pipeline.images import decode_and_resize
 

@@ -261,7 +261,7 @@ def clusters_of(n: int, pairs: np.ndarray) -> list[list[int]]:
 # ----------------------------------------------------------------- label errors
 def choose_C(train_x, train_y, val_x, val_y, *, n_classes: int, seed: int) -> float:
     """The C the stage-2 logistic head's validation sweep picks, chosen once."""
-    from pipeline.heads.base import LogisticHead
+    from pipeline.heads.logistic import LogisticHead
 
     head = LogisticHead(C=None, seed=seed).fit(train_x, train_y, val_x, val_y, n_classes=n_classes)
     return float(head.params_["C"])
@@ -277,7 +277,7 @@ def out_of_fold_probabilities(
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from pipeline.heads.base import LogisticHead
+    from pipeline.heads.logistic import LogisticHead
 
     counts = np.bincount(labels, minlength=n_classes)
     if (counts[counts > 0] < folds).any():

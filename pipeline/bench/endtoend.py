@@ -308,7 +308,7 @@ def bench_head(features_path: Path, *, repeats: int = 3, seed: int = 0) -> dict[
     pays a backbone pass over every image per epoch.
     """
     from pipeline.features.store import read_features
-    from pipeline.heads.base import create_head
+    from pipeline.heads.registry import create_head
 
     cached = read_features(features_path)
     train, validation = cached.splits["train"], cached.splits["validation"]

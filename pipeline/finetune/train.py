@@ -73,7 +73,9 @@ from pipeline.features.backbones import get_backbone
 from pipeline.features.extract import resolve
 from pipeline.features.extractor import build_extractor
 from pipeline.features.sources import DataSource, SplitSource, load_source, stratified_rows
-from pipeline.heads.base import Head, load_head, logits_loss_and_accuracy
+from pipeline.heads.base import Head
+from pipeline.heads.dense import logits_loss_and_accuracy
+from pipeline.heads.registry import load_head
 from pipeline.images import decode_and_resize, load_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics, probabilities

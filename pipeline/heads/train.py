@@ -44,7 +44,8 @@ from pipeline.config import FeaturesConfig, HeadConfig
 from pipeline.errors import CacheError, DataError
 from pipeline.features.sources import stratified_rows
 from pipeline.features.store import VIEWS_SPLIT, FeatureRows, FeatureSet, open_rows, read_features
-from pipeline.heads.base import Head, head_class, load_head
+from pipeline.heads.base import Head
+from pipeline.heads.registry import head_class, load_head
 from pipeline.images import read_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
@@ -128,6 +129,7 @@ def train_head(
 def _train_head(
     features_path: Path, config: HeadConfig, run_dir: Path, *, expect: Mapping[str, Any] | None, phases: Phases
 ) -> HeadRun:
+    """`train_head` under its lock: the finished run if current, else read, fit, evaluate and write a new one."""
     with phases("read features"):
         cached = read_features(features_path, expect=expect, exclude=[VIEWS_SPLIT])  # train: block by block
     with phases("up-to-date check"):
@@ -137,11 +139,31 @@ def _train_head(
         return finished
     with phases("read features"):
         rows = _check_splits(cached)
-    class_names = list(cached.class_names)
-    validation = cached.splits["validation"]
-    test = cached.splits.get("test")
-    if test is None:
+    if cached.splits.get("test") is None:
         log.warning("%s has no test split: reporting validation metrics only.", features_path)
+    rows, excluded = _train_rows(rows, cached, config, used)
+    head = head_class(config.head).from_config(config)
+    budget = memory_budget(config)
+    memory = {"budget_bytes": budget, "train_bytes": rows.nbytes, "streamed": rows.nbytes * head.memory_copies > budget}
+    with phases("import libraries"):
+        head.import_libraries()
+    with runs.assembling(run_dir) as work:
+        _fit(head, rows, cached, work, memory, phases)
+        with phases("evaluate"):
+            metrics = _metrics(head, features_path, cached, config, rows, used, excluded, memory)
+        _write_run(work, head, cached, config, metrics, phases)
+        finishing = time.perf_counter()
+    phases.add("finish", time.perf_counter() - finishing)  # the run directory moved into place
+    return HeadRun(run_dir=run_dir, head=head, metrics=metrics)
+
+
+def _train_rows(
+    rows: FeatureRows, cached: FeatureSet, config: HeadConfig, used: Mapping[str, Any]
+) -> tuple[FeatureRows, dict[str, Any] | None]:
+    """The train rows the head fits: EXCLUDE's flagged rows left out, TRAIN_PER_CLASS chosen, views attached.
+
+    Returns them with the exclusion's record (None without EXCLUDE).
+    """
     excluded = None
     if config.exclude is not None:
         from pipeline.audit.findings import load_exclusion
@@ -151,75 +173,80 @@ def _train_head(
         rows = rows.select(np.flatnonzero(exclusion.keep))
     if config.train_per_class is not None:
         rows = rows.select(
-            stratified_rows(rows.labels, rows.index, config.train_per_class, class_names, seed=config.seed)
+            stratified_rows(rows.labels, rows.index, config.train_per_class, list(cached.class_names), seed=config.seed)
         )
-    rows = rows.with_views(used["used"])
-    head = head_class(config.head).from_config(config)
-    budget = memory_budget(config)
-    streamed = rows.nbytes * head.memory_copies > budget
-    memory = {"budget_bytes": budget, "train_bytes": rows.nbytes, "streamed": streamed}
+    return rows.with_views(used["used"]), excluded
 
-    with phases("import libraries"):
-        head.import_libraries()
-    with runs.assembling(run_dir) as work:
-        fitting = time.perf_counter()
-        if streamed:
-            log.info(
-                "%d train rows x %d versions take %.2f GB as float32, %d times that over MEMORY_BUDGET "
-                "(%.2f GB): streaming them from %s",
-                len(rows),
-                rows.num_views + 1,
-                rows.nbytes / 1e9,
-                head.memory_copies,
-                budget / 1e9,
-                features_path,
-            )
+
+def _fit(
+    head: Head, rows: FeatureRows, cached: FeatureSet, work: Path, memory: Mapping[str, Any], phases: Phases
+) -> None:
+    """Fits `head` on `rows`: in memory, or streamed from the file when `memory` says they do not fit."""
+    validation = cached.splits["validation"]
+    n_classes = len(cached.class_names)
+    if memory["streamed"]:
+        log.info(
+            "%d train rows x %d versions take %.2f GB as float32, %d times that over MEMORY_BUDGET "
+            "(%.2f GB): streaming them from %s",
+            len(rows),
+            rows.num_views + 1,
+            rows.nbytes / 1e9,
+            head.memory_copies,
+            memory["budget_bytes"] / 1e9,
+            cached.path,
+        )
+        with phases("fit"):
             head.fit_streamed(
                 rows,
                 validation.features,
                 validation.labels,
-                n_classes=len(class_names),
+                n_classes=n_classes,
                 callbacks=head.training_callbacks(work),
-                memory_budget=budget,
+                memory_budget=memory["budget_bytes"],
             )
-        else:
-            with phases("read features"):
-                train, views = rows.load()
-            fitting = time.perf_counter()
-            head.fit(
-                train.features,
-                train.labels,
-                validation.features,
-                validation.labels,
-                n_classes=len(class_names),
-                callbacks=head.training_callbacks(work),
-                views=views,
-            )
-        phases.add("fit", time.perf_counter() - fitting)
-        evaluating = time.perf_counter()
-        metrics = {
-            "head": config.head,
-            "features": str(features_path),
-            "train_examples": len(rows),
-            "views": used,
-            "exclude": excluded,
-            "memory": memory,
-            "hyperparameters": head.params_,
-            "training_seconds": head.params_["fit_seconds"],
-            "validation": classification_metrics(
-                head.predict_proba(validation.features), validation.labels, class_names
-            ),
-            "test": classification_metrics(head.predict_proba(test.features), test.labels, class_names)
-            if test
-            else None,
-        }
-        if test is None:
-            metrics["note"] = "no test split: validation metrics only"
-        phases.add("evaluate", time.perf_counter() - evaluating)
-        _write_run(work, head, cached, config, metrics, phases)
-        finishing = time.perf_counter()
-    phases.add("finish", time.perf_counter() - finishing)  # the run directory moved into place
-    return HeadRun(run_dir=run_dir, head=head, metrics=metrics)
+        return
+    with phases("read features"):
+        train, views = rows.load()
+    with phases("fit"):
+        head.fit(
+            train.features,
+            train.labels,
+            validation.features,
+            validation.labels,
+            n_classes=n_classes,
+            callbacks=head.training_callbacks(work),
+            views=views,
+        )
+
+
+def _metrics(
+    head: Head,
+    features_path: Path,
+    cached: FeatureSet,
+    config: HeadConfig,
+    rows: FeatureRows,
+    used: Mapping[str, Any],
+    excluded: dict[str, Any] | None,
+    memory: dict[str, Any],
+) -> dict[str, Any]:
+    """metrics.json: what was trained on, the chosen hyper-parameters, and the scores on validation and test."""
+    class_names = list(cached.class_names)
+    validation, test = cached.splits["validation"], cached.splits.get("test")
+    metrics = {
+        "head": config.head,
+        "features": str(features_path),
+        "train_examples": len(rows),
+        "views": used,
+        "exclude": excluded,
+        "memory": memory,
+        "hyperparameters": head.params_,
+        "training_seconds": head.params_["fit_seconds"],
+        "validation": classification_metrics(head.predict_proba(validation.features), validation.labels, class_names),
+        "test": classification_metrics(head.predict_proba(test.features), test.labels, class_names) if test else None,
+    }
+    if test is None:
+        metrics["note"] = "no test split: validation metrics only"
+    return metrics
 
 
 def _finished_run(run_dir: Path, cached: FeatureSet, config: HeadConfig, used: dict[str, Any]) -> HeadRun | None:
