@@ -143,7 +143,7 @@ def _train_head(
         log.warning("%s has no test split: reporting validation metrics only.", features_path)
     excluded = None
     if config.exclude is not None:
-        from pipeline.audit.findings import load_exclusion
+        from pipeline.audit.exclusion import load_exclusion
 
         exclusion = load_exclusion(config.exclude, cached, config.exclude_kinds, train=rows)
         excluded = exclusion.record()
