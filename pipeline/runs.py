@@ -63,7 +63,7 @@ def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
     if config.train_per_class is not None:
         name += f"__{config.train_per_class}-per-class"
     if config.exclude is not None:
-        from pipeline.audit.findings import exclusion_digest
+        from pipeline.audit.exclusion import exclusion_digest
 
         name += f"__excl-{exclusion_digest(config.exclude, config.exclude_kinds)}"
     return Path(config.runs_dir) / name

@@ -17,15 +17,13 @@ import pytest
 from conftest import make_folder
 from PIL import Image, ImageOps
 
-from pipeline.audit.findings import (
-    audit_features,
-    clusters_of,
-    confident_learning,
-    load_exclusion,
-    robust_z,
-    similarity_search,
-    unit_rows,
-)
+from pipeline.audit.duplicates import clusters_of
+from pipeline.audit.exclusion import load_exclusion
+from pipeline.audit.findings import audit_features
+from pipeline.audit.labels import confident_learning
+from pipeline.audit.neighbours import similarity_search
+from pipeline.audit.outliers import robust_z
+from pipeline.audit.rows import unit_rows
 from pipeline.cli import main
 from pipeline.config import AuditConfig, HeadConfig
 from pipeline.errors import CacheError, ConfigError
@@ -342,7 +340,8 @@ def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_pat
 
 
 def test_tfds_thumbnails_are_read_back_with_the_tf_reader(dummy_tfds_dir, tmp_path):
-    from pipeline.audit.findings import read_thumbnails, stack_splits
+    from pipeline.audit.rows import stack_splits
+    from pipeline.audit.sheets import read_thumbnails
     from pipeline.config import DataConfig, FeaturesConfig
     from pipeline.features.extract import extract_features
 

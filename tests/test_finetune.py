@@ -19,15 +19,9 @@ from pipeline.features.extract import extract_features
 from pipeline.features.extractor import build_extractor
 from pipeline.features.sources import load_source, stratified_rows
 from pipeline.features.store import read_features
-from pipeline.finetune.train import (
-    block_starts,
-    build_model,
-    few_shot,
-    finetune,
-    image_dataset,
-    predict,
-    resolve_fine_tune_at,
-)
+from pipeline.finetune.data import few_shot, image_dataset, predict
+from pipeline.finetune.model import block_starts, build_model, resolve_fine_tune_at
+from pipeline.finetune.train import finetune
 from pipeline.heads.registry import load_head
 from pipeline.heads.train import train_head
 
@@ -249,7 +243,7 @@ def test_state_left_by_the_earlier_format_starts_afresh_with_a_warning(stage2, t
 
 def test_the_data_source_is_loaded_once_per_run(stage2, tmp_path, monkeypatch):
     import pipeline.features.sources
-    import pipeline.finetune.train
+    import pipeline.finetune.data
 
     features, head, _, _ = stage2
     calls = []
@@ -258,7 +252,7 @@ def test_the_data_source_is_loaded_once_per_run(stage2, tmp_path, monkeypatch):
         calls.append(args)
         return load_source(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.finetune.train, "load_source", counted)
+    monkeypatch.setattr(pipeline.finetune.data, "load_source", counted)
     monkeypatch.setattr(pipeline.features.sources, "load_source", counted)
     run = finetune(features, head, tune(tmp_path, epochs=1, grid_images=3), progress=False)
     assert len(list(run.run_dir.glob("*.png"))) == 3  # learning curves, confusion matrix, the image grid

@@ -90,7 +90,10 @@ def test_a_run_is_current_when_its_config_holds_the_identity_asked_for(tmp_path)
 
 
 def test_a_finetune_run_written_with_the_old_mtime_identity_stays_current(tmp_path):
-    from pipeline.finetune.train import _finished, _head_identity, _Job, _Origin
+    from pipeline.finetune.job import Job as _Job
+    from pipeline.finetune.job import Origin as _Origin
+    from pipeline.finetune.job import finished as _finished
+    from pipeline.finetune.job import head_identity as _head_identity
 
     head_run = write_run(tmp_path / "f__dense", config={"head": {"head": "dense"}})
     origin = _Origin(

@@ -1038,7 +1038,7 @@ def calibrate_duplicates(
     import numpy as np
     from PIL import Image
 
-    from pipeline.audit.findings import stack_splits
+    from pipeline.audit.rows import stack_splits
     from pipeline.config import FeaturesConfig
     from pipeline.features.extractor import build_extractor
     from pipeline.features.forward import compiled_forward

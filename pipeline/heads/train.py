@@ -42,11 +42,11 @@ import numpy as np
 from pipeline import runs
 from pipeline.config import FeaturesConfig, HeadConfig
 from pipeline.errors import CacheError, DataError
+from pipeline.features.pictures import read_images
 from pipeline.features.sources import stratified_rows
 from pipeline.features.store import VIEWS_SPLIT, FeatureRows, FeatureSet, open_rows, read_features
 from pipeline.heads.base import Head
 from pipeline.heads.registry import head_class, load_head
-from pipeline.images import read_images
 from pipeline.locks import exclusive
 from pipeline.metrics import classification_metrics
 from pipeline.options import parse_size
@@ -166,7 +166,7 @@ def _train_rows(
     """
     excluded = None
     if config.exclude is not None:
-        from pipeline.audit.findings import load_exclusion
+        from pipeline.audit.exclusion import load_exclusion
 
         exclusion = load_exclusion(config.exclude, cached, config.exclude_kinds, train=rows)
         excluded = exclusion.record()

@@ -1,0 +1,216 @@
+"""Label errors: out-of-fold probabilities of a logistic probe and confident learning on them.
+
+The probe's out-of-fold confusion matrix also gives the class overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.audit.rows import Rows
+from pipeline.config import AuditConfig
+from pipeline.errors import ConfigError, DataError
+from pipeline.features.store import FeatureSet
+
+
+def choose_C(train_x, train_y, val_x, val_y, *, n_classes: int, seed: int) -> float:
+    """The C the stage-2 logistic head's validation sweep picks, chosen once."""
+    from pipeline.heads.logistic import LogisticHead
+
+    head = LogisticHead(C=None, seed=seed).fit(train_x, train_y, val_x, val_y, n_classes=n_classes)
+    return float(head.params_["C"])
+
+
+def out_of_fold_probabilities(
+    features: np.ndarray, labels: np.ndarray, *, n_classes: int, folds: int, C: float, seed: int
+) -> np.ndarray:
+    """(N, K) float64: each row's probabilities from a logistic head fitted without it.
+
+    Stratified, seeded `folds`-fold cross-validation with the stage-2 `LogisticHead`
+    at a fixed `C`: each fold costs one fit, no sweep.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    from pipeline.heads.logistic import LogisticHead
+
+    counts = np.bincount(labels, minlength=n_classes)
+    if (counts[counts > 0] < folds).any():
+        small = int(counts[counts > 0].min())
+        raise DataError(
+            f"FOLDS={folds} needs at least {folds} examples of every class in train + validation. "
+            f"Received: a class with {small}. Lower FOLDS (--folds) or label more examples."
+        )
+    proba = np.zeros((len(labels), n_classes))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_rows, held_out in splitter.split(features, labels):
+        head = LogisticHead(C=C, seed=seed).fit(features[fit_rows], labels[fit_rows], n_classes=n_classes)
+        proba[held_out] = head.predict_proba(features[held_out])
+    return proba
+
+
+@dataclass(frozen=True)
+class LabelIssues:
+    """Confident learning's verdict per row (see `confident_learning`).
+
+    `issue` (N,) bool; `suggested` (N,) the most probable class other than the given
+    one; `margin` (N,) the normalized margin (p_given - max_other + 1) / 2, low is
+    suspicious; `self_confidence` (N,) p_given; `thresholds` (K,); `confident_joint`
+    (K, K) calibrated counts, rows given labels, columns estimated true labels.
+    """
+
+    issue: np.ndarray
+    suggested: np.ndarray
+    margin: np.ndarray
+    self_confidence: np.ndarray
+    thresholds: np.ndarray
+    confident_joint: np.ndarray
+
+    def ranked(self) -> np.ndarray:
+        """Rows flagged as issues, most likely first (lowest normalized margin)."""
+        rows = np.flatnonzero(self.issue)
+        return rows[np.argsort(self.margin[rows], kind="stable")]
+
+
+def confident_learning(proba: np.ndarray, labels: np.ndarray) -> LabelIssues:
+    """Label issues by confident learning, pruned by noise rate (Northcutt et al. 2021).
+
+    1. Per-class thresholds t_j: the mean probability of class j over the rows given j.
+    2. Confident joint C[i, j]: rows given i whose probability reaches t_j for some j
+       (the most probable such j when several do) are counted at (i, j).
+    3. Calibrated so that row i sums to the count of label i and the whole to N.
+    4. Prune by noise rate: for each off-diagonal (i, j), the C[i, j] rows given i
+       with the largest margin p_j - p_i are issues;
+    5. except rows whose given label is still the most probable one.
+    The same choices as cleanlab's default `find_label_issues(filter_by=
+    "prune_by_noise_rate")`, in a few lines of numpy.
+    """
+    proba = np.asarray(proba, np.float64)
+    labels = np.asarray(labels, np.int64)
+    n, k = proba.shape
+    rows = np.arange(n)
+    counts = np.bincount(labels, minlength=k)
+    given = proba[rows, labels]
+    thresholds = np.array([given[labels == j].mean() if counts[j] else np.inf for j in range(k)])
+    confident = proba >= thresholds - 1e-6
+    how_many = confident.sum(axis=1)
+    guess = np.where(how_many > 1, proba.argmax(axis=1), confident.argmax(axis=1))
+    joint = np.zeros((k, k))
+    np.add.at(joint, (labels[how_many > 0], guess[how_many > 0]), 1)
+    np.fill_diagonal(joint, np.maximum(joint.diagonal(), 1))
+    joint = joint / joint.sum(axis=1, keepdims=True) * counts[:, None]
+    joint = _round_rows(joint / joint.sum() * n)
+    issue = np.zeros(n, bool)
+    for i in range(k):
+        members = np.flatnonzero(labels == i)
+        for j in range(k):
+            if i != j and joint[i, j] > 0 and len(members):
+                margin = proba[members, j] - proba[members, i]
+                issue[members[np.argsort(-margin, kind="stable")[: joint[i, j]]]] = True
+    bumped = proba.copy()
+    bumped[rows, labels] += 1e-6
+    issue &= bumped.argmax(axis=1) != labels
+    others = proba.copy()
+    others[rows, labels] = -np.inf
+    suggested = others.argmax(axis=1)
+    margin = (given - others.max(axis=1) + 1) / 2 if k > 1 else np.ones(n)
+    return LabelIssues(
+        issue=issue,
+        suggested=suggested,
+        margin=margin,
+        self_confidence=given,
+        thresholds=thresholds,
+        confident_joint=joint,
+    )
+
+
+def _round_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rounds each row to integers that keep the row's (rounded) total (largest remainder)."""
+    out = np.floor(matrix).astype(np.int64)
+    for r, row in enumerate(matrix):
+        short = int(round(row.sum())) - int(out[r].sum())
+        if short > 0:
+            out[r, np.argsort(-(row - np.floor(row)), kind="stable")[:short]] += 1
+    return out
+
+
+def label_findings(
+    cached: FeatureSet,
+    rows: Rows,
+    class_names: list[str],
+    config: AuditConfig,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Confident learning on out-of-fold probabilities of train + validation rows."""
+    k = len(class_names)
+    pool = np.flatnonzero(np.isin(rows.splits, ["train", "validation"]))
+    C = config.C
+    if C is None:
+        if "validation" not in cached.splits:
+            raise ConfigError(
+                f"{cached.path} has no validation split to choose the probe's C on. Give one: C=1 (--C 1)."
+            )
+        train, validation = cached.splits["train"], cached.splits["validation"]
+        C = choose_C(
+            train.features, train.labels, validation.features, validation.labels, n_classes=k, seed=config.seed
+        )
+    proba = out_of_fold_probabilities(
+        rows.features[pool], rows.labels[pool], n_classes=k, folds=config.folds, C=C, seed=config.seed
+    )
+    issues = confident_learning(proba, rows.labels[pool])
+    predicted = proba.argmax(axis=1)
+    confusion = np.zeros((k, k), np.int64)
+    np.add.at(confusion, (rows.labels[pool], predicted), 1)
+    probe = {
+        "head": "logistic",
+        "C": C,
+        "C_chosen_on": "validation" if config.C is None else "given",
+        "folds": config.folds,
+        "rows": int(len(pool)),
+        "splits": ["train", "validation"],
+        "out_of_fold_accuracy": round(float((predicted == rows.labels[pool]).mean()), 4),
+        "thresholds": [round(float(t), 4) for t in issues.thresholds],
+        "confident_joint": issues.confident_joint.tolist(),
+        "confusion_matrix": confusion.tolist(),
+        "method": "confident learning (Northcutt, Jiang & Chuang, JAIR 2021), prune by noise rate, "
+        "ranked by normalized margin",
+    }
+    findings = []
+    for rank, local in enumerate(issues.ranked().tolist(), start=1):
+        row = int(pool[local])
+        findings.append(
+            {
+                "kind": "label",
+                "rows": [row],
+                "rank": rank,
+                "score": round(float(issues.margin[local]), 5),
+                "self_confidence": round(float(issues.self_confidence[local]), 5),
+                "given": class_names[rows.labels[row]],
+                "suggested": class_names[issues.suggested[local]],
+                "suggested_probability": round(float(proba[local, issues.suggested[local]]), 5),
+            }
+        )
+    return probe, findings
+
+
+def class_overlap(confusion: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Class pairs by how often the probe confuses them (both ways), most first; pairs never confused are left out."""
+    confusion = np.asarray(confusion)
+    totals = confusion.sum(axis=1)
+    pairs = []
+    for a in range(len(class_names)):
+        for b in range(a + 1, len(class_names)):
+            count = int(confusion[a, b] + confusion[b, a])
+            if count:
+                pairs.append(
+                    {
+                        "classes": [class_names[a], class_names[b]],
+                        "count": count,
+                        "a_as_b": int(confusion[a, b]),
+                        "b_as_a": int(confusion[b, a]),
+                        "rate": round(count / max(int(totals[a] + totals[b]), 1), 4),
+                    }
+                )
+    return sorted(pairs, key=lambda p: (-p["count"], p["classes"]))
