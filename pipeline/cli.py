@@ -13,9 +13,8 @@ import logging
 import os
 import sys
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from pipeline.config import (
@@ -695,56 +694,17 @@ def run() -> int:
 
 def _exit(code: int) -> int:
     """Ends the command without Python's teardown, which unloads every module and object and
-    does nothing for a finished command: by now every file is closed and renamed, and every
-    worker stopped. With TensorFlow loaded it took about 1 s (`import tensorflow` then exit:
-    4.4-4.6 s against 3.4-3.6 s with `os._exit`); after a logistic `make head` (scikit-learn,
-    matplotlib) about 0.3 s."""
+    does nothing for a finished command (every file is closed and renamed, every worker
+    stopped by now); with TensorFlow loaded it costs about a second."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-class KerasWithoutOptionalImports:
-    """An import finder that keeps Keras from importing the optional libraries it never needs here.
-
-    `import tensorflow` imports Keras, and with it two modules this tool never uses that
-    import a library whenever it is installed, as both are here: the scikit-learn wrappers
-    (`keras.wrappers`; scikit-learn is the logistic head's) and the plotting helpers
-    (`keras.visualization`, which imports `matplotlib.pyplot`; matplotlib draws the runs'
-    figures). For those importers only, the library reads as absent, which both handle as
-    Keras intends (`try: import ... except ImportError`); every other importer gets it as
-    usual. Measured by `import tensorflow`: scikit-learn 0.8 s (3.4 s against 2.6 s), then
-    matplotlib 0.4 s (2.6-2.8 s against 2.2-2.3 s, 4 runs each).
-    """
-
-    #: importing module (prefix) -> the top-level packages it is refused.
-    refused: Mapping[str, tuple[str, ...]] = MappingProxyType(
-        {
-            "keras.src.wrappers": ("sklearn",),
-            "keras.src.visualization": ("matplotlib",),
-        }
-    )
-
-    def find_spec(self, name, path=None, target=None):
-        package = name.partition(".")[0]
-        for prefix, packages in self.refused.items():
-            if package in packages and self._importer().startswith(prefix):
-                raise ModuleNotFoundError(
-                    f"No module named {name!r} for {prefix} (pipeline.cli.KerasWithoutOptionalImports)"
-                )
-        return None
-
-    @staticmethod
-    def _importer() -> str:
-        """The module whose code runs the import, past importlib's own frames."""
-        frame = sys._getframe(2)
-        while frame is not None and frame.f_globals.get("__name__", "").startswith("importlib"):
-            frame = frame.f_back
-        return frame.f_globals.get("__name__", "") if frame is not None else ""
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline.imports import KerasWithoutOptionalImports
+
     if not any(isinstance(finder, KerasWithoutOptionalImports) for finder in sys.meta_path):
         sys.meta_path.insert(0, KerasWithoutOptionalImports())
     args = build_parser().parse_args(argv)
