@@ -17,7 +17,9 @@ HEAD_OPTIONS := HEAD C HIDDEN DROPOUT EPOCHS HEAD_BATCH_SIZE LEARNING_RATE PATIE
 FINETUNE_OPTIONS := FINE_TUNE_AT FINE_TUNE_EPOCHS HEAD_EPOCHS OPTIMIZER FINE_TUNE_LEARNING_RATE \
 	FINE_TUNE_BATCH_SIZE FINE_TUNE_PATIENCE FROM_SCRATCH
 ENGINE_OPTIONS := ENGINE RAY_ADDRESS WORKERS GPUS_PER_WORKER RAY_SHARD_SIZE RAY_MAX_ATTEMPTS
-AUDIT_OPTIONS := FOLDS DUPLICATE_THRESHOLD NEIGHBOURS OUTLIER_Z AUDIT_TOP AUDIT_DIR AUDIT_BLOCK_ROWS
+AUDIT_OPTIONS := FOLDS DUPLICATE_THRESHOLD NEIGHBOURS OUTLIER_Z AUDIT_TOP AUDIT_BLOCK_ROWS
+DECISIONS_OPTIONS := AUDIT_DIR DECISIONS DECISIONS_TEST
+REVIEW_OPTIONS := PORT
 ## Command arguments
 FEATURES ?=#                      head, audit, ...: a feature file to use instead of the one the options describe
 ## Compare
@@ -53,10 +55,10 @@ lower = $(subst Z,z,$(subst Y,y,$(subst X,x,$(subst W,w,$(subst V,v,$(subst U,u,
 # The flags of the options in $(1) that are set: VAR=value -> --var 'value'.
 options = $(strip $(foreach v,$(1),$(if $($(v)),--$(subst _,-,$(call lower,$(v))) '$($(v))')))
 FEATURE_FLAGS = $(call options,$(DATA_OPTIONS) $(FEATURES_OPTIONS))
-STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
+STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS) $(DECISIONS_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
-.PHONY: lint help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all clean-venv
+.PHONY: lint help features head audit review finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all test-browser-deps clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -80,6 +82,9 @@ head: features ## stage 2: train HEAD on the cached features; metrics, plots and
 
 audit: features ## duplicates (leaks first), label errors, outliers, class overlap -> AUDIT_DIR/<features>/audit.{json,md}, contact sheets
 	$(PIPELINE) audit $(STAGE2_FLAGS) $(call options,$(AUDIT_OPTIONS))
+
+review: $(VENV)/.installed ## a page on localhost over the latest audit (or AUDIT_DIR): keep/exclude/relabel -> AUDIT_DIR/<dataset>.decisions.csv
+	$(PIPELINE) review $(call options,$(DECISIONS_OPTIONS) $(REVIEW_OPTIONS))
 
 # --make-head: a warm start runs stages 1 and 2 first (no-ops when up to date); the finetune
 # command decides when that is needed (FinetuneConfig.warm_starts), not Make.
@@ -133,6 +138,10 @@ lint: $(VENV)/.installed ## check formatting, imports and style with ruff (line 
 
 test-all: $(VENV)/.installed ## the test suite including slow tests
 	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --runslow $(PYTEST_ARGS)
+
+test-browser-deps: $(VENV)/.installed ## install what the review page's browser tests need: Chromium, chromedriver, selenium
+	apt-get install -y chromium chromium-driver
+	$(PY) -m pip install --quiet -e '.[test,ray,browser]'
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)

@@ -24,6 +24,7 @@ from pipeline.config import (
     FeaturesConfig,
     FinetuneConfig,
     HeadConfig,
+    ReviewConfig,
     ViewsConfig,
 )
 from pipeline.errors import ConfigError, PipelineError
@@ -35,12 +36,13 @@ log = logging.getLogger("pipeline")
 #: The option sections each command takes (`pipeline.config.SECTIONS`); flags are generated from them.
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "features": ("data", "features", "augment", "views", "engine"),
-    "head": ("data", "features", "head"),
-    "audit": ("data", "features", "head", "audit"),
-    "export": ("data", "features", "head"),
-    "predict": ("data", "features", "head"),
-    "finetune": ("data", "features", "head", "augment", "finetune"),
-    "compare": ("data", "features", "head", "augment", "finetune"),
+    "head": ("data", "features", "head", "decisions"),
+    "audit": ("data", "features", "head", "decisions", "audit"),
+    "export": ("data", "features", "head", "decisions"),
+    "predict": ("data", "features", "head", "decisions"),
+    "finetune": ("data", "features", "head", "decisions", "augment", "finetune"),
+    "compare": ("data", "features", "head", "decisions", "augment", "finetune"),
+    "review": ("decisions", "review"),
     "bench-head": ("data", "features"),
     "bench-audit": ("data", "features"),
 }
@@ -266,6 +268,19 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     path, key = _features_file(args)
     result = audit_features(path, config, expect=key)
     print(result.summary())
+    return 0
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    """Serves the review page until Ctrl-C; its one line of output is the URL (no browser is opened)."""
+    from pipeline.review.server import open_server, serve
+
+    config = config_of(ReviewConfig, args)
+    if config.decisions == "none":
+        raise ConfigError("make review records decisions: DECISIONS must be a file or unset. Received: none.")
+    server = open_server(config.audit_dir, port=config.port, decisions=config.decisions)
+    print(f"review: {server.url}  (decisions -> {server.app.store.path}; Ctrl-C stops)", flush=True)
+    serve(server)
     return 0
 
 
@@ -536,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_audit,
         features_file=True,
     )
+    stage("review", "a local page to review the latest audit and record decisions", _cmd_review)
     comparison = stage(
         "compare", "cached heads vs fine-tuning vs from scratch: table and plots", _cmd_compare, features_file=True
     )

@@ -351,6 +351,8 @@ class HeadConfig:
     `exclude` names an `audit.json` of `make audit` on the same feature file: the
     train rows it flags (of `exclude_kinds`, comma-separated, default all of
     `AUDIT_KINDS`) are left out; validation and test rows never are.
+    `decisions`, `decisions_test` and `audit_dir` are `DecisionsConfig`'s: the
+    review decisions training applies (EXCLUDE records its rows there first).
     `memory_budget` ("2GB", "512MiB"; None: a quarter of this machine's RAM) bounds the
     memory the train rows may take: past it the dense head streams them from the
     file and the logistic head refuses (see `pipeline.heads.train`).
@@ -385,6 +387,9 @@ class HeadConfig:
         "memory the train rows may take (e.g. 2GB; default: a quarter of RAM): "
         "past it the dense head streams them from the file",
     )
+    decisions: str | None = derived("decisions", None)
+    decisions_test: bool = derived("decisions_test", False)
+    audit_dir: str = derived("audit_dir", "audit")
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None:
@@ -396,6 +401,11 @@ class HeadConfig:
                 f"exclude_kinds (EXCLUDE_KINDS) selects findings of an audit; it needs exclude "
                 "(EXCLUDE=audit/.../audit.json). "
                 f"Received: exclude_kinds={self.exclude_kinds!r} without exclude."
+            )
+        if self.exclude is not None and self.decisions == "none":
+            raise ConfigError(
+                "EXCLUDE records its rows as decisions, and DECISIONS=none turns decisions off. "
+                f"Received: exclude={self.exclude!r}, decisions='none'. Drop one of them."
             )
         check_choices(self)
         if self.grid_images < 0:
@@ -538,7 +548,7 @@ class AuditConfig:
     outlier_z: float = option(3.5, "robust z-score from which an example is flagged as an outlier")
     top: int = option(16, "findings per contact sheet (0: no sheets)", name="audit_top")
     seed: int = derived("seed", 0)
-    audit_dir: str = option("audit", "the audit goes to AUDIT_DIR/<feature file stem>/")
+    audit_dir: str = derived("audit_dir", "audit")
     block_rows: int = option(
         2048, "rows per block of the similarity search (memory grows with its square)", name="audit_block_rows"
     )
@@ -556,6 +566,45 @@ class AuditConfig:
         for name, (ok, expected) in checks.items():
             if not ok:
                 raise ConfigError(f"{name} must be {expected}. Received: {name}={getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DecisionsConfig:
+    """Where audits and review decisions live, and which decisions training applies.
+
+    `audit_dir` holds one folder per audited feature file and one decisions file per
+    dataset (`pipeline.decisions`). `decisions` is a decisions file, `none`, or unset
+    for the dataset's own file when there is one; `decisions_test` applies decisions
+    on test images too (the report then gives the test score with and without them).
+    """
+
+    audit_dir: str = option(
+        "audit", "audits go to AUDIT_DIR/<feature file stem>/, decisions to AUDIT_DIR/<dataset>.decisions.csv"
+    )
+    decisions: str | None = option(
+        None, "review decisions to train with: a file, none, or unset for AUDIT_DIR/<dataset>.decisions.csv if present"
+    )
+    decisions_test: bool = option(False, "also apply decisions on test images (reports test accuracy with and without)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """`make review`: the page over an audit. `audit_dir` may name one audit folder or
+    the folder of audits (the latest one is served)."""
+
+    port: int = option(8765, "make review: port on 127.0.0.1 (0: any free one)")
+    audit_dir: str = derived("audit_dir", "audit")
+    decisions: str | None = derived("decisions", None)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535. Received: PORT={self.port}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -625,5 +674,7 @@ SECTIONS: dict[str, type] = {
     "head": HeadConfig,
     "finetune": FinetuneConfig,
     "audit": AuditConfig,
+    "decisions": DecisionsConfig,
+    "review": ReviewConfig,
     "engine": EngineConfig,
 }
