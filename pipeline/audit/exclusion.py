@@ -6,7 +6,9 @@ writes `exclude` for the train rows the audit flags into it, through the same st
 and lock as the review page, before training reads it. A decision already taken
 for an image (on the page, or by hand) is left as it is: a person's word wins over
 the automatic rule. Validation and test rows are never flagged for exclusion; the
-page is where a person decides about them.
+page is where a person decides about them. A decision names content, so it cannot
+drop one of two byte-identical copies: a flagged copy whose bytes the audit keeps in
+another row is left alone (logged), rather than losing the image altogether.
 
 Small on purpose: `pipeline.runs` and `make head` import it, never the audit itself.
 """
@@ -60,15 +62,31 @@ def exclusion_decisions(audit: str | os.PathLike, kinds: str | None, cache: Dige
     """sha256 -> an `exclude` decision for each train row the audit flags (of `kinds`)."""
     record = read_record(Path(audit))
     paths = _paths(record)
+    flagged = exclusion_ids(record, _kinds(kinds))
     out: dict[str, Decision] = {}
     unreadable = []
-    for i in exclusion_ids(record, _kinds(kinds)):
+    for i in flagged:
         digest = cache.of(Path(paths[i])) if paths.get(i) else None
         if digest is None:
             unreadable.append(i)
             continue
         out[digest] = Decision(sha256=digest, path=i, decision=EXCLUDE)
+    kept = {
+        cache.of(Path(p))
+        for c in record["clusters"]
+        for i, p in zip(c["ids"], c["paths"])
+        if p and i not in flagged and c["splits"][c["ids"].index(i)] == "train"
+    }
+    copies = [d.path for s, d in out.items() if s in kept]
+    out = {s: d for s, d in out.items() if s not in kept}
     cache.save()
+    if copies:
+        log.info(
+            "EXCLUDE: %d flagged byte-identical copies stay: a decision names content, and the audit keeps "
+            "another copy of each (%s).",
+            len(copies),
+            ", ".join(copies[:3]),
+        )
     if unreadable:
         raise ConfigError(
             f"EXCLUDE={audit} flags {len(unreadable)} rows whose image files cannot be read "

@@ -469,6 +469,30 @@ def _predictions_grid(head: Head, cached: FeatureSet, split: str, config: HeadCo
     )
 
 
+def decisions_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """report.md's account of the review decisions a run applied (none: no lines)."""
+    decided = metrics.get("decisions")
+    if not decided:
+        return []
+    applied = decided["applied"]
+    parts = [f"{n} {c['exclude']} excluded, {c['relabel']} relabelled" for n, c in applied.items()]
+    lines = ["", f"Decisions (`{decided['file']}`): {'; '.join(parts)}."]
+    pending = decided["test_not_applied"]
+    if pending["exclude"] or pending["relabel"]:
+        lines.append(
+            f"Not applied on test: {pending['exclude']} excluded, {pending['relabel']} relabelled "
+            "(DECISIONS_TEST=1 applies them)."
+        )
+    given = metrics.get("test_without_decisions")
+    if given:
+        lines.append(
+            f"Test accuracy with the decisions {metrics['test']['accuracy']:.4f} (n={metrics['test']['n']}), "
+            f"without {given['accuracy']:.4f} (n={given['n']})."
+        )
+    lines += [f"Warning: {w}." for w in decided["warnings"]]
+    return lines
+
+
 def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str]) -> str:
     """A short markdown report: headline numbers, per-class table, the figures."""
     splits = [s for s in ("validation", "test") if metrics.get(s)]
@@ -479,6 +503,7 @@ def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str
         lines.append(f"| {s} | {m['n']} | {m['accuracy']:.4f} | {m['mean_per_class_accuracy']:.4f} | {m['loss']:.4f} |")
     if metrics.get("note"):
         lines += ["", f"Note: {metrics['note']}."]
+    lines += decisions_lines(metrics)
     chosen = {
         k: v for k, v in metrics["hyperparameters"].items() if k in ("C", "best_epoch", "epochs_run", "converged")
     }

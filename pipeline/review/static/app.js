@@ -5,7 +5,8 @@
   'use strict';
 
   const SUMMARY = {
-    label: (it) => [`given ${it.given} → suggested ${it.suggested}`, `p(given) ${fmt(it.self_confidence, 3)}`,
+    label: (it) => [`given ${it.given} → suggested ${it.suggested}`, `score ${fmt(it.score, 3)}`,
+      `p(given) ${fmt(it.self_confidence, 3)}`,
       `p(suggested) ${fmt(it.suggested_probability, 3)}`],
     duplicate: (it) => [`${it.match} copy`, `cosine ${fmt(it.score, 4)}`, `${it.members.length} images`],
     leak: (it) => [`${it.match} copy across ${it.splits.join(' / ')}`, `cosine ${fmt(it.score, 4)}`,
