@@ -446,3 +446,30 @@ def apply_to_splits(
         pending=pending,
         applied=applied,
     )
+
+
+def report_lines(
+    decided: Mapping[str, Any] | None, test: Mapping[str, Any] | None, test_as_given: Mapping[str, Any] | None
+) -> list[str]:
+    """report.md's account of the decisions a run applied (`SplitDecisions.record()`; None: no lines).
+
+    `test` and `test_as_given` are the test metrics with and without the decisions
+    (the second only with DECISIONS_TEST).
+    """
+    if not decided:
+        return []
+    parts = [f"{n} {c[EXCLUDE]} excluded, {c[RELABEL]} relabelled" for n, c in decided["applied"].items()]
+    lines = ["", f"Decisions (`{decided['file']}`): {'; '.join(parts)}."]
+    pending = decided["test_not_applied"]
+    if pending[EXCLUDE] or pending[RELABEL]:
+        lines.append(
+            f"Not applied on test: {pending[EXCLUDE]} excluded, {pending[RELABEL]} relabelled "
+            "(DECISIONS_TEST=1 applies them)."
+        )
+    if test and test_as_given:
+        lines.append(
+            f"Test accuracy with the decisions {test['accuracy']:.4f} (n={test['n']}), "
+            f"without {test_as_given['accuracy']:.4f} (n={test_as_given['n']})."
+        )
+    lines += [f"Warning: {w}." for w in decided["warnings"]]
+    return lines

@@ -404,3 +404,39 @@ def test_make_head_runs_stages_1_and_2_first_only_when_warm_starting(stage2, tmp
     # A warm-up on images needs no stage-2 head: nothing is extracted for it.
     assert main([*args, "--make-head", "--head-epochs", "1", "--features-dir", str(tmp_path / "none")]) == 0
     assert not (tmp_path / "none").exists()
+
+
+def test_review_decisions_reach_the_images_and_the_report(stage2, tmp_path):
+    import dataclasses
+    import hashlib
+    from pathlib import Path
+
+    from pipeline.decisions import DecisionStore
+
+    features, head, _, path = stage2
+    splits = read_features(path).splits
+    root = Path(features.data.data_dir)
+    chosen = [
+        (str(splits["train"].ids[0]), "exclude", ""),
+        (str(splits["validation"].ids[0]), "relabel", "dog" if splits["validation"].labels[0] == 0 else "cat"),
+        (str(splits["test"].ids[0]), "exclude", ""),
+    ]
+    decisions = tmp_path / "data.decisions.csv"
+    with DecisionStore(decisions, ["cat", "dog"]) as store:
+        for rel, decision, label in chosen:
+            store.record(hashlib.sha256((root / rel).read_bytes()).hexdigest(), rel, decision, label)
+    decided = dataclasses.replace(head, decisions=str(decisions), decisions_test=True)
+    stage2_run = train_head(path, decided)
+    assert "__dec-" in stage2_run.run_dir.name
+    run = finetune(features, decided, tune(tmp_path, epochs=1), progress=False)
+    assert run.run_dir.name.startswith(stage2_run.run_dir.name + "__ft-")
+    applied = run.metrics["decisions"]["applied"]
+    assert applied == {
+        "train": {"exclude": 1, "relabel": 0},
+        "validation": {"exclude": 0, "relabel": 1},
+        "test": {"exclude": 1, "relabel": 0},
+    }
+    assert run.metrics["train_examples"] == len(splits["train"]) - 1
+    after = run.metrics["after"]
+    assert after["test"]["n"] == len(splits["test"]) - 1 and after["test_without_decisions"]["n"] == len(splits["test"])
+    assert "Test accuracy with the decisions" in (run.run_dir / "report.md").read_text()

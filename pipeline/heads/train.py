@@ -45,7 +45,7 @@ import numpy as np
 from pipeline import runs
 from pipeline.audit.exclusion import planned_decisions
 from pipeline.config import FeaturesConfig, HeadConfig
-from pipeline.decisions import apply_to_splits, digest_cache_for, effective
+from pipeline.decisions import apply_to_splits, digest_cache_for, effective, report_lines
 from pipeline.digests import DigestCache, row_digests
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.features.pictures import read_images
@@ -469,30 +469,6 @@ def _predictions_grid(head: Head, cached: FeatureSet, split: str, config: HeadCo
     )
 
 
-def decisions_lines(metrics: Mapping[str, Any]) -> list[str]:
-    """report.md's account of the review decisions a run applied (none: no lines)."""
-    decided = metrics.get("decisions")
-    if not decided:
-        return []
-    applied = decided["applied"]
-    parts = [f"{n} {c['exclude']} excluded, {c['relabel']} relabelled" for n, c in applied.items()]
-    lines = ["", f"Decisions (`{decided['file']}`): {'; '.join(parts)}."]
-    pending = decided["test_not_applied"]
-    if pending["exclude"] or pending["relabel"]:
-        lines.append(
-            f"Not applied on test: {pending['exclude']} excluded, {pending['relabel']} relabelled "
-            "(DECISIONS_TEST=1 applies them)."
-        )
-    given = metrics.get("test_without_decisions")
-    if given:
-        lines.append(
-            f"Test accuracy with the decisions {metrics['test']['accuracy']:.4f} (n={metrics['test']['n']}), "
-            f"without {given['accuracy']:.4f} (n={given['n']})."
-        )
-    lines += [f"Warning: {w}." for w in decided["warnings"]]
-    return lines
-
-
 def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str]) -> str:
     """A short markdown report: headline numbers, per-class table, the figures."""
     splits = [s for s in ("validation", "test") if metrics.get(s)]
@@ -503,7 +479,7 @@ def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str
         lines.append(f"| {s} | {m['n']} | {m['accuracy']:.4f} | {m['mean_per_class_accuracy']:.4f} | {m['loss']:.4f} |")
     if metrics.get("note"):
         lines += ["", f"Note: {metrics['note']}."]
-    lines += decisions_lines(metrics)
+    lines += report_lines(metrics.get("decisions"), metrics.get("test"), metrics.get("test_without_decisions"))
     chosen = {
         k: v for k, v in metrics["hyperparameters"].items() if k in ("C", "best_epoch", "epochs_run", "converged")
     }
