@@ -231,3 +231,14 @@ def test_ctrl_c_while_waiting_exits_as_interrupted_and_writes_nothing(tmp_path):
         returncode, stdout, stderr = run.finish()
     assert returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
     assert not path.exists() and not partial_path(path).exists()
+
+
+def test_without_waiting_a_held_lock_is_one_line_naming_the_holder(tmp_path):
+    target = tmp_path / "decisions.csv"
+    with locks.exclusive(target, what="decisions file"):
+        with pytest.raises(LockError, match=r"Decisions file .* is in use by another process \(PID \d+") as err:
+            with locks.exclusive(target, what="decisions file", wait=False):
+                pass
+        assert "\n" not in str(err.value)
+    with locks.exclusive(target, wait=False):  # released: taken at once
+        pass
