@@ -304,3 +304,19 @@ def test_the_command_prints_its_url_and_a_killed_server_leaves_no_lock_behind(au
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_ten_thousand_findings_page_quickly(audit_dir):
+    """A page costs its own items (their files hashed once, then cached), never the whole section."""
+    import time
+
+    record = json.loads((audit_dir / "audit.json").read_text())
+    label = next(f for f in record["findings"] if f["kind"] == "label")
+    record["findings"] += [{**label, "rank": r, "score": r / 1e5} for r in range(2, 10_002)]
+    (audit_dir / "audit.json").write_text(json.dumps(record))
+    with running(audit_dir) as server:
+        started = time.perf_counter()
+        status, page, _ = call(server, "GET", "/api/items?section=label&offset=9950&limit=50")
+        took = time.perf_counter() - started
+        assert status == 200 and page["total"] >= 10_000 and len(page["items"]) == 50
+        assert took < 2.0, f"a page of 50 out of 10k items took {took:.2f} s"

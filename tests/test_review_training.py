@@ -143,3 +143,13 @@ def test_exclude_while_the_page_is_open_is_a_one_line_error(audit_dir, tmp_path)
         with pytest.raises(LockError, match="in use by another process") as err:
             train_head(features_of(audit_dir), config)
     assert "\n" not in str(err.value)
+
+
+def test_rerunning_the_audit_keeps_the_decisions(audit_dir, data_dir):
+    from pipeline.audit.findings import audit_features
+    from pipeline.config import AuditConfig
+
+    path = decide(audit_dir, data_dir, [("train/cat/odd.jpg", "exclude", "")])
+    again = audit_features(features_of(audit_dir), AuditConfig(audit_dir=str(audit_dir.parent), top=0, folds=3, C=1.0))
+    assert again.out_dir == audit_dir and (audit_dir / "audit.json").exists()
+    assert [d.path for d in read_decisions(path).values()] == ["train/cat/odd.jpg"]
