@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.bench import settings as bench_settings
 from pipeline.bench.settings import (
     SCALE_PARTS,
+    Assets,
     AuditBench,
     FeaturesBench,
     HeadBench,
@@ -30,10 +31,18 @@ _HINT = "Run the quick benchmark with BENCH_QUICK=1, or set SHARED=... or BENCH_
 
 
 def _features_file(args: argparse.Namespace) -> Path:
-    """The feature file the data and features flags describe (or --features)."""
-    from pipeline.features.extract import resolve
+    """--features, or the feature file the data and features flags describe, extracted first when it is not there."""
+    from pipeline.features.extract import extract_features
 
-    return Path(args.features) if args.features else resolve(build_config(FeaturesConfig, vars(args)))[2]
+    if args.features:
+        return Path(args.features)
+    return Path(extract_features(build_config(FeaturesConfig, vars(args)), progress=not args.no_progress).path)
+
+
+def _asset_defaults() -> dict[str, object]:
+    """bench-head's and bench-audit's features, by default those of `Assets` (the other benchmarks')."""
+    assets = Assets()
+    return {"backbone": assets.backbone, "image_size": assets.image_size, "batch_size": assets.batch_size}
 
 
 def _finish(command: str, result: dict, table: str, out: str, name: str) -> int:
@@ -182,6 +191,7 @@ def add_bench_commands(commands, stage: Callable[..., argparse.ArgumentParser]) 
         "bench-head", "benchmark stage 2: head training seconds on cached features", _cmd_bench_head, features_file=True
     )
     add_setting_flags(heads, HeadBench)
+    heads.set_defaults(**_asset_defaults())
 
     audit = stage(
         "bench-audit",
@@ -190,6 +200,7 @@ def add_bench_commands(commands, stage: Callable[..., argparse.ArgumentParser]) 
         features_file=True,
     )
     add_setting_flags(audit, AuditBench)
+    audit.set_defaults(**_asset_defaults())
 
     scale = commands.add_parser(
         "bench-scale",
