@@ -38,16 +38,17 @@ SHARED ?= ../shared#              real assets for the asset tests and benchmarks
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2#                pytest-xdist processes for make test (files stay whole: fixtures are built once per file)
 VERBOSE ?=#                       1: debug logging and TensorFlow's own INFO/WARNING logs
-## Benchmarks
+## Benchmarks: each BENCH_* variable is passed on as its flag only when set; the defaults live in
+## pipeline/bench/settings.py (`make help` prints them). BENCH_DATA and BENCH_WEIGHTS are the SHARED assets.
 BENCH_DATA ?= $(SHARED)/assets/datasets/cats_and_dogs_filtered
 BENCH_WEIGHTS ?= $(SHARED)/assets/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
-BENCH_BACKBONE ?= mobilenet_v2
-BENCH_IMAGE_SIZE ?= 160
-BENCH_EPOCHS ?= 10#               make bench: epochs of the seed workflow (the TF tutorial's 10)
-BENCH_QUICK ?=#                   1: make bench on a tiny backbone and generated images, 2 epochs (CI, about a minute)
-BENCH_SCALE_PARTS ?= engines,driver,extraction,heads#  make bench-scale: the parts to run (results of the others are kept)
+BENCH_BACKBONE ?=#                benchmarks: backbone (registry name)
+BENCH_IMAGE_SIZE ?=#              benchmarks: pixels
+BENCH_EPOCHS ?=#                  make bench: epochs of the seed workflow
+BENCH_QUICK ?=#                   1: make bench on a tiny backbone and generated images (CI, about a minute)
+BENCH_SCALE_PARTS ?=#             make bench-scale: the parts to run, comma-separated (results of the others are kept)
 BENCH_SCALE_FLAGS ?=#             make bench-scale: more flags (`python -m pipeline bench-scale --help`)
-BENCH_OUT ?=#                     make bench: results folder (default: bench, quick mode bench/quick)
+BENCH_OUT ?=#                     benchmarks: results folder
 
 PY := $(VENV)/bin/python
 PIPELINE = $(PY) -m pipeline $(if $(VERBOSE),--verbose)
@@ -57,6 +58,11 @@ options = $(strip $(foreach v,$(1),$(if $($(v)),--$(subst _,-,$(call lower,$(v))
 FEATURE_FLAGS = $(call options,$(DATA_OPTIONS) $(FEATURES_OPTIONS))
 STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS) $(DECISIONS_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
+# VAR's value as FLAG, only when VAR is set: $(call flag,VAR,--flag).
+flag = $(if $($(1)),$(2) '$($(1))')
+BENCH_MODEL_FLAGS = $(call flag,BENCH_BACKBONE,--backbone) $(call flag,BENCH_IMAGE_SIZE,--image-size) $(call options,BATCH_SIZE)
+BENCH_ASSET_FLAGS = $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) $(BENCH_MODEL_FLAGS)
+BENCH_OUT_FLAGS = $(call flag,BENCH_OUT,--out)
 
 .PHONY: lint help features head audit review finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all test-browser-deps clean-venv
 
@@ -65,6 +71,8 @@ help: ## list targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "Options (make TARGET VAR=value; defaults from pipeline/config.py):"
 	@PYTHONPATH=. $(PYTHON) -m pipeline options
+	@echo "Benchmark settings (BENCH_* variables; defaults from pipeline/bench/settings.py):"
+	@PYTHONPATH=. $(PYTHON) -m pipeline bench-options
 	@echo "Other variables:"
 	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/ \?= ?/=/; s/#\s*/\t/' | awk -F'\t' '{printf "  %-32s %s\n", $$1, $$2}'
 
@@ -102,29 +110,22 @@ predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file,
 	$(PIPELINE) predict $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TOP),--top $(TOP)) $(if $(CSV),--csv '$(CSV)') $(IMAGES)
 
 bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forward pass, peak memory) -> bench/features.{json,md}
-	$(PIPELINE) bench-features --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' \
-		--image-size $(BENCH_IMAGE_SIZE) $(call options,BATCH_SIZE)
+	$(PIPELINE) bench-features $(BENCH_ASSET_FLAGS) $(BENCH_OUT_FLAGS)
 
-BENCH_FEATURE_FLAGS = --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) \
-	$(call options,FEATURES_DIR)
-
+# bench-head and bench-audit extract the benchmark's features first when they are not cached.
 bench-head: $(VENV)/.installed ## benchmark stage 2: head training seconds on the benchmark's cached features -> bench/head.{json,md}
-	$(PIPELINE) features $(BENCH_FEATURE_FLAGS)
-	$(PIPELINE) bench-head $(BENCH_FEATURE_FLAGS)
+	$(PIPELINE) bench-head $(BENCH_ASSET_FLAGS) $(call options,FEATURES_DIR) $(BENCH_OUT_FLAGS)
 
 bench-audit: $(VENV)/.installed ## audit seconds and peak memory at 10k/100k generated rows; duplicate threshold calibrated on BENCH_DATA -> bench/audit.{json,md}
-	$(PIPELINE) features $(BENCH_FEATURE_FLAGS)
-	$(PIPELINE) bench-audit $(BENCH_FEATURE_FLAGS)
+	$(PIPELINE) bench-audit $(BENCH_ASSET_FLAGS) $(call options,FEATURES_DIR) $(BENCH_OUT_FLAGS)
 
 # Quick mode generates its own data and backbone, so it takes none of the asset variables.
 bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, storage, memory -> bench/results.{json,md}
-	$(PIPELINE) bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick,--data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
-		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) --epochs $(BENCH_EPOCHS)) \
-		$(call options,BATCH_SIZE) $(if $(BENCH_OUT),--out '$(BENCH_OUT)')
+	$(PIPELINE) bench $(if $(filter-out 0,$(BENCH_QUICK)),--quick $(call options,BATCH_SIZE),$(BENCH_ASSET_FLAGS)) \
+		$(call flag,BENCH_EPOCHS,--epochs) $(BENCH_OUT_FLAGS)
 
 bench-scale: $(VENV)/.installed ## ENGINE=ray vs local, the driver's ceiling, extraction and heads against size -> bench/scale.{json,md}
-	$(PIPELINE) bench-scale --parts '$(BENCH_SCALE_PARTS)' --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
-		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) $(call options,BATCH_SIZE) $(BENCH_SCALE_FLAGS)
+	$(PIPELINE) bench-scale $(call flag,BENCH_SCALE_PARTS,--parts) $(BENCH_ASSET_FLAGS) $(BENCH_OUT_FLAGS) $(BENCH_SCALE_FLAGS)
 
 backbones: $(VENV)/.installed ## list the registered backbones
 	$(PIPELINE) backbones

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.commands import add_bench_commands
 from pipeline.config import (
     SECTIONS,
     AuditConfig,
@@ -302,180 +304,6 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_features(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from pipeline.bench.endtoend import bench_features, features_table, write_results
-
-    if not Path(args.data_dir).is_dir():
-        raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA).")
-    weights = None if args.weights.lower() == "none" else args.weights
-    with tempfile.TemporaryDirectory(prefix="bench-features-") as work:
-        result = bench_features(
-            data_dir=Path(args.data_dir),
-            weights=weights,
-            work_dir=Path(work),
-            backbone=args.backbone,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-            sizes=args.sizes,
-            repeats=args.repeats,
-            forward_seconds=args.forward_seconds,
-        )
-    table = features_table(result)
-    paths = write_results(result, table, Path(args.out), "features")
-    print(table)
-    print(f"bench-features: results in {paths[0]} and {paths[1]}")
-    return 0
-
-
-def _cmd_bench_head(args: argparse.Namespace) -> int:
-    from pipeline.bench.endtoend import bench_head, head_table, write_results
-
-    path, _ = _features_file(args)
-    result = bench_head(path, repeats=args.repeats, seed=config_of(FeaturesConfig, args).seed)
-    table = head_table(result)
-    paths = write_results(result, table, Path(args.out), "head")
-    print(table)
-    print(f"bench-head: results in {paths[0]} and {paths[1]}")
-    return 0
-
-
-def _cmd_bench_audit(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from pipeline.bench.endtoend import audit_table, bench_audit, calibrate_duplicates, write_results
-
-    path = None if args.no_calibration else _features_file(args)[0]
-    if path is not None and not path.is_file():
-        raise ConfigError(
-            f"The calibration needs the features of a real image folder. Received: {path} (missing). "
-            "Run `make features` with the same variables, or pass --no-calibration."
-        )
-    with tempfile.TemporaryDirectory(prefix="bench-audit-") as work:
-        result = bench_audit(work_dir=Path(work), sizes=args.sizes)
-        if path is not None:
-            result["calibration"] = calibrate_duplicates(
-                path, work_dir=Path(work) / "planted", count=args.planted, seed=config_of(FeaturesConfig, args).seed
-            )
-    table = audit_table(result)
-    paths = write_results(result, table, Path(args.out), "audit")
-    print(table)
-    print(f"bench-audit: results in {paths[0]} and {paths[1]}")
-    return 0
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from pipeline.bench import endtoend as bench
-
-    settings = dict(bench.QUICK_SETTINGS if args.quick else bench.FULL_SETTINGS)
-    given = {
-        "backbone": args.backbone,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "epochs": args.epochs,
-        "extraction_image_sizes": args.extraction_image_sizes,
-        "extraction_sizes": args.extraction_sizes,
-        "extraction_repeats": args.extraction_repeats,
-        "forward_seconds": args.forward_seconds,
-        "head_repeats": args.head_repeats,
-        "stage_repeats": args.stage_repeats,
-    }
-    if args.quick and any(v is not None for v in (args.data_dir, args.weights, args.backbone, args.image_size)):
-        raise ConfigError(
-            "Quick mode (BENCH_QUICK=1) generates its images and uses the tiny backbone: drop "
-            "--data-dir/--weights/--backbone/--image-size (BENCH_DATA/BENCH_WEIGHTS), or drop --quick."
-        )
-    settings.update({k: v for k, v in given.items() if v is not None})
-    out = Path(args.out or ("bench/quick" if args.quick else "bench"))
-    if not args.quick:
-        hint = "Run the quick benchmark with BENCH_QUICK=1, or set SHARED=... or BENCH_DATA/BENCH_WEIGHTS."
-        if not args.data_dir or not Path(args.data_dir).is_dir():
-            raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA). {hint}")
-        weights = args.weights or "imagenet"
-        if weights.lower() not in ("imagenet", "none") and not Path(weights).is_file():
-            raise ConfigError(f"Benchmark weights not found. Received: --weights={weights!r} (BENCH_WEIGHTS). {hint}")
-    with tempfile.TemporaryDirectory(prefix="bench-") as work:
-        if args.quick:
-            data_dir, weights = bench.write_quick_assets(Path(work))
-        else:
-            data_dir = Path(args.data_dir)
-        minutes = bench.expected_seconds(bench.count_images(data_dir), settings) / 60
-        print(
-            f"bench: {'quick mode, ' if args.quick else ''}{settings['backbone']} at {settings['image_size']} px, "
-            f"{settings['epochs']} seed epochs; expected duration about {max(minutes, 1):.0f} min on 2 CPUs "
-            "(less with more cores or a GPU)",
-            flush=True,
-        )
-        result = bench.bench_pipeline(
-            data_dir=data_dir, weights=str(weights), work_dir=Path(work), quick=args.quick, **settings
-        )
-    table = bench.pipeline_table(result)
-    paths = bench.write_results(result, table, out, "results")
-    profile = out / "profile.md"
-    profile.write_text(bench.profile_table(result))
-    print(table)
-    print(f"bench: results in {paths[0]} and {paths[1]}; phases of each process in {profile}")
-    return 0
-
-
-SCALE_PARTS = ("engines", "driver", "extraction", "heads")
-
-
-def _cmd_bench_scale(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from pipeline.bench.scale import bench_scale
-
-    parts = tuple(p for p in args.parts.split(",") if p)
-    unknown = sorted(set(parts) - set(SCALE_PARTS))
-    if unknown:
-        raise ConfigError(
-            f"Unknown bench-scale parts: {', '.join(unknown)}. Expected some of: {', '.join(SCALE_PARTS)}."
-        )
-    if "engines" in parts and not Path(args.data_dir or "").is_dir():
-        raise ConfigError(f"Benchmark data not found. Received: --data-dir={args.data_dir!r} (BENCH_DATA).")
-    settings = {
-        "engines": {
-            "data_dir": Path(args.data_dir or "."),
-            "weights": args.weights,
-            "backbone": args.backbone,
-            "image_size": args.image_size,
-            "batch_size": args.batch_size,
-            "workers": tuple(args.workers),
-            "repeats": args.repeats,
-        },
-        "driver": {
-            "rows": args.driver_rows,
-            "dim": args.driver_dim,
-            "batch_size": args.batch_size,
-            "workers": tuple(args.workers),
-            "shard_size": args.ray_shard_size,
-        },
-        "extraction": {
-            "sizes": tuple(args.extraction_sizes),
-            "backbone": args.extraction_backbone,
-            "image_size": args.extraction_image_size,
-            "batch_size": args.batch_size,
-        },
-        "heads": {
-            "rows": tuple(args.head_rows),
-            "dim": args.head_dim,
-            "epochs": args.head_epochs,
-            "in_memory_max": args.in_memory_max,
-            "stream_budget": args.stream_budget,
-            "logistic_rows": tuple(args.logistic_rows),
-        },
-    }
-    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.work_dir) as work:
-        bench_scale(parts=parts, work_dir=Path(work), out_dir=Path(args.out), settings=settings)
-    print((Path(args.out) / "scale.md").read_text())
-    print(f"bench-scale: results in {Path(args.out) / 'scale.json'} and {Path(args.out) / 'scale.md'}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -485,29 +313,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug logging and TensorFlow's own INFO/WARNING logs (Make: VERBOSE=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    stage = functools.partial(_stage, commands)
+    _add_stage_commands(stage)
+    _add_tool_commands(commands)
+    add_bench_commands(commands, stage)
+    return parser
 
-    def stage(
-        name: str, help: str, run, *, run_dir: bool = False, features_file: bool = False, json_result: bool = False
-    ):
-        """A sub-command taking its option sections' flags (COMMAND_SECTIONS)."""
-        sub = commands.add_parser(name, help=help)
-        _add_options(sub, COMMAND_SECTIONS[name])
-        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
-        if json_result:
-            sub.add_argument(
-                "--json", metavar="PATH", help="also write the result (paths, figures, metrics) as JSON to PATH"
-            )
-        if features_file:
-            sub.add_argument(
-                "--features", help="feature file to use (default: the one the options describe; Make: FEATURES)"
-            )
-        if run_dir:
-            sub.add_argument(
-                "--run", dest="run_dir", help="run directory (default: the one the options describe; Make: RUN)"
-            )
-        sub.set_defaults(run=run)
-        return sub
 
+def _stage(
+    commands,
+    name: str,
+    help: str,
+    run,
+    *,
+    run_dir: bool = False,
+    features_file: bool = False,
+    json_result: bool = False,
+) -> argparse.ArgumentParser:
+    """A sub-command taking its option sections' flags (COMMAND_SECTIONS)."""
+    sub = commands.add_parser(name, help=help)
+    _add_options(sub, COMMAND_SECTIONS[name])
+    sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if json_result:
+        sub.add_argument(
+            "--json", metavar="PATH", help="also write the result (paths, figures, metrics) as JSON to PATH"
+        )
+    if features_file:
+        sub.add_argument(
+            "--features", help="feature file to use (default: the one the options describe; Make: FEATURES)"
+        )
+    if run_dir:
+        sub.add_argument(
+            "--run", dest="run_dir", help="run directory (default: the one the options describe; Make: RUN)"
+        )
+    sub.set_defaults(run=run)
+    return sub
+
+
+def _add_stage_commands(stage) -> None:
+    """The commands of the Make targets that run a stage, each with the flags of its option sections."""
     features = stage("features", "stage 1: cache backbone features to HDF5", _cmd_features, json_result=True)
     features.add_argument("--print-path", action="store_true", help="print the feature file path and exit")
     stage(
@@ -566,128 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (Make: COMPARE_DIR; default: compare/<data>__<backbone>__<size>px[__<N>-per-class])",
     )
 
+
+def _add_tool_commands(commands) -> None:
+    """The commands that list or join things: merge, options, backbones."""
     merge = commands.add_parser("merge", help="join the shard files of one features run")
     merge.add_argument("shards", nargs="+", help="shard files (.h5)")
     merge.add_argument("-o", "--output", required=True, help="merged file")
     merge.set_defaults(run=_cmd_merge)
-
-    bench = commands.add_parser("bench-features", help="benchmark stage 1: throughput vs forward pass, peak memory")
-    bench.add_argument("--data-dir", required=True, help="image folder (default in Make: cats_and_dogs_filtered)")
-    bench.add_argument("--weights", default="none", help="imagenet, none, or a path to an .h5 file")
-    bench.add_argument("--backbone", default="mobilenet_v2")
-    bench.add_argument("--image-size", type=int, default=160)
-    bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000], help="dataset sizes to run")
-    bench.add_argument("--repeats", type=int, default=3, help="extraction runs of the largest size")
-    bench.add_argument("--forward-seconds", type=float, default=10.0, help="duration of each forward-pass measurement")
-    bench.add_argument("--out", default="bench", help="folder for features.json and features.md")
-    bench.set_defaults(run=_cmd_bench_features)
-
-    bench_heads = stage(
-        "bench-head", "benchmark stage 2: head training seconds on cached features", _cmd_bench_head, features_file=True
-    )
-    bench_heads.add_argument("--repeats", type=int, default=3)
-    bench_heads.add_argument("--out", default="bench", help="folder for head.json and head.md")
-
-    bench_audit = stage(
-        "bench-audit",
-        "benchmark the audit at 10k/100k generated rows; calibrate the duplicate threshold on real features",
-        _cmd_bench_audit,
-        features_file=True,
-    )
-    bench_audit.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="generated rows")
-    bench_audit.add_argument("--planted", type=int, default=300, help="photos altered for the calibration")
-    bench_audit.add_argument("--no-calibration", action="store_true", help="only the generated-rows benchmark")
-    bench_audit.add_argument("--out", default="bench", help="folder for audit.json and audit.md")
-
-    full = commands.add_parser("bench", help="benchmark the pipeline against the seed workflow (make bench)")
-    full.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny backbone on generated images, 2 epochs: checks the benchmark code in about a minute",
-    )
-    full.add_argument("--data-dir", help="image folder with train/ and validation/ (Make: BENCH_DATA)")
-    full.add_argument("--weights", help="imagenet or a path to an .h5 weights file (Make: BENCH_WEIGHTS)")
-    full.add_argument("--backbone", help="registry name (default: mobilenet_v2)")
-    full.add_argument("--image-size", type=int, help="pixels (default: 160, the TF tutorial's)")
-    full.add_argument("--batch-size", type=int, help="extraction batch size (default: 32)")
-    full.add_argument("--epochs", type=int, help="seed workflow epochs (default: 10, quick 2)")
-    full.add_argument(
-        "--extraction-image-sizes",
-        type=int,
-        nargs="+",
-        help="image sizes of the extraction vs forward-pass runs (default: 160 224)",
-    )
-    full.add_argument(
-        "--extraction-sizes",
-        type=int,
-        nargs="+",
-        help="dataset sizes of the extraction vs forward-pass runs (default: 3000)",
-    )
-    full.add_argument("--extraction-repeats", type=int, help="extraction runs of the largest size (default: 5)")
-    full.add_argument("--forward-seconds", type=float, help="seconds per forward-pass measurement (default: 5)")
-    full.add_argument("--head-repeats", type=int, help="head fits timed on cached features (default: 3, quick 1)")
-    full.add_argument(
-        "--stage-repeats", type=int, help="logistic `head` and no-op `features` processes timed (default: 3, quick 2)"
-    )
-    full.add_argument("--out", help="folder for results.json and results.md (default: bench, quick: bench/quick)")
-    full.set_defaults(run=_cmd_bench)
-
-    scale = commands.add_parser(
-        "bench-scale",
-        help="benchmark scale: ENGINE=ray vs local, the driver's ceiling, "
-        "extraction and stage 2 against size -> bench/scale.{json,md}",
-    )
-    scale.add_argument("--parts", default=",".join(SCALE_PARTS), help=f"comma-separated: {', '.join(SCALE_PARTS)}")
-    scale.add_argument("--data-dir", help="engines: image folder (Make: BENCH_DATA)")
-    scale.add_argument("--weights", default="none", help="engines: imagenet, none or an .h5 file (Make: BENCH_WEIGHTS)")
-    scale.add_argument("--backbone", default="mobilenet_v2", help="engines: backbone")
-    scale.add_argument("--image-size", type=int, default=160, help="engines: pixels")
-    scale.add_argument("--batch-size", type=int, default=32, help="engines, driver and extraction: batch size")
-    scale.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="engines and driver: Ray worker counts")
-    scale.add_argument("--repeats", type=int, default=3, help="engines: rounds of every engine, taking turns")
-    scale.add_argument("--driver-rows", type=int, default=200_000, help="driver: rows the stand-in workers return")
-    scale.add_argument("--driver-dim", type=int, default=1280, help="driver: feature width")
-    scale.add_argument("--ray-shard-size", type=int, default=1000, help="driver: images per shard")
-    scale.add_argument(
-        "--extraction-sizes",
-        type=int,
-        nargs="+",
-        default=[1000, 10_000, 100_000],
-        help="extraction: generated dataset sizes",
-    )
-    scale.add_argument("--extraction-backbone", default="tiny", help="extraction: backbone (random weights)")
-    scale.add_argument("--extraction-image-size", type=int, default=32, help="extraction: pixels")
-    scale.add_argument(
-        "--head-rows",
-        type=int,
-        nargs="+",
-        default=[10_000, 100_000, 1_000_000],
-        help="heads: generated train rows for the dense head",
-    )
-    scale.add_argument("--head-dim", type=int, default=1280, help="heads: feature width")
-    scale.add_argument("--head-epochs", type=int, default=1, help="heads: dense head epochs")
-    scale.add_argument(
-        "--in-memory-max", type=int, default=100_000, help="heads: largest row count also trained in memory"
-    )
-    scale.add_argument("--stream-budget", default="64MB", help="heads: MEMORY_BUDGET of the streamed runs")
-    scale.add_argument(
-        "--logistic-rows",
-        type=int,
-        nargs="*",
-        default=[10_000, 30_000, 100_000],
-        help="heads: generated train rows for the logistic head",
-    )
-    scale.add_argument("--work-dir", default=None, help="folder for generated data (default: the system's temp)")
-    scale.add_argument("--out", default="bench", help="folder for scale.json and scale.md")
-    scale.set_defaults(run=_cmd_bench_scale)
-
     listing = commands.add_parser("options", help="every option with its Make variable and default (make help)")
     listing.set_defaults(run=_cmd_options)
-
     listing = commands.add_parser("backbones", help="list the registered backbones")
     listing.set_defaults(run=_cmd_backbones)
-    return parser
 
 
 def run() -> int:

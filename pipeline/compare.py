@@ -10,7 +10,7 @@ table: frozen head 80.9%, from scratch 0.98%, full fine-tune 85.4%, last block
     finetune-all   stage 3 from the dense head, everything unfrozen
     scratch        stage 3 from random weights, everything trainable
 
-and, on request (issue: augmentation without the backbone in the loop):
+and, on request (augmentation without the backbone in the loop):
 
     dense-views-K     the dense head on plain features + K cached augmented views
     logistic-views-K  the logistic probe on the same, the views stacked as rows

@@ -319,7 +319,7 @@ def test_batches_are_sent_in_chunks_of_about_chunk_bytes():
 
 
 def test_the_driver_ceiling_benchmark_runs_on_stand_in_workers(ray_cluster, tmp_path):
-    from pipeline.bench.scale import bench_driver
+    from pipeline.bench.driver import bench_driver
 
     rows = bench_driver(rows=3000, dim=8, batch_size=32, work_dir=tmp_path, workers=(1,), shard_size=500)
     assert [r["what"] for r in rows] == [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.bench.scale import write_synthetic_features
+from pipeline.bench.synthetic import write_synthetic_features
 from pipeline.config import HeadConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.store import load_views, open_rows, read_features

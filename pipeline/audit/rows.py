@@ -51,7 +51,7 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, float32 (N, D): their dot products are cosines.
 
     Not centred: centring on the mean row separates altered copies from distinct
-    photos less well than raw cosine does (README, *Audit*).
+    photos less well than raw cosine does (docs/performance.md).
     """
     x = np.asarray(features, np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)

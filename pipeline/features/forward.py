@@ -21,14 +21,8 @@ class InputSchedule:
     the slowest at each layer; a decoding thread that takes a core from one of them
     stalls the rest. `bursts` then decodes each batch on all cores between forward
     passes (a fixed parallel map, no prefetch), which costs decoding's CPU time divided
-    by the cores and nothing more. Measured on 2 cores, MobileNetV2 (bench/profile.md):
-    overlap ran at 0.56-0.97 of the bare forward pass from one run to the next, bursts
-    at 0.89-1.06. Decoding ahead on threads lowered to SCHED_IDLE, which run only in
-    the backbone's gaps, gained 2-5 points on an idle machine but ran 10x slower than
-    bursts beside two busy processes (8 against 78 img/s), so it is not offered. Raising
-    those threads while the backbone waits for them does not save it: Linux's fair
-    scheduler queues them behind the busy processes (0.86 against 1.03 of the forward
-    pass), and raising a thread's priority needs CAP_SYS_NICE.
+    by the cores and nothing more. The schedules measured, and the ones left out, are in
+    docs/performance.md.
     """
 
     name: str
