@@ -1,4 +1,4 @@
-"""decisions.csv: what a person decided about images, keyed by content; the one store and reader.
+"""The decisions file: what a person decided about images, keyed by content; the one store and reader.
 
 What a person decides about an image (keep it, leave it out of training, give it
 another label) must outlive the audit, the feature file and renames of the image
@@ -96,7 +96,7 @@ def resolve_decisions(setting: str | None, audit_dir: str | Path, features_path:
 
 @dataclass(frozen=True)
 class Decision:
-    """One row of decisions.csv; `label` is the new class name for `relabel`, else ''."""
+    """One row of the decisions file; `label` is the new class name for `relabel`, else ''."""
 
     sha256: str
     path: str
@@ -172,7 +172,7 @@ def decision_counts(decisions: Mapping[str, Decision]) -> dict[str, int]:
 
 
 class DecisionStore:
-    """The one writer of a decisions.csv, holding its lock from `open` to `close`.
+    """The one writer of a decisions file, holding its lock from `open` to `close`.
 
     `record` is safe to call from the server's request threads: rows are appended
     under a thread lock, so two clicks never interleave within a line.

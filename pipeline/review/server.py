@@ -19,7 +19,7 @@ API (JSON; errors are {"error": "<one line>"} with a 4xx status):
 - GET  /api/items?section=label|duplicates|leaks|outliers&offset=0&limit=50:
   {"section", "total", "offset", "limit", "items": [...]}; each item's members
   carry id, split, label, sha256, thumb URL and current decision (or null).
-- GET  /api/decisions: {"decisions": [rows of decisions.csv, latest per image], "counts"}.
+- GET  /api/decisions: {"decisions": [rows of the decisions file, latest per image], "counts"}.
 - POST /api/decisions {"id", "decision", "label"?, "sha256"?}: records one
   decision; 409 when `sha256` is given and the file's bytes no longer match it.
 - GET  /thumb/data/<id>?size=N, /thumb/audit/<file>?size=N: JPEG thumbnails of
