@@ -27,7 +27,8 @@ DEFAULT_TFDS_SPLITS = {
     "test": "train[50%:60%]",
 }
 DEFAULT_DATASET = "cats_vs_dogs"
-POOLINGS = ("avg", "max")
+#: Feature maps: avg, max; tokens: cls, mean (of patch tokens), cls_mean, pooled (see pipeline.features.pooling).
+POOLINGS = ("avg", "max", "cls", "mean", "cls_mean", "pooled")
 DTYPES = ("float32", "float16")
 
 
@@ -116,15 +117,22 @@ class DataConfig:
 class FeaturesConfig:
     """Everything that stage 1 needs; the fields that change the output form the key.
 
-    `image_size=None` means the backbone's native size and is resolved by
-    `resolved(...)` before use, so stored configs always hold the real size.
+    `image_size=None` means the backbone's native size and `pooling=None` its default
+    pooling (the one its paper's linear probes use); `resolved(...)` sets both before
+    use, so stored configs always hold the real values.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
-    backbone: str = option("mobilenet_v2", "registry name (`make backbones` lists them)")
-    weights: str = option("imagenet", "imagenet, none, or a path to an .h5 weights file")
+    backbone: str = option("mobilenet_v2", "registry name or hub:<keras-hub preset> (`make backbones` lists them)")
+    weights: str = option(
+        "imagenet", "imagenet (hub: the preset's own), none, an .h5 weights file or a keras-hub preset folder"
+    )
     image_size: int | None = option(None, "input size in pixels (default: the backbone's native size)")
-    pooling: str = option("avg", "global pooling of the last feature map", choices=POOLINGS)
+    pooling: str | None = option(
+        None,
+        "avg/max (feature maps), cls/mean/cls_mean/pooled (tokens); default: the backbone's linear-probe pooling",
+        choices=(None, *POOLINGS),
+    )
     dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
     batch_size: int = option(32, "images per forward pass")
     seed: int = option(0, "seeds the folder splits, the views, the heads and fine-tuning")
@@ -154,9 +162,11 @@ class FeaturesConfig:
         """The value for keras.applications' `weights` argument."""
         return None if self.weights == "none" else self.weights
 
-    def resolved(self, default_size: int) -> FeaturesConfig:
-        """Returns a copy with `image_size` set (the backbone's native size if unset)."""
-        return dataclasses.replace(self, image_size=self.image_size or default_size)
+    def resolved(self, default_size: int, default_pooling: str = "avg") -> FeaturesConfig:
+        """Returns a copy with `image_size` and `pooling` set (the backbone's defaults if unset)."""
+        return dataclasses.replace(
+            self, image_size=self.image_size or default_size, pooling=self.pooling or default_pooling
+        )
 
     def key(self, *, data_fingerprint: str, weights_identity: str) -> dict[str, Any]:
         """The facts that determine the features; files with different keys never mix.
@@ -229,7 +239,7 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
     the key (split specs, seed, the weights file's digest, ...).
     """
     weights = config.weights if config.weights in ("imagenet", "none") else "file"
-    parts = [config.data.name, config.backbone, weights, f"{config.image_size}px", config.pooling]
+    parts = [config.data.name, slugify(config.backbone), weights, f"{config.image_size}px", config.pooling]
     if config.dtype == "float16":
         parts.append("f16")
     if config.mixed_precision:
