@@ -43,6 +43,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "predict": ("data", "features", "head"),
     "finetune": ("data", "features", "head", "augment", "finetune"),
     "compare": ("data", "features", "head", "augment", "finetune"),
+    "choose": ("data", "features", "choose"),
     "bench-head": ("data", "features"),
     "bench-audit": ("data", "features"),
 }
@@ -280,12 +281,36 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from pipeline.features.backbones import get_backbone, list_backbones
+    from pipeline.features.hub import INSTALL_HINT
+    from pipeline.features.hub_presets import SHORTLIST
 
     print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  preprocessing")
     for name in list_backbones():
         spec = get_backbone(name)
         print(f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  {spec.preprocessing}")
+    print("\nkeras-hub presets, BACKBONE=hub:<preset> (any keras-hub image preset works; docs/backbones.md):")
+    if importlib.util.find_spec("keras_hub") is None:
+        print(f"  keras-hub is not installed: {INSTALL_HINT}")
+    print(f"  {'preset':34} {'family':28} {'size':>4} {'dim':>5} {'pooling':>8} {'params':>7}  licence")
+    for p in SHORTLIST:
+        dim = p.width * (2 if p.pooling == "cls_mean" else 1)
+        print(
+            f"  {'hub:' + p.preset:34} {p.family:28} {p.image_size:4d} {dim:5d} {p.pooling:>8} "
+            f"{p.params_millions:6.1f}M  {p.licence}"
+        )
+    return 0
+
+
+def _cmd_choose(args: argparse.Namespace) -> int:
+    from pipeline.choose import choose
+    from pipeline.config import ChooseConfig
+
+    result = choose(config_of(FeaturesConfig, args), config_of(ChooseConfig, args), progress=not args.no_progress)
+    print((Path(result["out"]) / "choose.md").read_text(), end="")
+    print(f"choose -> {result['out']}")
     return 0
 
 
@@ -380,6 +405,7 @@ def _add_stage_commands(stage) -> None:
         _cmd_audit,
         features_file=True,
     )
+    stage("choose", "which backbone for this data: accuracy, speed, size on a sample", _cmd_choose)
     comparison = stage(
         "compare", "cached heads vs fine-tuning vs from scratch: table and plots", _cmd_compare, features_file=True
     )

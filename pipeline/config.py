@@ -626,6 +626,51 @@ class EngineConfig:
             raise ConfigError(f"max_attempts must be >= 1. Received: max_attempts={self.max_attempts}.")
 
 
+@dataclass(frozen=True)
+class ChooseConfig:
+    """`make choose`: which backbone for this data, at what cost (`pipeline.choose`).
+
+    Each of `backbones` extracts features of a seeded, stratified sample (`per_class`
+    train and at most as many validation images per class) and fits the logistic probe.
+    `weights` maps backbones to their weights (NAME=PATH,...; others use WEIGHTS). The
+    recommendation is the fastest backbone within `tolerance` accuracy points of the best.
+    """
+
+    backbones: str = option("mobilenet_v2,mobilenet_075", "make choose: backbones to compare, comma-separated")
+    per_class: int = option(200, "make choose: sampled train images per class (validation: as many, at most)")
+    weights: str | None = option(
+        None, "make choose: per-backbone weights NAME=PATH,... (others: WEIGHTS)", name="choose_weights"
+    )
+    tolerance: float = option(
+        0.5, "make choose: recommend the fastest within this many accuracy points of the best", name="choose_tolerance"
+    )
+    out_dir: str = option("choose", "make choose: results go to CHOOSE_DIR/<data>/", name="choose_dir")
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ConfigError(f"backbones must name at least one backbone. Received: BACKBONES={self.backbones!r}.")
+        if self.per_class < 2:
+            raise ConfigError(f"per_class must be >= 2. Received: PER_CLASS={self.per_class}.")
+        if self.tolerance < 0:
+            raise ConfigError(f"tolerance must be >= 0. Received: CHOOSE_TOLERANCE={self.tolerance}.")
+        self.weights_of()
+
+    @property
+    def names(self) -> list[str]:
+        return [n.strip() for n in self.backbones.split(",") if n.strip()]
+
+    def weights_of(self) -> dict[str, str]:
+        """CHOOSE_WEIGHTS as {backbone: weights}; a backbone not in BACKBONES is an error, not ignored."""
+        pairs = [p.strip().partition("=") for p in (self.weights or "").split(",") if p.strip()]
+        bad = [f"{n}{s}{v}" for n, s, v in pairs if not s or not v or n.strip() not in self.names]
+        if bad:
+            raise ConfigError(
+                f"CHOOSE_WEIGHTS must be NAME=PATH pairs for backbones of BACKBONES ({self.backbones}). "
+                f"Received: {', '.join(bad)}."
+            )
+        return {n.strip(): v.strip() for n, _, v in pairs}
+
+
 #: The option sections, by the name the CLI's argument groups and `make help` use.
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
@@ -636,4 +681,5 @@ SECTIONS: dict[str, type] = {
     "finetune": FinetuneConfig,
     "audit": AuditConfig,
     "engine": EngineConfig,
+    "choose": ChooseConfig,
 }

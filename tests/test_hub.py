@@ -76,7 +76,9 @@ def test_the_spec_comes_from_the_presets_own_config(presets, family):
 def test_token_poolings_and_their_widths(presets):
     spec = get_backbone("hub:dinov2_tiny", presets["dinov2"])
     images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
-    out = {p: build_extractor(spec, image_size=SIZE, weights=presets["dinov2"], pooling=p)(images) for p in spec.poolings}
+    out = {
+        p: build_extractor(spec, image_size=SIZE, weights=presets["dinov2"], pooling=p)(images) for p in spec.poolings
+    }
     assert {p: tuple(v.shape) for p, v in out.items()} == {"cls": (2, 16), "mean": (2, 16), "cls_mean": (2, 32)}
     np.testing.assert_allclose(out["cls_mean"], np.concatenate([out["cls"], out["mean"]], axis=1), atol=1e-5)
     with pytest.raises(ConfigError, match="supports pooling cls, mean, cls_mean"):

@@ -200,7 +200,9 @@ def _family_by_output(folder: str, class_name: str) -> HubFamily:
     """The family of a class this module does not list, from the rank of its output."""
     rank = len(_output_shape(folder))
     if rank not in _BY_RANK:
-        raise ConfigError(f"keras-hub class {class_name} ({folder}) is not an image backbone: its output has rank {rank}.")
+        raise ConfigError(
+            f"keras-hub class {class_name} ({folder}) is not an image backbone: its output has rank {rank}."
+        )
     return _BY_RANK[rank]
 
 
