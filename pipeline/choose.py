@@ -4,7 +4,7 @@ On a seeded, stratified sample of an image folder (`stratified_rows` over the fo
 scan) every candidate backbone extracts features and the logistic probe is fitted on
 them, as `make head` would on the full data. Per backbone the table has validation
 accuracy, images per second on this machine (decode, resize and forward pass, as
-stage 1 runs them, first batch left out), feature width, feature bytes per 1,000
+stage 1 runs them, after the model's warm-up), feature width, feature bytes per 1,000
 images, and the time a full `make features` would take at that rate. The
 recommendation is the fastest backbone within CHOOSE_TOLERANCE accuracy points of
 the best: a linear probe's accuracy on a sample is noisy, its cost is not.
@@ -134,7 +134,10 @@ def _measure(config: FeaturesConfig, spec, sample: Sample) -> dict[str, Any]:
 
 
 def _extract(forward, split, config: FeaturesConfig) -> tuple[np.ndarray, float, int]:
-    """Features of a split's records; the seconds and images after the first batch (the warm-up)."""
+    """Features of a split's records, the seconds they took and their count.
+
+    `compiled_forward` has traced and warmed up the model already, so every batch counts.
+    """
     import tensorflow as tf
 
     from pipeline.images import decode_and_resize
@@ -145,16 +148,12 @@ def _extract(forward, split, config: FeaturesConfig) -> tuple[np.ndarray, float,
         .batch(config.batch_size)
         .prefetch(2)
     )
-    out, timed, started = [], 0, None
-    for batch in batches:
-        out.append(forward(batch).numpy())
-        if started is None:
-            started = time.perf_counter()  # timing starts after the first batch: tracing and warm-up
-        else:
-            timed += len(batch)
+    started = time.perf_counter()
+    out = [forward(batch).numpy() for batch in batches]
+    seconds = time.perf_counter() - started
     if sum(len(b) for b in out) != split.size:
         raise ConfigError(f"make choose read {sum(len(b) for b in out)} of {split.size} sampled images.")
-    return np.concatenate(out), time.perf_counter() - started if timed else 0.0, timed
+    return np.concatenate(out), seconds, split.size
 
 
 def _runtime() -> str:

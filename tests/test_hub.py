@@ -147,6 +147,9 @@ def test_features_head_audit_finetune_export_predict(presets, family, tmp_path, 
     csv = tmp_path / "predictions.csv"
     assert main(["predict", *head, "--csv", str(csv), str(folder / "cat")]) == 0
     assert len(csv.read_text().splitlines()) == 9  # a header and the 8 cats
+    if family == "dinov2":  # a fresh process: keras-hub's classes must be registered before the model loads
+        fresh = subprocess.run([sys.executable, "-m", "pipeline", "predict", *head, str(folder / "dog")], cwd=ROOT)
+        assert fresh.returncode == 0
 
 
 def test_commands_without_a_hub_backbone_import_no_keras_hub(tmp_path):

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 PREPROCESSING_MODES = ("tf", "caffe", "torch", "none")
 HUB_PREFIX = "hub:"
+#: Name prefix -> "module:function" building the spec of a name that is not registered, given the weights.
+#: Named, not imported: the resolver's module imports this one, and keras-hub only where it is used.
+_RESOLVERS = {HUB_PREFIX: "pipeline.features.hub:preset_spec"}
 
 _HASH_BLOCK_BYTES = 1 << 20
 
@@ -127,10 +130,10 @@ def get_backbone(name: str, weights: str | os.PathLike | None = "imagenet") -> B
     read from the preset's own config, found through `weights` (a preset folder, or
     the preset's published weights for "imagenet" and None), so it is not registered.
     """
-    if isinstance(name, str) and name.startswith(HUB_PREFIX):
-        from pipeline.features.hub import preset_spec
-
-        return preset_spec(name, weights)
+    for prefix, resolver in _RESOLVERS.items():
+        if isinstance(name, str) and name.startswith(prefix):
+            module, _, function = resolver.partition(":")
+            return getattr(importlib.import_module(module), function)(name, weights)
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
