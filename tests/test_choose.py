@@ -41,6 +41,8 @@ def test_make_choose_writes_table_plot_and_lists_the_absent_as_skipped(tmp_path,
         raise WeightsUnavailableError(f"Cannot fetch keras-hub preset {preset!r} (offline).")
 
     monkeypatch.setattr(hub, "_download", offline)
+    monkeypatch.setattr(hub, "_check_network", lambda preset: None)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "no-cache"))
     folder = make_folder(tmp_path / "pets", 8, layout="presplit")
     args = ["choose", "--data-dir", str(folder), "--weights", "none", "--image-size", "32", "--no-progress"]
     args += ["--backbones", "tiny,hub:dinov2_small", "--per-class", "4", "--choose-dir", str(tmp_path / "choose")]
@@ -62,3 +64,8 @@ def test_make_choose_writes_table_plot_and_lists_the_absent_as_skipped(tmp_path,
 def test_choose_needs_an_image_folder(capsys):
     assert main(["choose", "--dataset", "cats_vs_dogs", "--weights", "none", "--backbones", "tiny"]) == 2
     assert "make choose samples an image folder; set DATA_DIR" in capsys.readouterr().err
+
+
+def test_backbone_instead_of_backbones_is_an_error(tmp_path, capsys):
+    assert main(["choose", "--data-dir", str(tmp_path), "--backbone", "tiny"]) == 2
+    assert "use BACKBONES=tiny" in capsys.readouterr().err

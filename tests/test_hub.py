@@ -164,3 +164,13 @@ def test_commands_without_a_hub_backbone_import_no_keras_hub(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_make_backbones_reads_a_cached_preset_and_lists_the_rest(presets, tmp_path, monkeypatch, capsys):
+    cached = tmp_path / "kagglehub" / "models" / "keras" / "dinov2" / "keras" / "dinov2_small" / "1"
+    save_tiny_preset("dinov2", cached)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
+    assert main(["backbones"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("hub:")}
+    assert " 32    32 cls_mean" in lines["hub:dinov2_small"] and lines["hub:dinov2_small"].endswith("cache")
+    assert " 224  1536 cls_mean" in lines["hub:dinov2_base"] and lines["hub:dinov2_base"].endswith("list")

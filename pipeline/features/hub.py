@@ -16,6 +16,7 @@ cache or a download), `none` for its architecture with random weights.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -125,7 +126,40 @@ def preset_folder(preset: str, weights: str | os.PathLike | None) -> str:
                 f"by save_to_preset). Received: weights={os.fspath(weights)!r}."
             )
         return folder
+    cached = cached_folder(preset)
+    if cached is not None:
+        return cached
+    _check_network(preset)
     return os.path.dirname(_download(preset, "config.json"))
+
+
+#: Where a preset handle downloads from; a plain name is one of keras-hub's Kaggle presets.
+_HOSTS = {"hf": "huggingface.co", "kaggle": "api.kaggle.com"}
+
+
+def _check_network(preset: str) -> None:
+    """Fails in seconds, before keras-hub (and TensorFlow) is imported, when the preset's host is unreachable."""
+    scheme = preset.partition("://")[0].lower() if "://" in preset else "kaggle"
+    host = _HOSTS.get(scheme)
+    if host is None:  # gs://, a local path keras-hub resolves itself
+        return
+    try:
+        socket.create_connection((host, 443), timeout=NETWORK_TIMEOUT_S).close()
+    except OSError as err:
+        raise WeightsUnavailableError(_unavailable(preset, f"{host} unreachable: {err}")) from None
+
+
+def cached_folder(preset: str) -> str | None:
+    """The newest copy of `preset` in kagglehub's cache (KAGGLEHUB_CACHE, else ~/.cache/kagglehub), without keras-hub.
+
+    Mirrors kagglehub's own rule for its cache folder, as `_keras_models_dir` mirrors Keras's.
+    """
+    cache = os.environ.get("KAGGLEHUB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kagglehub")
+    found = glob.glob(os.path.join(cache, "models", "*", "*", "keras", preset, "*", "config.json"))
+    if not found:
+        return None
+    newest = max(found, key=lambda path: int(os.path.basename(os.path.dirname(path)) or 0))
+    return os.path.dirname(newest)
 
 
 def _download(preset: str, file_name: str) -> str:
@@ -141,14 +175,18 @@ def _download(preset: str, file_name: str) -> str:
     except ValueError as err:  # an unknown preset name or handle
         raise ConfigError(f"keras-hub does not know preset {preset!r}: {_first_line(err)}") from None
     except Exception as err:  # requests, kagglehub and huggingface_hub each raise their own
-        raise WeightsUnavailableError(
-            f"Cannot fetch keras-hub preset {preset!r} ({type(err).__name__}: {_first_line(err)[:120]}). "
-            f"Either run once with network access (keras-hub caches it), or on a machine with one save it with "
-            f"keras_hub.models.Backbone.from_preset({preset!r}).save_to_preset(DIR) plus its ImageConverter's "
-            f"save_to_preset(DIR), copy DIR here and pass WEIGHTS=DIR."
-        ) from None
+        raise WeightsUnavailableError(_unavailable(preset, f"{type(err).__name__}: {_first_line(err)[:120]}")) from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _unavailable(preset: str, why: str) -> str:
+    """The one-line error of a preset that is neither local nor downloadable, naming both ways out."""
+    return (
+        f"Cannot fetch keras-hub preset {preset!r} ({why}). Either run once with network access (keras-hub "
+        f"caches it), or on a machine with one save it with keras_hub.models.Backbone.from_preset({preset!r})"
+        f".save_to_preset(DIR) plus its ImageConverter's save_to_preset(DIR), copy DIR here and pass WEIGHTS=DIR."
+    )
 
 
 def _first_line(err: Exception) -> str:
