@@ -17,6 +17,7 @@ HEAD_OPTIONS := HEAD C HIDDEN DROPOUT EPOCHS HEAD_BATCH_SIZE LEARNING_RATE PATIE
 FINETUNE_OPTIONS := FINE_TUNE_AT FINE_TUNE_EPOCHS HEAD_EPOCHS OPTIMIZER FINE_TUNE_LEARNING_RATE \
 	FINE_TUNE_BATCH_SIZE FINE_TUNE_PATIENCE FROM_SCRATCH
 ENGINE_OPTIONS := ENGINE RAY_ADDRESS WORKERS GPUS_PER_WORKER RAY_SHARD_SIZE RAY_MAX_ATTEMPTS
+CHOOSE_OPTIONS := BACKBONES PER_CLASS CHOOSE_WEIGHTS CHOOSE_TOLERANCE CHOOSE_DIR
 AUDIT_OPTIONS := FOLDS DUPLICATE_THRESHOLD NEIGHBOURS OUTLIER_Z AUDIT_TOP AUDIT_BLOCK_ROWS
 DECISIONS_OPTIONS := AUDIT_DIR DECISIONS DECISIONS_TEST
 REVIEW_OPTIONS := PORT
@@ -64,7 +65,7 @@ BENCH_MODEL_FLAGS = $(call flag,BENCH_BACKBONE,--backbone) $(call flag,BENCH_IMA
 BENCH_ASSET_FLAGS = $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) $(BENCH_MODEL_FLAGS)
 BENCH_OUT_FLAGS = $(call flag,BENCH_OUT,--out)
 
-.PHONY: lint help features head audit review finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all test-browser-deps clean-venv
+.PHONY: lint help features head audit review finetune compare export predict backbones choose bench bench-features bench-head bench-audit bench-scale test test-all test-browser-deps clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -79,7 +80,7 @@ help: ## list targets and variables
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,ray]'
+	$(PY) -m pip install --quiet -e '.[test,ray,hub]'
 	touch $@
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
@@ -127,8 +128,11 @@ bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, sto
 bench-scale: $(VENV)/.installed ## ENGINE=ray vs local, the driver's ceiling, extraction and heads against size -> bench/scale.{json,md}
 	$(PIPELINE) bench-scale $(call flag,BENCH_SCALE_PARTS,--parts) $(BENCH_ASSET_FLAGS) $(BENCH_OUT_FLAGS) $(BENCH_SCALE_FLAGS)
 
-backbones: $(VENV)/.installed ## list the registered backbones
+backbones: $(VENV)/.installed ## list the registered backbones and suggested keras-hub presets (BACKBONE=hub:<preset>)
 	$(PIPELINE) backbones
+
+choose: $(VENV)/.installed ## which backbone: BACKBONES=a,b,c [PER_CLASS=n] on a sample -> CHOOSE_DIR/<data>/choose.{md,json,png}
+	$(PIPELINE) choose $(FEATURE_FLAGS) $(call options,$(CHOOSE_OPTIONS))
 
 test: $(VENV)/.installed ## run the test suite (real-asset tests skip when SHARED is absent)
 	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
@@ -142,7 +146,7 @@ test-all: $(VENV)/.installed ## the test suite including slow tests
 
 test-browser-deps: $(VENV)/.installed ## install what the review page's browser tests need: Chromium, chromedriver, selenium
 	apt-get install -y chromium chromium-driver
-	$(PY) -m pip install --quiet -e '.[test,ray,browser]'
+	$(PY) -m pip install --quiet -e '.[test,ray,hub,browser]'
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)

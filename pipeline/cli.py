@@ -26,9 +26,9 @@ from pipeline.config import (
     FeaturesConfig,
     FinetuneConfig,
     HeadConfig,
-    ReviewConfig,
     ViewsConfig,
 )
+from pipeline.config_tools import ReviewConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.options import build_config, options
 
@@ -45,6 +45,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "finetune": ("data", "features", "head", "decisions", "augment", "finetune"),
     "compare": ("data", "features", "head", "decisions", "augment", "finetune"),
     "review": ("decisions", "review"),
+    "choose": ("data", "features", "choose"),
     "bench-head": ("data", "features"),
     "bench-audit": ("data", "features"),
 }
@@ -295,12 +296,61 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from pipeline.features.backbones import get_backbone, list_backbones
+    from pipeline.features.hub import INSTALL_HINT
 
     print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  preprocessing")
     for name in list_backbones():
         spec = get_backbone(name)
         print(f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  {spec.preprocessing}")
+    print("\nkeras-hub presets, BACKBONE=hub:<preset> (any keras-hub image preset works; docs/backbones.md):")
+    if importlib.util.find_spec("keras_hub") is None:
+        print(f"  keras-hub is not installed: {INSTALL_HINT}")
+    print(f"  {'preset':37} {'family':28} {'size':>4} {'dim':>5} {'pooling':>8} {'params':>7}  licence  values from")
+    for row in _hub_rows():
+        print(f"  {row}")
+    return 0
+
+
+def _hub_rows() -> list[str]:
+    """The shortlist, with size and width read from the preset's config where a copy is cached here."""
+    from pipeline.features.hub import cached_folder, preset_spec
+    from pipeline.features.hub_presets import SHORTLIST
+
+    rows = []
+    for p in SHORTLIST:
+        folder = cached_folder(p.preset)
+        if folder is None:
+            size, dim, pooling, source = (
+                p.image_size,
+                p.width * (2 if p.pooling == "cls_mean" else 1),
+                p.pooling,
+                "list",
+            )
+        else:
+            spec = preset_spec(f"hub:{p.preset}", folder)
+            size, dim, pooling, source = spec.default_size, spec.pooled_dim(None), spec.default_pooling, "cache"
+        rows.append(
+            f"{'hub:' + p.preset:37} {p.family:28} {size:4d} {dim:5d} {pooling:>8} "
+            f"{p.params_millions:6.1f}M  {p.licence:8} {source}"
+        )
+    return rows
+
+
+def _cmd_choose(args: argparse.Namespace) -> int:
+    from pipeline.choose import choose
+    from pipeline.config_tools import ChooseConfig
+
+    if args.backbone is not None:
+        raise ConfigError(
+            f"make choose compares the backbones of BACKBONES (comma-separated); BACKBONE is for the stages. "
+            f"Received: BACKBONE={args.backbone!r}; use BACKBONES={args.backbone}."
+        )
+    result = choose(config_of(FeaturesConfig, args), config_of(ChooseConfig, args), progress=not args.no_progress)
+    print((Path(result["out"]) / "choose.md").read_text(), end="")
+    print(f"choose -> {result['out']}")
     return 0
 
 
@@ -396,6 +446,7 @@ def _add_stage_commands(stage) -> None:
         features_file=True,
     )
     stage("review", "a local page to review the latest audit and record decisions", _cmd_review)
+    stage("choose", "which backbone for this data: accuracy, speed, size on a sample", _cmd_choose)
     comparison = stage(
         "compare", "cached heads vs fine-tuning vs from scratch: table and plots", _cmd_compare, features_file=True
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config_tools import ChooseConfig, DecisionsConfig, ReviewConfig
 from pipeline.errors import ConfigError
 from pipeline.options import check_choices, derived, option, parse_size
 
@@ -27,7 +28,8 @@ DEFAULT_TFDS_SPLITS = {
     "test": "train[50%:60%]",
 }
 DEFAULT_DATASET = "cats_vs_dogs"
-POOLINGS = ("avg", "max")
+#: Feature maps: avg, max; tokens: cls, mean (of patch tokens), cls_mean, pooled (see pipeline.features.pooling).
+POOLINGS = ("avg", "max", "cls", "mean", "cls_mean", "pooled")
 DTYPES = ("float32", "float16")
 
 
@@ -116,15 +118,22 @@ class DataConfig:
 class FeaturesConfig:
     """Everything that stage 1 needs; the fields that change the output form the key.
 
-    `image_size=None` means the backbone's native size and is resolved by
-    `resolved(...)` before use, so stored configs always hold the real size.
+    `image_size=None` means the backbone's native size and `pooling=None` its default
+    pooling (the one its paper's linear probes use); `resolved(...)` sets both before
+    use, so stored configs always hold the real values.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
-    backbone: str = option("mobilenet_v2", "registry name (`make backbones` lists them)")
-    weights: str = option("imagenet", "imagenet, none, or a path to an .h5 weights file")
+    backbone: str = option("mobilenet_v2", "registry name or hub:<keras-hub preset> (`make backbones` lists them)")
+    weights: str = option(
+        "imagenet", "imagenet (hub: the preset's own), none, an .h5 weights file or a keras-hub preset folder"
+    )
     image_size: int | None = option(None, "input size in pixels (default: the backbone's native size)")
-    pooling: str = option("avg", "global pooling of the last feature map", choices=POOLINGS)
+    pooling: str | None = option(
+        None,
+        "avg/max (feature maps), cls/mean/cls_mean/pooled (tokens); default: the backbone's linear-probe pooling",
+        choices=(None, *POOLINGS),
+    )
     dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
     batch_size: int = option(32, "images per forward pass")
     seed: int = option(0, "seeds the folder splits, the views, the heads and fine-tuning")
@@ -154,9 +163,11 @@ class FeaturesConfig:
         """The value for keras.applications' `weights` argument."""
         return None if self.weights == "none" else self.weights
 
-    def resolved(self, default_size: int) -> FeaturesConfig:
-        """Returns a copy with `image_size` set (the backbone's native size if unset)."""
-        return dataclasses.replace(self, image_size=self.image_size or default_size)
+    def resolved(self, default_size: int, default_pooling: str = "avg") -> FeaturesConfig:
+        """Returns a copy with `image_size` and `pooling` set (the backbone's defaults if unset)."""
+        return dataclasses.replace(
+            self, image_size=self.image_size or default_size, pooling=self.pooling or default_pooling
+        )
 
     def key(self, *, data_fingerprint: str, weights_identity: str) -> dict[str, Any]:
         """The facts that determine the features; files with different keys never mix.
@@ -229,7 +240,7 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
     the key (split specs, seed, the weights file's digest, ...).
     """
     weights = config.weights if config.weights in ("imagenet", "none") else "file"
-    parts = [config.data.name, config.backbone, weights, f"{config.image_size}px", config.pooling]
+    parts = [config.data.name, slugify(config.backbone), weights, f"{config.image_size}px", config.pooling]
     if config.dtype == "float16":
         parts.append("f16")
     if config.mixed_precision:
@@ -571,45 +582,6 @@ class AuditConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class DecisionsConfig:
-    """Where audits and review decisions live, and which decisions training applies.
-
-    `audit_dir` holds one folder per audited feature file and one decisions file per
-    dataset (`pipeline.decisions`). `decisions` is a decisions file, `none`, or unset
-    for the dataset's own file when there is one; `decisions_test` applies decisions
-    on test images too (the report then gives the test score with and without them).
-    """
-
-    audit_dir: str = option(
-        "audit", "audits go to AUDIT_DIR/<feature file stem>/, decisions to AUDIT_DIR/<dataset>.decisions.csv"
-    )
-    decisions: str | None = option(
-        None, "review decisions to train with: a file, none, or unset for AUDIT_DIR/<dataset>.decisions.csv if present"
-    )
-    decisions_test: bool = option(False, "also apply decisions on test images (reports test accuracy with and without)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class ReviewConfig:
-    """`make review`: the page over an audit. `audit_dir` may name one audit folder or
-    the folder of audits (the latest one is served)."""
-
-    port: int = option(8765, "make review: port on 127.0.0.1 (0: any free one)")
-    audit_dir: str = derived("audit_dir", "audit")
-    decisions: str | None = derived("decisions", None)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0..65535. Received: PORT={self.port}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 ENGINE_NAMES = ("local", "ray")
 #: Images per unit of work of a distributed run: small enough that a lost worker costs
 #: seconds, large enough that scheduling costs nothing next to the forward passes.
@@ -677,4 +649,5 @@ SECTIONS: dict[str, type] = {
     "decisions": DecisionsConfig,
     "review": ReviewConfig,
     "engine": EngineConfig,
+    "choose": ChooseConfig,
 }

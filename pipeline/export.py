@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import runs
 from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError, ConfigError, DataError
-from pipeline.features.backbones import get_backbone, weights_identity
+from pipeline.features.backbones import HUB_PREFIX, get_backbone, weights_identity
 from pipeline.features.extractor import build_extractor
 from pipeline.features.sources import IMAGE_EXTENSIONS
 from pipeline.heads.base import Head
@@ -85,12 +85,12 @@ def build_classifier(features: FeaturesConfig, head: Head, *, weights_key: str |
             f"The backbone weights {features.weights!r} are not the ones the features were "
             f"extracted with ({weights_key}). Rerun `make features` and `make head`."
         )
-    spec = get_backbone(features.backbone)
+    spec = get_backbone(features.backbone, features.weights_arg)
     extractor = build_extractor(
         spec, image_size=features.image_size, weights=features.weights_arg, pooling=features.pooling
     )
     return image_classifier(
-        extractor, head.logits_model(), image_size=features.image_size, name=f"{spec.name}_classifier"
+        extractor, head.logits_model(), image_size=features.image_size, name=f"{spec.model_name}_classifier"
     )
 
 
@@ -139,7 +139,17 @@ def load_classifier(run_dir: Path):
     if not path.exists():
         raise CacheError(f"No exported model at {path}. Run `make export` with the same variables first.")
     names = runs.read_labels(Path(run_dir) / EXPORT_DIR)
+    if _holds_hub_backbone(path):
+        from pipeline.features.hub import register_layers
+
+        register_layers()
     return keras.saving.load_model(path), names
+
+
+def _holds_hub_backbone(path: Path) -> bool:
+    """Whether the exported model holds a keras-hub backbone (whose classes keras-hub must register first)."""
+    record = json.loads((path.parent / "export.json").read_text()) if (path.parent / "export.json").exists() else {}
+    return str(record.get("features", {}).get("backbone", "")).startswith(HUB_PREFIX)
 
 
 def expand_images(patterns: Sequence[str]) -> list[Path]:

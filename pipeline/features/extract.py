@@ -143,8 +143,8 @@ def _size(n_bytes: float) -> str:
 
 def resolve(config: FeaturesConfig) -> tuple[FeaturesConfig, dict[str, Any], Path]:
     """Resolves the image size and computes the cache key and file path, without TensorFlow work."""
-    spec = backbones.get_backbone(config.backbone)
-    config = config.resolved(spec.default_size)
+    spec = backbones.get_backbone(config.backbone, config.weights_arg)
+    config = config.resolved(spec.default_size, spec.check_pooling(config.pooling))
     key = config.key(
         data_fingerprint=data_fingerprint(config.data, seed=config.seed),
         weights_identity=backbones.weights_identity(config.weights_arg),
@@ -200,7 +200,7 @@ def _extract(
             return ExtractionResult(path=path, up_to_date=True, view_attrs=stored)
         extend = path
     # The backbone first: missing weights fail in a second, before a dataset download.
-    spec = backbones.get_backbone(config.backbone)
+    spec = backbones.get_backbone(config.backbone, config.weights_arg)
     view_images, view_seconds = 0, 0.0
     with (engine or LocalEngine(EngineConfig())).start(config, spec, phases) as runner:
         with phases("list data"):
@@ -260,7 +260,7 @@ def _writer(path, config: FeaturesConfig, key, source: DataSource, spec, views: 
         path,
         attrs=_file_attrs(config, key, source, spec),
         splits=splits,
-        feature_dim=spec.feature_dim,
+        feature_dim=spec.pooled_dim(config.pooling),
         dtype=config.dtype,
         views=view_attrs,
         extend=extend,
@@ -342,7 +342,7 @@ def _file_attrs(config: FeaturesConfig, key, source: DataSource, spec) -> dict[s
         "source": key["source"],
         "splits": {name: split.spec for name, split in source.splits.items()},
         "seed": config.seed,
-        "feature_dim": spec.feature_dim,
+        "feature_dim": spec.pooled_dim(config.pooling),
         "dtype": config.dtype,
         "shard_index": config.shard_index,
         "num_shards": config.num_shards,

@@ -17,7 +17,7 @@ from pipeline.features.sources import DataSource
 from pipeline.finetune.checkpoints import Resumable
 from pipeline.finetune.data import FinetuneData, predict, split_predictions
 from pipeline.finetune.job import FinetuneRun, Job, Origin
-from pipeline.finetune.model import FinetuneModel
+from pipeline.finetune.model import FinetuneModel, backbone_layers
 from pipeline.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ def evaluate_run(
         else {
             "requested": config.fine_tune_at,
             "index": at,
-            "layer": backbone.layers[at].name,
-            "layers": len(backbone.layers),
+            "layer": backbone_layers(backbone)[at].name,
+            "layers": len(backbone_layers(backbone)),
         },
         "learning_rate": config.resolved_learning_rate,
         "optimizer": config.optimizer,
