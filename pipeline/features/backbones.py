@@ -47,6 +47,9 @@ class BackboneSpec:
     `min_size` is the smallest square input the architecture accepts. `builder` is a
     constructor called like keras.applications', the name of one in
     `keras.applications`, or `module:function` (resolved by `resolve_builder`, so the registry needs no Keras).
+    `runtimes` are the inference runtimes (`pipeline.features.runtimes`) it converts to and
+    verifies on; a backbone left off one says why in `runtime_note`, which `make backbones`
+    and RUNTIME=auto show.
     """
 
     name: str
@@ -58,6 +61,8 @@ class BackboneSpec:
     min_size: int = 32
     builder_kwargs: Mapping[str, Any] = field(default_factory=dict)
     pretrained: bool = True
+    runtimes: tuple[str, ...] = ("tensorflow", "openvino")
+    runtime_note: str = ""
 
     def resolve_builder(self) -> Callable[..., keras.Model]:
         """The constructor itself; importing Keras if the spec names one of keras.applications."""
