@@ -25,6 +25,8 @@ OpenVINO and TensorFlow are imported only when a forward pass is built.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -116,14 +118,16 @@ class OpenVINORuntime:
         return None
 
     def forward(self, model, config: FeaturesConfig, spec: backbones.BackboneSpec, phases: Phases) -> Forward:
-        from pipeline.features.forward import BURSTS
+        from pipeline.features.forward import input_schedule
 
         converted = converted_model(model, config, spec, self.version(), phases)
         with phases("compile converted model"):
             compiled = _core().compile_model(converted, "CPU", compile_options(config.precision))
-        # BURSTS: on a CPU the decoding threads and the forward pass share the cores (see
-        # `InputSchedule`); docs/runtimes.md has the measurement that kept it for OpenVINO.
-        return Forward(OpenVINOFunction(compiled), BURSTS, self.name, self.version(), config.precision)
+            forward = OpenVINOFunction(compiled)
+            forward(np.zeros((config.batch_size, config.image_size, config.image_size, 3), np.float32))  # warm-up
+        # On a CPU the decoding threads and OpenVINO's share the cores, as with TensorFlow's
+        # kernels: bursts (`InputSchedule`); docs/runtimes.md has the measurement that kept it.
+        return Forward(forward, input_schedule(), self.name, self.version(), config.precision)
 
 
 #: RUNTIME name -> runtime object; `auto` is `choose`, not an entry.
@@ -200,7 +204,9 @@ def choose(config: FeaturesConfig, spec: backbones.BackboneSpec) -> Choice:
         if not reason:
             return Choice(runtime, auto=True, note="; ".join(reasons))
         reasons.append(f"not {name}: {reason}")
-    raise ConfigError(f"No runtime can run {spec.name} at PRECISION={config.precision}: {'; '.join(reasons)}.")
+    raise ConfigError(
+        f"No runtime can run {spec.name} at PRECISION={config.precision}: {'; '.join(reasons)}. {_way_out(config)}"
+    )
 
 
 def _way_out(config: FeaturesConfig) -> str:
@@ -373,7 +379,11 @@ def convert(model, image_size: int):
     def forward(images):
         return model(images, training=False)
 
-    return openvino.convert_model(forward)
+    # The converter prints its arguments to stdout when debug logging is on; stdout is the CLI's.
+    with contextlib.redirect_stdout(io.StringIO()) as chatter:
+        converted = openvino.convert_model(forward)
+    log.debug("%s", chatter.getvalue().strip())
+    return converted
 
 
 def save_converted(converted, xml: Path, identity: dict[str, Any]) -> Path:
