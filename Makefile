@@ -56,7 +56,7 @@ FEATURE_FLAGS = $(call options,$(DATA_OPTIONS) $(FEATURES_OPTIONS))
 STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 
-.PHONY: lint help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all clean-venv
+.PHONY: lint help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale bench-runtimes test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -121,7 +121,11 @@ bench-scale: $(VENV)/.installed ## ENGINE=ray vs local, the driver's ceiling, ex
 	$(PIPELINE) bench-scale --parts '$(BENCH_SCALE_PARTS)' --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' \
 		--backbone '$(BENCH_BACKBONE)' --image-size $(BENCH_IMAGE_SIZE) $(call options,BATCH_SIZE) $(BENCH_SCALE_FLAGS)
 
-backbones: $(VENV)/.installed ## list the registered backbones
+bench-runtimes: $(VENV)/.installed ## stage 1 on each runtime x precision at 160 and 224 px: img/s, ratio to TF, cosine, peak RSS -> bench/runtimes.{json,md}
+	$(PIPELINE) bench-runtimes --data-dir '$(BENCH_DATA)' --weights '$(BENCH_WEIGHTS)' --backbone '$(BENCH_BACKBONE)' \
+		$(call options,BATCH_SIZE)
+
+backbones: $(VENV)/.installed ## list the registered backbones (and the runtimes each runs on)
 	$(PIPELINE) backbones
 
 test: $(VENV)/.installed ## run the test suite (real-asset tests skip when SHARED is absent)

@@ -201,20 +201,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.export import (
-        check_top,
-        expand_images,
-        format_predictions,
-        load_classifier,
-        predict_images,
-        write_csv,
-    )
+    from pipeline.export import check_top, expand_images, format_predictions, load_predictor, write_csv
 
     if not args.images:
         raise ConfigError("predict needs images: IMAGES=<file, folder or glob> (several allowed).")
-    model, names = load_classifier(_run_dir(args))
+    predictor = load_predictor(_run_dir(args))
+    names = predictor.class_names
     top = check_top(args.top, names)
-    results = predict_images(model, names, expand_images(args.images))
+    results = predictor.predict(expand_images(args.images))
     print("\n".join(format_predictions(results, names, top)))
     if args.csv:
         print(f"predict: {len(results)} rows -> {write_csv(results, names, Path(args.csv))}")
@@ -280,10 +274,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_backbones(args: argparse.Namespace) -> int:
     from pipeline.features.backbones import get_backbone, list_backbones
 
-    print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  preprocessing")
+    print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  {'preprocessing':13}  runtimes")
     for name in list_backbones():
         spec = get_backbone(name)
-        print(f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  {spec.preprocessing}")
+        runtimes = ", ".join(spec.runtimes) + (f" ({spec.runtime_note})" if spec.runtime_note else "")
+        print(
+            f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  {spec.preprocessing:13}  "
+            f"{runtimes}"
+        )
     return 0
 
 
@@ -312,6 +310,12 @@ def _cmd_bench_features(args: argparse.Namespace) -> int:
     print(table)
     print(f"bench-features: results in {paths[0]} and {paths[1]}")
     return 0
+
+
+def _bench_runtimes():
+    from pipeline.bench import runtimes
+
+    return runtimes
 
 
 def _cmd_bench_head(args: argparse.Namespace) -> int:
@@ -566,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--forward-seconds", type=float, default=10.0, help="duration of each forward-pass measurement")
     bench.add_argument("--out", default="bench", help="folder for features.json and features.md")
     bench.set_defaults(run=_cmd_bench_features)
+
+    bench_runtimes = commands.add_parser("bench-runtimes", help="stage 1 by runtime x precision x image size")
+    _bench_runtimes().add_arguments(bench_runtimes)
+    bench_runtimes.set_defaults(run=lambda args: _bench_runtimes().run(args))
 
     bench_heads = stage(
         "bench-head", "benchmark stage 2: head training seconds on cached features", _cmd_bench_head, features_file=True

@@ -220,3 +220,20 @@ def test_every_registered_backbone_converts_and_verifies(name, tmp_path):
     forward = runtimes.OpenVINORuntime().forward(model, config, spec, Phases())
     images = np.random.default_rng(0).uniform(0, 255, (4, size, size, 3)).astype(np.float32)
     assert runtimes.row_cosines(forward(images), model(images, training=False).numpy()).min() >= 0.99999
+
+
+def test_predict_on_a_stage_2_run_uses_the_runtime_and_the_head(image_folder, tmp_path, caplog):
+    from pipeline.config import HeadConfig
+    from pipeline.export import RuntimePredictor, load_predictor
+    from pipeline.heads.registry import load_head
+    from pipeline.heads.train import train_head
+
+    config = tiny_config(image_folder, tmp_path / "f", runtime="openvino")
+    result = extract_features(config, progress=False)
+    run = train_head(result.path, HeadConfig(runs_dir=str(tmp_path / "runs"), grid_images=0))
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        predictor = load_predictor(run.run_dir)
+    assert isinstance(predictor, RuntimePredictor) and "runtime: openvino f32" in caplog.messages
+    validation = read_features(result.path).splits["validation"]
+    got = np.stack([p for _, p in predictor.predict([image_folder / i for i in validation.ids])])
+    np.testing.assert_allclose(got, load_head(run.run_dir).predict_proba(validation.features), atol=1e-4)
