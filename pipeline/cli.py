@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench import runtimes as bench_runtimes
 from pipeline.config import (
     SECTIONS,
     AuditConfig,
@@ -277,11 +278,8 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  {'preprocessing':13}  runtimes")
     for name in list_backbones():
         spec = get_backbone(name)
-        runtimes = ", ".join(spec.runtimes) + (f" ({spec.runtime_note})" if spec.runtime_note else "")
-        print(
-            f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  {spec.preprocessing:13}  "
-            f"{runtimes}"
-        )
+        print(f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  ", end="")
+        print(f"{spec.preprocessing:13}  {spec.runtimes_text()}")
     return 0
 
 
@@ -310,12 +308,6 @@ def _cmd_bench_features(args: argparse.Namespace) -> int:
     print(table)
     print(f"bench-features: results in {paths[0]} and {paths[1]}")
     return 0
-
-
-def _bench_runtimes():
-    from pipeline.bench import runtimes
-
-    return runtimes
 
 
 def _cmd_bench_head(args: argparse.Namespace) -> int:
@@ -571,9 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench", help="folder for features.json and features.md")
     bench.set_defaults(run=_cmd_bench_features)
 
-    bench_runtimes = commands.add_parser("bench-runtimes", help="stage 1 by runtime x precision x image size")
-    _bench_runtimes().add_arguments(bench_runtimes)
-    bench_runtimes.set_defaults(run=lambda args: _bench_runtimes().run(args))
+    bench_runtimes.add_command(commands)
 
     bench_heads = stage(
         "bench-head", "benchmark stage 2: head training seconds on cached features", _cmd_bench_head, features_file=True

@@ -20,7 +20,8 @@ truncates it when a waiter opens it. The sidecar is removed on release; one left
 a killed holder is overwritten by the next one.
 
 Lock order, where locks nest: compare folder, then feature file, then converted model
-(`pipeline.features.runtimes`), then stage-2 run directory, then fine-tuning run directory. A path is never locked twice by one
+(`pipeline.features.runtimes`), then stage-2 run directory, then fine-tuning run
+directory. A path is never locked twice by one
 process (the lock is not reentrant across `exclusive` calls).
 """
 

@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 #: (runtime, precision) cells; TensorFlow f32 is the reference of every ratio.
 VARIANTS = (("tensorflow", "f32"), ("openvino", "f32"), ("openvino", "bf16"))
 
 
-def add_arguments(parser) -> None:
+def add_command(commands) -> None:
+    """The `bench-runtimes` subcommand and its flags (`commands`: the CLI's subparsers)."""
+    parser = commands.add_parser("bench-runtimes", help="stage 1 by runtime x precision x image size")
+    parser.set_defaults(run=run)
     parser.add_argument("--data-dir", required=True, help="image folder (Make: BENCH_DATA)")
     parser.add_argument("--weights", default="none", help="imagenet, none, or a path to an .h5 file")
     parser.add_argument("--backbone", default="mobilenet_v2")
@@ -66,6 +67,8 @@ def machine() -> dict[str, Any]:
 
 def bench_size(folder: Path, work: Path, size: int, args) -> dict[str, Any]:
     """Every variant at `size` px: extraction rounds, bare forward passes, decoding, cosines."""
+    import numpy as np
+
     cache = work / "runtimes"
     conversion = _extract(folder, work / "convert", size, "openvino", "f32", args, cache)
     runs: dict[str, list[dict[str, Any]]] = {f"{r} {p}": [] for r, p in VARIANTS}

@@ -64,6 +64,10 @@ class BackboneSpec:
     runtimes: tuple[str, ...] = ("tensorflow", "openvino")
     runtime_note: str = ""
 
+    def runtimes_text(self) -> str:
+        """'tensorflow, openvino', or 'tensorflow (why not openvino)': what `make backbones` shows."""
+        return ", ".join(self.runtimes) + (f" ({self.runtime_note})" if self.runtime_note else "")
+
     def resolve_builder(self) -> Callable[..., keras.Model]:
         """The constructor itself; importing Keras if the spec names one of keras.applications."""
         if callable(self.builder):
