@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.config import FeaturesConfig, fingerprint
-from pipeline.errors import ConfigError, RuntimeFailure
+from pipeline.errors import ConfigError, PipelineError, RuntimeFailure
 from pipeline.features import backbones
 from pipeline.features.forward import Forward
 from pipeline.locks import exclusive
@@ -233,6 +233,8 @@ def forward_for(model, config: FeaturesConfig, spec: backbones.BackboneSpec, pha
         return forward
     try:
         forward = choice.runtime.forward(model, config, spec, phases)
+    except PipelineError:  # a lock or the weights: the user's to fix, whatever the runtime
+        raise
     except Exception as err:  # a converter's failure has no useful type of its own
         forward = fall_back(choice, config, spec, f"conversion failed ({_first_line(err)})", reference)
         log.info("runtime: %s", forward.describe())
