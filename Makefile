@@ -9,7 +9,7 @@ SHELL := /bin/bash
 ## defaults live in one place, pipeline/config.py; `make help` prints them from there.
 DATA_OPTIONS := DATASET DATA_DIR TFDS_DIR NO_DOWNLOAD SPLITS VAL_FRACTION TEST_FRACTION TEST_FROM_VALIDATION
 FEATURES_OPTIONS := BACKBONE WEIGHTS IMAGE_SIZE POOLING DTYPE BATCH_SIZE SEED SHARD NUM_SHARDS STRICT \
-	MIXED_PRECISION FEATURES_DIR
+	MIXED_PRECISION RUNTIME PRECISION FEATURES_DIR
 AUGMENT_OPTIONS := AUG_FLIP AUG_ROTATION AUG_ZOOM AUG_CONTRAST AUG_TRANSLATION
 VIEWS_OPTIONS := AUG_VIEWS
 HEAD_OPTIONS := HEAD C HIDDEN DROPOUT EPOCHS HEAD_BATCH_SIZE LEARNING_RATE PATIENCE CLASS_WEIGHT RUNS_DIR \
@@ -65,7 +65,7 @@ BENCH_MODEL_FLAGS = $(call flag,BENCH_BACKBONE,--backbone) $(call flag,BENCH_IMA
 BENCH_ASSET_FLAGS = $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) $(BENCH_MODEL_FLAGS)
 BENCH_OUT_FLAGS = $(call flag,BENCH_OUT,--out)
 
-.PHONY: lint help features head audit review finetune compare export predict backbones choose bench bench-features bench-head bench-audit bench-scale test test-all test-browser-deps clean-venv
+.PHONY: lint help features head audit review finetune compare export predict backbones choose bench bench-features bench-head bench-audit bench-scale bench-runtimes test test-all test-browser-deps clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -128,7 +128,11 @@ bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, sto
 bench-scale: $(VENV)/.installed ## ENGINE=ray vs local, the driver's ceiling, extraction and heads against size -> bench/scale.{json,md}
 	$(PIPELINE) bench-scale $(call flag,BENCH_SCALE_PARTS,--parts) $(BENCH_ASSET_FLAGS) $(BENCH_OUT_FLAGS) $(BENCH_SCALE_FLAGS)
 
-backbones: $(VENV)/.installed ## list the registered backbones and suggested keras-hub presets (BACKBONE=hub:<preset>)
+bench-runtimes: $(VENV)/.installed ## stage 1 on each runtime x precision at 160 and 224 px: img/s, ratio to TF, cosine, peak RSS -> bench/runtimes.{json,md}
+	$(PIPELINE) bench-runtimes $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) \
+		$(call flag,BENCH_BACKBONE,--backbone) $(call options,BATCH_SIZE) $(BENCH_OUT_FLAGS)
+
+backbones: $(VENV)/.installed ## list the registered backbones, the runtimes each runs on, and keras-hub presets (BACKBONE=hub:<preset>)
 	$(PIPELINE) backbones
 
 choose: $(VENV)/.installed ## which backbone: BACKBONES=a,b,c [PER_CLASS=n] on a sample -> CHOOSE_DIR/<data>/choose.{md,json,png}

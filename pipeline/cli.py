@@ -206,20 +206,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.export import (
-        check_top,
-        expand_images,
-        format_predictions,
-        load_classifier,
-        predict_images,
-        write_csv,
-    )
+    from pipeline.export import check_top, expand_images, format_predictions, load_predictor, write_csv
 
     if not args.images:
         raise ConfigError("predict needs images: IMAGES=<file, folder or glob> (several allowed).")
-    model, names = load_classifier(_run_dir(args))
+    predictor = load_predictor(_run_dir(args))
+    names = predictor.class_names
     top = check_top(args.top, names)
-    results = predict_images(model, names, expand_images(args.images))
+    results = predictor.predict(expand_images(args.images))
     print("\n".join(format_predictions(results, names, top)))
     if args.csv:
         print(f"predict: {len(results)} rows -> {write_csv(results, names, Path(args.csv))}")
@@ -301,10 +295,11 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     from pipeline.features.backbones import get_backbone, list_backbones
     from pipeline.features.hub import INSTALL_HINT
 
-    print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  preprocessing")
+    print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  {'preprocessing':13}  runtimes")
     for name in list_backbones():
         spec = get_backbone(name)
-        print(f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  {spec.preprocessing}")
+        print(f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  ", end="")
+        print(f"{spec.preprocessing:13}  {spec.runtimes_text()}")
     print("\nkeras-hub presets, BACKBONE=hub:<preset> (any keras-hub image preset works; docs/backbones.md):")
     if importlib.util.find_spec("keras_hub") is None:
         print(f"  keras-hub is not installed: {INSTALL_HINT}")

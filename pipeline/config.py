@@ -31,6 +31,10 @@ DEFAULT_DATASET = "cats_vs_dogs"
 #: Feature maps: avg, max; tokens: cls, mean (of patch tokens), cls_mean, pooled (see pipeline.features.pooling).
 POOLINGS = ("avg", "max", "cls", "mean", "cls_mean", "pooled")
 DTYPES = ("float32", "float16")
+#: RUNTIME: `auto`, or a runtime of `pipeline.features.runtimes.RUNTIMES` (a test keeps the two in step).
+RUNTIMES = ("auto", "tensorflow", "openvino")
+#: PRECISION: the arithmetic of the forward pass; bf16 computes other features, so it is in the key.
+PRECISIONS = ("f32", "bf16")
 
 
 def _check_fraction(name: str, value: float, *, upper: float = 1.0) -> None:
@@ -143,6 +147,15 @@ class FeaturesConfig:
     num_shards: int = option(1, "number of shards")
     strict: bool = option(False, "fail on any unreadable image instead of skipping it")
     mixed_precision: bool = option(False, "run the backbone in float16 (GPUs)")
+    runtime: str = option(
+        "auto",
+        "inference runtime of the backbone: auto (TensorFlow on a GPU, else the fastest CPU runtime), "
+        "tensorflow, openvino",
+        choices=RUNTIMES,
+    )
+    precision: str = option(
+        "f32", "arithmetic of the forward pass: f32, or bf16 (CPUs with native bf16; own features)", choices=PRECISIONS
+    )
     output_dir: str = option("features", "folder of the feature files", name="features_dir")
 
     def __post_init__(self) -> None:
@@ -172,8 +185,9 @@ class FeaturesConfig:
     def key(self, *, data_fingerprint: str, weights_identity: str) -> dict[str, Any]:
         """The facts that determine the features; files with different keys never mix.
 
-        Batch size, strictness and output folder are left out: they change how the
-        work is done, not what it computes.
+        Batch size, strictness, output folder and the runtime are left out: they change
+        how the work is done, not what it computes (an f32 runtime other than TensorFlow
+        is verified against it before its first batch, docs/stage1-design.md).
         """
         if self.image_size is None:
             raise ConfigError("image_size must be resolved before computing the cache key.")
@@ -193,6 +207,7 @@ class FeaturesConfig:
             "pooling": self.pooling,
             "dtype": self.dtype,
             "mixed_precision": self.mixed_precision,
+            "precision": self.precision,
             "shard": [self.shard_index, self.num_shards],
         }
 
@@ -234,7 +249,7 @@ def fingerprint(value: Any, *, length: int = 10) -> str:
 
 
 def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
-    """'<dataset>__<backbone>__<weights>__<size>px__<pooling>[__f16]__<hash>[__shard-I-of-N].h5'.
+    """'<dataset>__<backbone>__<weights>__<size>px__<pooling>[__f16][__mp][__bf16]__<hash>[__shard-I-of-N].h5'.
 
     The readable parts let people find their file; the hash covers everything else in
     the key (split specs, seed, the weights file's digest, ...).
@@ -245,6 +260,8 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
         parts.append("f16")
     if config.mixed_precision:
         parts.append("mp")
+    if config.precision != "f32":
+        parts.append(config.precision)
     parts.append(fingerprint({k: v for k, v in key.items() if k != "shard"}))
     if config.num_shards > 1:
         parts.append(f"shard-{config.shard_index}-of-{config.num_shards}")

@@ -19,8 +19,9 @@ waits for in one message. The lock file itself cannot carry it: filelock 3.x
 truncates it when a waiter opens it. The sidecar is removed on release; one left by
 a killed holder is overwritten by the next one.
 
-Lock order, where locks nest: compare folder, then feature file, then stage-2 run
-directory, then fine-tuning run directory. A path is never locked twice by one
+Lock order, where locks nest: compare folder, then feature file, then converted model
+(`pipeline.features.runtimes`), then stage-2 run directory, then fine-tuning run
+directory. A path is never locked twice by one
 process (the lock is not reentrant across `exclusive` calls).
 """
 

@@ -52,6 +52,9 @@ class BackboneSpec:
     `min_size` is the smallest square input the architecture accepts. `builder` is a
     constructor called like keras.applications', the name of one in
     `keras.applications`, or `module:function` (resolved by `resolve_builder`, so the registry needs no Keras).
+    `runtimes` are the inference runtimes (`pipeline.features.runtimes`) it converts to and
+    verifies on; a backbone left off one says why in `runtime_note`, which `make backbones`
+    and RUNTIME=auto show.
     """
 
     name: str
@@ -87,6 +90,13 @@ class BackboneSpec:
                 f"(default {self.default_pooling}). Received: pooling={pooling!r}; set POOLING to one of those."
             )
         return pooling
+
+    runtimes: tuple[str, ...] = ("tensorflow", "openvino")
+    runtime_note: str = ""
+
+    def runtimes_text(self) -> str:
+        """'tensorflow, openvino', or 'tensorflow (why not openvino)': what `make backbones` shows."""
+        return ", ".join(self.runtimes) + (f" ({self.runtime_note})" if self.runtime_note else "")
 
     def resolve_builder(self) -> Callable[..., keras.Model]:
         """The constructor itself; importing Keras if the spec names one of keras.applications."""

@@ -98,7 +98,7 @@ def feature_batches(
             return
         images, labels, ids, index = batch
         with phases("forward"):
-            features = forward(images).numpy()
+            features = forward(images)
         yield features, labels.numpy(), index.numpy(), ids.numpy().tolist()
 
 
@@ -140,7 +140,7 @@ def view_feature_batches(
         expected = positions[row : row + len(index)]
         if not np.array_equal(expected, index):
             raise _lost_view_image(split, view, int(expected[np.argmax(expected != index)]))
-        yield forward(images).numpy(), labels.numpy(), index, np.full(len(index), view, np.int64)
+        yield forward(images), labels.numpy(), index, np.full(len(index), view, np.int64)
         row += len(index)
     if row != len(positions):
         raise _lost_view_image(split, view, int(positions[row]))

@@ -46,6 +46,7 @@ from pipeline.features.store import (
     VIEWS_SPLIT,
     FeatureWriter,
     key_diff,
+    partial_path,
     read_attrs,
     read_view_attrs,
     views_identity,
@@ -210,13 +211,16 @@ def _extract(
         if views is not None:
             _check_views_source(source, views)
         started = time.perf_counter()
-        with _writer(path, config, key, source, spec, views, extend) as writer:
+        earlier = _runtimes_so_far(path, extend)
+        attrs = {**_file_attrs(config, key, source, spec), "runtimes": _merged(earlier, runner.runtimes())}
+        with _writer(path, attrs, config, source, spec, views, extend) as writer:
             images, skipped = _extract_splits(runner, source, writer, config, phases, progress=progress)
             seconds = time.perf_counter() - started
             if views is not None:
                 view_images, view_seconds = runner.extract_views(
                     source.splits[VIEWS_SPLIT], writer, views, progress=progress
                 )
+    writer.attrs["runtimes"] = _merged(earlier, runner.runtimes())  # after verification: what really ran
     with phases("finish file"):
         writer.finish(skipped)
     return ExtractionResult(
@@ -231,6 +235,22 @@ def _extract(
     )
 
 
+def _runtimes_so_far(path: Path, extend: Path | None) -> list[str]:
+    """The runtimes that wrote the rows this run resumes or extends (`Forward.record()`), oldest first.
+
+    At f32 any verified runtime's rows stand in for TensorFlow's, so a file started by one
+    runtime is finished by another; the file lists them all.
+    """
+    for source in (partial_path(path), extend):
+        if source is not None and source.exists():
+            return list(read_attrs(source).get("runtimes") or [])
+    return []
+
+
+def _merged(earlier: list[str], now: list[str]) -> list[str]:
+    return list(dict.fromkeys([*earlier, *now]))
+
+
 def _finished_views(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     """The views attributes of the finished file at `path`; a file of other settings is never reused."""
     attrs = read_attrs(path)
@@ -242,7 +262,7 @@ def _finished_views(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return read_view_attrs(path)
 
 
-def _writer(path, config: FeaturesConfig, key, source: DataSource, spec, views: ViewsConfig | None, extend):
+def _writer(path, attrs, config: FeaturesConfig, source: DataSource, spec, views: ViewsConfig | None, extend):
     """The `FeatureWriter` of this run: the file's attributes, its splits and its views."""
     splits = {
         name: {"spec": split.spec, "num_inputs": split.size, "num_inputs_all_shards": split.total}
@@ -258,7 +278,7 @@ def _writer(path, config: FeaturesConfig, key, source: DataSource, spec, views: 
         }
     return FeatureWriter(
         path,
-        attrs=_file_attrs(config, key, source, spec),
+        attrs=attrs,
         splits=splits,
         feature_dim=spec.pooled_dim(config.pooling),
         dtype=config.dtype,

@@ -152,8 +152,9 @@ class ExtractionWorker:
         # as a message only, while a method's exception reaches the driver as itself.
         self._error: PipelineError | None = None
         enable_memory_growth()
+        from pipeline.features.backbones import get_backbone
         from pipeline.features.extractor import build_extractor
-        from pipeline.features.forward import compiled_forward
+        from pipeline.features.runtimes import forward_for
 
         try:
             model = build_extractor(
@@ -163,10 +164,10 @@ class ExtractionWorker:
                 pooling=config.pooling,
                 mixed_precision=config.mixed_precision,
             )
+            self.forward = forward_for(model, config, get_backbone(config.backbone, config.weights_arg), Phases())
         except PipelineError as err:
             self._error = err
             return
-        self.forward = compiled_forward(model, config.image_size, config.batch_size)
 
     def ready(self) -> dict[str, Any]:
         """Where this worker runs; answering at all means the backbone is built."""
@@ -174,7 +175,12 @@ class ExtractionWorker:
 
         if self._error is not None:
             raise self._error
-        return {"pid": os.getpid(), "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "runtime": self.forward.record(),
+        }
 
     def extract(self, task: ShardTask) -> Iterator[tuple]:
         yield from coalesce(self._batches(task), self.chunk_bytes)
@@ -401,6 +407,10 @@ class RayRunner:
         self.dead: set[int] = set()
         self.probing: dict[Any, int] = {}  # ready() call -> worker number
         self.reprobe: list[tuple[float, int]] = []  # (not before, worker number)
+
+    def runtimes(self) -> list[str]:
+        """The runtimes the workers chose (each verifies its own first batch; see `pipeline.features.runtimes`)."""
+        return list(dict.fromkeys(w["runtime"] for w in self.engine.workers if "runtime" in w))
 
     def extract_split(self, split: SplitSource, writer: FeatureWriter, *, progress: bool) -> int:
         start = resume_position(writer, split.name, self.config.num_shards)
