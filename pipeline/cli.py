@@ -42,6 +42,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "predict": ("data", "features", "head"),
     "finetune": ("data", "features", "head", "augment", "finetune"),
     "compare": ("data", "features", "head", "augment", "finetune"),
+    "export-features": ("data", "features"),
     "bench-head": ("data", "features"),
     "bench-audit": ("data", "features"),
 }
@@ -270,11 +271,24 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from pipeline.features.merge import merge_shards
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.features.gc import collect_garbage
 
-    out = merge_shards([Path(p) for p in args.shards], Path(args.output))
-    print(f"merge: {len(args.shards)} shards -> {out}")
+    report = collect_garbage(Path(args.features_dir))
+    print(
+        f"gc: {report['stores']} stores, {report['rows_kept']} rows kept, {report['rows_dropped']} dropped; "
+        f"{report['views_stores_deleted']} unused views stores and {report['old_files_deleted']} format-1 "
+        f"feature files deleted in {args.features_dir}"
+    )
+    return 0
+
+
+def _cmd_export_features(args: argparse.Namespace) -> int:
+    from pipeline.features.tabular import export_features
+
+    path, _ = _features_file(args)
+    files = export_features(path, Path(args.out) if args.out else None, fmt=args.format)
+    print(f"export-features: {', '.join(str(f) for f in files)}")
     return 0
 
 
@@ -551,10 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (Make: COMPARE_DIR; default: compare/<data>__<backbone>__<size>px[__<N>-per-class])",
     )
 
-    merge = commands.add_parser("merge", help="join the shard files of one features run")
-    merge.add_argument("shards", nargs="+", help="shard files (.h5)")
-    merge.add_argument("-o", "--output", required=True, help="merged file")
-    merge.set_defaults(run=_cmd_merge)
+    tabular = stage(
+        "export-features",
+        "the current feature file as Parquet, or .npy + Parquet",
+        _cmd_export_features,
+        features_file=True,
+    )
+    tabular.add_argument("--format", default="parquet", choices=("parquet", "npy"), help="Make: FORMAT")
+    tabular.add_argument("--out", help="output file (Make: EXPORT_OUT; default: FEATURES_DIR/export/<file>.<format>)")
+    collect = commands.add_parser("gc", help="drop store rows no feature file uses, and format-1 feature files")
+    collect.add_argument("--features-dir", default="features", help="features folder (Make: FEATURES_DIR)")
+    collect.set_defaults(run=_cmd_gc)
 
     bench = commands.add_parser("bench-features", help="benchmark stage 1: throughput vs forward pass, peak memory")
     bench.add_argument("--data-dir", required=True, help="image folder (default in Make: cats_and_dogs_filtered)")

@@ -85,6 +85,8 @@ class ShardTask:
     positions: np.ndarray | None = None
     views: ViewsConfig | None = None
     expected: dict[str, Any] = field(default_factory=dict)
+    #: The split restricted to the images the store lacks (`SplitSource.origin`): positions, view keys.
+    origin: tuple | None = None
 
 
 # --- workers -------------------------------------------------------------------------
@@ -220,7 +222,7 @@ class ExtractionWorker:
                 f"driver {task.expected}, worker {mine}. Every node needs the same data at the same path "
                 "(DATA_DIR or TFDS_DIR)."
             )
-        return split
+        return split if task.origin is None else split.restricted(*task.origin)
 
     def _augmenter(self, views: ViewsConfig):
         from pipeline.augment import example_augmenter
@@ -414,7 +416,9 @@ class RayRunner:
         num_shards = self.config.num_shards
 
         def task(shard: _Shard) -> ShardTask:
-            return ShardTask(split=split.name, start=shard.start, stop=shard.stop, expected=expected)
+            return ShardTask(
+                split=split.name, start=shard.start, stop=shard.stop, expected=expected, origin=_origin(split)
+            )
 
         def received(shard: _Shard, batch: tuple) -> int:
             position = int(batch[2][-1]) // num_shards + 1
@@ -449,7 +453,12 @@ class RayRunner:
 
         def task(shard: _Shard) -> ShardTask:
             return ShardTask(
-                split=split.name, view=shard.view, positions=shard.rows[shard.start :], views=views, expected=expected
+                split=split.name,
+                view=shard.view,
+                positions=shard.rows[shard.start :],
+                views=views,
+                expected=expected,
+                origin=_origin(split),
             )
 
         def received(shard: _Shard, batch: tuple) -> int:
@@ -604,7 +613,13 @@ class RayRunner:
 
 def _expected(writer: FeatureWriter, split: SplitSource) -> dict[str, Any]:
     """What a worker's view of `split` must match: the data this file describes."""
-    return {"version": writer.attrs["dataset_version"], "spec": split.spec, "total": split.total}
+    total = split.origin[2] if split.origin is not None else split.total
+    return {"version": writer.attrs["dataset_version"], "spec": split.spec, "total": total}
+
+
+def _origin(split: SplitSource) -> tuple | None:
+    """What a worker needs to restrict its split as the driver did: only the missing rows travel."""
+    return None if split.origin is None else split.origin[:2]
 
 
 def _record_id(split: SplitSource, record: int) -> str:

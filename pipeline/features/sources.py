@@ -16,6 +16,7 @@ a tenth of a second.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -53,6 +54,8 @@ class SplitSource:
     total: int
     records: Callable[[int], tf.data.Dataset] = field(repr=False, compare=False)
     num_shards: int = 1  # shard I of N holds the positions p with p % N == I: record p // N
+    #: For a split made by `restricted`: (positions in the whole split, view keys, its size).
+    origin: tuple | None = field(default=None, repr=False, compare=False)
 
     def at(self, positions: Sequence[int]) -> SplitSource:
         """This split restricted to the records at `positions` (split positions of this shard), in split order.
@@ -90,6 +93,38 @@ class SplitSource:
 
         return dataclasses.replace(self, size=len(chosen), records=records)
 
+    def restricted(self, positions: Sequence[int], view_keys: Sequence[int]) -> SplitSource:
+        """The records at sorted `positions` of this (unsharded) split, numbered 0..k-1.
+
+        What an engine runs when only some images lack features: record r is the one at
+        `positions[r]`, its `index` is r, and it carries `view_key` = `view_keys[r]`, the
+        number an augmented view's randomness derives from (so a view depends on the
+        image's content, not its place). `origin` keeps the mapping, which is all a
+        cluster worker needs to rebuild this split from its own source.
+        """
+        import numpy as np
+
+        positions = np.asarray(positions, np.int64)
+        keys = np.asarray(view_keys, np.int64)
+        if self.num_shards != 1 or (len(positions) > 1 and (np.diff(positions) <= 0).any()):
+            raise DataError(f"Split '{self.name}' can only be restricted unsharded, to increasing positions.")
+        chosen = self.at(positions)
+
+        def records(start: int):
+            import tensorflow as tf
+
+            table, key_table = tf.constant(positions), tf.constant(keys)
+
+            def renumber(r):
+                row = tf.searchsorted(table, r["index"][None], out_type=tf.int64)[0]
+                return {**r, "index": row, "view_key": tf.gather(key_table, row)}
+
+            return chosen.records(start).map(tf.autograph.experimental.do_not_convert(renumber))
+
+        return dataclasses.replace(
+            self, size=len(positions), total=len(positions), records=records, origin=(positions, keys, self.total)
+        )
+
 
 @dataclass(frozen=True)
 class DataSource:
@@ -118,8 +153,13 @@ class FolderScan:
     splits: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, label)]
     layout: str
     ignored: tuple[str, ...]
-    fingerprint: str
     warnings: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of the listing (splits, labels, paths, sizes): how a cluster worker checks it reads the
+        driver's data. Not a cache key: features are found by content (`pipeline.features.scan`)."""
+        return _fingerprint(self.root, self.splits)
 
 
 # Split folder names, lower-cased, -> the split they hold. Kaggle uses Training/ and
@@ -227,7 +267,6 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         splits=files,
         layout=layout_name,
         ignored=tuple(ignored),
-        fingerprint=_fingerprint(root, files),
         warnings=tuple(warnings),
     )
 
@@ -402,8 +441,7 @@ def _split_by_fractions(entries, val_fraction: float, test_fraction: float, seed
 
 
 def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]]) -> str:
-    """Hash of every file's split, label, path and size: adding, moving or editing an
-    image (in most cases) changes it, so a stale cache is refused, not reused."""
+    """Hash of every file's split, label, path and size."""
     digest = hashlib.sha256()
     for split in sorted(files):
         for path, label in files[split]:
@@ -606,13 +644,6 @@ def load_source(config: DataConfig, *, seed: int, shard_index: int = 0, num_shar
     if config.data_dir is not None:
         return folder_source(scan_folder(config, seed=seed), shard_index=shard_index, num_shards=num_shards)
     return tfds_source(config, shard_index=shard_index, num_shards=num_shards)
-
-
-def data_fingerprint(config: DataConfig, *, seed: int) -> str:
-    """The part of the cache key that identifies the data, computed without TensorFlow."""
-    if config.data_dir is not None:
-        return scan_folder(config, seed=seed).fingerprint
-    return f"tfds:{config.dataset}"
 
 
 # --- subsets ----------------------------------------------------------------------
