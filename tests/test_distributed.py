@@ -257,7 +257,7 @@ def test_make_features_engine_ray_on_an_existing_cluster(ray_cluster, reference,
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "TF_CPP_MIN_LOG_LEVEL": "3"}
     process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert process.returncode == 0, process.stderr
-    assert "features: 80 images, 1 skipped" in process.stdout
+    assert "features: 80 extracted, 0 reused, 1 skipped" in process.stdout
     assert_same_file(resolve(config_for(folder, tmp_path))[2], expected)
 
 
