@@ -476,6 +476,21 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_incremental(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline.bench.incremental import bench_incremental, incremental_table
+    from pipeline.runs import write_json
+
+    with tempfile.TemporaryDirectory(prefix="bench-incremental-", dir=args.work_dir) as work:
+        figures = bench_incremental(Path(work), images=args.images, added=args.added, batch_size=args.batch_size)
+    out = Path(args.out)
+    write_json(out / "incremental.json", figures)
+    (out / "incremental.md").write_text(incremental_table(figures))
+    print((out / "incremental.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -639,6 +654,13 @@ def build_parser() -> argparse.ArgumentParser:
     full.add_argument("--out", help="folder for results.json and results.md (default: bench, quick: bench/quick)")
     full.set_defaults(run=_cmd_bench)
 
+    inc = commands.add_parser("bench-incremental", help="no-op and +1%% make features on generated images")
+    inc.add_argument("--images", type=int, default=100_000, help="generated images")
+    inc.add_argument("--added", type=float, default=0.01, help="fraction of images added")
+    inc.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    inc.add_argument("--out", default="bench", help="results folder")
+    inc.add_argument("--work-dir", default=None, help="scratch folder (default: the system's temporary folder)")
+    inc.set_defaults(run=_cmd_bench_incremental)
     scale = commands.add_parser(
         "bench-scale",
         help="benchmark scale: ENGINE=ray vs local, the driver's ceiling, "

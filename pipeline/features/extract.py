@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ class ExtractionResult:
             "view_images": self.view_images,
             "view_seconds": round(self.view_seconds, 3),
             "num_views": self.num_views,
+            "tensorflow_imported": "tensorflow" in sys.modules,
             "phases": self.phases,
         }
 

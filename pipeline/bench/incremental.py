@@ -1,0 +1,150 @@
+"""`make bench-incremental`: what `make features` costs when a large folder changes a little.
+
+On a generated folder of small JPEGs (`--images`, default 100,000, tiny backbone),
+each step a fresh `python -m pipeline features` process, timed from the outside:
+
+1. the first run (every image extracted);
+2. a no-op rerun (target: a few seconds, no TensorFlow import: only stats);
+3. `--added` fraction more images (default 1%) copied in: the run extracts exactly those;
+4. the same new images alone, in a folder and store of their own: a fresh extraction
+   of them, so step 3 can be compared with "no-op + fresh extraction of the new images";
+5. store and feature-file bytes per row.
+
+Results in bench/incremental.json and bench/incremental.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")
+
+
+def generate_folder(root: Path, count: int, *, start: int = 0, size: int = 24) -> Path:
+    """`count` small JPEGs (numbered from `start`) in class folders; each image's pixels derive from its number."""
+    from PIL import Image
+
+    for n in range(start, start + count):
+        label = CLASSES[n % len(CLASSES)]
+        rng = np.random.default_rng(n)
+        base = np.array([25 * (n % len(CLASSES)), 128, 255 - 25 * (n % len(CLASSES))], float)
+        pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+        path = root / label / f"{n:07d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels, "RGB").save(path, quality=85)
+    return root
+
+
+def _features(folder: Path, out: Path, work: Path, name: str, batch_size: int, *extra: str) -> dict[str, Any]:
+    """One `make features` process on `folder` (more flags in `extra`): its wall seconds and its --json record."""
+    record = work / f"{name}.json"
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "features",
+        "--data-dir",
+        str(folder),
+        "--backbone",
+        "tiny",
+        "--weights",
+        "none",
+        "--batch-size",
+        str(batch_size),
+        "--features-dir",
+        str(out),
+        "--no-progress",
+        "--json",
+        str(record),
+        *extra,
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    wall = time.perf_counter() - started
+    if done.returncode:
+        raise RuntimeError(f"{name}: `make features` failed: {done.stderr[-2000:]}")
+    result = json.loads(record.read_text())
+    log.info("%s: %.2f s wall, %s", name, wall, done.stdout.strip().splitlines()[-1])
+    return {"wall_seconds": round(wall, 3), **{k: result[k] for k in _KEPT if k in result}}
+
+
+_KEPT = ("extracted", "reused", "hashed", "up_to_date", "seconds", "tensorflow_imported", "phases")
+
+
+def _bytes(paths) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def bench_incremental(work: Path, *, images: int, added: float, batch_size: int) -> dict[str, Any]:
+    """Runs the steps of the module docstring in `work`; returns the figures."""
+    folder, out = work / "images", work / "features"
+    started = time.perf_counter()
+    generate_folder(folder, images)
+    new = max(1, round(images * added))
+    figures: dict[str, Any] = {"images": images, "added": new, "generate_seconds": round(time.perf_counter() - started)}
+    figures["first"] = _features(folder, out, work, "first", batch_size)
+    figures["noop"] = _features(folder, out, work, "noop", batch_size)
+    generate_folder(folder, new, start=images)
+    figures["after_add"] = _features(folder, out, work, "after_add", batch_size)
+    alone = generate_folder(work / "new-alone", new, start=images)
+    # Too few images a class to carve splits from: all of them train (the extraction is what is compared).
+    no_carving = ("--val-fraction", "0", "--test-fraction", "0")
+    figures["fresh_new_alone"] = _features(
+        alone, work / "features-alone", work, "fresh_new_alone", batch_size, *no_carving
+    )
+    budget = figures["noop"]["wall_seconds"] + figures["fresh_new_alone"]["wall_seconds"]
+    figures["ratio_to_noop_plus_fresh"] = round(figures["after_add"]["wall_seconds"] / budget, 3)
+    rows = images + new
+    segments = list((out / "store").glob("*/segment-*.h5"))
+    files = list(out.glob("*.h5"))
+    figures["store_bytes_per_row"] = round(_bytes(segments) / rows, 1)
+    figures["feature_file_bytes_per_row"] = round(_bytes(files) / rows, 1)
+    figures["stat_cache_bytes_per_row"] = round(_bytes((out / "statcache").glob("*.json")) / rows, 1)
+    figures["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    return figures
+
+
+def incremental_table(figures: dict[str, Any]) -> str:
+    """bench/incremental.md."""
+    f = figures
+    rows = [
+        ("first run (all extracted)", f["first"]),
+        ("no-op rerun", f["noop"]),
+        (f"+{f['added']} images", f["after_add"]),
+        (f"the {f['added']} new images alone, fresh", f["fresh_new_alone"]),
+    ]
+    lines = [
+        "# make features on a changing folder",
+        "",
+        f"{f['images']} generated 24x24 JPEGs in 10 class folders (flat layout), tiny backbone, "
+        f"{f['machine']['cpus']} CPUs; each step a fresh `python -m pipeline features` process "
+        "(`make bench-incremental`).",
+        "",
+        "| step | wall s | extracted | reused | files hashed | TensorFlow imported |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['wall_seconds']:.2f} | {r.get('extracted', 0)} | {r.get('reused', 0)} | "
+            f"{r.get('hashed', 0)} | {r.get('tensorflow_imported')} |"
+        )
+    lines += [
+        "",
+        f"+{f['added']} images against no-op + fresh extraction of them alone: "
+        f"**{f['ratio_to_noop_plus_fresh']:.2f}x** (target <= 1.3x).",
+        "",
+        f"Bytes per row: store {f['store_bytes_per_row']:.0f}, feature file {f['feature_file_bytes_per_row']:.0f}, "
+        f"stat cache {f['stat_cache_bytes_per_row']:.0f}.",
+    ]
+    return "\n".join(lines) + "\n"
