@@ -291,7 +291,8 @@ def _extract(config, spec, scan: Scan, stores, views, *, engine, progress, phase
     work = _Work()
     if not missing.count and not _views_needed(scan, stores, views):
         return work
-    log.info("features: %d images to extract, the rest reused from %s", missing.count, store.directory)
+    unique = len(scan.unique_content())
+    log.info("features: %d to extract, %d reused from %s", missing.count, unique - missing.count, store.directory)
     unsharded = dataclasses.replace(config, shard_index=0, num_shards=1)
     with (engine or LocalEngine(EngineConfig())).start(unsharded, spec, phases) as runner:
         with phases("list data"):
