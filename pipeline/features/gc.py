@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 
 from pipeline.features.contentstore import AUTO_COMPACT_FRACTION, PLAIN, ContentStore, open_store
-from pipeline.features.store import FORMAT_VERSION, VIEWS_SPLIT, _read_attrs
+from pipeline.features.store import FORMAT_VERSION, VIEWS_SPLIT, group_attrs
 from pipeline.locks import exclusive, is_lock_file
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def references(features_dir: Path) -> References:
     for path in sorted(Path(features_dir).glob("*.h5")):
         try:
             with h5py.File(path, "r") as f:
-                attrs = _read_attrs(f.attrs)
+                attrs = group_attrs(f)
                 if attrs.get("format_version") == 1:
                     refs.old_files.append(path)
                     continue
@@ -64,7 +64,7 @@ def _add_file(f: h5py.File, attrs: dict, refs: References) -> None:
             views = int(f[name]["views"].attrs["num_views"])
             refs.live[views_store].update((c, v) for c in content for v in range(views))
     for name in f:
-        for item in _read_attrs(f[name].attrs).get("skipped", []):
+        for item in group_attrs(f[name]).get("skipped", []):
             refs.failures[store].add(item.get("content_id"))
 
 

@@ -393,7 +393,10 @@ def write_features(
             fill_table(group, SPLIT_COLUMNS, chunks)
             if content_ids is not None:
                 ids = np.array(list(content_ids[name]), dtype=object)
-                group.create_dataset("content_ids", data=ids, dtype=_STR, maxshape=(None,), chunks=(16384,))
+                chunks = (max(1, min(16384, len(ids))),)
+                group.create_dataset(
+                    "content_ids", data=ids, dtype=_STR, maxshape=(None,), chunks=chunks, compression="gzip"
+                )
         if views is not None:
             chunks, view_attrs = views
             group = f[VIEWS_SPLIT].create_group("views")
@@ -447,6 +450,11 @@ def _read_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
             value = None
         out[name] = value
     return out
+
+
+def group_attrs(group: h5py.Group | h5py.File) -> dict[str, Any]:
+    """The attributes of an open group (or file) of a feature file, JSON ones decoded."""
+    return _read_attrs(group.attrs)
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
