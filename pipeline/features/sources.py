@@ -56,6 +56,9 @@ class SplitSource:
     num_shards: int = 1  # shard I of N holds the positions p with p % N == I: record p // N
     #: For a split made by `restricted`: (positions in the whole split, view keys, its size).
     origin: tuple | None = field(default=None, repr=False, compare=False)
+    #: positions -> a `records` function over those positions alone, reading no other record
+    #: (image folders; without it `restricted` filters the records read, as `at` does).
+    select: Callable | None = field(default=None, repr=False, compare=False)
 
     def at(self, positions: Sequence[int]) -> SplitSource:
         """This split restricted to the records at `positions` (split positions of this shard), in split order.
@@ -108,7 +111,7 @@ class SplitSource:
         keys = np.asarray(view_keys, np.int64)
         if self.num_shards != 1 or (len(positions) > 1 and (np.diff(positions) <= 0).any()):
             raise DataError(f"Split '{self.name}' can only be restricted unsharded, to increasing positions.")
-        chosen = self.at(positions)
+        chosen = self.select(positions) if self.select is not None else self.at(positions).records
 
         def records(start: int):
             import tensorflow as tf
@@ -119,10 +122,15 @@ class SplitSource:
                 row = tf.searchsorted(table, r["index"][None], out_type=tf.int64)[0]
                 return {**r, "index": row, "view_key": tf.gather(key_table, row)}
 
-            return chosen.records(start).map(tf.autograph.experimental.do_not_convert(renumber))
+            return chosen(start).map(tf.autograph.experimental.do_not_convert(renumber))
 
         return dataclasses.replace(
-            self, size=len(positions), total=len(positions), records=records, origin=(positions, keys, self.total)
+            self,
+            size=len(positions),
+            total=len(positions),
+            records=records,
+            origin=(positions, keys, self.total),
+            select=None,
         )
 
 
@@ -465,7 +473,8 @@ def folder_source(scan: FolderScan, *, shard_index: int = 0, num_shards: int = 1
             spec=f"folder:{scan.layout}:{split}",
             size=len(mine),
             total=len(entries),
-            records=_folder_records(scan.root, mine, shard_index, num_shards),
+            records=_folder_records(scan.root, entries, range(shard_index, len(entries), num_shards)),
+            select=functools.partial(_folder_records, scan.root, entries),
             num_shards=num_shards,
         )
     counts = {
@@ -481,21 +490,24 @@ def folder_source(scan: FolderScan, *, shard_index: int = 0, num_shards: int = 1
     )
 
 
-def _folder_records(root: Path, entries, shard_index: int, num_shards: int):
+def _folder_records(root: Path, entries, positions):
+    """Records of the files at split `positions` of `entries` (the whole split), in that order:
+    a shard's positions, or (`SplitSource.select`) the ones a restricted split needs."""
+
     def records(start: int):
         import tensorflow as tf
 
-        chosen = entries[start:]
+        chosen = [entries[p] for p in positions[start:]]
         paths = [str(root / path) for path, _ in chosen]
         ids = [path for path, _ in chosen]
         labels = [label for _, label in chosen]
-        positions = [shard_index + num_shards * (start + i) for i in range(len(chosen))]
+        positions_left = [int(p) for p in positions[start:]]
         ds = tf.data.Dataset.from_tensor_slices(
             {
                 "path": tf.constant(paths, tf.string),
                 "label": tf.constant(labels, tf.int64),
                 "id": tf.constant(ids, tf.string),
-                "index": tf.constant(positions, tf.int64),
+                "index": tf.constant(positions_left, tf.int64),
             }
         )
         return ds.map(
