@@ -220,7 +220,7 @@ FOLDER_LAYOUTS = {
 }
 
 
-def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
+def scan_folder(config: DataConfig, *, seed: int, carve_memo: dict | None = None) -> FolderScan:
     """Lists and splits an image folder; deterministic for a given seed.
 
     Two kinds of folder are understood::
@@ -244,6 +244,9 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     unlabelled test/) is not used, with a warning. `test_from_validation` then moves
     that fraction of validation to test. Hidden files and files without an image
     extension are ignored and logged; class folders are searched recursively.
+
+    `carve_memo` (a dict, kept by the caller between runs) remembers the last carving by
+    a digest of its inputs, so a rerun on an unchanged listing does not load scikit-learn.
     """
     root = Path(config.data_dir).expanduser()
     if not root.is_dir():
@@ -263,7 +266,7 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         ignored += [e.name for e in sorted(root.iterdir()) if e.name.startswith(".") or not e.is_dir()]
         layout, class_names, files = _list_presplit(split_dirs, root, ignored, warnings)
     _check_classes(class_names, root)
-    files = layout.carve({"validation": [], "test": [], **files}, config, seed)
+    files = _carve(layout, {"validation": [], "test": [], **files}, config, seed, carve_memo)
     layout_name = layout.name
     if config.test_from_validation:
         files = _test_from_validation(files, root, config, seed)
@@ -277,6 +280,23 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         ignored=tuple(ignored),
         warnings=tuple(warnings),
     )
+
+
+def _carve(layout: FolderLayout, files: Files, config: DataConfig, seed: int, memo: dict | None) -> Files:
+    """`layout.carve`, remembered in `memo` as indices into the listed train + test entries."""
+    if memo is None or layout.carve is _as_given:
+        return layout.carve(files, config, seed)
+    pool = files["train"] + files["test"]
+    digest = hashlib.sha256(repr((layout.name, config.val_fraction, config.test_fraction, seed)).encode())
+    digest.update("\n".join(f"{p}\t{l}" for p, l in pool).encode())
+    key = digest.hexdigest()
+    if memo.get("key") == key:
+        return {split: [pool[i] for i in rows] for split, rows in memo["splits"].items()}
+    carved = layout.carve(files, config, seed)
+    where = {entry: i for i, entry in enumerate(pool)}
+    memo.clear()
+    memo.update(key=key, splits={split: [where[e] for e in entries] for split, entries in carved.items()})
+    return carved
 
 
 def _list_presplit(split_dirs: dict[str, Path], root: Path, ignored: list[str], warnings: list[str]):
@@ -407,7 +427,8 @@ def _list_images(directory: Path, root: Path, ignored: list[str]) -> list[str]:
         prefix = "" if prefix == "." else prefix + "/"
         for name in sorted(filenames):
             relative = prefix + name
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            dot = name.rfind(".")
+            if name.startswith(".") or dot < 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
                 ignored.append(relative)
             else:
                 images.append(relative)
