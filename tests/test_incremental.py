@@ -119,7 +119,10 @@ def test_the_stat_cache_reads_only_files_whose_stat_changed(folder, tmp_path, mo
     assert calls == [str(edited)] and result.images == 1
 
 
-def test_no_op_run_imports_no_tensorflow(folder, tmp_path):
+def test_no_op_run_imports_no_tensorflow_nor_scikit_learn(tmp_path):
+    """A flat folder is carved into splits with scikit-learn; the carving is remembered beside the stat cache."""
+    folder = make_folder(tmp_path / "flat", 10)
+    _age(folder)
     out = tmp_path / "features"
     extract_features(tiny_config(folder, out), progress=False)
     code = (
@@ -129,11 +132,11 @@ def test_no_op_run_imports_no_tensorflow(folder, tmp_path):
         f"data = DataConfig(dataset=None, data_dir={str(folder)!r}, val_fraction=0.25, test_fraction=0.25)\n"
         f"config = FeaturesConfig(data=data, backbone='tiny', weights='none', batch_size=4, output_dir={str(out)!r})\n"
         "r = extract_features(config, progress=False)\n"
-        "print(r.up_to_date, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+        "print(r.up_to_date, 'tensorflow' in sys.modules, 'keras' in sys.modules, 'sklearn' in sys.modules)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.stdout.split() == ["True", "False", "False"], done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False", "False", "False"], done.stderr[-2000:]
 
 
 def test_added_train_images_extend_the_views_and_views_follow_the_content(folder, tmp_path):
