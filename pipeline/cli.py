@@ -483,7 +483,9 @@ def _cmd_bench_incremental(args: argparse.Namespace) -> int:
     from pipeline.runs import write_json
 
     with tempfile.TemporaryDirectory(prefix="bench-incremental-", dir=args.work_dir) as work:
-        figures = bench_incremental(Path(work), images=args.images, added=args.added, batch_size=args.batch_size)
+        figures = bench_incremental(
+            Path(work), images=args.images, added=args.added, batch_size=args.batch_size, repeats=args.repeats
+        )
     out = Path(args.out)
     write_json(out / "incremental.json", figures)
     (out / "incremental.md").write_text(incremental_table(figures))
@@ -658,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     inc.add_argument("--images", type=int, default=100_000, help="generated images")
     inc.add_argument("--added", type=float, default=0.01, help="fraction of images added")
     inc.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    inc.add_argument("--repeats", type=int, default=3, help="rounds of no-op, +new and new alone (median reported)")
     inc.add_argument("--out", default="bench", help="results folder")
     inc.add_argument("--work-dir", default=None, help="scratch folder (default: the system's temporary folder)")
     inc.set_defaults(run=_cmd_bench_incremental)
