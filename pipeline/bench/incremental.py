@@ -102,8 +102,8 @@ def bench_incremental(work: Path, *, images: int, added: float, batch_size: int,
     rounds = []
     for r in range(repeats):  # a loaded machine times one process differently from the next: the median of rounds
         first_new = images + r * new
-        generate_folder(folder, new, start=first_new)
         noop = _features(folder, out, work, f"noop_{r}", batch_size) if r else figures["noop"]
+        generate_folder(folder, new, start=first_new)
         added = _features(folder, out, work, f"after_add_{r}", batch_size)
         generate_folder(work / f"new-alone-{r}", new, start=first_new)
         alone = _features(
