@@ -98,16 +98,22 @@ class ContentStore:
         return self.failures.get(content_id)
 
     def _index(self) -> None:
-        self.segments = sorted(self.directory.glob("segment-*.h5"))
+        self.segments = []
         self.rows, self.failures = {}, {}
-        for number, segment in enumerate(self.segments):
-            with self._open(segment) as f:
-                table = read_rows(f["rows"], SEGMENT_COLUMNS[1:], 0, table_rows(f["rows"]))
-                for row, (content, view) in enumerate(zip(table["content_ids"], table["view"].tolist())):
-                    self.rows.setdefault((content, view), (number, row))  # the first copy wins: stable
-                if "failures" in f:
-                    for content, reason in json.loads(f["failures"][()]).items():
-                        self.failures.setdefault(content, reason)
+        for segment in sorted(self.directory.glob("segment-*.h5")):
+            self._add(segment)
+
+    def _add(self, segment: Path) -> None:
+        """Indexes one more finished segment (its rows lose to copies already indexed)."""
+        number = len(self.segments)
+        self.segments.append(segment)
+        with self._open(segment) as f:
+            table = read_rows(f["rows"], SEGMENT_COLUMNS[2:], 0, table_rows(f["rows"]))
+            for row, (content, view) in enumerate(zip(table["content_ids"], table["view"].tolist())):
+                self.rows.setdefault((content, view), (number, row))  # the first copy wins: stable
+            if "failures" in f:
+                for content, reason in json.loads(f["failures"][()]).items():
+                    self.failures.setdefault(content, reason)
 
     def _open(self, segment: Path) -> h5py.File:
         try:
@@ -311,4 +317,5 @@ class SegmentWriter:
             _finish_partial(self.partial, self.store.identity, self.failures, self.store.layout(True), recovered=False)
         elif self.failures:
             write_segment(self.path, self.store.identity, [], self.failures, self.store.layout(True))
-        self.store._index()
+        if self.path.exists():
+            self.store._add(self.path)

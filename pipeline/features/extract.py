@@ -251,7 +251,7 @@ def _update(config, key, path, scan: Scan, *, views, progress, engine, phases: P
     with phases("compact store"):
         from pipeline.features.gc import compact_if_dead
 
-        compact_if_dead(Path(config.output_dir), store, views_store)
+        compact_if_dead(Path(config.output_dir), store, views_store, lambda each: _live_rows(each, scan, views))
     return result
 
 
@@ -311,6 +311,14 @@ def _extract(config, spec, scan: Scan, stores, views, *, engine, progress, phase
                 )
                 work.view_seconds = sink.view_seconds
     return work
+
+
+def _live_rows(store, scan: Scan, views: ViewsConfig | None) -> int:
+    """The rows of `store` (plain, or views when it is not the plain one) the current scan uses."""
+    contents = scan.unique_content() if store.identity.get("views") is None else scan.splits[VIEWS_SPLIT].content_ids
+    if store.identity.get("views") is None:
+        return sum((c, -1) in store for c in contents)
+    return sum((c, v) in store for c in set(contents) for v in range(views.num_views))
 
 
 def _data_source(scan: Scan, config: FeaturesConfig):

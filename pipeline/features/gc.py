@@ -79,12 +79,15 @@ def _store_of(directory: Path) -> ContentStore:
     return open_store(directory, identity, feature_dim=dim, dtype=str(dtype))
 
 
-def compact_if_dead(features_dir: Path, store: ContentStore, views_store: ContentStore | None) -> None:
-    """Compacts the run's stores when dead rows pass `AUTO_COMPACT_FRACTION` of them (under their lock)."""
+def compact_if_dead(features_dir: Path, store: ContentStore, views_store: ContentStore | None, live_here) -> None:
+    """Compacts the run's stores when dead rows pass `AUTO_COMPACT_FRACTION` of them (under their lock).
+
+    `live_here(store)` counts the store's rows the file just written uses: a lower bound of the live rows.
+    """
     refs = None
     for each in (store, views_store):
-        if each is None or not each.rows:
-            continue
+        if each is None or len(each.rows) - live_here(each) <= AUTO_COMPACT_FRACTION * len(each.rows):
+            continue  # even if every other row were dead: no need to read every feature file
         refs = refs or references(features_dir)
         name = each.directory.relative_to(features_dir).as_posix()
         dead = sum(key not in refs.live[name] for key in each.rows)
