@@ -26,6 +26,9 @@ FEATURES ?=#                      head, audit, ...: a feature file to use instea
 ## Compare
 COMPARE_ROWS ?=#                  rows of `make compare`, comma-separated (default: the five of pipeline.compare.ROWS; also seed, dense-views-K, logistic-views-K)
 COMPARE_DIR ?=#                   default: compare/<data>__<backbone>__<size>px[__<N>-per-class]
+## Export features
+FORMAT ?=#                        export-features: parquet (default) or npy (embeddings + Parquet metadata)
+EXPORT_OUT ?=#                    export-features: output file (default: FEATURES_DIR/export/<feature file>.<format>)
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
@@ -65,7 +68,9 @@ BENCH_MODEL_FLAGS = $(call flag,BENCH_BACKBONE,--backbone) $(call flag,BENCH_IMA
 BENCH_ASSET_FLAGS = $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) $(BENCH_MODEL_FLAGS)
 BENCH_OUT_FLAGS = $(call flag,BENCH_OUT,--out)
 
-.PHONY: lint help features head audit review finetune compare export predict backbones choose bench bench-features bench-head bench-audit bench-scale bench-runtimes test test-all test-browser-deps clean-venv
+.PHONY: lint help features gc export-features head audit review finetune compare export predict backbones choose \
+	bench bench-features bench-head bench-audit bench-scale bench-runtimes bench-incremental test test-all \
+	test-browser-deps clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -85,6 +90,12 @@ $(VENV)/.installed: pyproject.toml
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
 	$(PIPELINE) features $(FEATURE_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(VIEWS_OPTIONS) $(ENGINE_OPTIONS))
+
+gc: $(VENV)/.installed ## drop feature-store rows no feature file in FEATURES_DIR uses any more (and format-1 files)
+	$(PIPELINE) gc $(if $(FEATURES_DIR),--features-dir '$(FEATURES_DIR)')
+
+export-features: features ## the current features as Parquet (FORMAT=parquet) or .npy + Parquet (FORMAT=npy)
+	$(PIPELINE) export-features $(STAGE2_FLAGS) $(if $(FORMAT),--format '$(FORMAT)') $(if $(EXPORT_OUT),--out '$(EXPORT_OUT)')
 
 head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
 	$(PIPELINE) head $(STAGE2_FLAGS)
@@ -127,6 +138,11 @@ bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, sto
 
 bench-scale: $(VENV)/.installed ## ENGINE=ray vs local, the driver's ceiling, extraction and heads against size -> bench/scale.{json,md}
 	$(PIPELINE) bench-scale $(call flag,BENCH_SCALE_PARTS,--parts) $(BENCH_ASSET_FLAGS) $(BENCH_OUT_FLAGS) $(BENCH_SCALE_FLAGS)
+
+BENCH_INCREMENTAL_FLAGS ?=#       make bench-incremental: more flags (`python -m pipeline bench-incremental --help`)
+
+bench-incremental: $(VENV)/.installed ## no-op and +1% runs of make features on 100k generated images -> bench/incremental.{json,md}
+	$(PIPELINE) bench-incremental $(BENCH_INCREMENTAL_FLAGS)
 
 bench-runtimes: $(VENV)/.installed ## stage 1 on each runtime x precision at 160 and 224 px: img/s, ratio to TF, cosine, peak RSS -> bench/runtimes.{json,md}
 	$(PIPELINE) bench-runtimes $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) \

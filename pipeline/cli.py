@@ -46,6 +46,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "compare": ("data", "features", "head", "decisions", "augment", "finetune"),
     "review": ("decisions", "review"),
     "choose": ("data", "features", "choose"),
+    "export-features": ("data", "features"),
     "bench-head": ("data", "features"),
     "bench-audit": ("data", "features"),
 }
@@ -281,11 +282,24 @@ def _cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from pipeline.features.merge import merge_shards
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.features.gc import collect_garbage
 
-    out = merge_shards([Path(p) for p in args.shards], Path(args.output))
-    print(f"merge: {len(args.shards)} shards -> {out}")
+    report = collect_garbage(Path(args.features_dir))
+    print(
+        f"gc: {report['stores']} stores, {report['rows_kept']} rows kept, {report['rows_dropped']} dropped; "
+        f"{report['views_stores_deleted']} unused views stores and {report['old_files_deleted']} format-1 "
+        f"feature files deleted in {args.features_dir}"
+    )
+    return 0
+
+
+def _cmd_export_features(args: argparse.Namespace) -> int:
+    from pipeline.features.tabular import export_features
+
+    path, _ = _features_file(args)
+    files = export_features(path, Path(args.out) if args.out else None, fmt=args.format)
+    print(f"export-features: {', '.join(str(f) for f in files)}")
     return 0
 
 
@@ -456,13 +470,22 @@ def _add_stage_commands(stage) -> None:
         help="output folder (Make: COMPARE_DIR; default: compare/<data>__<backbone>__<size>px[__<N>-per-class])",
     )
 
+    tabular = stage(
+        "export-features",
+        "the current feature file as Parquet, or .npy + Parquet",
+        _cmd_export_features,
+        features_file=True,
+    )
+    tabular.add_argument("--format", default="parquet", choices=("parquet", "npy"), help="Make: FORMAT")
+    tabular.add_argument("--out", help="output file (Make: EXPORT_OUT; default: FEATURES_DIR/export/<file>.<format>)")
+
 
 def _add_tool_commands(commands) -> None:
-    """The commands that list or join things: merge, options, backbones."""
-    merge = commands.add_parser("merge", help="join the shard files of one features run")
-    merge.add_argument("shards", nargs="+", help="shard files (.h5)")
-    merge.add_argument("-o", "--output", required=True, help="merged file")
-    merge.set_defaults(run=_cmd_merge)
+    """The commands that list or clean things: gc, options, backbones."""
+    collect = commands.add_parser("gc", help="drop store rows no feature file uses, and format-1 feature files")
+    collect.add_argument("--features-dir", default="features", help="features folder (Make: FEATURES_DIR)")
+    collect.set_defaults(run=_cmd_gc)
+
     listing = commands.add_parser("options", help="every option with its Make variable and default (make help)")
     listing.set_defaults(run=_cmd_options)
     listing = commands.add_parser("backbones", help="list the registered backbones")

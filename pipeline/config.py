@@ -142,7 +142,9 @@ class FeaturesConfig:
     batch_size: int = option(32, "images per forward pass")
     seed: int = option(0, "seeds the folder splits, the views, the heads and fine-tuning")
     shard_index: int = option(
-        0, "process shard I of NUM_SHARDS (join them with `python -m pipeline merge`)", name="shard"
+        0,
+        "extract shard I of NUM_SHARDS of the missing rows into the store (a run without shards assembles)",
+        name="shard",
     )
     num_shards: int = option(1, "number of shards")
     strict: bool = option(False, "fail on any unreadable image instead of skipping it")
@@ -182,12 +184,15 @@ class FeaturesConfig:
             self, image_size=self.image_size or default_size, pooling=self.pooling or default_pooling
         )
 
-    def key(self, *, data_fingerprint: str, weights_identity: str) -> dict[str, Any]:
-        """The facts that determine the features; files with different keys never mix.
+    def key(self, *, weights_identity: str, decoder: str) -> dict[str, Any]:
+        """The facts that determine a feature file: the model key plus how the data is split.
 
-        Batch size, strictness, output folder and the runtime are left out: they change
-        how the work is done, not what it computes (an f32 runtime other than TensorFlow
-        is verified against it before its first batch, docs/stage1-design.md).
+        Which images the data holds is not in it: rows are found by content in the
+        store (`pipeline.features.contentstore`), and the file records the scan it was
+        assembled from. Batch size, engine, strictness, output folder and the runtime are
+        left out: they change how the work is done, not what it computes (an f32 runtime
+        other than TensorFlow is verified against it before its first batch,
+        docs/stage1-design.md).
         """
         if self.image_size is None:
             raise ConfigError("image_size must be resolved before computing the cache key.")
@@ -195,7 +200,6 @@ class FeaturesConfig:
         return {
             "dataset": data.dataset if data.dataset is not None else data.name,
             "source": "tfds" if data.dataset is not None else "folder",
-            "data_fingerprint": data_fingerprint,
             "splits": data.splits if data.dataset is not None else None,
             "val_fraction": data.val_fraction if data.data_dir is not None else None,
             "test_fraction": data.test_fraction if data.data_dir is not None else None,
@@ -205,10 +209,10 @@ class FeaturesConfig:
             "weights": weights_identity,
             "image_size": self.image_size,
             "pooling": self.pooling,
-            "dtype": self.dtype,
-            "mixed_precision": self.mixed_precision,
             "precision": self.precision,
-            "shard": [self.shard_index, self.num_shards],
+            "mixed_precision": self.mixed_precision,
+            "decoder": decoder,
+            "dtype": self.dtype,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,11 +252,29 @@ def fingerprint(value: Any, *, length: int = 10) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 
+#: The fields of `FeaturesConfig.key` that determine a row of features from an image's bytes.
+MODEL_KEY_FIELDS = ("backbone", "weights", "image_size", "pooling", "precision", "mixed_precision", "decoder", "dtype")
+
+
+def model_key(key: Mapping[str, Any]) -> dict[str, Any]:
+    """The model key of a feature file's key: what a row of the content store depends on."""
+    return {name: key[name] for name in MODEL_KEY_FIELDS}
+
+
+def store_dir_name(key: Mapping[str, Any]) -> str:
+    """'<backbone>__<size>px__<pooling>[__<precision>]__<model-key hash>': a model key's store folder."""
+    parts = [key["backbone"], f"{key['image_size']}px", key["pooling"]]
+    if key["precision"] != "f32":
+        parts.append(key["precision"])
+    return "__".join([*parts, fingerprint(model_key(key))])
+
+
 def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
-    """'<dataset>__<backbone>__<weights>__<size>px__<pooling>[__f16][__mp][__bf16]__<hash>[__shard-I-of-N].h5'.
+    """'<dataset>__<backbone>__<weights>__<size>px__<pooling>[__f16][__mp][__bf16]__<hash>.h5'.
 
     The readable parts let people find their file; the hash covers everything else in
-    the key (split specs, seed, the weights file's digest, ...).
+    the key (split specs, seed, the weights file's digest, ...). The images are not in
+    it: when the folder changes, the file is reassembled in place.
     """
     weights = config.weights if config.weights in ("imagenet", "none") else "file"
     parts = [config.data.name, slugify(config.backbone), weights, f"{config.image_size}px", config.pooling]
@@ -262,9 +284,7 @@ def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
         parts.append("mp")
     if config.precision != "f32":
         parts.append(config.precision)
-    parts.append(fingerprint({k: v for k, v in key.items() if k != "shard"}))
-    if config.num_shards > 1:
-        parts.append(f"shard-{config.shard_index}-of-{config.num_shards}")
+    parts.append(fingerprint(dict(key)))
     return "__".join(parts) + ".h5"
 
 

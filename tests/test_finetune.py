@@ -15,9 +15,10 @@ from test_extract import tiny_config
 from pipeline.cli import main
 from pipeline.config import AugmentConfig, FinetuneConfig, HeadConfig
 from pipeline.errors import CacheError, ConfigError
+from pipeline.features.data import load_source
 from pipeline.features.extract import extract_features
 from pipeline.features.extractor import build_extractor
-from pipeline.features.sources import load_source, stratified_rows
+from pipeline.features.sources import stratified_rows
 from pipeline.features.store import read_features
 from pipeline.finetune.data import few_shot, image_dataset, predict
 from pipeline.finetune.model import block_starts, build_model, resolve_fine_tune_at

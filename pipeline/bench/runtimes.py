@@ -158,8 +158,8 @@ def decode_rate(folder: Path, size: int, batch_size: int) -> float:
     """Images/s of decoding and resizing alone, on the schedule stage 1 uses on this machine."""
     from pipeline.config import DataConfig
     from pipeline.features.batches import image_batches
+    from pipeline.features.data import load_source
     from pipeline.features.forward import input_schedule
-    from pipeline.features.sources import load_source
 
     source = load_source(DataConfig(dataset=None, data_dir=str(folder)), seed=0, shard_index=0, num_shards=1)
     count, started = 0, time.perf_counter()

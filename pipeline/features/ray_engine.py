@@ -85,6 +85,9 @@ class ShardTask:
     positions: np.ndarray | None = None
     views: ViewsConfig | None = None
     expected: dict[str, Any] = field(default_factory=dict)
+    #: The split restricted to the images the store lacks: a Ray object holding (positions, view
+    #: keys) of `SplitSource.origin`, put once per split and shared by its tasks.
+    origin: Any = None
 
 
 # --- workers -------------------------------------------------------------------------
@@ -148,6 +151,7 @@ class ExtractionWorker:
         self.config = config
         self._source: DataSource | None = None
         self._augmenters: dict[str, Any] = {}
+        self._restricted: dict[str, SplitSource] = {}
         # A user error here is kept for ready() to raise: Ray reports a failed constructor
         # as a message only, while a method's exception reaches the driver as itself.
         self._error: PipelineError | None = None
@@ -211,7 +215,7 @@ class ExtractionWorker:
 
     def _split(self, task: ShardTask) -> SplitSource:
         """The split as this worker reads it, refused if it differs from the driver's."""
-        from pipeline.features.sources import load_source
+        from pipeline.features.data import load_source
 
         config = self.config
         if self._source is None:
@@ -226,7 +230,14 @@ class ExtractionWorker:
                 f"driver {task.expected}, worker {mine}. Every node needs the same data at the same path "
                 "(DATA_DIR or TFDS_DIR)."
             )
-        return split
+        if task.origin is None:
+            return split
+        key = task.origin.hex()
+        if key not in self._restricted:
+            import ray
+
+            self._restricted = {key: split.restricted(*ray.get(task.origin))}  # one split at a time
+        return self._restricted[key]
 
     def _augmenter(self, views: ViewsConfig):
         from pipeline.augment import example_augmenter
@@ -421,10 +432,11 @@ class RayRunner:
             _Shard(seq, split, a, min(a + size, split.size)) for seq, a in enumerate(range(start, split.size, size))
         ]
         expected = _expected(writer, split)
+        origin = _origin(self.ray, split)
         num_shards = self.config.num_shards
 
         def task(shard: _Shard) -> ShardTask:
-            return ShardTask(split=split.name, start=shard.start, stop=shard.stop, expected=expected)
+            return ShardTask(split=split.name, start=shard.start, stop=shard.stop, expected=expected, origin=origin)
 
         def received(shard: _Shard, batch: tuple) -> int:
             position = int(batch[2][-1]) // num_shards + 1
@@ -456,10 +468,16 @@ class RayRunner:
                     )
                 )
         expected = _expected(writer, split)
+        origin = _origin(self.ray, split)
 
         def task(shard: _Shard) -> ShardTask:
             return ShardTask(
-                split=split.name, view=shard.view, positions=shard.rows[shard.start :], views=views, expected=expected
+                split=split.name,
+                view=shard.view,
+                positions=shard.rows[shard.start :],
+                views=views,
+                expected=expected,
+                origin=origin,
             )
 
         def received(shard: _Shard, batch: tuple) -> int:
@@ -614,7 +632,13 @@ class RayRunner:
 
 def _expected(writer: FeatureWriter, split: SplitSource) -> dict[str, Any]:
     """What a worker's view of `split` must match: the data this file describes."""
-    return {"version": writer.attrs["dataset_version"], "spec": split.spec, "total": split.total}
+    total = split.origin[2] if split.origin is not None else split.total
+    return {"version": writer.attrs["dataset_version"], "spec": split.spec, "total": total}
+
+
+def _origin(ray, split: SplitSource) -> Any:
+    """What a worker needs to restrict its split as the driver did (only the missing rows travel), put once."""
+    return None if split.origin is None else ray.put(split.origin[:2])
 
 
 def _record_id(split: SplitSource, record: int) -> str:

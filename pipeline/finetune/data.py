@@ -15,7 +15,8 @@ from pipeline.config import FeaturesConfig
 from pipeline.decisions import apply_to_splits, digest_cache_for, read_decisions
 from pipeline.digests import DigestCache, row_digests
 from pipeline.errors import CacheError, ConfigError, DataError
-from pipeline.features.sources import DataSource, SplitSource, load_source, stratified_rows
+from pipeline.features.data import load_source
+from pipeline.features.sources import DataSource, SplitSource, stratified_rows
 from pipeline.finetune.job import Job, Origin
 from pipeline.images import decode_and_resize
 from pipeline.metrics import probabilities

@@ -204,7 +204,7 @@ def _read_origin(run_dir: Path, key: Mapping[str, Any]) -> Origin:
         "image_size": key["image_size"],
         "pooling": key["pooling"],
         "weights": key["weights"],
-        "data_fingerprint": key["data_fingerprint"],
+        "dataset": key["dataset"],
     }
     differs = [f"{k}: head {stored.get(k)!r}, asked {v!r}" for k, v in wanted.items() if stored.get(k) != v]
     if differs:
