@@ -13,8 +13,9 @@ from pipeline.config import RUNTIMES as RUNTIME_CHOICES
 from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.errors import ConfigError, RuntimeFailure
 from pipeline.features import backbones, runtimes
+from pipeline.features.contentstore import SegmentWriter
 from pipeline.features.extract import extract_features, resolve
-from pipeline.features.store import FeatureWriter, read_attrs, read_features
+from pipeline.features.store import read_attrs, read_features
 from pipeline.phases import Phases
 
 pytest.importorskip("openvino")
@@ -178,7 +179,7 @@ def test_the_compile_options_always_name_the_precision():
 
 
 def test_a_file_started_by_one_f32_runtime_is_finished_by_another(image_folder, tmp_path, monkeypatch):
-    append = FeatureWriter.append
+    append = SegmentWriter.append
     calls = []
 
     def stop_after_two(self, *args):
@@ -187,13 +188,13 @@ def test_a_file_started_by_one_f32_runtime_is_finished_by_another(image_folder, 
             raise KeyboardInterrupt
         append(self, *args)
 
-    monkeypatch.setattr(FeatureWriter, "append", stop_after_two)
+    monkeypatch.setattr(SegmentWriter, "append", stop_after_two)
     config = tiny_config(image_folder, tmp_path, runtime="tensorflow")
     with pytest.raises(KeyboardInterrupt):
         extract_features(config, progress=False)
-    monkeypatch.setattr(FeatureWriter, "append", append)
+    monkeypatch.setattr(SegmentWriter, "append", append)
     result = extract_features(dataclasses.replace(config, runtime="openvino"), progress=False)
-    assert result.images == 24 - 8
+    assert result.images == 24 - 8  # the rows TensorFlow committed are reused from the store
     attrs = read_attrs(result.path)
     assert [r.split()[0] for r in attrs["runtimes"]] == ["tensorflow", "openvino"]
     reference = extract_features(tiny_config(image_folder, tmp_path / "tf", runtime="tensorflow"), progress=False)

@@ -149,6 +149,22 @@ class ContentStore:
     def writer(self) -> SegmentWriter:
         return SegmentWriter(self)
 
+    @property
+    def runtimes_path(self) -> Path:
+        return self.directory / "runtimes.json"
+
+    def runtimes(self) -> list[str]:
+        """The runtimes that wrote rows of this store, oldest first (`Forward.record()`)."""
+        path = self.runtimes_path
+        return list(json.loads(path.read_text())) if path.exists() else []
+
+    def add_runtimes(self, runtimes: Sequence[str]) -> None:
+        """Records the runtimes of a run that wrote rows here (under the store's lock, atomically)."""
+        merged = list(dict.fromkeys([*self.runtimes(), *runtimes]))
+        tmp = self.runtimes_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(merged))
+        os.replace(tmp, self.runtimes_path)
+
     def compact(self, live: set[Key], live_failures: set[str]) -> tuple[int, int]:
         """Keeps only the rows of `live` (and failures of `live_failures`) in one new segment.
 

@@ -267,7 +267,6 @@ class _Work:
     view_images: int = 0
     view_seconds: float = 0.0
     extracted: set[str] = field(default_factory=set)
-    runtimes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, Any]:
         return {
@@ -302,9 +301,14 @@ def _extract(config, spec, scan: Scan, stores, views, *, engine, progress, phase
         with phases("list data"):
             source = _data_source(scan, config)
         started = time.perf_counter()
-        with store.writer() as segment:
-            sink = StoreSink(segment, source.version)
-            work.images = extract_missing(runner, source, missing, sink, config, progress)
+        segment = store.writer()
+        try:
+            with segment:
+                sink = StoreSink(segment, source.version)
+                work.images = extract_missing(runner, source, missing, sink, config, progress)
+        finally:  # rows committed before an interruption are reused: say which runtime wrote them
+            if segment.rows:
+                store.add_runtimes(runner.runtimes())
         work.seconds = time.perf_counter() - started
         work.extracted = {c for _, content in missing.splits.values() for c in content}
         if views is not None:
@@ -314,7 +318,6 @@ def _extract(config, spec, scan: Scan, stores, views, *, engine, progress, phase
                     runner, source.splits[VIEWS_SPLIT], scan.splits[VIEWS_SPLIT], stores, sink, views, config, progress
                 )
                 work.view_seconds = sink.view_seconds
-        work.runtimes = runner.runtimes()  # after verification: what really ran
     return work
 
 
@@ -354,7 +357,8 @@ def _assemble(config, key, path: Path, scan: Scan, spec, stores, views, work: _W
     from pipeline.features.assembly import AssembledViews, assemble
 
     store, views_store = stores
-    attrs = {**_file_attrs(config, key, scan, spec, stores), "runtimes": _runtimes(path, key, work)}
+    # At f32 a verified runtime's rows stand in for TensorFlow's: the file lists every runtime whose rows it may hold.
+    attrs = {**_file_attrs(config, key, scan, spec, stores), "runtimes": store.runtimes()}
     assembled = None
     if views is not None:
         before = read_view_attrs(path) if path.exists() else None
@@ -383,20 +387,6 @@ def _assemble(config, key, path: Path, scan: Scan, spec, stores, views, work: _W
         view_attrs=read_view_attrs(path),
         reused=sum(c not in work.extracted for c in rows),
     )
-
-
-def _runtimes(path: Path, key: dict[str, Any], work: _Work) -> list[str]:
-    """The runtimes that wrote the file's rows, oldest first (`Forward.record()`).
-
-    At f32 any verified runtime's rows stand in for TensorFlow's, so rows of one runtime
-    are reused by a run on another; the file lists them all.
-    """
-    earlier = []
-    if path.exists():
-        attrs = read_attrs(path)
-        if attrs.get("key") == key:
-            earlier = list(attrs.get("runtimes") or [])
-    return list(dict.fromkeys([*earlier, *work.runtimes]))
 
 
 def _version(package: str) -> str:
