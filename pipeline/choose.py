@@ -150,7 +150,7 @@ def _extract(forward, split, config: FeaturesConfig) -> tuple[np.ndarray, float,
         .prefetch(2)
     )
     started = time.perf_counter()
-    out = [forward(batch).numpy() for batch in batches]
+    out = [np.asarray(forward(batch)) for batch in batches]
     seconds = time.perf_counter() - started
     if sum(len(b) for b in out) != split.size:
         raise ConfigError(f"make choose read {sum(len(b) for b in out)} of {split.size} sampled images.")

@@ -243,7 +243,7 @@ def test_state_left_by_the_earlier_format_starts_afresh_with_a_warning(stage2, t
 
 
 def test_the_data_source_is_loaded_once_per_run(stage2, tmp_path, monkeypatch):
-    import pipeline.features.sources
+    import pipeline.features.data
     import pipeline.finetune.data
 
     features, head, _, _ = stage2
@@ -254,7 +254,7 @@ def test_the_data_source_is_loaded_once_per_run(stage2, tmp_path, monkeypatch):
         return load_source(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.finetune.data, "load_source", counted)
-    monkeypatch.setattr(pipeline.features.sources, "load_source", counted)
+    monkeypatch.setattr(pipeline.features.data, "load_source", counted)
     run = finetune(features, head, tune(tmp_path, epochs=1, grid_images=3), progress=False)
     assert len(list(run.run_dir.glob("*.png"))) == 3  # learning curves, confusion matrix, the image grid
     assert len(calls) == 1
