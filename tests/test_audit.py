@@ -21,7 +21,8 @@ from pipeline.audit.duplicates import clusters_of
 from pipeline.audit.exclusion import load_exclusion
 from pipeline.audit.findings import audit_features
 from pipeline.audit.labels import confident_learning
-from pipeline.audit.neighbours import similarity_search
+from pipeline.audit.graph import GraphSettings, build_graph
+from pipeline.audit.neighbours import pairs_above, similarity_search
 from pipeline.audit.outliers import robust_z
 from pipeline.audit.rows import unit_rows
 from pipeline.cli import main
@@ -69,20 +70,42 @@ def findings(out_dir: Path, kind: str) -> list[dict]:
     return [f for f in json.loads((out_dir / "audit.json").read_text())["findings"] if f["kind"] == kind]
 
 
-# ----------------------------------------------------------- similarity search
-def test_blocked_search_equals_brute_force():
+# --------------------------------------------------------------- neighbour graph
+def test_exact_graph_equals_brute_force_whatever_the_block_size():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(53, 16)).astype(np.float32)
     x[40:45] = x[:5] + rng.normal(0, 0.01, (5, 16))  # a few near copies, some in other blocks
     unit = unit_rows(x)
-    found = similarity_search(unit, threshold=0.9, k=4, block=7)
     sim = unit @ unit.T
     np.fill_diagonal(sim, -np.inf)
     i, j = np.nonzero(np.triu(sim >= 0.9, 1))
-    assert sorted(map(tuple, found.pairs.tolist())) == sorted(zip(i.tolist(), j.tolist()))
-    assert {tuple(p) for p in found.pairs.tolist()} == {(r, r + 40) for r in range(5)}
-    np.testing.assert_allclose(found.knn_similarity, -np.sort(-sim, axis=1)[:, :4], atol=1e-5)
-    np.testing.assert_allclose(np.take_along_axis(sim, found.knn_index, axis=1), found.knn_similarity, atol=1e-5)
+    for block in (7, 4096):  # memory-bounded block reading gives the same graph
+        graph = build_graph(x, GraphSettings(k=4, block_rows=block, recall_queries=20))
+        found = pairs_above(graph, 0.9)
+        assert sorted(map(tuple, found.pairs.tolist())) == sorted(zip(i.tolist(), j.tolist()))
+        assert {tuple(p) for p in found.pairs.tolist()} == {(r, r + 40) for r in range(5)}
+        np.testing.assert_allclose(found.knn_similarity, -np.sort(-sim, axis=1)[:, :4], atol=1e-5)
+        np.testing.assert_allclose(np.take_along_axis(sim, found.knn_index, axis=1), found.knn_similarity, atol=1e-5)
+        assert graph.meta["method"] == "exact" and graph.meta["recall"]["recall_at_k"] == 1.0
+
+
+def test_approximate_graph_agrees_with_exact_on_clustered_data():
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0, 1, (30, 16))[np.arange(1500) % 30]  # 30 clusters in a 16-d subspace of 64
+    x = ((centres + rng.normal(0, 0.3, (1500, 16))) @ rng.normal(0, 1, (16, 64))).astype(np.float32)
+    x[1000:1010] = x[:10] * 1.01 + rng.normal(0, 0.005, (10, 64))  # planted copies
+    exact = build_graph(x, GraphSettings(k=5, recall_queries=1000))
+    approximate = build_graph(x, GraphSettings(k=5, exact_below=100, pca_dim=32, nprobe=8, recall_queries=1000))
+    assert approximate.meta["method"] == "approximate" and approximate.index is not None
+    assert approximate.meta["recall"]["queries"] == 1000
+    assert approximate.meta["recall"]["recall_at_k"] >= 0.95, approximate.meta["recall"]
+    held = (approximate.similarity >= exact.similarity[:, -1:] - 1e-4).sum(axis=1).mean() / 5
+    assert held >= 0.95
+    planted = {(r, r + 1000) for r in range(10)}
+    assert planted <= {tuple(p) for p in pairs_above(approximate, 0.99).pairs.tolist()}
+    assert {tuple(p) for p in pairs_above(approximate, 0.99).pairs.tolist()} == {
+        tuple(p) for p in pairs_above(exact, 0.99).pairs.tolist()
+    }
 
 
 def test_clusters_join_chains_of_pairs():
@@ -93,7 +116,7 @@ def test_too_many_pairs_is_an_error_not_a_memory_blow_up():
     from pipeline.errors import DataError
 
     with pytest.raises(DataError, match="Raise DUPLICATE_THRESHOLD"):
-        similarity_search(unit_rows(np.ones((50, 4))), threshold=0.9, k=2, block=8, max_pairs=100)
+        similarity_search(unit_rows(np.ones((50, 4))), threshold=0.9, k=2, max_pairs=10)
 
 
 @pytest.fixture
