@@ -27,8 +27,8 @@ COMPARE_DIR ?=#                   default: compare/<data>__<backbone>__<size>px[
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
-IMAGES ?=#                        predict: image files, folders or globs
-TOP ?=#                           predict: classes shown per image (default: 3)
+IMAGES ?=#                        predict, similar: image files, folders or globs
+TOP ?=#                           predict: classes shown per image (default: 3); similar: matches (default: 10)
 CSV ?=#                           predict: also write probabilities to this CSV file
 ## Tools
 PYTHON ?= python3#                interpreter used to create the virtual environment
@@ -63,7 +63,7 @@ BENCH_MODEL_FLAGS = $(call flag,BENCH_BACKBONE,--backbone) $(call flag,BENCH_IMA
 BENCH_ASSET_FLAGS = $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) $(BENCH_MODEL_FLAGS)
 BENCH_OUT_FLAGS = $(call flag,BENCH_OUT,--out)
 
-.PHONY: lint help features head audit finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all clean-venv
+.PHONY: lint help features head audit similar finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -101,6 +101,9 @@ compare: $(VENV)/.installed ## cached heads vs fine-tuning the top block / every
 
 export: head ## one Keras model, raw images in and probabilities out (.keras, SavedModel, TFLITE=1) in RUN/export
 	$(PIPELINE) export $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
+
+similar: $(VENV)/.installed ## nearest dataset images of IMAGES (every copy of a bad one) from the audit's neighbour graph [TOP=10]
+	$(PIPELINE) similar $(FEATURE_FLAGS) $(if $(FEATURES),--features '$(FEATURES)') $(call options,$(AUDIT_OPTIONS)) $(if $(TOP),--top $(TOP)) $(IMAGES)
 
 predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file, folder or glob> [CSV=out.csv]
 	$(PIPELINE) predict $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TOP),--top $(TOP)) $(if $(CSV),--csv '$(CSV)') $(IMAGES)

@@ -39,6 +39,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "features": ("data", "features", "augment", "views", "engine"),
     "head": ("data", "features", "head"),
     "audit": ("data", "features", "head", "audit"),
+    "similar": ("data", "features", "audit"),
     "export": ("data", "features", "head"),
     "predict": ("data", "features", "head"),
     "finetune": ("data", "features", "head", "augment", "finetune"),
@@ -271,6 +272,34 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_similar(args: argparse.Namespace) -> int:
+    from pipeline.audit.similar import similar_images
+    from pipeline.export import expand_images
+
+    if not args.images:
+        raise ConfigError("similar needs images: IMAGES=<file, folder or glob> (several allowed).")
+    if args.top < 1:
+        raise ConfigError(f"TOP must be >= 1 (matches shown per image). Received: TOP={args.top}.")
+    config = config_of(AuditConfig, args)
+    path, _ = _features_file(args)
+    sheet = Path(config.audit_dir) / f"{path.stem}.similar.png"
+    results, seconds, sheet = similar_images(
+        path,
+        expand_images(args.images),
+        audit_dir=Path(config.audit_dir),
+        top=args.top,
+        threshold=config.duplicate_threshold,
+        out=sheet,
+    )
+    for result in results:
+        print(f"{result['image']}:")
+        for m in result["matches"]:
+            copy = "  COPY" if m["copy"] else ""
+            print(f"  {m['cosine']:.4f}  {m['split']:10} {m['label']:16} {m['path'] or m['id']}{copy}")
+    print(f"similar: backbone {seconds['backbone']:.2f} s, search {seconds['search']:.3f} s -> {sheet}")
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pipeline.features.merge import merge_shards
 
@@ -380,6 +409,14 @@ def _add_stage_commands(stage) -> None:
         _cmd_audit,
         features_file=True,
     )
+    similar = stage(
+        "similar",
+        "nearest dataset images of the given images (every copy of a bad image), from the audit's graph",
+        _cmd_similar,
+        features_file=True,
+    )
+    similar.add_argument("images", nargs="*", help="image files, folders or globs (Make: IMAGES)")
+    similar.add_argument("--top", type=int, default=10, help="matches shown per image (Make: TOP; default: 10)")
     comparison = stage(
         "compare", "cached heads vs fine-tuning vs from scratch: table and plots", _cmd_compare, features_file=True
     )

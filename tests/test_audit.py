@@ -20,8 +20,8 @@ from PIL import Image, ImageOps
 from pipeline.audit.duplicates import clusters_of
 from pipeline.audit.exclusion import load_exclusion
 from pipeline.audit.findings import audit_features
-from pipeline.audit.labels import confident_learning
 from pipeline.audit.graph import GraphSettings, build_graph
+from pipeline.audit.labels import confident_learning
 from pipeline.audit.neighbours import pairs_above, similarity_search
 from pipeline.audit.outliers import robust_z
 from pipeline.audit.rows import unit_rows
@@ -163,6 +163,30 @@ def test_planted_copies_are_all_found_leaks_first_without_false_pairs(planted, t
     assert not [p for p in result.out_dir.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_graph_is_persisted_and_reused_until_its_settings_change(planted, tmp_path, monkeypatch):
+    import pipeline.audit.graphstore as graphstore
+
+    builds = []
+    real = graphstore.build_graph
+    monkeypatch.setattr(graphstore, "build_graph", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    path, expected = planted
+    config = AuditConfig(audit_dir=str(tmp_path / "audit"), top=0)
+    first = audit_features(path, config)
+    again = audit_features(path, config)
+    assert len(builds) == 1
+    record = json.loads((again.out_dir / "audit.json").read_text())
+    assert record["graph"]["built"] is False and record["graph"]["recall"]["queries"] >= 150
+    assert first.counts == again.counts
+    assert "recall@10 against exact search 1.0000" in (again.out_dir / "audit.md").read_text()
+    audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), top=0, neighbours=5))
+    assert len(builds) == 2
+    # The approximate path (forced by a tiny EXACT_BELOW) finds the same planted pairs.
+    forced = AuditConfig(audit_dir=str(tmp_path / "approx"), top=0, exact_below=10, pca_dim=16, block_rows=64)
+    out = audit_features(path, forced).out_dir
+    assert {tuple(sorted(f["ids"])) for f in findings(out, "duplicates")} == expected
+    assert json.loads((out / "audit.json").read_text())["graph"]["method"] == "approximate"
+
+
 def test_byte_identical_files_are_exact_duplicates(tmp_path):
     rng = np.random.default_rng(2)
     root = tmp_path / "photos"
@@ -190,6 +214,8 @@ def test_flipped_labels_rank_at_the_top_of_the_label_findings(tmp_path):
     path = write_file(tmp_path / "noisy.h5", splits)
     out = audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), top=0)).out_dir
     labels = findings(out, "label")
+    assert [f["rank"] for f in labels] == list(range(1, len(labels) + 1))
+    assert [f["score"] for f in labels] == sorted(f["score"] for f in labels)  # worst first
     top = {f["ids"][0] for f in labels[: 2 * len(flipped)]}
     caught = [ids[r] for r in flipped if ids[r] in top]
     assert len(caught) >= 0.8 * len(flipped), (len(caught), len(labels))
@@ -354,6 +380,12 @@ def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_pat
     exact = [f for f in findings(out, "duplicates") if f["match"] == "exact"]
     assert [sorted(f["ids"]) for f in exact] == [["test/cat/copy.jpg", "train/cat/cat.0.jpg"]]
     assert "# Data audit" in (out / "audit.md").read_text()
+    similar = ["similar", *flags, "--audit-dir", str(tmp_path / "audit"), "--top", "3"]
+    assert main([*similar, str(folder / "train/cat/cat.0.jpg")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    first = lines[1].split()
+    assert float(first[0]) >= 0.999 and first[-1] == "COPY" and first[-2].endswith(("cat.0.jpg", "copy.jpg"))
+    assert lines[-1].startswith("similar: backbone") and (tmp_path / "audit" / f"{out.name}.similar.png").exists()
     assert main(["audit", *flags, "--audit-dir", str(tmp_path / "audit"), "--folds", "1"]) == 2
     runs = ["--runs-dir", str(tmp_path / "runs"), "--grid-images", "0"]
     assert main(["head", *flags, *runs, "--exclude", str(out / "audit.json"), "--exclude-kinds", "duplicates"]) == 0

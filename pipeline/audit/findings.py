@@ -106,7 +106,7 @@ def audit_features(features_path: Path, config: AuditConfig, *, expect: Mapping[
     timings["duplicates"] = time.perf_counter() - step
 
     step = time.perf_counter()
-    probe_x, reduced = probe_rows(rows.features, graph, folder, config.block_rows)
+    probe_x, reduced = probe_rows(rows.features, graph, folder, settings)
     probe, labels = label_findings(rows, class_names, config, probe_x, near, reduced=reduced)
     del probe_x
     timings["label_errors"] = time.perf_counter() - step

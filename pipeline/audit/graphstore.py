@@ -29,7 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audit.graph import Graph, GraphSettings, blocks, build_graph, index_parts, set_threads, unit_block
+from pipeline.audit.graph import (
+    Graph,
+    GraphSettings,
+    blocks,
+    build_graph,
+    index_parts,
+    pca_transform,
+    set_threads,
+    unit_block,
+)
 from pipeline.config import AuditConfig
 from pipeline.errors import CacheError
 
@@ -108,21 +117,28 @@ def graph_record(graph: Graph, folder: Path, *, built: bool, saturated: int) -> 
     }
 
 
-def probe_rows(features: np.ndarray, graph: Graph, folder: Path, block: int) -> tuple[np.ndarray, str]:
+def probe_rows(features: np.ndarray, graph: Graph, folder: Path, settings: GraphSettings) -> tuple[np.ndarray, str]:
     """The rows the label probe is fitted on, and what they are.
 
-    Below the exact size, the features themselves (as the stage-2 head sees them);
-    above, their PCA of the graph's index, (N, pca_dim) float32: a logistic probe on
-    a million rows of 1280 would not fit in memory or time (docs/audit.md).
+    Features no wider than `pca_dim`: themselves. Wider: their PCA to `pca_dim`
+    (the approximate graph's own, else one fitted here on up to 100k unit rows),
+    (N, pca_dim) float32. A logistic probe on 1280 features took 20-60 s at 10k rows
+    and would not fit a million in memory; on the PCA it ranks planted flips as well
+    (docs/audit.md).
     """
-    if graph.meta["method"] != "approximate":
+    if features.shape[1] <= settings.pca_dim:
         return features, "features"
-    index = graph.index if graph.index is not None else load_graph(folder, with_index=True).index
-    pca, _ = index_parts(index)
+    if graph.meta["method"] == "approximate":
+        index = graph.index if graph.index is not None else load_graph(folder, with_index=True).index
+        pca, _ = index_parts(index)
+    else:
+        rng = np.random.default_rng(settings.seed)
+        sample = np.sort(rng.choice(len(features), size=min(len(features), 100_000), replace=False))
+        pca, _ = pca_transform(unit_block(features[sample]), settings.pca_dim)
     out = np.empty((len(features), pca.d_out), np.float32)
-    for a, b in blocks(len(features), block):
+    for a, b in blocks(len(features), settings.block_rows):
         out[a:b] = pca.apply(unit_block(features[a:b]))
-    return out, f"PCA to {pca.d_out} of the unit rows (the graph's)"
+    return out, f"PCA to {pca.d_out} of the unit rows"
 
 
 def read_meta(folder: Path) -> dict[str, Any] | None:
