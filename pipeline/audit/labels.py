@@ -18,8 +18,8 @@ from pipeline.errors import ConfigError, DataError
 
 #: Rows each fold's logistic probe is fitted on at most: a seeded sample of the fold's
 #: other rows. Out-of-fold probabilities of a million rows then cost five fits of
-#: 100k rows; a linear probe's fit hardly changes beyond that.
-MAX_FIT_ROWS = 100_000
+#: 20k rows; a linear probe's fit hardly changes beyond that.
+MAX_FIT_ROWS = 20_000
 #: Out-of-fold accuracy below which the label scores are reported as unreliable: the
 #: probe then disagrees with so many correct labels that flips drown among them
 #: (docs/audit.md: a relabelling the features barely encode).
@@ -183,20 +183,8 @@ def _round_rows(matrix: np.ndarray) -> np.ndarray:
     return out
 
 
-def label_findings(
-    rows: Rows, class_names: list[str], config: AuditConfig, probe_x: np.ndarray, near: Neighbours, *, reduced: str
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Label issues among train + validation rows, every one scored and ranked worst first.
-
-    One score from two out-of-sample views of each row's label: the out-of-fold
-    probabilities of the logistic probe on `probe_x` (the features, or their PCA at
-    scale: `reduced` says which) and the similarity-weighted vote of its k nearest
-    rows in the graph. Their mean goes through confident learning (which rows are
-    issues) and its normalized margin ranks them: on cats_and_dogs_filtered with
-    planted flips the combination ranks flips higher than either alone (docs/audit.md).
-    """
-    k = len(class_names)
-    pool = np.flatnonzero(np.isin(rows.splits, ["train", "validation"]))
+def _probe(rows: Rows, pool: np.ndarray, config: AuditConfig, probe_x: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """The probe's C (given, or chosen on validation) and its out-of-fold probabilities of the `pool` rows."""
     C = config.C
     if C is None:
         train, validation = pool[rows.splits[pool] == "train"], pool[rows.splits[pool] == "validation"]
@@ -212,8 +200,28 @@ def label_findings(
             n_classes=k,
             seed=config.seed,
         )
+    proba = out_of_fold_probabilities(
+        probe_x[pool], rows.labels[pool], n_classes=k, folds=config.folds, C=C, seed=config.seed
+    )
+    return C, proba
+
+
+def label_findings(
+    rows: Rows, class_names: list[str], config: AuditConfig, probe_x: np.ndarray, near: Neighbours, *, reduced: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Label issues among train + validation rows, every one scored and ranked worst first.
+
+    One score from two out-of-sample views of each row's label: the out-of-fold
+    probabilities of the logistic probe on `probe_x` (the features, or their PCA at
+    scale: `reduced` says which) and the similarity-weighted vote of its k nearest
+    rows in the graph. Their mean goes through confident learning (which rows are
+    issues) and its normalized margin ranks them: on cats_and_dogs_filtered with
+    planted flips the combination ranks them at least as well as either alone (docs/audit.md).
+    """
+    k = len(class_names)
+    pool = np.flatnonzero(np.isin(rows.splits, ["train", "validation"]))
     labels = rows.labels[pool]
-    p_probe = out_of_fold_probabilities(probe_x[pool], labels, n_classes=k, folds=config.folds, C=C, seed=config.seed)
+    C, p_probe = _probe(rows, pool, config, probe_x, k)
     p_knn = knn_probabilities(near.knn_index[pool], near.knn_similarity[pool], rows.labels, k)
     proba = (p_probe + p_knn) / 2
     issues = confident_learning(proba, labels)
