@@ -546,7 +546,7 @@ class AuditConfig:
     block_rows: int = option(32_768, "rows per block of the streamed passes over the features", name="audit_block_rows")
     exact_below: int = option(20_000, "rows below which the neighbour graph is exact (else PCA + IVF, faiss)")
     pca_dim: int = option(256, "approximate graph: PCA width of the IVF index", name="audit_pca_dim")
-    nprobe: int = option(16, "approximate graph: nearest IVF lists each list is joined with", name="audit_nprobe")
+    nprobe: int = option(8, "approximate graph: nearest IVF lists each list is joined with", name="audit_nprobe")
     rerank: int = option(
         2, "approximate graph: k * RERANK + 1 candidates per row re-scored exactly", name="audit_rerank"
     )

@@ -51,7 +51,7 @@ class GraphSettings:
     k: int = 10
     exact_below: int = EXACT_BELOW
     pca_dim: int = 256
-    nprobe: int = 16
+    nprobe: int = 8
     rerank: int = 2
     recall_queries: int = 1000
     block_rows: int = BLOCK_ROWS
