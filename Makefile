@@ -115,7 +115,7 @@ bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forw
 bench-head: $(VENV)/.installed ## benchmark stage 2: head training seconds on the benchmark's cached features -> bench/head.{json,md}
 	$(PIPELINE) bench-head $(BENCH_ASSET_FLAGS) $(call options,FEATURES_DIR) $(BENCH_OUT_FLAGS)
 
-bench-audit: $(VENV)/.installed ## audit seconds and peak memory at 10k/100k generated rows; duplicate threshold calibrated on BENCH_DATA -> bench/audit.{json,md}
+bench-audit: $(VENV)/.installed ## audit seconds, peak memory and recall at 10k/100k/1M generated rows; duplicate threshold calibrated on BENCH_DATA -> bench/audit.{json,md}
 	$(PIPELINE) bench-audit $(BENCH_ASSET_FLAGS) $(call options,FEATURES_DIR) $(BENCH_OUT_FLAGS)
 
 # Quick mode generates its own data and backbone, so it takes none of the asset variables.

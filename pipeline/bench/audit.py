@@ -356,4 +356,8 @@ def audit_table(result: dict[str, Any]) -> str:
         )
     if result.get("calibration"):
         lines += _calibration_lines(result["calibration"])
+    if result.get("flips"):
+        from pipeline.bench.flips import flips_table
+
+        lines += ["", flips_table(result["flips"]).rstrip()]
     return "\n".join(lines) + "\n"
