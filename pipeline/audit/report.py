@@ -88,7 +88,8 @@ def report(record: Mapping[str, Any], sheets: Sequence[str]) -> str:
         f"| confused class pairs | {c['overlapping_class_pairs']} | - |",
         "",
         f"Probe: logistic head, C={probe['C']:g} ({probe['C_chosen_on']}), {probe['folds']}-fold out-of-fold "
-        f"accuracy {probe['out_of_fold_accuracy']:.4f} on {probe['rows']} train + validation rows; "
+        f"accuracy {probe['out_of_fold_accuracy']:.4f} on {probe['rows']} train + validation rows "
+        f"({probe.get('features', 'features')}); "
         f"label issues by {probe['method']}.",
         "",
         *_graph_lines(record.get("graph")),
