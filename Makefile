@@ -9,7 +9,7 @@ SHELL := /bin/bash
 ## defaults live in one place, pipeline/config.py; `make help` prints them from there.
 DATA_OPTIONS := DATASET DATA_DIR TFDS_DIR NO_DOWNLOAD SPLITS VAL_FRACTION TEST_FRACTION TEST_FROM_VALIDATION
 FEATURES_OPTIONS := BACKBONE WEIGHTS IMAGE_SIZE POOLING DTYPE BATCH_SIZE SEED SHARD NUM_SHARDS STRICT \
-	MIXED_PRECISION FEATURES_DIR
+	MIXED_PRECISION RUNTIME PRECISION FEATURES_DIR
 AUGMENT_OPTIONS := AUG_FLIP AUG_ROTATION AUG_ZOOM AUG_CONTRAST AUG_TRANSLATION
 VIEWS_OPTIONS := AUG_VIEWS
 HEAD_OPTIONS := HEAD C HIDDEN DROPOUT EPOCHS HEAD_BATCH_SIZE LEARNING_RATE PATIENCE CLASS_WEIGHT RUNS_DIR \
@@ -17,13 +17,19 @@ HEAD_OPTIONS := HEAD C HIDDEN DROPOUT EPOCHS HEAD_BATCH_SIZE LEARNING_RATE PATIE
 FINETUNE_OPTIONS := FINE_TUNE_AT FINE_TUNE_EPOCHS HEAD_EPOCHS OPTIMIZER FINE_TUNE_LEARNING_RATE \
 	FINE_TUNE_BATCH_SIZE FINE_TUNE_PATIENCE FROM_SCRATCH
 ENGINE_OPTIONS := ENGINE RAY_ADDRESS WORKERS GPUS_PER_WORKER RAY_SHARD_SIZE RAY_MAX_ATTEMPTS
-AUDIT_OPTIONS := FOLDS DUPLICATE_THRESHOLD NEIGHBOURS OUTLIER_Z AUDIT_TOP AUDIT_DIR AUDIT_BLOCK_ROWS EXACT_BELOW \
+CHOOSE_OPTIONS := BACKBONES PER_CLASS CHOOSE_WEIGHTS CHOOSE_TOLERANCE CHOOSE_DIR
+AUDIT_OPTIONS := FOLDS DUPLICATE_THRESHOLD NEIGHBOURS OUTLIER_Z AUDIT_TOP AUDIT_BLOCK_ROWS EXACT_BELOW \
 	AUDIT_PCA_DIM AUDIT_NPROBE AUDIT_RERANK RECALL_QUERIES
+DECISIONS_OPTIONS := AUDIT_DIR DECISIONS DECISIONS_TEST
+REVIEW_OPTIONS := PORT
 ## Command arguments
 FEATURES ?=#                      head, audit, ...: a feature file to use instead of the one the options describe
 ## Compare
 COMPARE_ROWS ?=#                  rows of `make compare`, comma-separated (default: the five of pipeline.compare.ROWS; also seed, dense-views-K, logistic-views-K)
 COMPARE_DIR ?=#                   default: compare/<data>__<backbone>__<size>px[__<N>-per-class]
+## Export features
+FORMAT ?=#                        export-features: parquet (default) or npy (embeddings + Parquet metadata)
+EXPORT_OUT ?=#                    export-features: output file (default: FEATURES_DIR/export/<feature file>.<format>)
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
@@ -55,7 +61,7 @@ lower = $(subst Z,z,$(subst Y,y,$(subst X,x,$(subst W,w,$(subst V,v,$(subst U,u,
 # The flags of the options in $(1) that are set: VAR=value -> --var 'value'.
 options = $(strip $(foreach v,$(1),$(if $($(v)),--$(subst _,-,$(call lower,$(v))) '$($(v))')))
 FEATURE_FLAGS = $(call options,$(DATA_OPTIONS) $(FEATURES_OPTIONS))
-STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
+STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS) $(DECISIONS_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 # VAR's value as FLAG, only when VAR is set: $(call flag,VAR,--flag).
 flag = $(if $($(1)),$(2) '$($(1))')
@@ -63,7 +69,9 @@ BENCH_MODEL_FLAGS = $(call flag,BENCH_BACKBONE,--backbone) $(call flag,BENCH_IMA
 BENCH_ASSET_FLAGS = $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) $(BENCH_MODEL_FLAGS)
 BENCH_OUT_FLAGS = $(call flag,BENCH_OUT,--out)
 
-.PHONY: lint help features head audit similar finetune compare export predict backbones bench bench-features bench-head bench-audit bench-scale test test-all clean-venv
+.PHONY: lint help features gc export-features head audit similar review finetune compare export predict backbones choose \
+	bench bench-features bench-head bench-audit bench-scale bench-runtimes bench-incremental test test-all \
+	test-browser-deps clean-venv
 
 help: ## list targets and variables
 	@echo "Targets:"
@@ -78,17 +86,26 @@ help: ## list targets and variables
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,ray]'
+	$(PY) -m pip install --quiet -e '.[test,ray,hub]'
 	touch $@
 
 features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache features to HDF5 in FEATURES_DIR
 	$(PIPELINE) features $(FEATURE_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(VIEWS_OPTIONS) $(ENGINE_OPTIONS))
+
+gc: $(VENV)/.installed ## drop feature-store rows no feature file in FEATURES_DIR uses any more (and format-1 files)
+	$(PIPELINE) gc $(if $(FEATURES_DIR),--features-dir '$(FEATURES_DIR)')
+
+export-features: features ## the current features as Parquet (FORMAT=parquet) or .npy + Parquet (FORMAT=npy)
+	$(PIPELINE) export-features $(STAGE2_FLAGS) $(if $(FORMAT),--format '$(FORMAT)') $(if $(EXPORT_OUT),--out '$(EXPORT_OUT)')
 
 head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
 	$(PIPELINE) head $(STAGE2_FLAGS)
 
 audit: features ## duplicates (leaks first), label errors, outliers, class overlap -> AUDIT_DIR/<features>/audit.{json,md}, contact sheets
 	$(PIPELINE) audit $(STAGE2_FLAGS) $(call options,$(AUDIT_OPTIONS))
+
+review: $(VENV)/.installed ## a page on localhost over the latest audit (or AUDIT_DIR): keep/exclude/relabel -> AUDIT_DIR/<dataset>.decisions.csv
+	$(PIPELINE) review $(call options,$(DECISIONS_OPTIONS) $(REVIEW_OPTIONS))
 
 # --make-head: a warm start runs stages 1 and 2 first (no-ops when up to date); the finetune
 # command decides when that is needed (FinetuneConfig.warm_starts), not Make.
@@ -126,8 +143,20 @@ bench: $(VENV)/.installed ## pipeline vs the seed workflow: speed, accuracy, sto
 bench-scale: $(VENV)/.installed ## ENGINE=ray vs local, the driver's ceiling, extraction and heads against size -> bench/scale.{json,md}
 	$(PIPELINE) bench-scale $(call flag,BENCH_SCALE_PARTS,--parts) $(BENCH_ASSET_FLAGS) $(BENCH_OUT_FLAGS) $(BENCH_SCALE_FLAGS)
 
-backbones: $(VENV)/.installed ## list the registered backbones
+BENCH_INCREMENTAL_FLAGS ?=#       make bench-incremental: more flags (`python -m pipeline bench-incremental --help`)
+
+bench-incremental: $(VENV)/.installed ## no-op and +1% runs of make features on 100k generated images -> bench/incremental.{json,md}
+	$(PIPELINE) bench-incremental $(BENCH_INCREMENTAL_FLAGS)
+
+bench-runtimes: $(VENV)/.installed ## stage 1 on each runtime x precision at 160 and 224 px: img/s, ratio to TF, cosine, peak RSS -> bench/runtimes.{json,md}
+	$(PIPELINE) bench-runtimes $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) \
+		$(call flag,BENCH_BACKBONE,--backbone) $(call options,BATCH_SIZE) $(BENCH_OUT_FLAGS)
+
+backbones: $(VENV)/.installed ## list the registered backbones, the runtimes each runs on, and keras-hub presets (BACKBONE=hub:<preset>)
 	$(PIPELINE) backbones
+
+choose: $(VENV)/.installed ## which backbone: BACKBONES=a,b,c [PER_CLASS=n] on a sample -> CHOOSE_DIR/<data>/choose.{md,json,png}
+	$(PIPELINE) choose $(FEATURE_FLAGS) $(call options,$(CHOOSE_OPTIONS))
 
 test: $(VENV)/.installed ## run the test suite (real-asset tests skip when SHARED is absent)
 	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
@@ -138,6 +167,10 @@ lint: $(VENV)/.installed ## check formatting, imports and style with ruff (line 
 
 test-all: $(VENV)/.installed ## the test suite including slow tests
 	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --runslow $(PYTEST_ARGS)
+
+test-browser-deps: $(VENV)/.installed ## install what the review page's browser tests need: Chromium, chromedriver, selenium
+	apt-get install -y chromium chromium-driver
+	$(PY) -m pip install --quiet -e '.[test,ray,hub,browser]'
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)

@@ -28,6 +28,7 @@ from pipeline.config import (
     HeadConfig,
     ViewsConfig,
 )
+from pipeline.config_tools import ReviewConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.options import build_config, options
 
@@ -37,13 +38,16 @@ log = logging.getLogger("pipeline")
 #: The option sections each command takes (`pipeline.config.SECTIONS`); flags are generated from them.
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "features": ("data", "features", "augment", "views", "engine"),
-    "head": ("data", "features", "head"),
-    "audit": ("data", "features", "head", "audit"),
-    "similar": ("data", "features", "audit"),
-    "export": ("data", "features", "head"),
-    "predict": ("data", "features", "head"),
-    "finetune": ("data", "features", "head", "augment", "finetune"),
-    "compare": ("data", "features", "head", "augment", "finetune"),
+    "head": ("data", "features", "head", "decisions"),
+    "audit": ("data", "features", "head", "decisions", "audit"),
+    "export": ("data", "features", "head", "decisions"),
+    "predict": ("data", "features", "head", "decisions"),
+    "finetune": ("data", "features", "head", "decisions", "augment", "finetune"),
+    "compare": ("data", "features", "head", "decisions", "augment", "finetune"),
+    "review": ("decisions", "review"),
+    "choose": ("data", "features", "choose"),
+    "export-features": ("data", "features"),
+    "similar": ("data", "features", "decisions", "audit"),
     "bench-head": ("data", "features"),
     "bench-audit": ("data", "features"),
 }
@@ -204,20 +208,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.export import (
-        check_top,
-        expand_images,
-        format_predictions,
-        load_classifier,
-        predict_images,
-        write_csv,
-    )
+    from pipeline.export import check_top, expand_images, format_predictions, load_predictor, write_csv
 
     if not args.images:
         raise ConfigError("predict needs images: IMAGES=<file, folder or glob> (several allowed).")
-    model, names = load_classifier(_run_dir(args))
+    predictor = load_predictor(_run_dir(args))
+    names = predictor.class_names
     top = check_top(args.top, names)
-    results = predict_images(model, names, expand_images(args.images))
+    results = predictor.predict(expand_images(args.images))
     print("\n".join(format_predictions(results, names, top)))
     if args.csv:
         print(f"predict: {len(results)} rows -> {write_csv(results, names, Path(args.csv))}")
@@ -300,21 +298,97 @@ def _cmd_similar(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from pipeline.features.merge import merge_shards
+def _cmd_review(args: argparse.Namespace) -> int:
+    """Serves the review page until Ctrl-C; its one line of output is the URL (no browser is opened)."""
+    from pipeline.review.server import open_server, serve
 
-    out = merge_shards([Path(p) for p in args.shards], Path(args.output))
-    print(f"merge: {len(args.shards)} shards -> {out}")
+    config = config_of(ReviewConfig, args)
+    if config.decisions == "none":
+        raise ConfigError("make review records decisions: DECISIONS must be a file or unset. Received: none.")
+    server = open_server(config.audit_dir, port=config.port, decisions=config.decisions)
+    print(f"review: {server.url}  (decisions -> {server.app.store.path}; Ctrl-C stops)", flush=True)
+    serve(server)
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.features.gc import collect_garbage
+
+    report = collect_garbage(Path(args.features_dir))
+    print(
+        f"gc: {report['stores']} stores, {report['rows_kept']} rows kept, {report['rows_dropped']} dropped; "
+        f"{report['views_stores_deleted']} unused views stores and {report['old_files_deleted']} format-1 "
+        f"feature files deleted in {args.features_dir}"
+    )
+    return 0
+
+
+def _cmd_export_features(args: argparse.Namespace) -> int:
+    from pipeline.features.tabular import export_features
+
+    path, _ = _features_file(args)
+    files = export_features(path, Path(args.out) if args.out else None, fmt=args.format)
+    print(f"export-features: {', '.join(str(f) for f in files)}")
     return 0
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
-    from pipeline.features.backbones import get_backbone, list_backbones
+    import importlib.util
 
-    print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  preprocessing")
+    from pipeline.features.backbones import get_backbone, list_backbones
+    from pipeline.features.hub import INSTALL_HINT
+
+    print(f"{'name':24} {'family':22} {'size':>5} {'dim':>5}  {'preprocessing':13}  runtimes")
     for name in list_backbones():
         spec = get_backbone(name)
-        print(f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  {spec.preprocessing}")
+        print(f"{name:24} {spec.family:22} {spec.default_size:5d} {spec.feature_dim:5d}  ", end="")
+        print(f"{spec.preprocessing:13}  {spec.runtimes_text()}")
+    print("\nkeras-hub presets, BACKBONE=hub:<preset> (any keras-hub image preset works; docs/backbones.md):")
+    if importlib.util.find_spec("keras_hub") is None:
+        print(f"  keras-hub is not installed: {INSTALL_HINT}")
+    print(f"  {'preset':37} {'family':28} {'size':>4} {'dim':>5} {'pooling':>8} {'params':>7}  licence  values from")
+    for row in _hub_rows():
+        print(f"  {row}")
+    return 0
+
+
+def _hub_rows() -> list[str]:
+    """The shortlist, with size and width read from the preset's config where a copy is cached here."""
+    from pipeline.features.hub import cached_folder, preset_spec
+    from pipeline.features.hub_presets import SHORTLIST
+
+    rows = []
+    for p in SHORTLIST:
+        folder = cached_folder(p.preset)
+        if folder is None:
+            size, dim, pooling, source = (
+                p.image_size,
+                p.width * (2 if p.pooling == "cls_mean" else 1),
+                p.pooling,
+                "list",
+            )
+        else:
+            spec = preset_spec(f"hub:{p.preset}", folder)
+            size, dim, pooling, source = spec.default_size, spec.pooled_dim(None), spec.default_pooling, "cache"
+        rows.append(
+            f"{'hub:' + p.preset:37} {p.family:28} {size:4d} {dim:5d} {pooling:>8} "
+            f"{p.params_millions:6.1f}M  {p.licence:8} {source}"
+        )
+    return rows
+
+
+def _cmd_choose(args: argparse.Namespace) -> int:
+    from pipeline.choose import choose
+    from pipeline.config_tools import ChooseConfig
+
+    if args.backbone is not None:
+        raise ConfigError(
+            f"make choose compares the backbones of BACKBONES (comma-separated); BACKBONE is for the stages. "
+            f"Received: BACKBONE={args.backbone!r}; use BACKBONES={args.backbone}."
+        )
+    result = choose(config_of(FeaturesConfig, args), config_of(ChooseConfig, args), progress=not args.no_progress)
+    print((Path(result["out"]) / "choose.md").read_text(), end="")
+    print(f"choose -> {result['out']}")
     return 0
 
 
@@ -329,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     stage = functools.partial(_stage, commands)
     _add_stage_commands(stage)
+    _add_data_commands(stage)
     _add_tool_commands(commands)
     add_bench_commands(commands, stage)
     return parser
@@ -403,6 +478,10 @@ def _add_stage_commands(stage) -> None:
     predict.add_argument("images", nargs="*", help="image files, folders or globs (Make: IMAGES)")
     predict.add_argument("--top", type=int, default=3, help="classes shown per image (Make: TOP; default: 3)")
     predict.add_argument("--csv", help="also write all probabilities to this CSV file (Make: CSV)")
+
+
+def _add_data_commands(stage) -> None:
+    """The commands that look at the data through its features: audit, similar, review, compare, choose, export."""
     stage(
         "audit",
         "find duplicates, label errors, outliers and class overlap in the features",
@@ -417,6 +496,8 @@ def _add_stage_commands(stage) -> None:
     )
     similar.add_argument("images", nargs="*", help="image files, folders or globs (Make: IMAGES)")
     similar.add_argument("--top", type=int, default=10, help="matches shown per image (Make: TOP; default: 10)")
+    stage("review", "a local page to review the latest audit and record decisions", _cmd_review)
+    stage("choose", "which backbone for this data: accuracy, speed, size on a sample", _cmd_choose)
     comparison = stage(
         "compare", "cached heads vs fine-tuning vs from scratch: table and plots", _cmd_compare, features_file=True
     )
@@ -431,13 +512,22 @@ def _add_stage_commands(stage) -> None:
         help="output folder (Make: COMPARE_DIR; default: compare/<data>__<backbone>__<size>px[__<N>-per-class])",
     )
 
+    tabular = stage(
+        "export-features",
+        "the current feature file as Parquet, or .npy + Parquet",
+        _cmd_export_features,
+        features_file=True,
+    )
+    tabular.add_argument("--format", default="parquet", choices=("parquet", "npy"), help="Make: FORMAT")
+    tabular.add_argument("--out", help="output file (Make: EXPORT_OUT; default: FEATURES_DIR/export/<file>.<format>)")
+
 
 def _add_tool_commands(commands) -> None:
-    """The commands that list or join things: merge, options, backbones."""
-    merge = commands.add_parser("merge", help="join the shard files of one features run")
-    merge.add_argument("shards", nargs="+", help="shard files (.h5)")
-    merge.add_argument("-o", "--output", required=True, help="merged file")
-    merge.set_defaults(run=_cmd_merge)
+    """The commands that list or clean things: gc, options, backbones."""
+    collect = commands.add_parser("gc", help="drop store rows no feature file uses, and format-1 feature files")
+    collect.add_argument("--features-dir", default="features", help="features folder (Make: FEATURES_DIR)")
+    collect.set_defaults(run=_cmd_gc)
+
     listing = commands.add_parser("options", help="every option with its Make variable and default (make help)")
     listing.set_defaults(run=_cmd_options)
     listing = commands.add_parser("backbones", help="list the registered backbones")

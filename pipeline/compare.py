@@ -48,6 +48,7 @@ from typing import Any
 
 from pipeline import plots, runs
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadConfig, ViewsConfig, fingerprint
+from pipeline.decisions import report_lines
 from pipeline.errors import ConfigError
 from pipeline.locks import exclusive
 
@@ -198,6 +199,7 @@ def _cached_head(name: str, views: int = 0) -> Callable[..., dict[str, Any]]:
             "total_seconds": round(own + prerequisite, 2),
             "trainable_parameters": head.parameter_count,
             "val_accuracy_curve": history.get("val_accuracy", []),
+            "decisions": run.metrics.get("decisions"),
         }
 
     return run
@@ -254,6 +256,7 @@ def _finetuned(**changes: Any) -> Callable[..., dict[str, Any]]:
             "total_seconds": round(own + prerequisite, 2),
             "trainable_parameters": parameters,
             "val_accuracy_curve": curve,
+            "decisions": metrics.get("decisions"),
         }
 
     return run
@@ -293,7 +296,19 @@ def _identity(settings: Settings, name: str) -> str:
     else:
         parts["head"] = settings.head_for("dense").to_dict()
         parts["finetune"] = settings.finetune_for().to_dict()
+    parts["decisions"] = _decisions_identity(settings)
     return fingerprint(parts)
+
+
+def _decisions_identity(settings: Settings) -> str | None:
+    """What the review decisions change (`pipeline.decisions`): a row reruns when they change."""
+    from pipeline.audit.exclusion import planned_decisions
+    from pipeline.decisions import decisions_fingerprint, effective
+    from pipeline.features.extract import resolve
+
+    head = settings.head_for("dense")
+    _, decisions = planned_decisions(resolve(settings.features_for())[2], head)
+    return decisions_fingerprint(decisions, test=head.decisions_test) if effective(decisions) else None
 
 
 def _accuracy(metrics: dict[str, Any], split: str) -> float | None:
@@ -365,4 +380,5 @@ def comparison_table(results: list[dict[str, Any]], settings: Settings) -> str:
             f"| {r['row']} | {r['kind']} | {fmt(r['validation'])} | {fmt(r['test'])} | "
             f"{r['own_seconds']:.1f} | {r['total_seconds']:.1f} | {r['trainable_parameters']:,} |"
         )
-    return "\n".join(lines) + "\n"
+    decided = next((r["decisions"] for r in results if r.get("decisions")), None)
+    return "\n".join(lines + report_lines(decided, None, None)) + "\n"

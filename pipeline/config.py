@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config_tools import ChooseConfig, DecisionsConfig, ReviewConfig
 from pipeline.errors import ConfigError
 from pipeline.options import check_choices, derived, option, parse_size
 
@@ -27,8 +28,13 @@ DEFAULT_TFDS_SPLITS = {
     "test": "train[50%:60%]",
 }
 DEFAULT_DATASET = "cats_vs_dogs"
-POOLINGS = ("avg", "max")
+#: Feature maps: avg, max; tokens: cls, mean (of patch tokens), cls_mean, pooled (see pipeline.features.pooling).
+POOLINGS = ("avg", "max", "cls", "mean", "cls_mean", "pooled")
 DTYPES = ("float32", "float16")
+#: RUNTIME: `auto`, or a runtime of `pipeline.features.runtimes.RUNTIMES` (a test keeps the two in step).
+RUNTIMES = ("auto", "tensorflow", "openvino")
+#: PRECISION: the arithmetic of the forward pass; bf16 computes other features, so it is in the key.
+PRECISIONS = ("f32", "bf16")
 
 
 def _check_fraction(name: str, value: float, *, upper: float = 1.0) -> None:
@@ -116,24 +122,42 @@ class DataConfig:
 class FeaturesConfig:
     """Everything that stage 1 needs; the fields that change the output form the key.
 
-    `image_size=None` means the backbone's native size and is resolved by
-    `resolved(...)` before use, so stored configs always hold the real size.
+    `image_size=None` means the backbone's native size and `pooling=None` its default
+    pooling (the one its paper's linear probes use); `resolved(...)` sets both before
+    use, so stored configs always hold the real values.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
-    backbone: str = option("mobilenet_v2", "registry name (`make backbones` lists them)")
-    weights: str = option("imagenet", "imagenet, none, or a path to an .h5 weights file")
+    backbone: str = option("mobilenet_v2", "registry name or hub:<keras-hub preset> (`make backbones` lists them)")
+    weights: str = option(
+        "imagenet", "imagenet (hub: the preset's own), none, an .h5 weights file or a keras-hub preset folder"
+    )
     image_size: int | None = option(None, "input size in pixels (default: the backbone's native size)")
-    pooling: str = option("avg", "global pooling of the last feature map", choices=POOLINGS)
+    pooling: str | None = option(
+        None,
+        "avg/max (feature maps), cls/mean/cls_mean/pooled (tokens); default: the backbone's linear-probe pooling",
+        choices=(None, *POOLINGS),
+    )
     dtype: str = option("float32", "storage dtype of the features", choices=DTYPES)
     batch_size: int = option(32, "images per forward pass")
     seed: int = option(0, "seeds the folder splits, the views, the heads and fine-tuning")
     shard_index: int = option(
-        0, "process shard I of NUM_SHARDS (join them with `python -m pipeline merge`)", name="shard"
+        0,
+        "extract shard I of NUM_SHARDS of the missing rows into the store (a run without shards assembles)",
+        name="shard",
     )
     num_shards: int = option(1, "number of shards")
     strict: bool = option(False, "fail on any unreadable image instead of skipping it")
     mixed_precision: bool = option(False, "run the backbone in float16 (GPUs)")
+    runtime: str = option(
+        "auto",
+        "inference runtime of the backbone: auto (TensorFlow on a GPU, else the fastest CPU runtime), "
+        "tensorflow, openvino",
+        choices=RUNTIMES,
+    )
+    precision: str = option(
+        "f32", "arithmetic of the forward pass: f32, or bf16 (CPUs with native bf16; own features)", choices=PRECISIONS
+    )
     output_dir: str = option("features", "folder of the feature files", name="features_dir")
 
     def __post_init__(self) -> None:
@@ -154,15 +178,21 @@ class FeaturesConfig:
         """The value for keras.applications' `weights` argument."""
         return None if self.weights == "none" else self.weights
 
-    def resolved(self, default_size: int) -> FeaturesConfig:
-        """Returns a copy with `image_size` set (the backbone's native size if unset)."""
-        return dataclasses.replace(self, image_size=self.image_size or default_size)
+    def resolved(self, default_size: int, default_pooling: str = "avg") -> FeaturesConfig:
+        """Returns a copy with `image_size` and `pooling` set (the backbone's defaults if unset)."""
+        return dataclasses.replace(
+            self, image_size=self.image_size or default_size, pooling=self.pooling or default_pooling
+        )
 
-    def key(self, *, data_fingerprint: str, weights_identity: str) -> dict[str, Any]:
-        """The facts that determine the features; files with different keys never mix.
+    def key(self, *, weights_identity: str, decoder: str) -> dict[str, Any]:
+        """The facts that determine a feature file: the model key plus how the data is split.
 
-        Batch size, strictness and output folder are left out: they change how the
-        work is done, not what it computes.
+        Which images the data holds is not in it: rows are found by content in the
+        store (`pipeline.features.contentstore`), and the file records the scan it was
+        assembled from. Batch size, engine, strictness, output folder and the runtime are
+        left out: they change how the work is done, not what it computes (an f32 runtime
+        other than TensorFlow is verified against it before its first batch,
+        docs/stage1-design.md).
         """
         if self.image_size is None:
             raise ConfigError("image_size must be resolved before computing the cache key.")
@@ -170,7 +200,6 @@ class FeaturesConfig:
         return {
             "dataset": data.dataset if data.dataset is not None else data.name,
             "source": "tfds" if data.dataset is not None else "folder",
-            "data_fingerprint": data_fingerprint,
             "splits": data.splits if data.dataset is not None else None,
             "val_fraction": data.val_fraction if data.data_dir is not None else None,
             "test_fraction": data.test_fraction if data.data_dir is not None else None,
@@ -180,9 +209,10 @@ class FeaturesConfig:
             "weights": weights_identity,
             "image_size": self.image_size,
             "pooling": self.pooling,
-            "dtype": self.dtype,
+            "precision": self.precision,
             "mixed_precision": self.mixed_precision,
-            "shard": [self.shard_index, self.num_shards],
+            "decoder": decoder,
+            "dtype": self.dtype,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,21 +252,39 @@ def fingerprint(value: Any, *, length: int = 10) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 
+#: The fields of `FeaturesConfig.key` that determine a row of features from an image's bytes.
+MODEL_KEY_FIELDS = ("backbone", "weights", "image_size", "pooling", "precision", "mixed_precision", "decoder", "dtype")
+
+
+def model_key(key: Mapping[str, Any]) -> dict[str, Any]:
+    """The model key of a feature file's key: what a row of the content store depends on."""
+    return {name: key[name] for name in MODEL_KEY_FIELDS}
+
+
+def store_dir_name(key: Mapping[str, Any]) -> str:
+    """'<backbone>__<size>px__<pooling>[__<precision>]__<model-key hash>': a model key's store folder."""
+    parts = [key["backbone"], f"{key['image_size']}px", key["pooling"]]
+    if key["precision"] != "f32":
+        parts.append(key["precision"])
+    return "__".join([*parts, fingerprint(model_key(key))])
+
+
 def feature_file_name(config: FeaturesConfig, key: Mapping[str, Any]) -> str:
-    """'<dataset>__<backbone>__<weights>__<size>px__<pooling>[__f16]__<hash>[__shard-I-of-N].h5'.
+    """'<dataset>__<backbone>__<weights>__<size>px__<pooling>[__f16][__mp][__bf16]__<hash>.h5'.
 
     The readable parts let people find their file; the hash covers everything else in
-    the key (split specs, seed, the weights file's digest, ...).
+    the key (split specs, seed, the weights file's digest, ...). The images are not in
+    it: when the folder changes, the file is reassembled in place.
     """
     weights = config.weights if config.weights in ("imagenet", "none") else "file"
-    parts = [config.data.name, config.backbone, weights, f"{config.image_size}px", config.pooling]
+    parts = [config.data.name, slugify(config.backbone), weights, f"{config.image_size}px", config.pooling]
     if config.dtype == "float16":
         parts.append("f16")
     if config.mixed_precision:
         parts.append("mp")
-    parts.append(fingerprint({k: v for k, v in key.items() if k != "shard"}))
-    if config.num_shards > 1:
-        parts.append(f"shard-{config.shard_index}-of-{config.num_shards}")
+    if config.precision != "f32":
+        parts.append(config.precision)
+    parts.append(fingerprint(dict(key)))
     return "__".join(parts) + ".h5"
 
 
@@ -351,6 +399,8 @@ class HeadConfig:
     `exclude` names an `audit.json` of `make audit` on the same feature file: the
     train rows it flags (of `exclude_kinds`, comma-separated, default all of
     `AUDIT_KINDS`) are left out; validation and test rows never are.
+    `decisions`, `decisions_test` and `audit_dir` are `DecisionsConfig`'s: the
+    review decisions training applies (EXCLUDE records its rows there first).
     `memory_budget` ("2GB", "512MiB"; None: a quarter of this machine's RAM) bounds the
     memory the train rows may take: past it the dense head streams them from the
     file and the logistic head refuses (see `pipeline.heads.train`).
@@ -385,6 +435,9 @@ class HeadConfig:
         "memory the train rows may take (e.g. 2GB; default: a quarter of RAM): "
         "past it the dense head streams them from the file",
     )
+    decisions: str | None = derived("decisions", None)
+    decisions_test: bool = derived("decisions_test", False)
+    audit_dir: str = derived("audit_dir", "audit")
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None:
@@ -396,6 +449,11 @@ class HeadConfig:
                 f"exclude_kinds (EXCLUDE_KINDS) selects findings of an audit; it needs exclude "
                 "(EXCLUDE=audit/.../audit.json). "
                 f"Received: exclude_kinds={self.exclude_kinds!r} without exclude."
+            )
+        if self.exclude is not None and self.decisions == "none":
+            raise ConfigError(
+                "EXCLUDE records its rows as decisions, and DECISIONS=none turns decisions off. "
+                f"Received: exclude={self.exclude!r}, decisions='none'. Drop one of them."
             )
         check_choices(self)
         if self.grid_images < 0:
@@ -520,13 +578,8 @@ class FinetuneConfig:
 class AuditConfig:
     """`make audit`: what to look for in the cached features, and how hard.
 
-    `folds`: stratified folds of the out-of-fold linear probe (label errors, class
-    overlap); `C`: its inverse regularization, None to pick it once with the logistic
-    head's validation sweep. `duplicate_threshold`: cosine similarity of the features
-    from which two rows are near-duplicates (calibrated for MobileNetV2, see docs/audit.md).
-    `neighbours`: k of the kNN outlier score; `outlier_z`: robust z-score
-    from which a row is flagged as an outlier. `top`: findings per contact sheet.
-    `block_rows`: rows per block of every streamed pass over the features. The
+    `C` None picks the probe's regularization once with the logistic head's validation
+    sweep; `duplicate_threshold` is calibrated for MobileNetV2 (docs/audit.md). The
     neighbour graph (`audit.graph`) is exact below `exact_below` rows, else a PCA to
     `pca_dim` + IVF index probing `nprobe` lists, whose `k * rerank + 1` candidates
     per row are re-scored exactly; `recall_queries` sampled rows measure its recall@k
@@ -542,7 +595,7 @@ class AuditConfig:
     outlier_z: float = option(3.5, "robust z-score from which an example is flagged as an outlier")
     top: int = option(16, "findings per contact sheet (0: no sheets)", name="audit_top")
     seed: int = derived("seed", 0)
-    audit_dir: str = option("audit", "the audit goes to AUDIT_DIR/<feature file stem>/")
+    audit_dir: str = derived("audit_dir", "audit")
     block_rows: int = option(32_768, "rows per block of the streamed passes over the features", name="audit_block_rows")
     exact_below: int = option(20_000, "rows below which the neighbour graph is exact (else PCA + IVF, faiss)")
     pca_dim: int = option(256, "approximate graph: PCA width of the IVF index", name="audit_pca_dim")
@@ -639,5 +692,8 @@ SECTIONS: dict[str, type] = {
     "head": HeadConfig,
     "finetune": FinetuneConfig,
     "audit": AuditConfig,
+    "decisions": DecisionsConfig,
+    "review": ReviewConfig,
     "engine": EngineConfig,
+    "choose": ChooseConfig,
 }

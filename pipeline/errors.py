@@ -34,5 +34,9 @@ class NotFittedError(PipelineError, ValueError, AttributeError):
     """A head used before `fit` (the bases of scikit-learn's exception of that name)."""
 
 
+class RuntimeFailure(PipelineError):
+    """An inference runtime that could not convert or verify a backbone (RUNTIME named explicitly)."""
+
+
 class WorkerError(PipelineError):
     """Work that failed on every try on a cluster's workers (ENGINE=ray)."""

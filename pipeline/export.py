@@ -23,10 +23,10 @@ import numpy as np
 from pipeline import runs
 from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError, ConfigError, DataError
-from pipeline.features.backbones import get_backbone, weights_identity
+from pipeline.features.backbones import HUB_PREFIX, get_backbone, weights_identity
 from pipeline.features.extractor import build_extractor
 from pipeline.features.sources import IMAGE_EXTENSIONS
-from pipeline.heads.base import Head
+from pipeline.heads.base import JSON_NAME, Head
 from pipeline.heads.registry import load_head
 
 log = logging.getLogger(__name__)
@@ -80,18 +80,24 @@ def build_classifier(features: FeaturesConfig, head: Head, *, weights_key: str |
     `weights_key` is the weights identity stored with the features; if the weights
     file changed since, the backbone would not match the head, so that is an error.
     """
-    if weights_key is not None and weights_identity(features.weights_arg) != weights_key:
-        raise CacheError(
-            f"The backbone weights {features.weights!r} are not the ones the features were "
-            f"extracted with ({weights_key}). Rerun `make features` and `make head`."
-        )
-    spec = get_backbone(features.backbone)
+    if weights_key is not None:
+        check_same_weights(features, weights_key)
+    spec = get_backbone(features.backbone, features.weights_arg)
     extractor = build_extractor(
         spec, image_size=features.image_size, weights=features.weights_arg, pooling=features.pooling
     )
     return image_classifier(
-        extractor, head.logits_model(), image_size=features.image_size, name=f"{spec.name}_classifier"
+        extractor, head.logits_model(), image_size=features.image_size, name=f"{spec.model_name}_classifier"
     )
+
+
+def check_same_weights(features: FeaturesConfig, weights_key: str) -> None:
+    """The backbone weights must be the ones the head's features came from, or the head is meaningless."""
+    if weights_identity(features.weights_arg) != weights_key:
+        raise CacheError(
+            f"The backbone weights {features.weights!r} are not the ones the features were "
+            f"extracted with ({weights_key}). Rerun `make features` and `make head`."
+        )
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,78 @@ def load_classifier(run_dir: Path):
     if not path.exists():
         raise CacheError(f"No exported model at {path}. Run `make export` with the same variables first.")
     names = runs.read_labels(Path(run_dir) / EXPORT_DIR)
+    if _holds_hub_backbone(path):
+        from pipeline.features.hub import register_layers
+
+        register_layers()
     return keras.saving.load_model(path), names
+
+
+def _holds_hub_backbone(path: Path) -> bool:
+    """Whether the exported model holds a keras-hub backbone (whose classes keras-hub must register first)."""
+    record = json.loads((path.parent / "export.json").read_text()) if (path.parent / "export.json").exists() else {}
+    return str(record.get("features", {}).get("backbone", "")).startswith(HUB_PREFIX)
+
+
+class ExportedPredictor:
+    """Predictions of a run's exported Keras model (`make export`): a fine-tuned backbone's way."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.model, self.class_names = load_classifier(run_dir)
+
+    def predict(self, paths: Iterable[Path]) -> list[tuple[Path, np.ndarray]]:
+        return predict_images(self.model, self.class_names, paths)
+
+
+class RuntimePredictor:
+    """Predictions of a stage-2 run as stage 1 computes them: the frozen backbone on the
+    inference runtime (`pipeline.features.runtimes`, verified on the first batch), then the
+    head's own `predict_proba`. Images are decoded and resized exactly as stage 1 did, so
+    the features are the cached ones; no export is needed.
+    """
+
+    def __init__(self, run_dir: Path, record: runs.RunRecord, *, batch_size: int = 32) -> None:
+        from pipeline.features.runtimes import forward_for
+        from pipeline.phases import Phases
+
+        features = FeaturesConfig.from_dict(record.config["features"])
+        check_same_weights(features, record.config["features_key"]["weights"])
+        spec = get_backbone(features.backbone, features.weights_arg)
+        model = build_extractor(
+            spec, image_size=features.image_size, weights=features.weights_arg, pooling=features.pooling
+        )
+        self.features, self.batch_size = features, batch_size
+        self.forward = forward_for(model, features, spec, Phases())
+        self.head = load_head(run_dir)
+        self.class_names = runs.read_labels(run_dir)
+
+    def predict(self, paths: Iterable[Path]) -> list[tuple[Path, np.ndarray]]:
+        import tensorflow as tf
+
+        from pipeline.images import decode_and_resize, tf_error_message
+
+        paths = list(paths)
+        results = []
+        for start in range(0, len(paths), self.batch_size):
+            batch = paths[start : start + self.batch_size]
+            images = []
+            for path in batch:
+                try:
+                    images.append(decode_and_resize(tf.io.read_file(str(path)), self.features.image_size))
+                except tf.errors.OpError as err:
+                    raise DataError(f"Cannot read image {path}: {tf_error_message(err)}") from err
+            proba = self.head.predict_proba(self.forward(tf.stack(images)))
+            results += [(Path(p), np.asarray(row)) for p, row in zip(batch, proba)]
+        return results
+
+
+def load_predictor(run_dir: Path) -> ExportedPredictor | RuntimePredictor:
+    """A stage-2 run predicts on the runtime (`RuntimePredictor`); any other run through its export."""
+    record = runs.read_run(Path(run_dir))
+    stage2 = record is not None and "features" in record.config and "finetune" not in record.config
+    if stage2 and (Path(run_dir) / JSON_NAME).exists():
+        return RuntimePredictor(Path(run_dir), record)
+    return ExportedPredictor(Path(run_dir))
 
 
 def expand_images(patterns: Sequence[str]) -> list[Path]:

@@ -19,8 +19,9 @@ waits for in one message. The lock file itself cannot carry it: filelock 3.x
 truncates it when a waiter opens it. The sidecar is removed on release; one left by
 a killed holder is overwritten by the next one.
 
-Lock order, where locks nest: compare folder, then feature file, then stage-2 run
-directory, then fine-tuning run directory. A path is never locked twice by one
+Lock order, where locks nest: compare folder, then feature file, then converted model
+(`pipeline.features.runtimes`), then stage-2 run directory, then fine-tuning run
+directory. A path is never locked twice by one
 process (the lock is not reentrant across `exclusive` calls).
 """
 
@@ -115,7 +116,9 @@ def _command_line() -> str:
 
 
 @contextmanager
-def exclusive(path: Path, *, what: str = "output", poll_interval: float = 0.2) -> Iterator[Holder | None]:
+def exclusive(
+    path: Path, *, what: str = "output", poll_interval: float = 0.2, wait: bool = True
+) -> Iterator[Holder | None]:
     """Holds the exclusive lock on `path` (a file or folder, existing or not) for the block.
 
     When another process holds it, logs one message naming the holder and waits
@@ -125,6 +128,9 @@ def exclusive(path: Path, *, what: str = "output", poll_interval: float = 0.2) -
     read-only for this process: it cannot create, rename or delete anything there, so
     it can only find the output up to date (a shared, read-only feature cache).
     Raises `LockError` when the filesystem refuses the lock otherwise.
+
+    `wait=False` raises `LockError` naming the holder at once instead of waiting: for a
+    long-lived holder such as the review server, where waiting would hang until it is stopped.
     """
     from filelock import FileLock, Timeout
 
@@ -135,6 +141,11 @@ def exclusive(path: Path, *, what: str = "output", poll_interval: float = 0.2) -
         lock.acquire(timeout=0)
     except Timeout:
         holder = _wait_for_holder(path)
+        if not wait:
+            raise LockError(
+                f"{what.capitalize()} {path} is in use by another process "
+                f"({holder.describe() if holder else 'holder not recorded'}); use that one, or stop it first."
+            ) from None
         log.warning(
             "%s %s is being written by another run (%s); waiting for it to finish (Ctrl-C stops waiting).",
             what.capitalize(),

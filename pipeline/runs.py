@@ -55,17 +55,21 @@ def run_dir_for(features_path: Path, config: HeadConfig) -> Path:
 
     Explicit VIEWS and TRAIN_PER_CLASS name their own runs, so runs of one file with
     0, 2 or 5 views, or few-shot subsets, sit side by side; the default (VIEWS unset)
-    keeps the plain name. EXCLUDE adds a digest of the ids it leaves out.
+    keeps the plain name. Decisions that change rows (exclude, relabel; EXCLUDE's
+    included, `pipeline.decisions`) add a digest of them, so a run is retrained when
+    they change and runs with and without them sit side by side.
     """
     name = f"{Path(features_path).stem}__{config.head}"
     if config.views is not None:
         name += f"__views-{config.views}"
     if config.train_per_class is not None:
         name += f"__{config.train_per_class}-per-class"
-    if config.exclude is not None:
-        from pipeline.audit.exclusion import exclusion_digest
+    from pipeline.audit.exclusion import planned_decisions
+    from pipeline.decisions import decisions_fingerprint, effective
 
-        name += f"__excl-{exclusion_digest(config.exclude, config.exclude_kinds)}"
+    _, decisions = planned_decisions(features_path, config)
+    if effective(decisions):
+        name += f"__dec-{decisions_fingerprint(decisions, test=config.decisions_test)}"
     return Path(config.runs_dir) / name
 
 

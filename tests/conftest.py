@@ -147,3 +147,26 @@ def assert_same_rows(got, want, *, exact: bool = False) -> None:
             np.testing.assert_array_equal(other.features, split.features)
         else:
             np.testing.assert_allclose(other.features, split.features, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the review page's audited fixture
+@pytest.fixture(scope="session")
+def built_audit(tmp_path_factory) -> Path:
+    """A real audit of a tiny generated image folder (tests/review_fixture.py), built once per session;
+    read-only for tests: copy it, see `audit_dir`."""
+    from review_fixture import build_audit
+
+    return build_audit(tmp_path_factory.mktemp("review"))
+
+
+@pytest.fixture
+def audit_dir(built_audit, tmp_path) -> Path:
+    """A fresh copy of the audit folder per test, in tmp_path/audit/ where its decisions file goes."""
+    import shutil
+
+    return Path(shutil.copytree(built_audit, tmp_path / "audit" / built_audit.name))
+
+
+@pytest.fixture
+def data_dir(built_audit) -> Path:
+    return built_audit.parents[1] / "images"

@@ -18,7 +18,7 @@ from conftest import make_folder
 from PIL import Image, ImageOps
 
 from pipeline.audit.duplicates import clusters_of
-from pipeline.audit.exclusion import load_exclusion
+from pipeline.audit.exclusion import exclusion_decisions
 from pipeline.audit.findings import audit_features
 from pipeline.audit.graph import GraphSettings, build_graph
 from pipeline.audit.labels import confident_learning
@@ -27,6 +27,8 @@ from pipeline.audit.outliers import robust_z
 from pipeline.audit.rows import unit_rows
 from pipeline.cli import main
 from pipeline.config import AuditConfig, HeadConfig
+from pipeline.decisions import read_decisions
+from pipeline.digests import DigestCache
 from pipeline.errors import CacheError, ConfigError
 from pipeline.features.store import FORMAT_VERSION, read_features, write_features
 from pipeline.heads.train import train_head
@@ -266,8 +268,23 @@ def train_split(path):
     return read_features(path).splits
 
 
+def with_files(path: Path, root: Path) -> Path:
+    """A copy of the feature file `path` whose rows have files under `root` (bytes: the id, so all differ):
+    EXCLUDE records decisions, which are keyed by the files' content."""
+    cached = read_features(path)
+    for split in cached.splits.values():
+        for i in split.ids:
+            (root / i).parent.mkdir(parents=True, exist_ok=True)
+            (root / i).write_text(str(i))
+    return write_file(
+        path.with_name(f"files-{path.name}"),
+        {s: (a.features, a.labels, a.ids) for s, a in cached.splits.items()},
+        data_dir=str(root),
+    )
+
+
 def test_exclude_drops_exactly_the_flagged_train_rows(planted, tmp_path):
-    path, _ = planted
+    path = with_files(planted[0], tmp_path / "images")
     out = audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), top=0)).out_dir
     audit = out / "audit.json"
     record = json.loads(audit.read_text())
@@ -275,8 +292,9 @@ def test_exclude_drops_exactly_the_flagged_train_rows(planted, tmp_path):
     flagged |= {i for f in record["findings"] if f["kind"] in ("label", "outlier") for i in f["exclude"]}
     assert all(i.startswith("train/") for i in flagged)
     runs = str(tmp_path / "runs")
-    plain = train_head(path, HeadConfig(runs_dir=runs, grid_images=0))
-    run = train_head(path, HeadConfig(runs_dir=runs, grid_images=0, exclude=str(audit)))
+    audits = str(tmp_path / "audit")
+    plain = train_head(path, HeadConfig(runs_dir=runs, grid_images=0, audit_dir=audits))
+    run = train_head(path, HeadConfig(runs_dir=runs, grid_images=0, audit_dir=audits, exclude=str(audit)))
     splits = read_features(path).splits
     assert (
         run.metrics["train_examples"]
@@ -285,30 +303,45 @@ def test_exclude_drops_exactly_the_flagged_train_rows(planted, tmp_path):
     )
     for split in ("validation", "test"):
         assert run.metrics[split]["n"] == len(splits[split]) == plain.metrics[split]["n"]
-    assert run.run_dir.name.startswith(plain.run_dir.name + "__excl-")
-    stored = json.loads((run.run_dir / "config.json").read_text())["exclude"]
-    assert set(stored["ids"]) == flagged and stored["kinds"] == ["duplicates", "label", "outlier"]
-    assert len(stored["leaks_kept"]) == 3
-    only = train_head(path, HeadConfig(runs_dir=runs, grid_images=0, exclude=str(audit), exclude_kinds="duplicates"))
-    assert only.metrics["train_examples"] == len(splits["train"]) - len(
-        {i for c in record["clusters"] for i in c["exclude"]}
+    assert run.run_dir.name.startswith(plain.run_dir.name + "__dec-")
+    decisions = read_decisions(tmp_path / "audit" / "files-planted.decisions.csv")
+    assert {d.path for d in decisions.values() if d.decision == "exclude"} == flagged
+    assert run.metrics["decisions"]["applied"]["train"] == {"exclude": len(flagged), "relabel": 0}
+
+
+def test_exclude_kinds_choose_what_is_recorded(planted, tmp_path):
+    path = with_files(planted[0], tmp_path / "images")
+    out = audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), top=0)).out_dir
+    record = json.loads((out / "audit.json").read_text())
+    config = HeadConfig(
+        runs_dir=str(tmp_path / "runs"),
+        grid_images=0,
+        audit_dir=str(tmp_path / "audit"),
+        exclude=str(out / "audit.json"),
+        exclude_kinds="duplicates",
     )
-    assert only.run_dir != run.run_dir
+    only = train_head(path, config)
+    dropped = {i for c in record["clusters"] for i in c["exclude"]}
+    assert only.metrics["train_examples"] == len(read_features(path).splits["train"]) - len(dropped)
 
 
 def test_exclude_with_an_audit_of_another_file_is_an_error(planted, tmp_path):
-    path, _ = planted
+    path = with_files(planted[0], tmp_path / "images")
     out = audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), top=0)).out_dir
     cached = read_features(path)
     other = write_file(
         tmp_path / "other.h5",
         {s: (a.features, a.labels, a.ids) for s, a in cached.splits.items()},
         key={"dataset": "generated", "seed": 1},
+        data_dir=str(tmp_path / "images"),
+    )
+    config = HeadConfig(
+        runs_dir=str(tmp_path / "runs"), grid_images=0, audit_dir=str(tmp_path), exclude=str(out / "audit.json")
     )
     with pytest.raises(CacheError, match="audit of another feature file .*seed: file has 0, asked 1"):
-        train_head(other, HeadConfig(runs_dir=str(tmp_path / "runs"), grid_images=0, exclude=str(out / "audit.json")))
-    with pytest.raises(ConfigError, match="EXCLUDE must name an audit.json"):
-        load_exclusion(tmp_path / "missing.json", cached, None)
+        train_head(other, config)
+    with pytest.raises(ConfigError, match="Expected an audit.json of `make audit`"):
+        exclusion_decisions(tmp_path / "missing.json", None, DigestCache())
 
 
 @pytest.mark.parametrize(
@@ -387,10 +420,11 @@ def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_pat
     assert float(first[0]) >= 0.999 and first[-1] == "COPY" and first[-2].endswith(("cat.0.jpg", "copy.jpg"))
     assert lines[-1].startswith("similar: backbone") and (tmp_path / "audit" / f"{out.name}.similar.png").exists()
     assert main(["audit", *flags, "--audit-dir", str(tmp_path / "audit"), "--folds", "1"]) == 2
-    runs = ["--runs-dir", str(tmp_path / "runs"), "--grid-images", "0"]
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--grid-images", "0", "--audit-dir", str(tmp_path / "audit")]
     assert main(["head", *flags, *runs, "--exclude", str(out / "audit.json"), "--exclude-kinds", "duplicates"]) == 0
-    trained = json.loads(next((tmp_path / "runs").glob("*__excl-*/metrics.json")).read_text())
-    assert trained["train_examples"] == 15 and trained["exclude"]["ids"] == ["train/cat/cat.0.jpg"]
+    trained = json.loads(next((tmp_path / "runs").glob("*__dec-*/metrics.json")).read_text())
+    assert trained["train_examples"] == 15 and trained["decisions"]["applied"]["train"]["exclude"] == 1
+    assert trained["decisions"]["test_not_applied"]["exclude"] == 1  # the leak's test copy: same bytes
     assert main(["head", *flags, *runs, "--exclude-kinds", "label"]) == 2
 
 

@@ -273,15 +273,17 @@ def test_image_size_below_minimum():
 
 
 def test_bad_pooling():
-    with pytest.raises(ConfigError, match=r"one of avg, max\. Received: pooling='sum'"):
+    with pytest.raises(ConfigError, match=r"supports pooling avg, max \(default avg\)\. Received: pooling='sum'"):
         build_extractor("tiny", image_size=32, weights=None, pooling="sum")
+    with pytest.raises(ConfigError, match="supports pooling avg, max"):
+        build_extractor("tiny", image_size=32, weights=None, pooling="cls")  # a token pooling on a feature map
 
 
 def test_missing_weights_file(tmp_path):
     missing = tmp_path / "missing.h5"
     with pytest.raises(ConfigError, match=re.escape(repr(str(missing)))):
         build_extractor("mobilenet_v2", image_size=32, weights=str(missing))
-    with pytest.raises(ConfigError, match="existing weights file"):
+    with pytest.raises(ConfigError, match="A weights folder is a keras-hub preset.*takes an .h5 weights file"):
         build_extractor("mobilenet_v2", image_size=32, weights=str(tmp_path))
 
 

@@ -120,7 +120,7 @@ def test_commands_print_no_tensorflow_start_up_chatter_unless_verbose(tmp_path, 
         argv, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("features: 20 images")
+    assert done.stdout.startswith("features: 20 extracted, 0 reused")
     assert "INFO pipeline.features.backbones: Built tiny_extractor" in done.stderr
     native = [
         line

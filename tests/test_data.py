@@ -11,7 +11,9 @@ from conftest import COLORS, make_folder, write_image
 
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.features.sources import folder_source, load_source, scan_folder, tfds_source
+from pipeline.features.data import load_source
+from pipeline.features.sources import folder_source, scan_folder
+from pipeline.features.tfds_data import tfds_source
 
 
 def folder_config(path, **kwargs) -> DataConfig:

@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError, WorkerError
 from pipeline.features.engines import get_engine
 from pipeline.features.extract import extract_features, resolve
 from pipeline.features.sources import scan_folder
-from pipeline.features.store import load_views, partial_path, read_features
+from pipeline.features.store import load_views, read_features
 
 TESTS = Path(__file__).resolve().parent
 VIEWS = ViewsConfig(num_views=2, augment=AugmentConfig(flip="horizontal", rotation=0.1))
@@ -163,7 +163,8 @@ def test_a_shard_that_keeps_failing_is_named_with_its_first_failing_image(ray_cl
     assert message.startswith("shard 1 of split 'train' (records 12-15) failed 2 times")
     assert f"the first image it could not deliver is {first} (split position 12)" in message
     assert "decoder crashed on record 13" in message and "\n" not in message
-    assert partial_path(resolve(config)[2]).exists()  # what was finished is kept for a rerun
+    # Nothing assembled; rows committed before the failure (if any) stay in the store's partial segment.
+    assert not resolve(config)[2].exists()
 
 
 def test_a_user_error_in_a_worker_is_the_one_line_error_itself(ray_cluster, image_folder, tmp_path):
@@ -186,17 +187,19 @@ extract_features(config_for(Path({folder!r}), Path({out!r})), progress=False, en
 """
 
 
-def _committed(partial: Path) -> int:
-    """Committed train rows of a partial file another process writes (0 while it is being created).
+def _committed(out: Path) -> int:
+    """Committed rows of the store segment another process writes under `out` (0 while it is being created).
 
     `locking=False`: a reader's lock taken while the writer creates the file would make
     the writer fail to open it.
     """
-    try:
-        with h5py.File(partial, "r", swmr=True, libver="latest", locking=False) as f:
-            return int(f["train/committed"][0])
-    except (OSError, KeyError, ValueError):
-        return 0
+    for partial in out.glob("store/*/segment-*.h5.partial"):
+        try:
+            with h5py.File(partial, "r", swmr=True, libver="latest", locking=False) as f:
+                return int(f["rows/committed"][0])
+        except (OSError, KeyError, ValueError):
+            return 0
+    return 0
 
 
 @pytest.mark.slow
@@ -207,15 +210,14 @@ def test_a_rerun_after_the_driver_is_killed_computes_no_finished_shard(ray_clust
     process = subprocess.Popen(
         [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    partial = partial_path(resolve(config_for(folder, out))[2])
     deadline = time.monotonic() + 120
-    while _committed(partial) < 2 * SHARD:
+    while _committed(out) < 2 * SHARD:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the driver did not start writing"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
-    saved = _committed(partial)
+    saved = _committed(out)
     assert 2 * SHARD <= saved < len(read_features(expected).splits["train"])
     result = extract_features(config_for(folder, out), views=VIEWS, progress=False, engine=ray_engine(workers=2))
     assert (result.images, result.view_images) == (80 - saved, 80)  # nothing committed was computed again
@@ -257,7 +259,7 @@ def test_make_features_engine_ray_on_an_existing_cluster(ray_cluster, reference,
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "TF_CPP_MIN_LOG_LEVEL": "3"}
     process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert process.returncode == 0, process.stderr
-    assert "features: 80 images, 1 skipped" in process.stdout
+    assert "features: 80 extracted, 0 reused, 1 skipped" in process.stdout
     assert_same_file(resolve(config_for(folder, tmp_path))[2], expected)
 
 

@@ -14,7 +14,6 @@ from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.errors import CacheError, DataError
 from pipeline.features.extract import extract_features, resolve
 from pipeline.features.extractor import build_extractor
-from pipeline.features.merge import merge_shards
 from pipeline.features.store import read_features
 from pipeline.images import decode_and_resize
 
@@ -67,7 +66,7 @@ def test_rerun_with_a_finished_file_does_nothing(image_folder, tmp_path):
     assert first.path.stat().st_mtime_ns == stamp
 
 
-def test_changed_settings_or_data_give_another_file(image_folder, tmp_path):
+def test_changed_settings_give_another_file_and_changed_data_the_same_one(image_folder, tmp_path):
     config = tiny_config(image_folder, tmp_path)
     paths = {
         resolve(config)[2],
@@ -75,9 +74,10 @@ def test_changed_settings_or_data_give_another_file(image_folder, tmp_path):
         resolve(dataclasses.replace(config, pooling="max"))[2],
         resolve(dataclasses.replace(config, seed=1))[2],
     }
+    assert len(paths) == 4
+    before = resolve(config)[2]
     write_image(image_folder / "cat" / "extra.jpg", (200, 60, 60))
-    paths.add(resolve(config)[2])
-    assert len(paths) == 5
+    assert resolve(config)[2] == before  # the images are not in the name: the file is reassembled in place
 
 
 def test_a_file_with_another_key_at_the_path_is_never_reused(image_folder, tmp_path):
@@ -171,23 +171,18 @@ def test_float16_storage_halves_the_features(image_folder, tmp_path):
     np.testing.assert_allclose(f16.splits["train"].features, f32.splits["train"].features, rtol=2e-3, atol=2e-3)
 
 
-def test_shards_merge_into_the_single_run(tmp_path):
+def test_shards_fill_the_store_and_a_run_without_shards_assembles_the_single_run(tmp_path):
     folder = make_folder(tmp_path / "images", 10)
     single = read_features(extract_features(tiny_config(folder, tmp_path / "one"), progress=False).path)
     shards = [
-        extract_features(tiny_config(folder, tmp_path / "shards", shard_index=i, num_shards=3), progress=False).path
+        extract_features(tiny_config(folder, tmp_path / "shards", shard_index=i, num_shards=3), progress=False)
         for i in range(3)
     ]
-    assert read_features(shards[1]).splits["train"].index.tolist() == [1, 4, 7]
-    merged = read_features(merge_shards(shards, tmp_path / "merged.h5"))
-    assert_same_rows(merged, single)
-
-
-def test_merge_refuses_an_incomplete_set_of_shards(tmp_path):
-    folder = make_folder(tmp_path / "images", 4)
-    shard = extract_features(tiny_config(folder, tmp_path, shard_index=0, num_shards=2), progress=False).path
-    with pytest.raises(CacheError, match=r"Expected shard files 0..1 of one run. Received shards \[0\]"):
-        merge_shards([shard], tmp_path / "merged.h5")
+    assert sum(s.images for s in shards) == 20 and all(s.images < 20 for s in shards)
+    assert not shards[0].path.exists()  # shards write store rows only
+    whole = extract_features(tiny_config(folder, tmp_path / "shards"), progress=False)
+    assert (whole.images, whole.reused) == (0, 20)
+    assert_same_rows(read_features(whole.path), single)
 
 
 def test_tfds_dataset_end_to_end(dummy_tfds_dir, tmp_path):

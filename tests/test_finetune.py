@@ -15,9 +15,10 @@ from test_extract import tiny_config
 from pipeline.cli import main
 from pipeline.config import AugmentConfig, FinetuneConfig, HeadConfig
 from pipeline.errors import CacheError, ConfigError
+from pipeline.features.data import load_source
 from pipeline.features.extract import extract_features
 from pipeline.features.extractor import build_extractor
-from pipeline.features.sources import load_source, stratified_rows
+from pipeline.features.sources import stratified_rows
 from pipeline.features.store import read_features
 from pipeline.finetune.data import few_shot, image_dataset, predict
 from pipeline.finetune.model import block_starts, build_model, resolve_fine_tune_at
@@ -404,3 +405,39 @@ def test_make_head_runs_stages_1_and_2_first_only_when_warm_starting(stage2, tmp
     # A warm-up on images needs no stage-2 head: nothing is extracted for it.
     assert main([*args, "--make-head", "--head-epochs", "1", "--features-dir", str(tmp_path / "none")]) == 0
     assert not (tmp_path / "none").exists()
+
+
+def test_review_decisions_reach_the_images_and_the_report(stage2, tmp_path):
+    import dataclasses
+    import hashlib
+    from pathlib import Path
+
+    from pipeline.decisions import DecisionStore
+
+    features, head, _, path = stage2
+    splits = read_features(path).splits
+    root = Path(features.data.data_dir)
+    chosen = [
+        (str(splits["train"].ids[0]), "exclude", ""),
+        (str(splits["validation"].ids[0]), "relabel", "dog" if splits["validation"].labels[0] == 0 else "cat"),
+        (str(splits["test"].ids[0]), "exclude", ""),
+    ]
+    decisions = tmp_path / "data.decisions.csv"
+    with DecisionStore(decisions, ["cat", "dog"]) as store:
+        for rel, decision, label in chosen:
+            store.record(hashlib.sha256((root / rel).read_bytes()).hexdigest(), rel, decision, label)
+    decided = dataclasses.replace(head, decisions=str(decisions), decisions_test=True)
+    stage2_run = train_head(path, decided)
+    assert "__dec-" in stage2_run.run_dir.name
+    run = finetune(features, decided, tune(tmp_path, epochs=1), progress=False)
+    assert run.run_dir.name.startswith(stage2_run.run_dir.name + "__ft-")
+    applied = run.metrics["decisions"]["applied"]
+    assert applied == {
+        "train": {"exclude": 1, "relabel": 0},
+        "validation": {"exclude": 0, "relabel": 1},
+        "test": {"exclude": 1, "relabel": 0},
+    }
+    assert run.metrics["train_examples"] == len(splits["train"]) - 1
+    after = run.metrics["after"]
+    assert after["test"]["n"] == len(splits["test"]) - 1 and after["test_without_decisions"]["n"] == len(splits["test"])
+    assert "Test accuracy with the decisions" in (run.run_dir / "report.md").read_text()

@@ -27,7 +27,7 @@ from test_extract import tiny_config
 from pipeline import locks
 from pipeline.config import HeadConfig
 from pipeline.errors import LockError
-from pipeline.features.extract import extract_features, resolve
+from pipeline.features.extract import extract_features, resolve, store_path
 from pipeline.features.store import partial_path, read_features
 from pipeline.heads.train import train_head
 from pipeline.locks import Holder, exclusive, holder_path, is_lock_file, lock_path
@@ -175,8 +175,8 @@ def test_a_read_only_folder_is_only_read_without_a_lock(tmp_path, monkeypatch, c
 def test_two_features_runs_of_one_key_give_one_file(tmp_path):
     folder = make_folder(tmp_path / "images", 8)
     out = tmp_path / "features"
-    path = resolve(tiny_config(folder, out))[2]
-    with exclusive(path, what="feature file"):
+    config, key, path = resolve(tiny_config(folder, out))
+    with exclusive(store_path(config, key), what="feature store"):
         runs = [cli("features", *feature_flags(folder, out)) for _ in range(2)]
         # A one-process run to compare with, made while the two start up.
         reference = read_features(extract_features(tiny_config(folder, tmp_path / "one"), progress=False).path)
@@ -185,10 +185,11 @@ def test_two_features_runs_of_one_key_give_one_file(tmp_path):
     results = [run.finish() for run in runs]
     assert [r[0] for r in results] == [0, 0], [r[2] for r in results]
     summaries = sorted(r[1].strip().splitlines()[-1] for r in results)
-    assert summaries[0].startswith("features: 16 images, 0 skipped")  # exactly one extracted
-    assert summaries[1] == f"features: up to date, nothing to do: {path}"  # the other found it finished
-    assert not partial_path(path).exists() and not holder_path(path).exists()
-    assert sorted(p.name for p in out.iterdir() if not is_lock_file(p)) == [path.name]
+    assert summaries[0].startswith("features: 16 extracted, 0 reused, 0 skipped")  # exactly one extracted
+    assert summaries[1] == f"features: up to date, nothing to do (16 rows): {path}"  # the other found it finished
+    assert not holder_path(store_path(config, key)).exists()
+    assert [p.name for p in out.glob("*.h5*")] == [path.name]  # the converted model sits in runtimes/
+    assert not list(out.glob("store/**/*.partial"))
 
     written = read_features(path)
     assert_same_rows(written, reference)
@@ -223,11 +224,22 @@ def test_two_head_runs_of_one_run_directory_train_once(tmp_path):
 def test_ctrl_c_while_waiting_exits_as_interrupted_and_writes_nothing(tmp_path):
     folder = make_folder(tmp_path / "images", 4)
     out = tmp_path / "features"
-    path = resolve(tiny_config(folder, out))[2]
-    with exclusive(path, what="feature file"):
+    config, key, path = resolve(tiny_config(folder, out))
+    with exclusive(store_path(config, key), what="feature store"):
         run = cli("features", *feature_flags(folder, out))
         run.wait_for("waiting")
         run.popen.send_signal(signal.SIGINT)
         returncode, stdout, stderr = run.finish()
     assert returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
     assert not path.exists() and not partial_path(path).exists()
+
+
+def test_without_waiting_a_held_lock_is_one_line_naming_the_holder(tmp_path):
+    target = tmp_path / "decisions.csv"
+    with locks.exclusive(target, what="decisions file"):
+        with pytest.raises(LockError, match=r"Decisions file .* is in use by another process \(PID \d+") as err:
+            with locks.exclusive(target, what="decisions file", wait=False):
+                pass
+        assert "\n" not in str(err.value)
+    with locks.exclusive(target, wait=False):  # released: taken at once
+        pass

@@ -16,7 +16,7 @@ from test_extract import tiny_config
 
 from pipeline.errors import CacheError
 from pipeline.features.extract import extract_features, resolve
-from pipeline.features.store import FeatureWriter, load_views, partial_path, read_features
+from pipeline.features.store import FORMAT_VERSION, FeatureWriter, load_views, partial_path, read_features
 from pipeline.features.tables import append_rows
 
 KEY = {"backbone": "tiny", "image_size": 32}
@@ -25,7 +25,7 @@ KEY = {"backbone": "tiny", "image_size": 32}
 def writer(path, key=KEY) -> FeatureWriter:
     return FeatureWriter(
         path,
-        attrs={"format_version": 1, "key": key, "class_names": ["a", "b"], "feature_dim": 4},
+        attrs={"format_version": FORMAT_VERSION, "key": key, "class_names": ["a", "b"], "feature_dim": 4},
         splits={"train": {"spec": "t", "num_inputs": 9}, "validation": {"spec": "v", "num_inputs": 2}},
         feature_dim=4,
         dtype="float32",
@@ -99,17 +99,19 @@ def test_reader_refuses_missing_incomplete_and_mismatched_files(tmp_path):
         read_features(path)
 
 
-def _partial_rows(path) -> int:
-    """Committed train rows of a partial file being written by another process."""
-    try:
-        with h5py.File(path, "r", swmr=True, libver="latest") as f:
-            return int(f["train/committed"][0])
-    except (OSError, KeyError):
-        return 0
+def _partial_rows(out) -> int:
+    """Committed rows of the store segment being written by another process under `out`."""
+    for partial in sorted(out.glob("store/*/segment-*.h5.partial")):
+        try:
+            with h5py.File(partial, "r", swmr=True, libver="latest") as f:
+                return int(f["rows/committed"][0])
+        except (OSError, KeyError):
+            return 0
+    return 0
 
 
 def _run_until(tmp_path, folder, out, rows, sig):
-    """Starts `python -m pipeline features` and sends `sig` once `rows` train rows are safe."""
+    """Starts `python -m pipeline features` and sends `sig` once `rows` rows are safe in the store."""
     command = [
         sys.executable,
         "-m",
@@ -132,40 +134,40 @@ def _run_until(tmp_path, folder, out, rows, sig):
         "--no-progress",
     ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = partial_path(resolve(tiny_config(folder, out, batch_size=2))[2])
     deadline = time.monotonic() + 120
-    while _partial_rows(partial) < rows:
+    while _partial_rows(out) < rows:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "extraction did not start"
         time.sleep(0.01)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
-    return process.returncode, stderr, partial
+    return process.returncode, stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_an_interrupted_run_resumes_after_its_last_batch(tmp_path, sig):
+    """Rows committed to the store before the kill are reused, bit for bit; none is computed twice."""
     folder = make_folder(tmp_path / "images", 100)  # 200 images, 100 for train
     reference = read_features(
         extract_features(tiny_config(folder, tmp_path / "ref", batch_size=2), progress=False).path
     )
     out = tmp_path / "features"
-    returncode, stderr, partial = _run_until(tmp_path, folder, out, rows=20, sig=sig)
+    returncode, stderr = _run_until(tmp_path, folder, out, rows=20, sig=sig)
     if sig == signal.SIGINT:
         assert returncode == 130 and "rerun the same command to resume" in stderr
         assert "Traceback" not in stderr
     else:
         assert returncode == -signal.SIGKILL
-    assert partial.exists() and not resolve(tiny_config(folder, out, batch_size=2))[2].exists()
-    saved = _partial_rows(partial)
-    assert 20 <= saved < 100
+    assert not resolve(tiny_config(folder, out, batch_size=2))[2].exists()
+    saved = _partial_rows(out)
+    assert 20 <= saved < 200
     result = extract_features(tiny_config(folder, out, batch_size=2), progress=False)
-    assert result.images == 200 - saved  # no finished batch was computed twice
+    assert (result.images, result.reused) == (200 - saved, saved)  # no committed batch was computed twice
     resumed = read_features(result.path)
     for name, split in reference.splits.items():
         np.testing.assert_array_equal(resumed.splits[name].features, split.features)
         np.testing.assert_array_equal(resumed.splits[name].ids, split.ids)
-    assert not partial.exists()
+    assert not list(out.glob("store/*/*.partial"))
 
 
 def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
@@ -240,7 +242,7 @@ def test_both_tables_keep_their_on_disk_layout_and_ids_survive_a_resume_across_c
     def open_writer():
         return FeatureWriter(
             path,
-            attrs={"format_version": 1, "key": KEY, "class_names": ["a", "b"]},
+            attrs={"format_version": FORMAT_VERSION, "key": KEY, "class_names": ["a", "b"]},
             splits={"train": {"spec": "t"}},
             feature_dim=700,
             dtype="float16",

@@ -19,12 +19,13 @@ from test_extract import tiny_config
 from pipeline.augment import example_augmenter
 from pipeline.cli import main
 from pipeline.config import AugmentConfig, HeadConfig, ViewsConfig
-from pipeline.errors import CacheError, ConfigError
-from pipeline.features.extract import extract_features, resolve
+from pipeline.errors import ConfigError
+from pipeline.features.extract import extract_features
 from pipeline.features.extractor import build_extractor
-from pipeline.features.merge import merge_shards
+from pipeline.features.incremental import StoreSink
+from pipeline.features.scan import view_key
 from pipeline.features.sources import stratified_rows
-from pipeline.features.store import FeatureWriter, load_views, partial_path, read_features
+from pipeline.features.store import load_views, read_content_ids, read_features
 from pipeline.heads.dense import DenseHead
 from pipeline.heads.logistic import LogisticHead
 from pipeline.heads.train import train_head
@@ -63,8 +64,8 @@ def test_views_are_features_of_augmented_train_images_with_their_source(with_vie
     for view in (0, 1):
         images = tf.stack(
             [
-                augment(decode_and_resize(tf.io.read_file(str(folder / i)), 32), view, tf.constant(p, tf.int64))
-                for i, p in zip(train.ids, train.index)
+                augment(decode_and_resize(tf.io.read_file(str(folder / i)), 32), view, tf.constant(k, tf.int64))
+                for i, k in zip(train.ids, [view_key(c) for c in read_content_ids(result.path, "train")])
             ]
         )
         np.testing.assert_allclose(model(images, training=False).numpy(), views[view], atol=1e-5)
@@ -96,8 +97,8 @@ def _view_images(config, batch_size: int, view: int) -> np.ndarray:
     """The augmented train images of `view` as the extraction pipeline batches them."""
     from pipeline.augment import example_augmenter
     from pipeline.features.batches import view_batches
+    from pipeline.features.data import load_source
     from pipeline.features.forward import BURSTS
-    from pipeline.features.sources import load_source
 
     split = load_source(config.data, seed=config.seed).splits["train"]
     augment = example_augmenter(VIEWS.augment, seed=VIEWS.seed)
@@ -156,16 +157,25 @@ def test_views_are_added_to_a_finished_file_without_recomputing_its_features(wit
     np.testing.assert_array_equal(load_views(after, 2), load_views(read_features(result.path), 2))
     assert extract_features(config, views=dataclasses.replace(VIEWS, num_views=1), progress=False).up_to_date
     assert extract_features(config, progress=False).up_to_date and read_features(more.path).num_views == 2
-    with pytest.raises(CacheError, match=r"views made with other settings \(augment: file has"):
-        extract_features(config, views=ViewsConfig(num_views=2, augment=AugmentConfig(rotation=0.2)), progress=False)
+    # Views of another augmentation have a store of their own: switching back computes nothing.
+    other = extract_features(
+        config, views=ViewsConfig(num_views=2, augment=AugmentConfig(rotation=0.2)), progress=False
+    )
+    assert (other.images, other.view_images) == (0, 24)
+    back = extract_features(config, views=VIEWS, progress=False)
+    assert (back.images, back.view_images) == (0, 0) and not back.up_to_date
+    np.testing.assert_array_equal(load_views(read_features(back.path), 2), load_views(after, 2))
 
 
-def _views_committed(partial) -> int:
-    try:
-        with h5py.File(partial, "r", swmr=True, libver="latest") as f:
-            return int(f["train/views/committed"][0])
-    except (OSError, KeyError):
-        return 0
+def _views_committed(out) -> int:
+    """Committed rows of the views store segment being written under `out`."""
+    for partial in sorted(out.glob("store/*/views__*/segment-*.h5.partial")):
+        try:
+            with h5py.File(partial, "r", swmr=True, libver="latest") as f:
+                return int(f["rows/committed"][0])
+        except (OSError, KeyError):
+            return 0
+    return 0
 
 
 def test_views_added_to_a_file_resume_after_kill_9(tmp_path):
@@ -205,26 +215,26 @@ def test_views_added_to_a_file_resume_after_kill_9(tmp_path):
     ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while _views_committed(partial_path(path)) < 40:  # inside the second view
+    while _views_committed(out) < 40:  # inside the second view
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "views extraction did not start"
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
-    saved = _views_committed(partial_path(path))
+    saved = _views_committed(out)
     assert 40 <= saved < 120
     assert read_features(path).num_views == 0  # the finished file is untouched meanwhile
     resumed = extract_features(config, views=views, progress=False)
     assert (resumed.images, resumed.view_images) == (0, 120 - saved)  # no finished batch computed twice
     np.testing.assert_array_equal(load_views(read_features(resumed.path), 4), reference)
-    assert not partial_path(path).exists()
+    assert not list(out.glob("store/**/*.partial"))
 
 
 def test_an_interrupted_run_with_views_resumes_in_the_views(image_folder, tmp_path, monkeypatch):
     config = tiny_config(image_folder, tmp_path, batch_size=2)
     # The same batch size: a resumed run forms the same batches, so it is bit-identical (see above).
     reference = extract_features(tiny_config(image_folder, tmp_path / "ref", batch_size=2), views=VIEWS, progress=False)
-    original, calls = FeatureWriter.append_views, []
+    original, calls = StoreSink.append_views, []
 
     def interrupted(self, *args, **kwargs):
         calls.append(1)
@@ -232,11 +242,11 @@ def test_an_interrupted_run_with_views_resumes_in_the_views(image_folder, tmp_pa
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(FeatureWriter, "append_views", interrupted)
+    monkeypatch.setattr(StoreSink, "append_views", interrupted)
     with pytest.raises(KeyboardInterrupt):
         extract_features(config, views=VIEWS, progress=False)
-    monkeypatch.setattr(FeatureWriter, "append_views", original)
-    assert _views_committed(partial_path(resolve(config)[2])) == 14
+    monkeypatch.setattr(StoreSink, "append_views", original)
+    assert _views_committed(tmp_path) == 14  # the 7 batches of 2 before the interruption
     resumed = extract_features(config, views=VIEWS, progress=False)
     assert (resumed.images, resumed.view_images) == (0, 10)
     cached, expected = read_features(resumed.path), read_features(reference.path)
@@ -245,20 +255,23 @@ def test_an_interrupted_run_with_views_resumes_in_the_views(image_folder, tmp_pa
     assert cached.view_attrs["seconds"] > 0
 
 
-def test_merged_shards_have_the_views_of_a_one_process_run(with_views, tmp_path):
+def test_sharded_runs_fill_the_views_store_of_a_one_process_run(with_views, tmp_path):
     folder, config, result = with_views
     shards = [
         extract_features(
             dataclasses.replace(config, shard_index=i, num_shards=2, output_dir=str(tmp_path)),
             views=VIEWS,
             progress=False,
-        ).path
+        )
         for i in range(2)
     ]
-    merged, whole = read_features(merge_shards(shards, tmp_path / "merged.h5")), read_features(result.path)
+    assert sum(s.view_images for s in shards) == 24
+    whole = extract_features(dataclasses.replace(config, output_dir=str(tmp_path)), views=VIEWS, progress=False)
+    assert (whole.images, whole.view_images) == (0, 0)
+    merged, reference = read_features(whole.path), read_features(result.path)
     # Shards batch other examples together: equal to float rounding (see the batch-size test above).
-    np.testing.assert_allclose(load_views(merged, 2), load_views(whole, 2), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(merged.splits["train"].index, whole.splits["train"].index)
+    np.testing.assert_allclose(load_views(merged, 2), load_views(reference, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(merged.splits["train"].index, reference.splits["train"].index)
 
 
 def test_bad_views_settings_are_one_line_errors(with_views, tmp_path, capsys):

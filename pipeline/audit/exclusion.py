@@ -1,4 +1,14 @@
-"""EXCLUDE: the train rows an audit.json flags, checked against the feature file they leave.
+"""EXCLUDE: an audit's flagged train rows, recorded as `exclude` decisions in the decisions file.
+
+There is one mechanism that changes what training sees, the decisions file
+(`pipeline.decisions`); EXCLUDE=<audit.json> [EXCLUDE_KINDS=...] is a shortcut that
+writes `exclude` for the train rows the audit flags into it, through the same store
+and lock as the review page, before training reads it. A decision already taken
+for an image (on the page, or by hand) is left as it is: a person's word wins over
+the automatic rule. Validation and test rows are never flagged for exclusion; the
+page is where a person decides about them. A decision names content, so it cannot
+drop one of two byte-identical copies: a flagged copy whose bytes the audit keeps in
+another row is left alone (logged), rather than losing the image altogether.
 
 Small on purpose: `pipeline.runs` and `make head` import it, never the audit itself.
 """
@@ -8,40 +18,26 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.audit.record import excluded_ids, read_record
-from pipeline.config import AUDIT_KINDS, audit_kinds, fingerprint
+from pipeline.config import AUDIT_KINDS, HeadConfig, audit_kinds
+from pipeline.decisions import (
+    EXCLUDE,
+    Decision,
+    DecisionStore,
+    dataset_of,
+    decisions_path,
+    digest_cache_for,
+    read_decisions,
+    resolve_decisions,
+)
+from pipeline.digests import DigestCache
 from pipeline.errors import CacheError, ConfigError
-from pipeline.features.store import FeatureSet, key_diff
+from pipeline.features.store import key_diff
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Exclusion:
-    """The train rows an audit says to leave out: `keep` (N_train,) bool, `ids`, `digest`, `leaks`."""
-
-    audit: Path
-    kinds: tuple[str, ...]
-    keep: np.ndarray
-    ids: tuple[str, ...]
-    digest: str
-    leaks: tuple[dict[str, Any], ...]
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "audit": str(self.audit),
-            "kinds": list(self.kinds),
-            "digest": self.digest,
-            "excluded": len(self.ids),
-            "ids": list(self.ids),
-            "leaks_kept": [{"ids": l["ids"], "splits": l["splits"]} for l in self.leaks],
-        }
 
 
 def _kinds(kinds: str | None) -> tuple[str, ...]:
@@ -53,71 +49,92 @@ def exclusion_ids(record: Mapping[str, Any], kinds: Sequence[str]) -> list[str]:
     return sorted({i for kind in kinds for i in chosen[kind]})
 
 
-def exclusion_digest(audit: str | os.PathLike, kinds: str | None) -> str:
-    """A short digest of what EXCLUDE leaves out, for the run directory's name."""
-    kinds_ = _kinds(kinds)
-    ids = exclusion_ids(read_record(Path(audit)), kinds_)
-    return _exclusion_fingerprint(kinds_, ids)
+def _paths(record: Mapping[str, Any]) -> dict[str, str | None]:
+    """id -> the image file the audit read it from (None: a tfds row, no file)."""
+    found: dict[str, str | None] = {}
+    for entry in [*record["findings"], *record["clusters"]]:
+        for i, p in zip(entry.get("ids", ()), entry.get("paths", ()) or ()):
+            found[i] = p
+    return found
 
 
-def _exclusion_fingerprint(kinds: Sequence[str], ids: Sequence[str]) -> str:
-    return fingerprint({"kinds": list(kinds), "ids": list(ids)}, length=8)
-
-
-def load_exclusion(audit: str | os.PathLike, cached: FeatureSet, kinds: str | None, *, train=None) -> Exclusion:
-    """The train rows of `cached` that the audit flags (of `kinds`), checked against its key.
-
-    `train` holds the train rows' `ids` and `labels` when `cached` was read without them
-    (`store.FeatureRows`, for a split left in the file); `keep` follows its rows.
-
-    An audit of another feature file is an error, never applied by id alone. Only
-    train rows are ever left out; flagged validation and test rows (leaks, label
-    issues, outliers) are logged for the user to decide.
-    """
+def exclusion_decisions(audit: str | os.PathLike, kinds: str | None, cache: DigestCache) -> dict[str, Decision]:
+    """sha256 -> an `exclude` decision for each train row the audit flags (of `kinds`)."""
     record = read_record(Path(audit))
-    diff = key_diff(record.get("features_key"), cached.key)
+    paths = _paths(record)
+    flagged = exclusion_ids(record, _kinds(kinds))
+    out: dict[str, Decision] = {}
+    unreadable = []
+    for i in flagged:
+        digest = cache.of(Path(paths[i])) if paths.get(i) else None
+        if digest is None:
+            unreadable.append(i)
+            continue
+        out[digest] = Decision(sha256=digest, path=i, decision=EXCLUDE)
+    kept = {
+        cache.of(Path(p))
+        for c in record["clusters"]
+        for i, p in zip(c["ids"], c["paths"])
+        if p and i not in flagged and c["splits"][c["ids"].index(i)] == "train"
+    }
+    copies = [d.path for s, d in out.items() if s in kept]
+    out = {s: d for s, d in out.items() if s not in kept}
+    cache.save()
+    if copies:
+        log.info(
+            "EXCLUDE: %d flagged byte-identical copies stay: a decision names content, and the audit keeps "
+            "another copy of each (%s).",
+            len(copies),
+            ", ".join(copies[:3]),
+        )
+    if unreadable:
+        raise ConfigError(
+            f"EXCLUDE={audit} flags {len(unreadable)} rows whose image files cannot be read "
+            f"({', '.join(unreadable[:3])}); decisions are keyed by file content. Rerun `make audit` on the "
+            "current image folder (a tfds dataset has no files: review it with `make review` instead)."
+        )
+    return out
+
+
+def planned_decisions(features_path: Path, config: HeadConfig) -> tuple[Path | None, dict[str, Decision]]:
+    """The decisions file a run uses and its decisions, with EXCLUDE's rows as they will be recorded.
+
+    Pure (writes nothing), so a run directory's name can be worked out before training
+    (`pipeline.runs.run_dir_for`); `record_exclusion` then makes the file say the same.
+    """
+    if config.exclude is None:
+        path = resolve_decisions(config.decisions, config.audit_dir, features_path)
+        return path, (read_decisions(path) if path is not None else {})
+    path = Path(config.decisions) if config.decisions else decisions_path(config.audit_dir, dataset_of(features_path))
+    decided = read_decisions(path)
+    planned = exclusion_decisions(config.exclude, config.exclude_kinds, DigestCache(digest_cache_for(path)))
+    return path, {**planned, **decided}
+
+
+def record_exclusion(features_path: Path, config: HeadConfig, features_key: Mapping[str, Any]) -> int:
+    """Writes EXCLUDE's `exclude` decisions into the decisions file; returns how many were new.
+
+    An audit of another feature file is an error, never applied by id alone.
+    """
+    record = read_record(Path(config.exclude))
+    diff = key_diff(record.get("features_key"), features_key)
     if diff:
         raise CacheError(
-            f"{audit} is an audit of another feature file ({diff}). Expected an audit of {cached.path}: "
-            "run `make audit` with the same feature variables, or drop EXCLUDE."
+            f"{config.exclude} is an audit of another feature file ({diff}). Expected an audit of "
+            f"{features_path}: run `make audit` with the same feature variables, or drop EXCLUDE."
         )
-    kinds_ = _kinds(kinds)
-    ids = exclusion_ids(record, kinds_)
-    train = cached.splits["train"] if train is None else train
-    position = {str(i): r for r, i in enumerate(train.ids)}
-    unknown = [i for i in ids if i not in position]
-    if unknown:
-        raise CacheError(
-            f"{audit} names train ids that {cached.path} does not hold ({', '.join(unknown[:3])}); rerun `make audit`."
-        )
-    keep = np.ones(len(train), bool)
-    keep[[position[i] for i in ids]] = False
-    left = np.unique(train.labels[keep])
-    if len(left) < 2:
-        raise ConfigError(
-            f"EXCLUDE={audit} with kinds {','.join(kinds_)} leaves {int(keep.sum())} of {len(train)} train rows "
-            f"({len(left)} classes); a head needs 2 classes. Look at the audit's contact sheets (a loose "
-            "DUPLICATE_THRESHOLD?) or choose fewer EXCLUDE_KINDS."
-        )
-    leaks = tuple(c for c in record["clusters"] if c["cross_split"])
-    kept = [
-        (f["ids"][0], f["splits"][0], f["kind"])
-        for f in record["findings"]
-        if f["kind"] in kinds_ and f["kind"] != "duplicates" and f["splits"][0] != "train"
-    ]
-    if leaks and "duplicates" in kinds_:
-        log.warning(
-            "EXCLUDE: %d duplicate clusters reach validation/test (leaks); their train copies are left out, "
-            "the validation/test copies stay (yours to decide): %s",
-            len(leaks),
-            "; ".join(" = ".join(c["ids"]) for c in leaks[:5]) + ("; ..." if len(leaks) > 5 else ""),
-        )
-    if kept:
-        log.warning(
-            "EXCLUDE: %d flagged validation/test rows stay in their splits (yours to decide): %s",
-            len(kept),
-            ", ".join(f"{i} ({k})" for i, _, k in kept[:5]) + (", ..." if len(kept) > 5 else ""),
-        )
-    digest = _exclusion_fingerprint(kinds_, ids)
-    log.info("EXCLUDE: leaving %d of %d train rows out (%s).", len(ids), len(train), ", ".join(kinds_))
-    return Exclusion(audit=Path(audit), kinds=kinds_, keep=keep, ids=tuple(ids), digest=digest, leaks=leaks)
+    path, _ = planned_decisions(features_path, config)
+    planned = exclusion_decisions(config.exclude, config.exclude_kinds, DigestCache(digest_cache_for(path)))
+    with DecisionStore(path, record.get("class_names")) as store:
+        decided = store.current()
+        new = [d for s, d in planned.items() if s not in decided]
+        for d in new:
+            store.record(d.sha256, d.path, d.decision)
+    log.info(
+        "EXCLUDE: %d flagged train rows (%s) recorded as excluded in %s (%d already decided there, left as they were).",
+        len(new),
+        ",".join(_kinds(config.exclude_kinds)),
+        path,
+        len(planned) - len(new),
+    )
+    return len(new)

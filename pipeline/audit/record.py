@@ -1,6 +1,6 @@
 """audit.json, the audit's contract: its file name, format version, writing and reading.
 
-`make audit` writes it, EXCLUDE reads it back; nothing else opens the file.
+`make audit` writes it; EXCLUDE and `make review` read it back; nothing else opens the file.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def read_record(path: Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except OSError as err:
         raise ConfigError(
-            f"EXCLUDE must name an audit.json of `make audit`. Received: {str(path)!r} ({err.strerror}). "
+            f"Expected an audit.json of `make audit` (EXCLUDE, AUDIT_DIR). Received: {str(path)!r} ({err.strerror}). "
             "Run `make audit` with the same feature variables first."
         ) from None
     except ValueError as err:

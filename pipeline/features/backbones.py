@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import logging
 import os
+import re
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREPROCESSING_MODES = ("tf", "caffe", "torch", "none")
+HUB_PREFIX = "hub:"
+#: Name prefix -> "module:function" building the spec of a name that is not registered, given the weights.
+#: Named, not imported: the resolver's module imports this one, and keras-hub only where it is used.
+_RESOLVERS = {HUB_PREFIX: "pipeline.features.hub:preset_spec"}
 
 _HASH_BLOCK_BYTES = 1 << 20
 
@@ -47,6 +52,9 @@ class BackboneSpec:
     `min_size` is the smallest square input the architecture accepts. `builder` is a
     constructor called like keras.applications', the name of one in
     `keras.applications`, or `module:function` (resolved by `resolve_builder`, so the registry needs no Keras).
+    `runtimes` are the inference runtimes (`pipeline.features.runtimes`) it converts to and
+    verifies on; a backbone left off one says why in `runtime_note`, which `make backbones`
+    and RUNTIME=auto show.
     """
 
     name: str
@@ -58,6 +66,37 @@ class BackboneSpec:
     min_size: int = 32
     builder_kwargs: Mapping[str, Any] = field(default_factory=dict)
     pretrained: bool = True
+    # Token models (keras-hub presets, `pipeline.features.hub`) pool tokens, not feature maps.
+    poolings: tuple[str, ...] = ("avg", "max")
+    default_pooling: str = "avg"
+    prefix_tokens: int = 0  # tokens before the patch tokens (CLS, registers), left out of "mean"
+    fixed_size: bool = False  # True: only `default_size` works (learned position embeddings)
+
+    @property
+    def model_name(self) -> str:
+        """The name as Keras accepts it for models and scopes: 'hub:dinov2_small' -> 'hub_dinov2_small'."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+
+    def pooled_dim(self, pooling: str | None) -> int:
+        """The width of the features after `pooling` (None: the default): "cls_mean" doubles it."""
+        return self.feature_dim * (2 if (pooling or self.default_pooling) == "cls_mean" else 1)
+
+    def check_pooling(self, pooling: str | None) -> str:
+        """`pooling`, or the spec's default for None; one this backbone's output cannot take is an error."""
+        pooling = pooling or self.default_pooling
+        if pooling not in self.poolings:
+            raise ConfigError(
+                f"Backbone {self.name!r} supports pooling {', '.join(self.poolings)} "
+                f"(default {self.default_pooling}). Received: pooling={pooling!r}; set POOLING to one of those."
+            )
+        return pooling
+
+    runtimes: tuple[str, ...] = ("tensorflow", "openvino")
+    runtime_note: str = ""
+
+    def runtimes_text(self) -> str:
+        """'tensorflow, openvino', or 'tensorflow (why not openvino)': what `make backbones` shows."""
+        return ", ".join(self.runtimes) + (f" ({self.runtime_note})" if self.runtime_note else "")
 
     def resolve_builder(self) -> Callable[..., keras.Model]:
         """The constructor itself; importing Keras if the spec names one of keras.applications."""
@@ -94,13 +133,23 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_backbone(name: str) -> BackboneSpec:
-    """The spec registered under `name`; an unknown name lists the valid ones."""
+def get_backbone(name: str, weights: str | os.PathLike | None = "imagenet") -> BackboneSpec:
+    """The spec registered under `name`; an unknown name lists the valid ones.
+
+    A `hub:<preset>` name is a keras-hub preset (`pipeline.features.hub`): its spec is
+    read from the preset's own config, found through `weights` (a preset folder, or
+    the preset's published weights for "imagenet" and None), so it is not registered.
+    """
+    for prefix, resolver in _RESOLVERS.items():
+        if isinstance(name, str) and name.startswith(prefix):
+            module, _, function = resolver.partition(":")
+            return getattr(importlib.import_module(module), function)(name, weights)
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
         raise ConfigError(
-            f"Unknown backbone {name!r}. Expected one of: {', '.join(list_backbones())}. Received: backbone={name!r}."
+            f"Unknown backbone {name!r}. Expected one of: {', '.join(list_backbones())}, "
+            f"or {HUB_PREFIX}<keras-hub preset>. Received: backbone={name!r}."
         ) from None
 
 
@@ -109,7 +158,8 @@ def weights_identity(weights: str | os.PathLike | None) -> str:
 
     "none" and "imagenet" stand for themselves; a file is identified by the
     sha256 of its content, so renaming it keeps cached features valid and
-    replacing it invalidates them.
+    replacing it invalidates them. A folder (a keras-hub preset) by the sha256 of
+    its files' names and contents.
     """
     if weights is None:
         return "none"
@@ -117,22 +167,30 @@ def weights_identity(weights: str | os.PathLike | None) -> str:
         return "imagenet"
     path = check_weights(weights)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_HASH_BLOCK_BYTES), b""):
-            digest.update(block)
+    files = sorted(p for p in _walk(path)) if os.path.isdir(path) else [path]
+    for file in files:
+        if file != path:
+            digest.update(os.path.relpath(file, path).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(_HASH_BLOCK_BYTES), b""):
+                digest.update(block)
     return f"sha256:{digest.hexdigest()}"
 
 
+def _walk(folder: str) -> list[str]:
+    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+
+
 def check_weights(weights: str | os.PathLike) -> str:
-    """The path of an existing weights file, or a ConfigError saying what to pass."""
+    """The path of an existing weights file or preset folder, or a ConfigError saying what to pass."""
     try:
         path = os.fspath(weights)
     except TypeError:
         path = None
-    if not isinstance(path, str) or not os.path.isfile(path):
+    if not isinstance(path, str) or not os.path.exists(path):
         raise ConfigError(
             "weights must be None, 'imagenet' or the path to an existing weights "
-            f"file. Received: weights={weights!r} (no such file)."
+            f"file (keras-hub: preset folder). Received: weights={weights!r} (no such file)."
         )
     return path
 

@@ -42,12 +42,13 @@ def view_batches(
     Only the positions in `keep` (train rows of the plain features) are read, so images
     skipped there are not tried again. `augment` is
     `pipeline.augment.example_augmenter(...)`: it runs per image, in parallel, after
-    decoding, and its result depends only on (seed, view, position).
+    decoding, and its result depends only on (seed, view, the record's `view_key`): a hash
+    of the image's content, set by `SplitSource.restricted`, else its position.
     """
     return schedule.batches(
         split.at(keep).records(0),
         lambda r: (
-            augment(decode_and_resize(r["image"], image_size), view, r["index"]),
+            augment(decode_and_resize(r["image"], image_size), view, r["view_key"] if "view_key" in r else r["index"]),
             r["label"],
             r["id"],
             r["index"],
@@ -98,7 +99,7 @@ def feature_batches(
             return
         images, labels, ids, index = batch
         with phases("forward"):
-            features = forward(images).numpy()
+            features = forward(images)
         yield features, labels.numpy(), index.numpy(), ids.numpy().tolist()
 
 
@@ -140,7 +141,7 @@ def view_feature_batches(
         expected = positions[row : row + len(index)]
         if not np.array_equal(expected, index):
             raise _lost_view_image(split, view, int(expected[np.argmax(expected != index)]))
-        yield forward(images).numpy(), labels.numpy(), index, np.full(len(index), view, np.int64)
+        yield forward(images), labels.numpy(), index, np.full(len(index), view, np.int64)
         row += len(index)
     if row != len(positions):
         raise _lost_view_image(split, view, int(positions[row]))

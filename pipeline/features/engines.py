@@ -13,7 +13,7 @@ from pipeline.config import EngineConfig, FeaturesConfig, ViewsConfig
 from pipeline.errors import ConfigError
 from pipeline.features import backbones
 from pipeline.features.batches import feature_batches, resume_position, view_feature_batches, views_left
-from pipeline.features.forward import Forward, compiled_forward
+from pipeline.features.forward import Forward
 from pipeline.features.sources import SplitSource
 from pipeline.features.store import FeatureWriter
 from pipeline.phases import Phases
@@ -31,6 +31,9 @@ class Runner(Protocol):
         self, split: SplitSource, writer: FeatureWriter, views: ViewsConfig, *, progress: bool
     ) -> tuple[int, float]:
         """Appends the missing views of the train rows; returns (rows computed, seconds)."""
+
+    def runtimes(self) -> list[str]:
+        """The inference runtimes computing this run's features (`Forward.record()`), for the file."""
 
 
 class Engine(Protocol):
@@ -65,9 +68,9 @@ class LocalEngine:
                 pooling=config.pooling,
                 mixed_precision=config.mixed_precision,
             )
-        with phases("trace forward pass"):
-            forward = compiled_forward(model, config.image_size, config.batch_size)
-        yield LocalRunner(forward, config, phases)
+        from pipeline.features.runtimes import forward_for
+
+        yield LocalRunner(forward_for(model, config, spec, phases), config, phases)
 
 
 def _ray_engine(config: EngineConfig) -> Engine:
@@ -93,6 +96,10 @@ class LocalRunner:
         self.forward = forward
         self.config = config
         self.phases = phases
+
+    def runtimes(self) -> list[str]:
+        """The runtime that computed this run's features (what the feature file records)."""
+        return [self.forward.record()]
 
     def extract_split(self, split: SplitSource, writer: FeatureWriter, *, progress: bool) -> int:
         from tqdm.auto import tqdm

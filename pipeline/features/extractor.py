@@ -16,14 +16,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from pipeline.config import POOLINGS
 from pipeline.errors import ConfigError, WeightsUnavailableError
 from pipeline.features.backbones import (
+    HUB_PREFIX,
     PREPROCESSING_MODES,
     BackboneSpec,
     check_weights,
     get_backbone,
 )
+from pipeline.features.pooling import pooling_layer
 
 logger = logging.getLogger("pipeline.features.backbones")
 
@@ -80,7 +81,7 @@ def build_extractor(
     *,
     image_size: int,
     weights: str | os.PathLike | None,
-    pooling: str = "avg",
+    pooling: str | None = None,
     mixed_precision: bool = False,
 ) -> keras.Model:
     """Builds a frozen feature extractor: raw images in, pooled features out.
@@ -90,7 +91,7 @@ def build_extractor(
         image_size: side S of the square (N, S, S, 3) float32 input, 0-255 pixels.
         weights: None (random), "imagenet" (Keras's cache or download) or the path
             of a Keras .h5 weights file for this architecture without its top.
-        pooling: "avg" or "max" over the last feature map.
+        pooling: one of `spec.poolings` (`pipeline.features.pooling`); None: the spec's default.
         mixed_precision: builds under "mixed_float16"; the global dtype policy is
             restored afterwards and the output stays float32.
 
@@ -106,8 +107,9 @@ def build_extractor(
             downloadable; the message names the file and where to put it.
     """
     if not isinstance(spec, BackboneSpec):
-        spec = get_backbone(spec)
+        spec = get_backbone(spec, weights)
     weights = _checked_options(spec, image_size, weights, pooling)
+    pooling = spec.check_pooling(pooling)
     previous_policy = keras.config.dtype_policy()
     try:
         if mixed_precision:
@@ -119,10 +121,9 @@ def build_extractor(
         base.name = "backbone"
         base.trainable = False
         x = base(x, training=False)
-        pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else (keras.layers.GlobalMaxPooling2D)
         # A float32 layer casts its input, so features are float32 in any policy.
-        outputs = pool(name="pooling", dtype="float32")(x)
-        model = keras.Model(inputs, outputs, name=f"{spec.name}_extractor")
+        outputs = pooling_layer(pooling, prefix_tokens=spec.prefix_tokens, name="pooling", dtype="float32")(x)
+        model = keras.Model(inputs, outputs, name=f"{spec.model_name}_extractor")
     finally:
         keras.config.set_dtype_policy(previous_policy)
     logger.info(
@@ -133,7 +134,7 @@ def build_extractor(
         weights,
         pooling,
         mixed_precision,
-        spec.feature_dim,
+        spec.pooled_dim(pooling),
     )
     return model
 
@@ -148,10 +149,19 @@ def _checked_options(spec: BackboneSpec, image_size: int, weights, pooling: str)
             f"{spec.min_size} pixels (native size {spec.default_size}). Received: "
             f"image_size={image_size}."
         )
-    if pooling not in POOLINGS:
-        raise ConfigError(f"Expected pooling to be one of {', '.join(POOLINGS)}. Received: pooling={pooling!r}.")
+    if spec.fixed_size and image_size != spec.default_size:
+        raise ConfigError(
+            f"Backbone {spec.name!r} learned position embeddings for {spec.default_size} px only. "
+            f"Received: image_size={image_size}; leave IMAGE_SIZE unset or set it to {spec.default_size}."
+        )
+    spec.check_pooling(pooling)
     if weights is not None and weights != "imagenet":
         weights = check_weights(weights)
+        if os.path.isdir(weights) and not spec.name.startswith(HUB_PREFIX):
+            raise ConfigError(
+                f"A weights folder is a keras-hub preset, for {HUB_PREFIX}<preset> backbones; {spec.name!r} "
+                f"takes an .h5 weights file. Received: weights={weights!r}."
+            )
     if weights == "imagenet" and not spec.pretrained:
         raise ConfigError(
             f"Backbone {spec.name!r} has no ImageNet weights; use weights=None (random "

@@ -64,21 +64,34 @@ def _cores() -> int:
 
 @dataclass(frozen=True)
 class Forward:
-    """The backbone as one traced graph, and the input schedule for the device it runs on.
+    """The backbone on one inference runtime, and the input schedule for the device it runs on.
 
-    Called like a function (images -> features); `schedule` is what `image_batches` and
-    `view_batches` need to feed it (see `InputSchedule`).
+    Called like a function: images (N, S, S, 3) float32 (numpy or tf.Tensor) -> features
+    (N, D) float32 numpy, whatever the runtime, so callers never ask which one they hold.
+    `schedule` is what `image_batches` and `view_batches` need to feed it (see
+    `InputSchedule`); `runtime`, `version` and `precision` say what computed the features
+    (`describe()` is the line every run prints, `record()` what the feature file keeps).
     """
 
     fn: Any
     schedule: InputSchedule
+    runtime: str = "tensorflow"
+    version: str = ""
+    precision: str = "f32"
 
     def __call__(self, images):
         return self.fn(images)
 
+    def describe(self) -> str:
+        return f"{self.runtime} {self.precision}"
+
+    def record(self) -> str:
+        """'openvino 2026.4.1 f32': the runtime, its version and the precision, as feature files list them."""
+        return f"{self.runtime} {self.version} {self.precision}"
+
 
 def compiled_forward(model, image_size: int, batch_size: int) -> Forward:
-    """The backbone as one traced graph for every batch size, warmed up at `batch_size`.
+    """The backbone as one traced TensorFlow graph for every batch size, warmed up at `batch_size`.
 
     The batch dimension is left open so a split's last, smaller batch reuses the
     graph instead of tracing another. The warm-up call pays for the trace and for
@@ -96,4 +109,4 @@ def compiled_forward(model, image_size: int, batch_size: int) -> Forward:
     forward(tf.zeros((batch_size, image_size, image_size, 3))).numpy()
     schedule = input_schedule()
     log.info("input schedule: %s", schedule.name)
-    return Forward(forward, schedule)
+    return Forward(lambda images: forward(images).numpy(), schedule, "tensorflow", tf.__version__, "f32")

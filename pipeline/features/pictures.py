@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.features.sources import load_source
+from pipeline.features.data import load_source
 from pipeline.images import decode_and_resize, read_image_file
 
 

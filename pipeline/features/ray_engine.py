@@ -85,6 +85,9 @@ class ShardTask:
     positions: np.ndarray | None = None
     views: ViewsConfig | None = None
     expected: dict[str, Any] = field(default_factory=dict)
+    #: The split restricted to the images the store lacks: a Ray object holding (positions, view
+    #: keys) of `SplitSource.origin`, put once per split and shared by its tasks.
+    origin: Any = None
 
 
 # --- workers -------------------------------------------------------------------------
@@ -148,12 +151,14 @@ class ExtractionWorker:
         self.config = config
         self._source: DataSource | None = None
         self._augmenters: dict[str, Any] = {}
+        self._restricted: dict[str, SplitSource] = {}
         # A user error here is kept for ready() to raise: Ray reports a failed constructor
         # as a message only, while a method's exception reaches the driver as itself.
         self._error: PipelineError | None = None
         enable_memory_growth()
+        from pipeline.features.backbones import get_backbone
         from pipeline.features.extractor import build_extractor
-        from pipeline.features.forward import compiled_forward
+        from pipeline.features.runtimes import forward_for
 
         try:
             model = build_extractor(
@@ -163,10 +168,10 @@ class ExtractionWorker:
                 pooling=config.pooling,
                 mixed_precision=config.mixed_precision,
             )
+            self.forward = forward_for(model, config, get_backbone(config.backbone, config.weights_arg), Phases())
         except PipelineError as err:
             self._error = err
             return
-        self.forward = compiled_forward(model, config.image_size, config.batch_size)
 
     def ready(self) -> dict[str, Any]:
         """Where this worker runs; answering at all means the backbone is built."""
@@ -174,7 +179,12 @@ class ExtractionWorker:
 
         if self._error is not None:
             raise self._error
-        return {"pid": os.getpid(), "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "runtime": self.forward.record(),
+        }
 
     def extract(self, task: ShardTask) -> Iterator[tuple]:
         yield from coalesce(self._batches(task), self.chunk_bytes)
@@ -205,7 +215,7 @@ class ExtractionWorker:
 
     def _split(self, task: ShardTask) -> SplitSource:
         """The split as this worker reads it, refused if it differs from the driver's."""
-        from pipeline.features.sources import load_source
+        from pipeline.features.data import load_source
 
         config = self.config
         if self._source is None:
@@ -220,7 +230,14 @@ class ExtractionWorker:
                 f"driver {task.expected}, worker {mine}. Every node needs the same data at the same path "
                 "(DATA_DIR or TFDS_DIR)."
             )
-        return split
+        if task.origin is None:
+            return split
+        key = task.origin.hex()
+        if key not in self._restricted:
+            import ray
+
+            self._restricted = {key: split.restricted(*ray.get(task.origin))}  # one split at a time
+        return self._restricted[key]
 
     def _augmenter(self, views: ViewsConfig):
         from pipeline.augment import example_augmenter
@@ -402,6 +419,10 @@ class RayRunner:
         self.probing: dict[Any, int] = {}  # ready() call -> worker number
         self.reprobe: list[tuple[float, int]] = []  # (not before, worker number)
 
+    def runtimes(self) -> list[str]:
+        """The runtimes the workers chose (each verifies its own first batch; see `pipeline.features.runtimes`)."""
+        return list(dict.fromkeys(w["runtime"] for w in self.engine.workers if "runtime" in w))
+
     def extract_split(self, split: SplitSource, writer: FeatureWriter, *, progress: bool) -> int:
         start = resume_position(writer, split.name, self.config.num_shards)
         if start >= split.size:
@@ -411,10 +432,11 @@ class RayRunner:
             _Shard(seq, split, a, min(a + size, split.size)) for seq, a in enumerate(range(start, split.size, size))
         ]
         expected = _expected(writer, split)
+        origin = _origin(self.ray, split)
         num_shards = self.config.num_shards
 
         def task(shard: _Shard) -> ShardTask:
-            return ShardTask(split=split.name, start=shard.start, stop=shard.stop, expected=expected)
+            return ShardTask(split=split.name, start=shard.start, stop=shard.stop, expected=expected, origin=origin)
 
         def received(shard: _Shard, batch: tuple) -> int:
             position = int(batch[2][-1]) // num_shards + 1
@@ -446,10 +468,16 @@ class RayRunner:
                     )
                 )
         expected = _expected(writer, split)
+        origin = _origin(self.ray, split)
 
         def task(shard: _Shard) -> ShardTask:
             return ShardTask(
-                split=split.name, view=shard.view, positions=shard.rows[shard.start :], views=views, expected=expected
+                split=split.name,
+                view=shard.view,
+                positions=shard.rows[shard.start :],
+                views=views,
+                expected=expected,
+                origin=origin,
             )
 
         def received(shard: _Shard, batch: tuple) -> int:
@@ -604,7 +632,13 @@ class RayRunner:
 
 def _expected(writer: FeatureWriter, split: SplitSource) -> dict[str, Any]:
     """What a worker's view of `split` must match: the data this file describes."""
-    return {"version": writer.attrs["dataset_version"], "spec": split.spec, "total": split.total}
+    total = split.origin[2] if split.origin is not None else split.total
+    return {"version": writer.attrs["dataset_version"], "spec": split.spec, "total": total}
+
+
+def _origin(ray, split: SplitSource) -> Any:
+    """What a worker needs to restrict its split as the driver did (only the missing rows travel), put once."""
+    return None if split.origin is None else ray.put(split.origin[:2])
 
 
 def _record_id(split: SplitSource, record: int) -> str:

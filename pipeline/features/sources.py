@@ -16,6 +16,7 @@ a tenth of a second.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -53,6 +54,11 @@ class SplitSource:
     total: int
     records: Callable[[int], tf.data.Dataset] = field(repr=False, compare=False)
     num_shards: int = 1  # shard I of N holds the positions p with p % N == I: record p // N
+    #: For a split made by `restricted`: (positions in the whole split, view keys, its size).
+    origin: tuple | None = field(default=None, repr=False, compare=False)
+    #: positions -> a `records` function over those positions alone, reading no other record
+    #: (image folders; without it `restricted` filters the records read, as `at` does).
+    select: Callable | None = field(default=None, repr=False, compare=False)
 
     def at(self, positions: Sequence[int]) -> SplitSource:
         """This split restricted to the records at `positions` (split positions of this shard), in split order.
@@ -90,6 +96,43 @@ class SplitSource:
 
         return dataclasses.replace(self, size=len(chosen), records=records)
 
+    def restricted(self, positions: Sequence[int], view_keys: Sequence[int]) -> SplitSource:
+        """The records at sorted `positions` of this (unsharded) split, numbered 0..k-1.
+
+        What an engine runs when only some images lack features: record r is the one at
+        `positions[r]`, its `index` is r, and it carries `view_key` = `view_keys[r]`, the
+        number an augmented view's randomness derives from (so a view depends on the
+        image's content, not its place). `origin` keeps the mapping, which is all a
+        cluster worker needs to rebuild this split from its own source.
+        """
+        import numpy as np
+
+        positions = np.asarray(positions, np.int64)
+        keys = np.asarray(view_keys, np.int64)
+        if self.num_shards != 1 or (len(positions) > 1 and (np.diff(positions) <= 0).any()):
+            raise DataError(f"Split '{self.name}' can only be restricted unsharded, to increasing positions.")
+        chosen = self.select(positions) if self.select is not None else self.at(positions).records
+
+        def records(start: int):
+            import tensorflow as tf
+
+            table, key_table = tf.constant(positions), tf.constant(keys)
+
+            def renumber(r):
+                row = tf.searchsorted(table, r["index"][None], out_type=tf.int64)[0]
+                return {**r, "index": row, "view_key": tf.gather(key_table, row)}
+
+            return chosen(start).map(tf.autograph.experimental.do_not_convert(renumber))
+
+        return dataclasses.replace(
+            self,
+            size=len(positions),
+            total=len(positions),
+            records=records,
+            origin=(positions, keys, self.total),
+            select=None,
+        )
+
 
 @dataclass(frozen=True)
 class DataSource:
@@ -118,8 +161,13 @@ class FolderScan:
     splits: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, label)]
     layout: str
     ignored: tuple[str, ...]
-    fingerprint: str
     warnings: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of the listing (splits, labels, paths, sizes): how a cluster worker checks it reads the
+        driver's data. Not a cache key: features are found by content (`pipeline.features.scan`)."""
+        return _fingerprint(self.root, self.splits)
 
 
 # Split folder names, lower-cased, -> the split they hold. Kaggle uses Training/ and
@@ -172,7 +220,7 @@ FOLDER_LAYOUTS = {
 }
 
 
-def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
+def scan_folder(config: DataConfig, *, seed: int, carve_memo: dict | None = None) -> FolderScan:
     """Lists and splits an image folder; deterministic for a given seed.
 
     Two kinds of folder are understood::
@@ -196,6 +244,9 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     unlabelled test/) is not used, with a warning. `test_from_validation` then moves
     that fraction of validation to test. Hidden files and files without an image
     extension are ignored and logged; class folders are searched recursively.
+
+    `carve_memo` (a dict, kept by the caller between runs) remembers the last carving by
+    a digest of its inputs, so a rerun on an unchanged listing does not load scikit-learn.
     """
     root = Path(config.data_dir).expanduser()
     if not root.is_dir():
@@ -215,7 +266,7 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         ignored += [e.name for e in sorted(root.iterdir()) if e.name.startswith(".") or not e.is_dir()]
         layout, class_names, files = _list_presplit(split_dirs, root, ignored, warnings)
     _check_classes(class_names, root)
-    files = layout.carve({"validation": [], "test": [], **files}, config, seed)
+    files = _carve(layout, {"validation": [], "test": [], **files}, config, seed, carve_memo)
     layout_name = layout.name
     if config.test_from_validation:
         files = _test_from_validation(files, root, config, seed)
@@ -227,9 +278,25 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         splits=files,
         layout=layout_name,
         ignored=tuple(ignored),
-        fingerprint=_fingerprint(root, files),
         warnings=tuple(warnings),
     )
+
+
+def _carve(layout: FolderLayout, files: Files, config: DataConfig, seed: int, memo: dict | None) -> Files:
+    """`layout.carve`, remembered in `memo` as indices into the listed train + test entries."""
+    if memo is None or layout.carve is _as_given:
+        return layout.carve(files, config, seed)
+    pool = files["train"] + files["test"]
+    digest = hashlib.sha256(repr((layout.name, config.val_fraction, config.test_fraction, seed)).encode())
+    digest.update("\n".join(f"{p}\t{l}" for p, l in pool).encode())
+    key = digest.hexdigest()
+    if memo.get("key") == key:
+        return {split: [pool[i] for i in rows] for split, rows in memo["splits"].items()}
+    carved = layout.carve(files, config, seed)
+    where = {entry: i for i, entry in enumerate(pool)}
+    memo.clear()
+    memo.update(key=key, splits={split: [where[e] for e in entries] for split, entries in carved.items()})
+    return carved
 
 
 def _list_presplit(split_dirs: dict[str, Path], root: Path, ignored: list[str], warnings: list[str]):
@@ -360,7 +427,8 @@ def _list_images(directory: Path, root: Path, ignored: list[str]) -> list[str]:
         prefix = "" if prefix == "." else prefix + "/"
         for name in sorted(filenames):
             relative = prefix + name
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            dot = name.rfind(".")
+            if name.startswith(".") or dot < 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
                 ignored.append(relative)
             else:
                 images.append(relative)
@@ -402,8 +470,7 @@ def _split_by_fractions(entries, val_fraction: float, test_fraction: float, seed
 
 
 def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]]) -> str:
-    """Hash of every file's split, label, path and size: adding, moving or editing an
-    image (in most cases) changes it, so a stale cache is refused, not reused."""
+    """Hash of every file's split, label, path and size."""
     digest = hashlib.sha256()
     for split in sorted(files):
         for path, label in files[split]:
@@ -427,7 +494,8 @@ def folder_source(scan: FolderScan, *, shard_index: int = 0, num_shards: int = 1
             spec=f"folder:{scan.layout}:{split}",
             size=len(mine),
             total=len(entries),
-            records=_folder_records(scan.root, mine, shard_index, num_shards),
+            records=_folder_records(scan.root, entries, range(shard_index, len(entries), num_shards)),
+            select=functools.partial(_folder_records, scan.root, entries),
             num_shards=num_shards,
         )
     counts = {
@@ -443,21 +511,24 @@ def folder_source(scan: FolderScan, *, shard_index: int = 0, num_shards: int = 1
     )
 
 
-def _folder_records(root: Path, entries, shard_index: int, num_shards: int):
+def _folder_records(root: Path, entries, positions):
+    """Records of the files at split `positions` of `entries` (the whole split), in that order:
+    a shard's positions, or (`SplitSource.select`) the ones a restricted split needs."""
+
     def records(start: int):
         import tensorflow as tf
 
-        chosen = entries[start:]
+        chosen = [entries[p] for p in positions[start:]]
         paths = [str(root / path) for path, _ in chosen]
         ids = [path for path, _ in chosen]
         labels = [label for _, label in chosen]
-        positions = [shard_index + num_shards * (start + i) for i in range(len(chosen))]
+        positions_left = [int(p) for p in positions[start:]]
         ds = tf.data.Dataset.from_tensor_slices(
             {
                 "path": tf.constant(paths, tf.string),
                 "label": tf.constant(labels, tf.int64),
                 "id": tf.constant(ids, tf.string),
-                "index": tf.constant(positions, tf.int64),
+                "index": tf.constant(positions_left, tf.int64),
             }
         )
         return ds.map(
@@ -472,147 +543,6 @@ def _folder_records(root: Path, entries, shard_index: int, num_shards: int):
 
 
 # --- tensorflow-datasets ------------------------------------------------------------
-
-
-def tfds_source(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1) -> DataSource:
-    """Loads a tensorflow-datasets dataset by name, with split slicing.
-
-    Images are read undecoded (`SkipDecoding`) so they go through the same decoder
-    as folder images. Ids are tfds's own example ids (`tfds_id`).
-    """
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(config.dataset, data_dir=config.tfds_dir)
-    except tfds.core.registered.DatasetNotFoundError as err:
-        raise DataError(
-            f"Unknown tensorflow-datasets name. Received: DATASET={config.dataset!r}. "
-            "See `tfds.list_builders()`, or use DATA_DIR=<image folder>."
-        ) from err
-    _ensure_prepared(builder, config)
-    image_key, label_key = _supervised_keys(builder)
-    class_names = tuple(builder.info.features[label_key].names)
-    splits = {}
-    for split, spec in config.splits.items():
-        total = int(_tfds_dataset(builder, spec, image_key, config.dataset).cardinality())
-        if total < 0:
-            raise DataError(f"{config.dataset} split {spec!r} has an unknown number of examples.")
-        splits[split] = SplitSource(
-            name=split,
-            spec=spec,
-            size=len(range(shard_index, total, num_shards)),
-            total=total,
-            records=_tfds_records(builder, spec, image_key, label_key, config.dataset, shard_index, num_shards),
-            num_shards=num_shards,
-        )
-    return DataSource(
-        name=config.dataset,
-        version=str(builder.info.version),
-        class_names=class_names,
-        splits=splits,
-    )
-
-
-def _ensure_prepared(builder, config: DataConfig) -> None:
-    if builder.is_prepared():
-        return
-    where = builder.data_dir_root if hasattr(builder, "data_dir_root") else config.tfds_dir
-    instead = (
-        f"Prepare it where there is a network (`tfds build {config.dataset} --data_dir DIR`), "
-        "copy DIR here and pass TFDS_DIR=DIR, or use DATA_DIR=<image folder>."
-    )
-    if not config.download:
-        raise DataError(
-            f"tensorflow-datasets '{config.dataset}' is not prepared in {where} and downloads are off. {instead}"
-        )
-    log.info("Downloading and preparing %s into %s", config.dataset, where)
-    try:
-        builder.download_and_prepare()
-    except Exception as err:  # network failures surface as many types; all are re-raised
-        raise DataError(
-            f"Could not download tensorflow-datasets '{config.dataset}' into {where} "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). {instead}"
-        ) from err
-
-
-def _supervised_keys(builder) -> tuple[str, str]:
-    """(image key, label key): the declared supervised keys, or else the one Image and
-    the one ClassLabel feature; anything ambiguous is an error, not a guess."""
-    import tensorflow_datasets as tfds
-
-    features = builder.info.features
-    keys = builder.info.supervised_keys
-    if keys and len(keys) == 2 and all(isinstance(k, str) for k in keys):
-        image_key, label_key = keys
-    else:
-        images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
-        labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
-        if len(images) != 1 or len(labels) != 1:
-            raise DataError(
-                f"{builder.name} is not an image classification dataset: expected one image "
-                f"and one class-label feature, received images={images}, labels={labels}."
-            )
-        image_key, label_key = images[0], labels[0]
-    if not isinstance(features[image_key], tfds.features.Image):
-        raise DataError(f"{builder.name}: feature '{image_key}' is not an image.")
-    return image_key, label_key
-
-
-def _tfds_dataset(builder, spec: str, image_key: str, name: str):
-    """The split as stored, images left encoded, in a fixed order."""
-    import tensorflow_datasets as tfds
-
-    try:
-        return builder.as_dataset(
-            split=spec,
-            shuffle_files=False,
-            decoders={image_key: tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(add_tfds_id=True),
-        )
-    except (KeyError, ValueError, AssertionError) as err:
-        available = ", ".join(sorted(builder.info.splits)) or "see the dataset's catalog page"
-        raise DataError(
-            f"Split {spec!r} does not exist in {name} ({str(err).splitlines()[0][:200]}). "
-            f"Available splits: {available}; slicing such as 'train[:40%]' is allowed."
-        ) from err
-
-
-def _tfds_records(builder, spec, image_key, label_key, name, shard_index, num_shards):
-    def records(start: int):
-        import tensorflow as tf
-
-        ds = _tfds_dataset(builder, spec, image_key, name).enumerate()
-        if num_shards > 1:
-            ds = ds.filter(tf.autograph.experimental.do_not_convert(lambda i, _: i % num_shards == shard_index))
-        ds = ds.skip(start)
-        return ds.map(
-            tf.autograph.experimental.do_not_convert(
-                lambda i, ex: {
-                    "image": ex[image_key],
-                    "label": tf.cast(ex[label_key], tf.int64),
-                    "id": ex["tfds_id"],
-                    "index": i,
-                }
-            ),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-
-    return records
-
-
-def load_source(config: DataConfig, *, seed: int, shard_index: int = 0, num_shards: int = 1) -> DataSource:
-    """The one entry point: a `DataSource` for either kind of data."""
-    if config.data_dir is not None:
-        return folder_source(scan_folder(config, seed=seed), shard_index=shard_index, num_shards=num_shards)
-    return tfds_source(config, shard_index=shard_index, num_shards=num_shards)
-
-
-def data_fingerprint(config: DataConfig, *, seed: int) -> str:
-    """The part of the cache key that identifies the data, computed without TensorFlow."""
-    if config.data_dir is not None:
-        return scan_folder(config, seed=seed).fingerprint
-    return f"tfds:{config.dataset}"
 
 
 # --- subsets ----------------------------------------------------------------------

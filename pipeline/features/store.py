@@ -1,16 +1,18 @@
 """The HDF5 feature store: self-describing files that survive interruption.
 
-Schema of a finished file (readable with plain h5py, see README.md)::
+Schema of a finished file (readable with plain h5py, docs/features.md)::
 
     /                      attrs: format_version, complete, key (JSON), config (JSON),
                                   class_names, backbone, weights, image_size, pooling,
                                   preprocessing, dataset, dataset_version, splits (JSON),
-                                  seed, feature_dim, dtype, package_version, created,
-                                  shard_index, num_shards, num_skipped
+                                  seed, feature_dim, dtype, package_version, created, runtimes,
+                                  scan, store, views_store, num_rows, num_skipped
     /<split>/features      (N, D) float32 or float16, chunked, gzip
     /<split>/labels        (N,) int64, index into class_names
     /<split>/ids           (N,) UTF-8 strings: path relative to the image folder, or tfds_id
     /<split>/index         (N,) int64: the example's position in the full split
+    /<split>/content_ids   (N,) UTF-8: the row's address in the content store (`sha256:<hex>` of
+                           the file, or `tfds:<name>:<version>:<tfds_id>`)
     /<split>               attrs: spec, num_inputs, num_skipped, skipped (JSON list of
                                   {index, id, reason})
     /train/views/features  (K*N, D) augmented views of the train rows, view-major: row
@@ -21,13 +23,16 @@ Schema of a finished file (readable with plain h5py, see README.md)::
     /train/views           attrs: num_views, seed, augment (JSON), config (JSON),
                                   seconds, seconds_per_view, bytes, bytes_per_view
 
-Writing goes to `<name>.partial`, opened in HDF5's SWMR mode, which keeps the file
-readable however the writer dies (Ctrl-C, kill -9, power loss); every batch is
-appended and flushed, then a commit counter is advanced and flushed, so the rows up
-to the counter are always whole batches. HDF5 cannot reopen a crashed SWMR file
-for writing, so resuming copies the committed rows into a fresh partial file. The
-finished file is written afresh (no SWMR, so older readers can open it) and renamed
-into place: a file at the final path is always complete.
+Writing goes to `<name>.partial` in HDF5's SWMR mode, readable however the writer dies;
+every batch is appended and flushed, then a commit counter is advanced and flushed, so
+the rows up to the counter are always whole batches. The finished file is written
+afresh and renamed into place: a file at the final path is always complete.
+
+Format 2 (this one) is an assembly: `pipeline.features.extract` materializes it from
+the content store (`pipeline.features.contentstore`) for the current scan and records
+the scan's fingerprint (`scan`), the store folder (`store`, `views_store`) and the row
+count (`num_rows`). Format-1 files (features keyed by the file list) are refused with a
+message saying how to rebuild them.
 
 Views are not part of the key. Adding views to a finished file copies its rows into a
 new partial file (nothing is recomputed), appends the views there with the same
@@ -71,7 +76,7 @@ from pipeline.features.tables import (
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PARTIAL_SUFFIX = ".partial"
 _STR = h5py.string_dtype("utf-8")
 #: The only split that gets augmented views; validation and test are never augmented.
@@ -363,8 +368,11 @@ def write_features(
     feature_dim: int,
     dtype: np.dtype,
     views: tuple[Iterable[tuple], Mapping[str, Any]] | None = None,
+    content_ids: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Writes a finished file from per-split chunks of (features, labels, index, ids).
+
+    `content_ids`: per split, every row's content id (the /<split>/content_ids column).
 
     `views`: chunks of (features, labels, index, view) and the attributes of
     /train/views, whose storage size (`bytes`, `bytes_per_view`) is measured here.
@@ -380,6 +388,12 @@ def write_features(
             _write_attrs(group.attrs, split_attrs)
             create_table(group, SPLIT_COLUMNS, layout)
             fill_table(group, SPLIT_COLUMNS, chunks)
+            if content_ids is not None:
+                ids = np.array(list(content_ids[name]), dtype=object)
+                chunks = (max(1, min(16384, len(ids))),)
+                group.create_dataset(
+                    "content_ids", data=ids, dtype=_STR, maxshape=(None,), chunks=chunks, compression="gzip"
+                )
         if views is not None:
             chunks, view_attrs = views
             group = f[VIEWS_SPLIT].create_group("views")
@@ -435,6 +449,11 @@ def _read_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     return out
 
 
+def group_attrs(group: h5py.Group | h5py.File) -> dict[str, Any]:
+    """The attributes of an open group (or file) of a feature file, JSON ones decoded."""
+    return _read_attrs(group.attrs)
+
+
 def read_attrs(path: Path) -> dict[str, Any]:
     """The root attributes of a feature file (finished or not)."""
     with h5py.File(path, "r", swmr=path.name.endswith(PARTIAL_SUFFIX)) as f:
@@ -471,6 +490,7 @@ def read_features(
         raise CacheError(f"Cannot open feature file {path}: {err}. Delete it and rerun `make features`.") from err
     with f:
         attrs = _read_attrs(f.attrs)
+        check_format(path, attrs)
         if not attrs.get("complete") or attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(
                 f"{path} is not a complete feature file of format {FORMAT_VERSION} "
@@ -492,6 +512,21 @@ def read_features(
         split_attrs = {name: _read_attrs(f[name].attrs) for name in wanted}
         view_attrs = _view_attrs(f)
     return FeatureSet(path=path, attrs=attrs, splits=loaded, split_attrs=split_attrs, view_attrs=view_attrs)
+
+
+def check_format(path: Path, attrs: Mapping[str, Any]) -> None:
+    """Refuses a feature file of the first format (rows keyed by the file list) in one line."""
+    if attrs.get("format_version") == 1:
+        raise CacheError(
+            f"{path} is a feature file of format 1 (an older version, features keyed by the file list). "
+            "Rerun `make features` with the same variables to rebuild it in format 2; `make gc` then deletes it."
+        )
+
+
+def read_content_ids(path: Path, split: str) -> np.ndarray:
+    """The content id of every row of `split` of a finished feature file (object array of str)."""
+    with h5py.File(path, "r") as f:
+        return np.array(f[split]["content_ids"].asstr()[:], dtype=object)
 
 
 def read_view_attrs(path: Path) -> dict[str, Any] | None:

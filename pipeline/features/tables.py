@@ -145,12 +145,20 @@ IDS = TextColumn("ids", ends="id_ends", blob="id_bytes")
 VIEW = Column("view")
 
 
+CONTENT = TextColumn("content_ids", ends="content_ends", blob="content_bytes")
+
+
 #: The columns of a split, in the order of the row tuples (features, labels, index, ids).
 SPLIT_COLUMNS = (FEATURES, LABELS, INDEX, IDS)
 
 
 #: The columns of /train/views, in the order of the row tuples (features, labels, index, view).
 VIEW_COLUMNS = (FEATURES, LABELS, INDEX, VIEW)
+
+
+#: The columns of a content-store segment (features, index, view, content_ids): `index` is the
+#: row's place in the run that wrote it, `view` -1 for plain features or the view number.
+SEGMENT_COLUMNS = (FEATURES, INDEX, VIEW, CONTENT)
 
 
 def create_table(group: h5py.Group, columns: Sequence[Column], layout: Layout) -> None:

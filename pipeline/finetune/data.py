@@ -1,16 +1,22 @@
-"""The images of stage 3 as tf.data input: decoded as stage 1 decodes them, few-shot subsets, predictions."""
+"""The images of stage 3 as tf.data input: decoded as stage 1 decodes them, review decisions applied,
+few-shot subsets, predictions."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import FeaturesConfig
-from pipeline.errors import CacheError, DataError
-from pipeline.features.sources import DataSource, SplitSource, load_source, stratified_rows
+from pipeline.decisions import apply_to_splits, digest_cache_for, read_decisions
+from pipeline.digests import DigestCache, row_digests
+from pipeline.errors import CacheError, ConfigError, DataError
+from pipeline.features.data import load_source
+from pipeline.features.sources import DataSource, SplitSource, stratified_rows
 from pipeline.finetune.job import Job, Origin
 from pipeline.images import decode_and_resize
 from pipeline.metrics import probabilities
@@ -68,15 +74,73 @@ def few_shot(split: SplitSource, per_class: int, class_names: Sequence[str], *, 
     return split.at(index[stratified_rows(labels, index, per_class, list(class_names), seed=seed)])
 
 
+def _listing(split: SplitSource) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(ids, split positions, labels) of every record of `split`, in order."""
+    ids, index, labels = [], [], []
+    for i, position, label in split.records(0).map(lambda r: (r["id"], r["index"], r["label"])).as_numpy_iterator():
+        ids.append(i.decode())
+        index.append(position)
+        labels.append(label)
+    return ids, np.asarray(index, np.int64), np.asarray(labels, np.int64)
+
+
+def _decided(split: SplitSource, index: np.ndarray, keep: np.ndarray, labels: np.ndarray) -> SplitSource:
+    """`split` without its excluded records, relabelled records carrying their new label."""
+    table = np.full(split.total, -1, np.int64)
+    table[index] = labels
+    kept = split.at(index[keep])
+
+    def records(start: int):
+        import tensorflow as tf
+
+        lookup = tf.constant(table)
+        return kept.records(start).map(lambda r: {**r, "label": tf.gather(lookup, r["index"])})
+
+    return dataclasses.replace(kept, records=records)
+
+
+def apply_decisions(job: Job, source: DataSource) -> tuple[dict[str, SplitSource], dict[str, Any]]:
+    """The source's splits with the job's review decisions applied (`pipeline.decisions.apply_to_splits`).
+
+    Test records change only with DECISIONS_TEST; then the split as given comes back as
+    `test_as_given`, so the report can give the test score with and without them.
+    """
+    data_dir = job.features.data.data_dir
+    if not data_dir:
+        raise ConfigError(
+            f"{job.decisions} holds decisions, but the data is a tfds dataset: decisions are keyed by image "
+            "files. Set DECISIONS=none to train without them."
+        )
+    cache = DigestCache(digest_cache_for(job.decisions))
+    listed = {n: _listing(s) for n, s in source.splits.items()}
+    applied = apply_to_splits(
+        job.decisions,
+        read_decisions(job.decisions),
+        {n: (row_digests(Path(data_dir), ids, cache), labels) for n, (ids, _, labels) in listed.items()},
+        source.class_names,
+        test=job.decisions_test,
+    )
+    splits = {n: _decided(source.splits[n], listed[n][1], applied.keep[n], applied.labels[n]) for n in source.splits}
+    if job.decisions_test and "test" in source.splits:
+        splits["test_as_given"] = source.splits["test"]
+    return splits, applied.record()
+
+
 @dataclass(frozen=True)
 class FinetuneData:
-    """The data source, loaded once, and the datasets made from it."""
+    """The data source, loaded once, and the datasets made from it.
+
+    `test_as_given`: the test split before its review decisions (DECISIONS_TEST only);
+    `decisions`: what the decisions did (None without them).
+    """
 
     source: DataSource
     train_split: SplitSource  # the train split, or the few shots of it
     train: Any
     validation: Any
     test: Any | None
+    test_as_given: Any | None = None
+    decisions: dict[str, Any] | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -92,7 +156,8 @@ def load_data(job: Job) -> FinetuneData:
     source = load_source(job.features.data, seed=job.features.seed)
     _check_source(source, job.origin)
     binary = len(source.class_names) == 2
-    train_split = source.splits["train"]
+    splits, decisions = apply_decisions(job, source) if job.decisions else (dict(source.splits), None)
+    train_split = splits["train"]
     if job.per_class is not None:
         train_split = few_shot(train_split, job.per_class, source.class_names, seed=job.subset_seed)
 
@@ -101,13 +166,15 @@ def load_data(job: Job) -> FinetuneData:
             split, job.features.image_size, job.config.batch_size, binary=binary, shuffle_seed=shuffle_seed
         )
 
-    test = source.splits.get("test")
+    test, given = splits.get("test"), splits.get("test_as_given")
     return FinetuneData(
         source,
         train_split,
         train=dataset(train_split, shuffle_seed=job.config.seed),
-        validation=dataset(source.splits["validation"]),
+        validation=dataset(splits["validation"]),
         test=None if test is None else dataset(test),
+        test_as_given=None if given is None else dataset(given),
+        decisions=decisions,
     )
 
 

@@ -75,6 +75,8 @@ class Job:
     identity: Mapping[str, Any]  # config.json of the run; a finished run with another is not current
     per_class: int | None  # few-shot: train on the stage-2 head's own examples per class
     subset_seed: int
+    decisions: Path | None = None  # the review decisions applied to the images (`pipeline.decisions`)
+    decisions_test: bool = False
 
     @property
     def work(self) -> Path:
@@ -88,14 +90,24 @@ def finetune_run_dir(
     """`runs/<stage-2 run>__ft-<at>`; without a stage-2 head, `<features>__<origin>__ft-<at>`."""
     _, _, path = resolve(features)
     few = f"__{head.train_per_class}-per-class" if head.train_per_class is not None else ""
+    decided = _decisions_suffix(path, head)
     if config.from_scratch:
-        base = f"{path.stem}__scratch{few}"
+        base = f"{path.stem}__scratch{few}{decided}"
     elif config.head_epochs:
-        base = f"{path.stem}__images{config.head_epochs}{few}"
+        base = f"{path.stem}__images{config.head_epochs}{few}{decided}"
     else:
         base = Path(head_run).name if head_run else runs.run_dir_for(path, head).name
     at = "frozen" if config.epochs == 0 else slugify(config.fine_tune_at.replace(":", ""))
     return Path(config.runs_dir) / f"{base}__ft-{at}"
+
+
+def _decisions_suffix(features_path: Path, head: HeadConfig) -> str:
+    """`__dec-<digest>` when review decisions change rows (as `runs.run_dir_for` names a stage-2 run)."""
+    from pipeline.audit.exclusion import planned_decisions
+    from pipeline.decisions import decisions_fingerprint, effective
+
+    _, decisions = planned_decisions(features_path, head)
+    return f"__dec-{decisions_fingerprint(decisions, test=head.decisions_test)}" if effective(decisions) else ""
 
 
 def resolve_job(features: FeaturesConfig, head: HeadConfig, config: FinetuneConfig, head_run: Path | None) -> Job:
@@ -104,15 +116,31 @@ def resolve_job(features: FeaturesConfig, head: HeadConfig, config: FinetuneConf
     _check_options(features, config)
     origin = _origin(features, key, features_path, head, config, head_run)
     per_class, subset_seed = _few_shot_setting(origin, head)
+    from pipeline.audit.exclusion import planned_decisions
+    from pipeline.decisions import decisions_fingerprint, effective
+
+    decisions_file, decisions = planned_decisions(features_path, head)
+    decided = effective(decisions) and decisions_file is not None
     identity = {
         "features": features.to_dict(),
         "features_key": key,
         "finetune": config.to_dict(),
         "head_run": head_identity(origin),
         "train_per_class": per_class,
+        "decisions": decisions_fingerprint(decisions, test=head.decisions_test) if decided else None,
     }
     run_dir = finetune_run_dir(features, head, config, head_run=origin.run_dir)
-    return Job(features, config, origin, run_dir, identity, per_class, subset_seed)
+    return Job(
+        features,
+        config,
+        origin,
+        run_dir,
+        identity,
+        per_class,
+        subset_seed,
+        decisions=decisions_file if decided else None,
+        decisions_test=head.decisions_test,
+    )
 
 
 def _few_shot_setting(origin: Origin, head: HeadConfig) -> tuple[int | None, int]:
@@ -176,7 +204,7 @@ def _read_origin(run_dir: Path, key: Mapping[str, Any]) -> Origin:
         "image_size": key["image_size"],
         "pooling": key["pooling"],
         "weights": key["weights"],
-        "data_fingerprint": key["data_fingerprint"],
+        "dataset": key["dataset"],
     }
     differs = [f"{k}: head {stored.get(k)!r}, asked {v!r}" for k, v in wanted.items() if stored.get(k) != v]
     if differs:

@@ -27,19 +27,45 @@ from pipeline.features.extractor import build_extractor
 from pipeline.heads.base import Head
 from pipeline.heads.dense import logits_loss_and_accuracy
 
-_BLOCK = re.compile(r"^(.*?block_?\d+[a-z]?)(?:_|$)")
+_BLOCK = re.compile(r"^(.*?(?:block_?\d+[a-z]?|layers_\d+))(?:_|$)")
+
+
+def backbone_layers(backbone) -> list:
+    """The layers that FINE_TUNE_AT counts and unfreezes, in order.
+
+    A keras.applications model's own layers. A keras-hub backbone is nested (a model
+    inside the base model, DINOv2's transformer blocks inside one encoder layer), so
+    nested models and stacks of like blocks are opened up: its transformer blocks
+    become units that `blocks:N` can count, as convolutional blocks are.
+    """
+    units = []
+    for layer in backbone.layers:
+        inner = getattr(layer, "layers", None) if not isinstance(layer, _keras_layers().BatchNormalization) else None
+        stack = list(inner or [])
+        if stack and (hasattr(layer, "inputs") or len({type(unit) for unit in stack}) == 1 and len(stack) > 1):
+            units.extend(backbone_layers(layer))
+        else:
+            units.append(layer)
+    return units
+
+
+def _keras_layers():
+    import keras
+
+    return keras.layers
 
 
 def block_starts(backbone) -> list[int]:
     """Indices of the layers where each block of `backbone` begins, in order.
 
     keras.applications name block layers `block_16_expand` (MobileNetV2), `block14_...`
-    (Xception), `block7a_...` (EfficientNet) or `conv5_block3_...` (ResNet); a block is
+    (Xception), `block7a_...` (EfficientNet) or `conv5_block3_...` (ResNet); keras-hub
+    transformer blocks `encoder_block_3` (CLIP, SigLIP) or `layers_3` (DINOv2). A block is
     the run of layers sharing that prefix. Layers after the last block (the final
-    1x1 convolution of MobileNetV2 or EfficientNet) belong to it.
+    1x1 convolution of MobileNetV2 or EfficientNet, a transformer's final LayerNorm) belong to it.
     """
     starts, current = [], None
-    for index, layer in enumerate(backbone.layers):
+    for index, layer in enumerate(backbone_layers(backbone)):
         match = _BLOCK.match(layer.name)
         if match and match.group(1) != current:
             current = match.group(1)
@@ -53,7 +79,7 @@ def resolve_fine_tune_at(backbone, fine_tune_at: str) -> int:
     Accepts a layer index, `all` (0), `blocks:N` (the top N blocks) or a layer name
     (exact, else the first layer whose name starts with it).
     """
-    layers = backbone.layers
+    layers = backbone_layers(backbone)
     text = str(fine_tune_at).strip()
     where = f"{backbone.name} has {len(layers)} layers (0-{len(layers) - 1})"
     if text == "all":
@@ -95,7 +121,7 @@ def unfreeze(backbone, at: int, *, batch_norm: bool = False) -> None:
     import keras
 
     backbone.trainable = True
-    for index, layer in enumerate(backbone.layers):
+    for index, layer in enumerate(backbone_layers(backbone)):
         layer.trainable = index >= at
         if isinstance(layer, keras.layers.BatchNormalization) and not batch_norm:
             layer.trainable = False
@@ -144,7 +170,7 @@ def build_model(features: FeaturesConfig, config: FinetuneConfig, head: Head | N
     import keras
 
     keras.utils.set_random_seed(config.seed)
-    spec = get_backbone(features.backbone)
+    spec = get_backbone(features.backbone, features.weights_arg)
     extractor = build_extractor(
         spec,
         image_size=features.image_size,
@@ -156,13 +182,13 @@ def build_model(features: FeaturesConfig, config: FinetuneConfig, head: Head | N
     at = resolve_fine_tune_at(extractor.get_layer("backbone"), config.fine_tune_at) if config.epochs else None
     units = 1 if n_classes == 2 else n_classes
     if head is None:
-        head_model = _fresh_head(spec.feature_dim, units, config)
+        head_model = _fresh_head(spec.pooled_dim(features.pooling), units, config)
     else:
         head_model = head.finetune_model(dropout=config.dropout, seed=config.seed)
     images = keras.Input((features.image_size, features.image_size, 3), name="images")
     x = augmentation_layers(config.augment, seed=config.seed)(images)
     logits = head_model(extractor(x))
-    model = keras.Model(images, logits, name=f"{spec.name}_finetune")
+    model = keras.Model(images, logits, name=f"{spec.model_name}_finetune")
     return FinetuneModel(model=model, extractor=extractor, head=head_model, fine_tune_at=at)
 
 

@@ -11,12 +11,13 @@ import numpy as np
 
 from pipeline import plots, runs
 from pipeline.config import FeaturesConfig, FinetuneConfig
+from pipeline.decisions import report_lines
 from pipeline.features.pictures import load_images
 from pipeline.features.sources import DataSource
 from pipeline.finetune.checkpoints import Resumable
 from pipeline.finetune.data import FinetuneData, predict, split_predictions
 from pipeline.finetune.job import FinetuneRun, Job, Origin
-from pipeline.finetune.model import FinetuneModel
+from pipeline.finetune.model import FinetuneModel, backbone_layers
 from pipeline.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ def evaluate_run(
         else {
             "requested": config.fine_tune_at,
             "index": at,
-            "layer": backbone.layers[at].name,
-            "layers": len(backbone.layers),
+            "layer": backbone_layers(backbone)[at].name,
+            "layers": len(backbone_layers(backbone)),
         },
         "learning_rate": config.resolved_learning_rate,
         "optimizer": config.optimizer,
@@ -55,14 +56,20 @@ def evaluate_run(
         "training_seconds": round(sum(h["seconds"] for h in training.history), 2),
         "before": training.before,
         "after": evaluate(parts.model, data),
+        "decisions": data.decisions,
     }
 
 
 def evaluate(model, data: FinetuneData) -> dict[str, Any]:
     results = {}
-    for name, dataset in (("validation", data.validation), ("test", data.test)):
+    for name, dataset in (
+        ("validation", data.validation),
+        ("test", data.test),
+        ("test_without_decisions", data.test_as_given),
+    ):
         if dataset is None:
-            results[name] = None
+            if name != "test_without_decisions":
+                results[name] = None
             continue
         proba, labels = predict(model, dataset)
         results[name] = classification_metrics(proba, labels, data.class_names)
@@ -180,5 +187,7 @@ def report(metrics: Mapping[str, Any], figures: list[str]) -> str:
         f"{metrics['seconds_per_epoch']:.1f} s per fine-tuning epoch, {metrics['training_seconds']:.0f} s in all.",
         "",
     ]
+    after = metrics["after"]
+    lines += report_lines(metrics.get("decisions"), after.get("test"), after.get("test_without_decisions"))
     lines += [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"

@@ -76,6 +76,12 @@ def finetune(
     """
     if make_head and config.warm_starts and head_run is None:
         _make_head(features, head, progress=progress)
+    elif head.exclude is not None:  # EXCLUDE records its rows as decisions first, as `make head` does
+        from pipeline.audit.exclusion import record_exclusion
+        from pipeline.features.extract import resolve
+
+        _, key, path = resolve(features)
+        record_exclusion(path, head, key)
     job = resolve_job(features, head, config, head_run)
     with exclusive(job.run_dir, what="fine-tuning run directory"):
         return finished(job) or _run(job, progress=progress, callbacks=callbacks)

@@ -23,12 +23,15 @@ Augmented views of the train split (stage 1 with AUG_VIEWS) are used as
 `HeadConfig.views` says: by default all of them for the dense head, none for the
 logistic one. `HeadConfig.train_per_class` trains on a seeded, stratified subset
 of the train split (few-shot); the views of the chosen examples come with them.
-`HeadConfig.exclude` (an audit.json of `make audit`) leaves the train rows it flags
-out, views included; validation and test stay whole.
+Review decisions (`pipeline.decisions`, DECISIONS; EXCLUDE records an audit's flagged
+train rows there first) drop excluded train and validation rows, views included, and
+give relabelled rows their new label. Test rows change only with DECISIONS_TEST=1,
+and then the test score is reported with and without them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -40,11 +43,22 @@ from typing import Any
 import numpy as np
 
 from pipeline import runs
+from pipeline.audit.exclusion import planned_decisions
 from pipeline.config import FeaturesConfig, HeadConfig
-from pipeline.errors import CacheError, DataError
+from pipeline.decisions import apply_to_splits, digest_cache_for, effective, report_lines
+from pipeline.digests import DigestCache, row_digests
+from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.features.pictures import read_images
 from pipeline.features.sources import stratified_rows
-from pipeline.features.store import VIEWS_SPLIT, FeatureRows, FeatureSet, open_rows, read_features
+from pipeline.features.store import (
+    VIEWS_SPLIT,
+    FeatureRows,
+    FeatureSet,
+    SplitArrays,
+    open_rows,
+    read_attrs,
+    read_features,
+)
 from pipeline.heads.base import Head
 from pipeline.heads.registry import head_class, load_head
 from pipeline.locks import exclusive
@@ -118,6 +132,10 @@ def train_head(
     `phases` (a caller's, to add its own phases before these) times the stage's phases.
     """
     phases = phases if phases is not None else Phases()
+    if config.exclude is not None:
+        from pipeline.audit.exclusion import record_exclusion
+
+        record_exclusion(features_path, config, read_attrs(features_path)["key"])
     run_dir = run_dir_for(features_path, config)
     waited = time.perf_counter()
     with exclusive(run_dir, what="run directory"):
@@ -141,16 +159,16 @@ def _train_head(
         rows = _check_splits(cached)
     if cached.splits.get("test") is None:
         log.warning("%s has no test split: reporting validation metrics only.", features_path)
-    rows, excluded = _train_rows(rows, cached, config, used)
+    rows, splits, decided = _train_rows(rows, cached, config, used)
     head = head_class(config.head).from_config(config)
     budget = memory_budget(config)
     memory = {"budget_bytes": budget, "train_bytes": rows.nbytes, "streamed": rows.nbytes * head.memory_copies > budget}
     with phases("import libraries"):
         head.import_libraries()
     with runs.assembling(run_dir) as work:
-        _fit(head, rows, cached, work, memory, phases)
+        _fit(head, rows, splits["validation"], len(cached.class_names), work, memory, phases)
         with phases("evaluate"):
-            metrics = _metrics(head, features_path, cached, config, rows, used, excluded, memory)
+            metrics = _metrics(head, features_path, cached, config, rows, splits, used, decided, memory)
         _write_run(work, head, cached, config, metrics, phases)
         finishing = time.perf_counter()
     phases.add("finish", time.perf_counter() - finishing)  # the run directory moved into place
@@ -159,31 +177,87 @@ def _train_head(
 
 def _train_rows(
     rows: FeatureRows, cached: FeatureSet, config: HeadConfig, used: Mapping[str, Any]
-) -> tuple[FeatureRows, dict[str, Any] | None]:
-    """The train rows the head fits: EXCLUDE's flagged rows left out, TRAIN_PER_CLASS chosen, views attached.
+) -> tuple[FeatureRows, dict[str, SplitArrays], dict[str, Any] | None]:
+    """The rows the head fits and is scored on: decisions applied, TRAIN_PER_CLASS chosen, views attached.
 
-    Returns them with the exclusion's record (None without EXCLUDE).
+    Returns the train rows, the validation and test splits (and `test_as_given`, the
+    test split before its decisions, with DECISIONS_TEST), and what the decisions did
+    (None without decisions).
     """
-    excluded = None
-    if config.exclude is not None:
-        from pipeline.audit.exclusion import load_exclusion
-
-        exclusion = load_exclusion(config.exclude, cached, config.exclude_kinds, train=rows)
-        excluded = exclusion.record()
-        rows = rows.select(np.flatnonzero(exclusion.keep))
+    splits = {n: cached.splits[n] for n in ("validation", "test") if cached.splits.get(n) is not None}
+    decided = None
+    path, decisions = planned_decisions(cached.path, config)
+    if path is not None and effective(decisions):
+        rows, splits, decided = _apply(path, decisions, rows, splits, cached, config)
     if config.train_per_class is not None:
         rows = rows.select(
             stratified_rows(rows.labels, rows.index, config.train_per_class, list(cached.class_names), seed=config.seed)
         )
-    return rows.with_views(used["used"]), excluded
+    return rows.with_views(used["used"]), splits, decided
+
+
+def _apply(
+    path: Path,
+    decisions: Mapping[str, Any],
+    rows: FeatureRows,
+    splits: dict[str, SplitArrays],
+    cached: FeatureSet,
+    config: HeadConfig,
+) -> tuple[FeatureRows, dict[str, SplitArrays], dict[str, Any]]:
+    """The decisions of `path` applied to the train rows and the validation and test splits."""
+    data_dir = (cached.config.get("data") or {}).get("data_dir")
+    if not data_dir:
+        raise ConfigError(
+            f"{path} holds decisions, but {cached.path} names no image folder (a tfds dataset): decisions are "
+            "keyed by image files. Set DECISIONS=none to train without them."
+        )
+    cache = DigestCache(digest_cache_for(path))
+    every = {"train": (rows.ids, rows.labels), **{n: (s.ids, s.labels) for n, s in splits.items()}}
+    digests = {n: row_digests(Path(data_dir), ids, cache) for n, (ids, _) in every.items()}
+    applied = apply_to_splits(
+        path,
+        decisions,
+        {n: (digests[n], every[n][1]) for n in every},
+        cached.class_names,
+        test=config.decisions_test,
+    )
+    rows = dataclasses.replace(rows, labels=applied.labels["train"]).select(np.flatnonzero(applied.keep["train"]))
+    out = {}
+    for n, split in splits.items():
+        keep = applied.keep[n]
+        out[n] = SplitArrays(
+            features=split.features[keep], labels=applied.labels[n][keep], ids=split.ids[keep], index=split.index[keep]
+        )
+    if "test" in splits and config.decisions_test:
+        out["test_as_given"] = splits["test"]
+    for n, split in (("train", rows), ("validation", out["validation"])):
+        if len(np.unique(split.labels)) < 2:
+            raise ConfigError(
+                f"The decisions in {path} leave {len(split.labels)} {n} rows of "
+                f"{len(np.unique(split.labels))} classes; a head needs 2. Undo some exclusions with `make review`."
+            )
+    record = applied.record()
+    log.info(
+        "decisions (%s): train %d excluded, %d relabelled; validation %d excluded, %d relabelled%s.",
+        path,
+        *(record["applied"][n][k] for n in ("train", "validation") for k in ("exclude", "relabel")),
+        f"; test {record['applied']['test']['exclude']} excluded, {record['applied']['test']['relabel']} relabelled"
+        if config.decisions_test and "test" in splits
+        else "",
+    )
+    return rows, out, record
 
 
 def _fit(
-    head: Head, rows: FeatureRows, cached: FeatureSet, work: Path, memory: Mapping[str, Any], phases: Phases
+    head: Head,
+    rows: FeatureRows,
+    validation: SplitArrays,
+    n_classes: int,
+    work: Path,
+    memory: Mapping[str, Any],
+    phases: Phases,
 ) -> None:
     """Fits `head` on `rows`: in memory, or streamed from the file when `memory` says they do not fit."""
-    validation = cached.splits["validation"]
-    n_classes = len(cached.class_names)
     if memory["streamed"]:
         log.info(
             "%d train rows x %d versions take %.2f GB as float32, %d times that over MEMORY_BUDGET "
@@ -193,7 +267,7 @@ def _fit(
             rows.nbytes / 1e9,
             head.memory_copies,
             memory["budget_bytes"] / 1e9,
-            cached.path,
+            rows.path,
         )
         with phases("fit"):
             head.fit_streamed(
@@ -225,25 +299,35 @@ def _metrics(
     cached: FeatureSet,
     config: HeadConfig,
     rows: FeatureRows,
+    splits: Mapping[str, SplitArrays],
     used: Mapping[str, Any],
-    excluded: dict[str, Any] | None,
+    decided: dict[str, Any] | None,
     memory: dict[str, Any],
 ) -> dict[str, Any]:
-    """metrics.json: what was trained on, the chosen hyper-parameters, and the scores on validation and test."""
+    """metrics.json: what was trained on, the chosen hyper-parameters, and the scores on validation and test.
+
+    With DECISIONS_TEST, `test` is the score on the decided test split and
+    `test_without_decisions` the one on the split as given.
+    """
     class_names = list(cached.class_names)
-    validation, test = cached.splits["validation"], cached.splits.get("test")
+    validation, test = splits["validation"], splits.get("test")
     metrics = {
         "head": config.head,
         "features": str(features_path),
         "train_examples": len(rows),
         "views": used,
-        "exclude": excluded,
+        "decisions": decided,
         "memory": memory,
         "hyperparameters": head.params_,
         "training_seconds": head.params_["fit_seconds"],
         "validation": classification_metrics(head.predict_proba(validation.features), validation.labels, class_names),
         "test": classification_metrics(head.predict_proba(test.features), test.labels, class_names) if test else None,
     }
+    given = splits.get("test_as_given")
+    if given is not None:
+        metrics["test_without_decisions"] = classification_metrics(
+            head.predict_proba(given.features), given.labels, class_names
+        )
     if test is None:
         metrics["note"] = "no test split: validation metrics only"
     return metrics
@@ -329,7 +413,7 @@ def _write_run(
                 "features_path": str(cached.path),
                 "head": config.to_dict(),
                 "views": metrics["views"],
-                "exclude": metrics.get("exclude"),
+                "decisions": metrics.get("decisions"),
             },
         )
     with phases("import matplotlib"):  # here, not at the top: an up-to-date run draws nothing
@@ -395,6 +479,7 @@ def report(metrics: Mapping[str, Any], class_names: list[str], figures: list[str
         lines.append(f"| {s} | {m['n']} | {m['accuracy']:.4f} | {m['mean_per_class_accuracy']:.4f} | {m['loss']:.4f} |")
     if metrics.get("note"):
         lines += ["", f"Note: {metrics['note']}."]
+    lines += report_lines(metrics.get("decisions"), metrics.get("test"), metrics.get("test_without_decisions"))
     chosen = {
         k: v for k, v in metrics["hyperparameters"].items() if k in ("C", "best_epoch", "epochs_run", "converged")
     }

@@ -1,0 +1,135 @@
+"""The stat cache: which bytes each file of an image folder holds, without reading it again.
+
+Like git's index, it keeps per file (path, size, mtime_ns, inode) and the SHA-256 of
+the bytes seen with that stat. A file whose stat is unchanged is taken to hold the same
+bytes and is never read again; any other file is hashed. So a no-op `make features`
+on a large folder costs a directory listing and one `stat` per file.
+
+This module owns the cache files: `<features dir>/statcache/<folder>__<hash of its
+real path>.json` and, beside it, `.splits.json` (the last carving of the folder's splits,
+by a digest of its inputs), written atomically (temporary file and rename) and only when
+something changed. A cache that cannot be read (truncated, another format) is
+rebuilt: it only saves work, it never decides a result.
+
+A file modified within the filesystem's timestamp granularity of its hashing could
+keep its stat while its bytes change (git's "racily clean" entries); entries whose
+mtime is that recent are therefore not cached, and are hashed again next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.config import fingerprint, slugify
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pipeline-stat-cache"
+VERSION = 1
+CONTENT_PREFIX = "sha256:"
+#: Files modified this recently are hashed but not cached (see the module docstring).
+RACY_SECONDS = 0.1
+_READ_BYTES = 1 << 20
+
+
+def hash_file(path: str) -> str:
+    """'sha256:<hex>' of the file's bytes: the content id of an image file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BYTES):
+            digest.update(block)
+    return CONTENT_PREFIX + digest.hexdigest()
+
+
+def cache_path(cache_dir: Path, root: Path) -> Path:
+    real = os.path.realpath(root)
+    return Path(cache_dir) / "statcache" / f"{slugify(Path(real).name)}__{fingerprint(real)}.json"
+
+
+def _load(path: Path, root: str) -> dict[str, list]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        log.warning("Stat cache %s is unreadable (%s); rebuilding it.", path, err)
+        return {}
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("version") != VERSION:
+        log.warning("Stat cache %s has another format; rebuilding it.", path)
+        return {}
+    return raw["entries"] if raw.get("root") == root else {}
+
+
+def _save(path: Path, root: str, entries: dict[str, list]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"format": FORMAT, "version": VERSION, "root": root, "entries": entries}, f)
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only features folder: the next run hashes again, nothing worse
+        log.info("Stat cache %s not written (%s).", path, err)
+        tmp.unlink(missing_ok=True)
+
+
+def content_ids(root: Path, paths: Sequence[str], *, cache_dir: Path) -> tuple[list[str], int]:
+    """(the content id of each file at `paths` under `root`, how many files were hashed).
+
+    Only files whose (size, mtime_ns, inode) differ from the cache are read. The cache
+    keeps exactly the files asked for, so deleted files leave it.
+    """
+    real = os.path.realpath(root)
+    path = cache_path(cache_dir, Path(root))
+    old = _load(path, real)
+    new: dict[str, list] = {}
+    ids: list[str] = []
+    hashed = 0
+    racy = time.time() - RACY_SECONDS
+    prefix = real.rstrip(os.sep) + os.sep  # plain concatenation: os.path.join per file costs more than the stat
+    racy_ns = int(racy * 1e9)
+    for relative in paths:
+        st = os.stat(prefix + relative)
+        entry = old.get(relative)
+        if entry is None or entry[0] != st.st_size or entry[1] != st.st_mtime_ns or entry[2] != st.st_ino:
+            entry = [st.st_size, st.st_mtime_ns, st.st_ino, hash_file(prefix + relative)]
+            hashed += 1
+        ids.append(entry[3])
+        if st.st_mtime_ns < racy_ns:
+            new[relative] = entry
+    if new != old:
+        _save(path, real, new)
+    return ids, hashed
+
+
+def load_carve_memo(cache_dir: Path, root: Path) -> dict:
+    """The remembered carving of the folder's splits (see `sources.scan_folder`); {} when none."""
+    path = cache_path(cache_dir, root).with_suffix(".splits.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) and isinstance(memo.get("splits"), dict) else {}
+
+
+def save_carve_memo(cache_dir: Path, root: Path, memo: dict, before: str | None) -> None:
+    """Writes the memo when its key changed (atomically, like the stat cache)."""
+    if memo.get("key") == before or not memo:
+        return
+    path = cache_path(cache_dir, root).with_suffix(".splits.json")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(memo, f)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.info("Split cache %s not written (%s).", path, err)
+        tmp.unlink(missing_ok=True)
