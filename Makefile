@@ -18,7 +18,8 @@ FINETUNE_OPTIONS := FINE_TUNE_AT FINE_TUNE_EPOCHS HEAD_EPOCHS OPTIMIZER FINE_TUN
 	FINE_TUNE_BATCH_SIZE FINE_TUNE_PATIENCE FROM_SCRATCH
 ENGINE_OPTIONS := ENGINE RAY_ADDRESS WORKERS GPUS_PER_WORKER RAY_SHARD_SIZE RAY_MAX_ATTEMPTS
 CHOOSE_OPTIONS := BACKBONES PER_CLASS CHOOSE_WEIGHTS CHOOSE_TOLERANCE CHOOSE_DIR
-AUDIT_OPTIONS := FOLDS DUPLICATE_THRESHOLD NEIGHBOURS OUTLIER_Z AUDIT_TOP AUDIT_BLOCK_ROWS
+AUDIT_OPTIONS := FOLDS DUPLICATE_THRESHOLD NEIGHBOURS OUTLIER_Z AUDIT_TOP AUDIT_BLOCK_ROWS EXACT_BELOW \
+	AUDIT_PCA_DIM AUDIT_NPROBE AUDIT_RERANK RECALL_QUERIES
 DECISIONS_OPTIONS := AUDIT_DIR DECISIONS DECISIONS_TEST
 REVIEW_OPTIONS := PORT
 ## Command arguments
@@ -32,8 +33,8 @@ EXPORT_OUT ?=#                    export-features: output file (default: FEATURE
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
-IMAGES ?=#                        predict: image files, folders or globs
-TOP ?=#                           predict: classes shown per image (default: 3)
+IMAGES ?=#                        predict, similar: image files, folders or globs
+TOP ?=#                           predict: classes shown per image (default: 3); similar: matches (default: 10)
 CSV ?=#                           predict: also write probabilities to this CSV file
 ## Tools
 PYTHON ?= python3#                interpreter used to create the virtual environment
@@ -68,7 +69,7 @@ BENCH_MODEL_FLAGS = $(call flag,BENCH_BACKBONE,--backbone) $(call flag,BENCH_IMA
 BENCH_ASSET_FLAGS = $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) $(BENCH_MODEL_FLAGS)
 BENCH_OUT_FLAGS = $(call flag,BENCH_OUT,--out)
 
-.PHONY: lint help features gc export-features head audit review finetune compare export predict backbones choose \
+.PHONY: lint help features gc export-features head audit similar review finetune compare export predict backbones choose \
 	bench bench-features bench-head bench-audit bench-scale bench-runtimes bench-incremental test test-all \
 	test-browser-deps clean-venv
 
@@ -118,6 +119,9 @@ compare: $(VENV)/.installed ## cached heads vs fine-tuning the top block / every
 export: head ## one Keras model, raw images in and probabilities out (.keras, SavedModel, TFLITE=1) in RUN/export
 	$(PIPELINE) export $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
 
+similar: $(VENV)/.installed ## nearest dataset images of IMAGES (every copy of a bad one) from the audit's neighbour graph [TOP=10]
+	$(PIPELINE) similar $(FEATURE_FLAGS) $(if $(FEATURES),--features '$(FEATURES)') $(call options,$(AUDIT_OPTIONS)) $(if $(TOP),--top $(TOP)) $(IMAGES)
+
 predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file, folder or glob> [CSV=out.csv]
 	$(PIPELINE) predict $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TOP),--top $(TOP)) $(if $(CSV),--csv '$(CSV)') $(IMAGES)
 
@@ -128,7 +132,7 @@ bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forw
 bench-head: $(VENV)/.installed ## benchmark stage 2: head training seconds on the benchmark's cached features -> bench/head.{json,md}
 	$(PIPELINE) bench-head $(BENCH_ASSET_FLAGS) $(call options,FEATURES_DIR) $(BENCH_OUT_FLAGS)
 
-bench-audit: $(VENV)/.installed ## audit seconds and peak memory at 10k/100k generated rows; duplicate threshold calibrated on BENCH_DATA -> bench/audit.{json,md}
+bench-audit: $(VENV)/.installed ## audit seconds, peak memory and recall at 10k/100k/1M generated rows; duplicate threshold calibrated on BENCH_DATA -> bench/audit.{json,md}
 	$(PIPELINE) bench-audit $(BENCH_ASSET_FLAGS) $(call options,FEATURES_DIR) $(BENCH_OUT_FLAGS)
 
 # Quick mode generates its own data and backbone, so it takes none of the asset variables.

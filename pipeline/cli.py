@@ -47,6 +47,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "review": ("decisions", "review"),
     "choose": ("data", "features", "choose"),
     "export-features": ("data", "features"),
+    "similar": ("data", "features", "decisions", "audit"),
     "bench-head": ("data", "features"),
     "bench-audit": ("data", "features"),
 }
@@ -269,6 +270,34 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_similar(args: argparse.Namespace) -> int:
+    from pipeline.audit.similar import similar_images
+    from pipeline.export import expand_images
+
+    if not args.images:
+        raise ConfigError("similar needs images: IMAGES=<file, folder or glob> (several allowed).")
+    if args.top < 1:
+        raise ConfigError(f"TOP must be >= 1 (matches shown per image). Received: TOP={args.top}.")
+    config = config_of(AuditConfig, args)
+    path, _ = _features_file(args)
+    sheet = Path(config.audit_dir) / f"{path.stem}.similar.png"
+    results, seconds, sheet = similar_images(
+        path,
+        expand_images(args.images),
+        audit_dir=Path(config.audit_dir),
+        top=args.top,
+        threshold=config.duplicate_threshold,
+        out=sheet,
+    )
+    for result in results:
+        print(f"{result['image']}:")
+        for m in result["matches"]:
+            copy = "  COPY" if m["copy"] else ""
+            print(f"  {m['cosine']:.4f}  {m['split']:10} {m['label']:16} {m['path'] or m['id']}{copy}")
+    print(f"similar: backbone {seconds['backbone']:.2f} s, search {seconds['search']:.3f} s -> {sheet}")
+    return 0
+
+
 def _cmd_review(args: argparse.Namespace) -> int:
     """Serves the review page until Ctrl-C; its one line of output is the URL (no browser is opened)."""
     from pipeline.review.server import open_server, serve
@@ -374,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     stage = functools.partial(_stage, commands)
     _add_stage_commands(stage)
+    _add_data_commands(stage)
     _add_tool_commands(commands)
     add_bench_commands(commands, stage)
     return parser
@@ -448,12 +478,24 @@ def _add_stage_commands(stage) -> None:
     predict.add_argument("images", nargs="*", help="image files, folders or globs (Make: IMAGES)")
     predict.add_argument("--top", type=int, default=3, help="classes shown per image (Make: TOP; default: 3)")
     predict.add_argument("--csv", help="also write all probabilities to this CSV file (Make: CSV)")
+
+
+def _add_data_commands(stage) -> None:
+    """The commands that look at the data through its features: audit, similar, review, compare, choose, export."""
     stage(
         "audit",
         "find duplicates, label errors, outliers and class overlap in the features",
         _cmd_audit,
         features_file=True,
     )
+    similar = stage(
+        "similar",
+        "nearest dataset images of the given images (every copy of a bad image), from the audit's graph",
+        _cmd_similar,
+        features_file=True,
+    )
+    similar.add_argument("images", nargs="*", help="image files, folders or globs (Make: IMAGES)")
+    similar.add_argument("--top", type=int, default=10, help="matches shown per image (Make: TOP; default: 10)")
     stage("review", "a local page to review the latest audit and record decisions", _cmd_review)
     stage("choose", "which backbone for this data: accuracy, speed, size on a sample", _cmd_choose)
     comparison = stage(

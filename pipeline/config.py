@@ -578,13 +578,12 @@ class FinetuneConfig:
 class AuditConfig:
     """`make audit`: what to look for in the cached features, and how hard.
 
-    `folds`: stratified folds of the out-of-fold linear probe (label errors, class
-    overlap); `C`: its inverse regularization, None to pick it once with the logistic
-    head's validation sweep. `duplicate_threshold`: cosine similarity of the features
-    from which two rows are near-duplicates (calibrated for MobileNetV2, see docs/audit.md).
-    `neighbours`: k of the kNN outlier score; `outlier_z`: robust z-score
-    from which a row is flagged as an outlier. `top`: findings per contact sheet.
-    `block_rows`: rows per block of the similarity search (memory is O(block_rows**2)).
+    `C` None picks the probe's regularization once with the logistic head's validation
+    sweep; `duplicate_threshold` is calibrated for MobileNetV2 (docs/audit.md). The
+    neighbour graph (`audit.graph`) is exact below `exact_below` rows, else a PCA to
+    `pca_dim` + IVF index probing `nprobe` lists, whose `k * rerank + 1` candidates
+    per row are re-scored exactly; `recall_queries` sampled rows measure its recall@k
+    against exact search in every build.
     """
 
     folds: int = option(5, "folds of the out-of-fold logistic probe (label errors, class overlap)")
@@ -592,14 +591,19 @@ class AuditConfig:
     duplicate_threshold: float = option(
         0.85, "cosine similarity from which two images are near-duplicates (calibrated, see docs/audit.md)"
     )
-    neighbours: int = option(10, "k of the kNN outlier score")
+    neighbours: int = option(10, "k of the neighbour graph (duplicates, kNN outlier score and label vote)")
     outlier_z: float = option(3.5, "robust z-score from which an example is flagged as an outlier")
     top: int = option(16, "findings per contact sheet (0: no sheets)", name="audit_top")
     seed: int = derived("seed", 0)
     audit_dir: str = derived("audit_dir", "audit")
-    block_rows: int = option(
-        2048, "rows per block of the similarity search (memory grows with its square)", name="audit_block_rows"
+    block_rows: int = option(32_768, "rows per block of the streamed passes over the features", name="audit_block_rows")
+    exact_below: int = option(20_000, "rows below which the neighbour graph is exact (else PCA + IVF, faiss)")
+    pca_dim: int = option(256, "approximate graph: PCA width of the IVF index", name="audit_pca_dim")
+    nprobe: int = option(8, "approximate graph: nearest IVF lists each list is joined with", name="audit_nprobe")
+    rerank: int = option(
+        2, "approximate graph: k * RERANK + 1 candidates per row re-scored exactly", name="audit_rerank"
     )
+    recall_queries: int = option(1000, "sampled rows on which the graph's recall@k against exact search is measured")
 
     def __post_init__(self) -> None:
         checks = {
@@ -610,6 +614,11 @@ class AuditConfig:
             "outlier_z": (self.outlier_z > 0, "> 0"),
             "top": (self.top >= 0, ">= 0 (AUDIT_TOP)"),
             "block_rows": (self.block_rows >= 1, ">= 1"),
+            "exact_below": (self.exact_below >= 0, ">= 0 (EXACT_BELOW)"),
+            "pca_dim": (self.pca_dim >= 1, ">= 1 (AUDIT_PCA_DIM)"),
+            "nprobe": (self.nprobe >= 1, ">= 1 (AUDIT_NPROBE)"),
+            "rerank": (self.rerank >= 1, ">= 1 (AUDIT_RERANK; PCA similarities alone inflate duplicates)"),
+            "recall_queries": (self.recall_queries >= 1, ">= 1 (RECALL_QUERIES)"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:

@@ -20,8 +20,9 @@ from PIL import Image, ImageOps
 from pipeline.audit.duplicates import clusters_of
 from pipeline.audit.exclusion import exclusion_decisions
 from pipeline.audit.findings import audit_features
+from pipeline.audit.graph import GraphSettings, build_graph
 from pipeline.audit.labels import confident_learning
-from pipeline.audit.neighbours import similarity_search
+from pipeline.audit.neighbours import pairs_above, similarity_search
 from pipeline.audit.outliers import robust_z
 from pipeline.audit.rows import unit_rows
 from pipeline.cli import main
@@ -71,20 +72,42 @@ def findings(out_dir: Path, kind: str) -> list[dict]:
     return [f for f in json.loads((out_dir / "audit.json").read_text())["findings"] if f["kind"] == kind]
 
 
-# ----------------------------------------------------------- similarity search
-def test_blocked_search_equals_brute_force():
+# --------------------------------------------------------------- neighbour graph
+def test_exact_graph_equals_brute_force_whatever_the_block_size():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(53, 16)).astype(np.float32)
     x[40:45] = x[:5] + rng.normal(0, 0.01, (5, 16))  # a few near copies, some in other blocks
     unit = unit_rows(x)
-    found = similarity_search(unit, threshold=0.9, k=4, block=7)
     sim = unit @ unit.T
     np.fill_diagonal(sim, -np.inf)
     i, j = np.nonzero(np.triu(sim >= 0.9, 1))
-    assert sorted(map(tuple, found.pairs.tolist())) == sorted(zip(i.tolist(), j.tolist()))
-    assert {tuple(p) for p in found.pairs.tolist()} == {(r, r + 40) for r in range(5)}
-    np.testing.assert_allclose(found.knn_similarity, -np.sort(-sim, axis=1)[:, :4], atol=1e-5)
-    np.testing.assert_allclose(np.take_along_axis(sim, found.knn_index, axis=1), found.knn_similarity, atol=1e-5)
+    for block in (7, 4096):  # memory-bounded block reading gives the same graph
+        graph = build_graph(x, GraphSettings(k=4, block_rows=block, recall_queries=20))
+        found = pairs_above(graph, 0.9)
+        assert sorted(map(tuple, found.pairs.tolist())) == sorted(zip(i.tolist(), j.tolist()))
+        assert {tuple(p) for p in found.pairs.tolist()} == {(r, r + 40) for r in range(5)}
+        np.testing.assert_allclose(found.knn_similarity, -np.sort(-sim, axis=1)[:, :4], atol=1e-5)
+        np.testing.assert_allclose(np.take_along_axis(sim, found.knn_index, axis=1), found.knn_similarity, atol=1e-5)
+        assert graph.meta["method"] == "exact" and graph.meta["recall"]["recall_at_k"] == 1.0
+
+
+def test_approximate_graph_agrees_with_exact_on_clustered_data():
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0, 1, (30, 16))[np.arange(1500) % 30]  # 30 clusters in a 16-d subspace of 64
+    x = ((centres + rng.normal(0, 0.3, (1500, 16))) @ rng.normal(0, 1, (16, 64))).astype(np.float32)
+    x[1000:1010] = x[:10] * 1.01 + rng.normal(0, 0.005, (10, 64))  # planted copies
+    exact = build_graph(x, GraphSettings(k=5, recall_queries=1000))
+    approximate = build_graph(x, GraphSettings(k=5, exact_below=100, pca_dim=32, nprobe=8, recall_queries=1000))
+    assert approximate.meta["method"] == "approximate" and approximate.index is not None
+    assert approximate.meta["recall"]["queries"] == 1000
+    assert approximate.meta["recall"]["recall_at_k"] >= 0.95, approximate.meta["recall"]
+    held = (approximate.similarity >= exact.similarity[:, -1:] - 1e-4).sum(axis=1).mean() / 5
+    assert held >= 0.95
+    planted = {(r, r + 1000) for r in range(10)}
+    assert planted <= {tuple(p) for p in pairs_above(approximate, 0.99).pairs.tolist()}
+    assert {tuple(p) for p in pairs_above(approximate, 0.99).pairs.tolist()} == {
+        tuple(p) for p in pairs_above(exact, 0.99).pairs.tolist()
+    }
 
 
 def test_clusters_join_chains_of_pairs():
@@ -95,7 +118,7 @@ def test_too_many_pairs_is_an_error_not_a_memory_blow_up():
     from pipeline.errors import DataError
 
     with pytest.raises(DataError, match="Raise DUPLICATE_THRESHOLD"):
-        similarity_search(unit_rows(np.ones((50, 4))), threshold=0.9, k=2, block=8, max_pairs=100)
+        similarity_search(unit_rows(np.ones((50, 4))), threshold=0.9, k=2, max_pairs=10)
 
 
 @pytest.fixture
@@ -142,6 +165,30 @@ def test_planted_copies_are_all_found_leaks_first_without_false_pairs(planted, t
     assert not [p for p in result.out_dir.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_graph_is_persisted_and_reused_until_its_settings_change(planted, tmp_path, monkeypatch):
+    import pipeline.audit.graphstore as graphstore
+
+    builds = []
+    real = graphstore.build_graph
+    monkeypatch.setattr(graphstore, "build_graph", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    path, expected = planted
+    config = AuditConfig(audit_dir=str(tmp_path / "audit"), top=0)
+    first = audit_features(path, config)
+    again = audit_features(path, config)
+    assert len(builds) == 1
+    record = json.loads((again.out_dir / "audit.json").read_text())
+    assert record["graph"]["built"] is False and record["graph"]["recall"]["queries"] >= 150
+    assert first.counts == again.counts
+    assert "recall@10 against exact search 1.0000" in (again.out_dir / "audit.md").read_text()
+    audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), top=0, neighbours=5))
+    assert len(builds) == 2
+    # The approximate path (forced by a tiny EXACT_BELOW) finds the same planted pairs.
+    forced = AuditConfig(audit_dir=str(tmp_path / "approx"), top=0, exact_below=10, pca_dim=16, block_rows=64)
+    out = audit_features(path, forced).out_dir
+    assert {tuple(sorted(f["ids"])) for f in findings(out, "duplicates")} == expected
+    assert json.loads((out / "audit.json").read_text())["graph"]["method"] == "approximate"
+
+
 def test_byte_identical_files_are_exact_duplicates(tmp_path):
     rng = np.random.default_rng(2)
     root = tmp_path / "photos"
@@ -169,6 +216,8 @@ def test_flipped_labels_rank_at_the_top_of_the_label_findings(tmp_path):
     path = write_file(tmp_path / "noisy.h5", splits)
     out = audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), top=0)).out_dir
     labels = findings(out, "label")
+    assert [f["rank"] for f in labels] == list(range(1, len(labels) + 1))
+    assert [f["score"] for f in labels] == sorted(f["score"] for f in labels)  # worst first
     top = {f["ids"][0] for f in labels[: 2 * len(flipped)]}
     caught = [ids[r] for r in flipped if ids[r] in top]
     assert len(caught) >= 0.8 * len(flipped), (len(caught), len(labels))
@@ -364,6 +413,12 @@ def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_pat
     exact = [f for f in findings(out, "duplicates") if f["match"] == "exact"]
     assert [sorted(f["ids"]) for f in exact] == [["test/cat/copy.jpg", "train/cat/cat.0.jpg"]]
     assert "# Data audit" in (out / "audit.md").read_text()
+    similar = ["similar", *flags, "--audit-dir", str(tmp_path / "audit"), "--top", "3"]
+    assert main([*similar, str(folder / "train/cat/cat.0.jpg")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    first = lines[1].split()
+    assert float(first[0]) >= 0.999 and first[-1] == "COPY" and first[-2].endswith(("cat.0.jpg", "copy.jpg"))
+    assert lines[-1].startswith("similar: backbone") and (tmp_path / "audit" / f"{out.name}.similar.png").exists()
     assert main(["audit", *flags, "--audit-dir", str(tmp_path / "audit"), "--folds", "1"]) == 2
     runs = ["--runs-dir", str(tmp_path / "runs"), "--grid-images", "0", "--audit-dir", str(tmp_path / "audit")]
     assert main(["head", *flags, *runs, "--exclude", str(out / "audit.json"), "--exclude-kinds", "duplicates"]) == 0

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.audit.graph import unit_block
 from pipeline.audit.neighbours import Neighbours
 from pipeline.audit.rows import SPLIT_ORDER, Rows
 
@@ -68,7 +69,6 @@ def clusters_of(n: int, pairs: np.ndarray) -> list[list[int]]:
 
 def duplicate_findings(
     rows: Rows,
-    unit: np.ndarray,
     near: Neighbours,
     exact: np.ndarray,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -81,7 +81,8 @@ def duplicate_findings(
     exact_set = {tuple(p) for p in exact.tolist()}
     similarity = {tuple(p): float(s) for p, s in zip(near.pairs.tolist(), near.similarity.tolist())}
     for p in exact_set - set(similarity):
-        similarity[p] = float(unit[p[0]] @ unit[p[1]])
+        ends = unit_block(rows.features[list(p)])
+        similarity[p] = float(ends[0] @ ends[1])
     pairs = sorted(similarity)
     groups = clusters_of(len(rows), np.array(pairs, np.int64).reshape(-1, 2))
     cluster_of = {r: c for c, members in enumerate(groups) for r in members}

@@ -7,14 +7,15 @@ things that belong to no class. The stage-1 features make finding them nearly fr
 1. duplicates (`audit.duplicates`): byte-identical files (sha256 of the bytes, folder
    sources) and near-duplicates, row pairs whose L2-normalised features have cosine
    similarity >= `duplicate_threshold` (calibrated on planted copies, see README),
-   found by `audit.neighbours`. Pairs across splits (leaks) come first; pairs are
-   grouped into clusters (union-find).
+   read off the neighbour graph (`audit.graph`, persisted by `audit.graphstore`).
+   Pairs across splits (leaks) come first; pairs are grouped into clusters (union-find).
 2. label errors (`audit.labels`): confident learning (Northcutt, Jiang & Chuang,
    "Confident Learning: Estimating Uncertainty in Dataset Labels", JAIR 70, 2021) on
-   out-of-fold probabilities of the stage-2 logistic head, stratified k-fold over
-   train + validation, one C for every fold.
+   the mean of out-of-fold probabilities of the stage-2 logistic head (stratified
+   k-fold over train + validation, one C for every fold; on the graph's PCA at scale)
+   and the kNN label vote of the graph, every issue scored and ranked.
 3. outliers (`audit.outliers`): mean cosine distance to the k nearest neighbours (the
-   same search), flagged from a robust z-score (Iglewicz & Hoaglin's modified z > 3.5).
+   same graph), flagged from a robust z-score (Iglewicz & Hoaglin's modified z > 3.5).
 4. class overlap: the class pairs the probe confuses most, from the out-of-fold
    confusion matrix.
 
@@ -39,15 +40,16 @@ from typing import Any
 import numpy as np
 
 from pipeline.audit.duplicates import byte_identical_pairs, duplicate_findings, file_digests
+from pipeline.audit.graphstore import graph_dir, graph_record, identity, neighbour_graph, probe_rows, settings_of
 from pipeline.audit.labels import class_overlap, label_findings
-from pipeline.audit.neighbours import similarity_search
+from pipeline.audit.neighbours import pairs_above
 from pipeline.audit.outliers import outlier_findings
 from pipeline.audit.record import FORMAT_VERSION, excluded_ids, write_record
 from pipeline.audit.report import report
-from pipeline.audit.rows import Rows, check_rows, describe, folder_root, stack_splits, unit_rows
+from pipeline.audit.rows import Rows, check_rows, describe, folder_root, load_rows
 from pipeline.audit.sheets import contact_sheets
 from pipeline.config import AuditConfig
-from pipeline.features.store import FeatureSet, read_features
+from pipeline.features.store import FeatureSet
 
 log = logging.getLogger(__name__)
 
@@ -85,28 +87,32 @@ def audit_features(features_path: Path, config: AuditConfig, *, expect: Mapping[
     """Runs every check on a feature file and writes `<audit_dir>/<stem>/`; see the module docstring."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    cached = read_features(features_path, expect=expect)
-    rows = stack_splits(cached)
+    cached, rows = load_rows(features_path, expect=expect, block=config.block_rows)
     class_names = list(cached.class_names)
     check_rows(cached, rows)
     timings["read"] = time.perf_counter() - started
 
     step = time.perf_counter()
-    unit = unit_rows(rows.features)
-    near = similarity_search(unit, threshold=config.duplicate_threshold, k=config.neighbours, block=config.block_rows)
-    timings["similarity_search"] = time.perf_counter() - step
+    settings = settings_of(config)
+    wanted = identity(cached.key, rows.ids, rows.features.shape[1], settings)
+    folder = graph_dir(config.audit_dir, features_path)
+    graph, built = neighbour_graph(folder, rows.features, wanted, settings)
+    near = pairs_above(graph, config.duplicate_threshold)
+    timings["neighbour_graph"] = time.perf_counter() - step
 
     step = time.perf_counter()
     root = folder_root(cached)
-    duplicates, clusters = duplicate_findings(rows, unit, near, _exact_pairs(cached, rows, root))
+    duplicates, clusters = duplicate_findings(rows, near, _exact_pairs(cached, rows, root))
     timings["duplicates"] = time.perf_counter() - step
 
     step = time.perf_counter()
-    probe, labels = label_findings(cached, rows, class_names, config)
+    probe_x, reduced = probe_rows(rows.features, graph, folder, settings)
+    probe, labels = label_findings(rows, class_names, config, probe_x, near, reduced=reduced)
+    del probe_x
     timings["label_errors"] = time.perf_counter() - step
 
     step = time.perf_counter()
-    outliers, scores = outlier_findings(rows, unit, near, class_names, config)
+    outliers, scores = outlier_findings(rows, near, class_names, config)
     timings["outliers"] = time.perf_counter() - step
 
     overlap = class_overlap(np.array(probe["confusion_matrix"]), class_names)
@@ -120,6 +126,7 @@ def audit_features(features_path: Path, config: AuditConfig, *, expect: Mapping[
         "class_names": class_names,
         "config": config.to_dict(),
         "counts": counts,
+        "graph": graph_record(graph, folder, built=built, saturated=near.saturated),
         "probe": probe,
         "outlier_scores": scores,
         "clusters": clusters,

@@ -11,17 +11,39 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.audit.neighbours import Neighbours
 from pipeline.audit.rows import Rows
 from pipeline.config import AuditConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.features.store import FeatureSet
+
+#: Rows each fold's logistic probe is fitted on at most: a seeded sample of the fold's
+#: other rows. Out-of-fold probabilities of a million rows then cost five fits of
+#: 20k rows; a linear probe's fit hardly changes beyond that.
+MAX_FIT_ROWS = 20_000
+#: Out-of-fold accuracy below which the label scores are reported as unreliable: the
+#: probe then disagrees with so many correct labels that flips drown among them
+#: (docs/audit.md: a relabelling the features barely encode).
+RELIABLE_ACCURACY = 0.9
+#: The probe's lbfgs settings: it only ranks rows, so the stage-2 head's tight tol=1e-6
+#: and single BLAS thread (made for reproducible C sweeps) would cost 3-5x for nothing.
+PROBE_FIT = {"max_iter": 300, "tol": 1e-4, "blas_threads": None}
+
+
+def _sample(rows: np.ndarray, size: int, seed: int) -> np.ndarray:
+    if len(rows) <= size:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=size, replace=False))
 
 
 def choose_C(train_x, train_y, val_x, val_y, *, n_classes: int, seed: int) -> float:
-    """The C the stage-2 logistic head's validation sweep picks, chosen once."""
+    """The C the stage-2 logistic head's validation sweep picks, chosen once (on <= MAX_FIT_ROWS train rows)."""
     from pipeline.heads.logistic import LogisticHead
 
-    head = LogisticHead(C=None, seed=seed).fit(train_x, train_y, val_x, val_y, n_classes=n_classes)
+    fit = _sample(np.arange(len(train_y)), MAX_FIT_ROWS, seed)
+    held = _sample(np.arange(len(val_y)), MAX_FIT_ROWS, seed)
+    head = LogisticHead(C=None, seed=seed).fit(
+        np.asarray(train_x[fit], np.float32), train_y[fit], val_x[held], val_y[held], n_classes=n_classes
+    )
     return float(head.params_["C"])
 
 
@@ -31,7 +53,8 @@ def out_of_fold_probabilities(
     """(N, K) float64: each row's probabilities from a logistic head fitted without it.
 
     Stratified, seeded `folds`-fold cross-validation with the stage-2 `LogisticHead`
-    at a fixed `C`: each fold costs one fit, no sweep.
+    at a fixed `C`, each fold fitted on at most `MAX_FIT_ROWS` of its other rows: each
+    fold costs one fit, no sweep, and a bounded one at a million rows.
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -46,10 +69,33 @@ def out_of_fold_probabilities(
         )
     proba = np.zeros((len(labels), n_classes))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fit_rows, held_out in splitter.split(features, labels):
-        head = LogisticHead(C=C, seed=seed).fit(features[fit_rows], labels[fit_rows], n_classes=n_classes)
-        proba[held_out] = head.predict_proba(features[held_out])
+    for fit_rows, held_out in splitter.split(np.zeros(len(labels)), labels):
+        fit_rows = _sample(fit_rows, MAX_FIT_ROWS, seed)
+        head = LogisticHead(C=C, seed=seed, **PROBE_FIT).fit(
+            np.asarray(features[fit_rows], np.float32), labels[fit_rows], n_classes=n_classes
+        )
+        for a in range(0, len(held_out), 65_536):
+            part = held_out[a : a + 65_536]
+            proba[part] = head.predict_proba(np.asarray(features[part], np.float32))
     return proba
+
+
+def knn_probabilities(
+    knn_index: np.ndarray, knn_similarity: np.ndarray, labels: np.ndarray, n_classes: int, *, smoothing: float = 0.5
+) -> np.ndarray:
+    """(N, K) similarity-weighted label vote of each row's k nearest other rows (out of sample: never itself).
+
+    `smoothing` spreads half a neighbour's weight over all classes, so that a row
+    whose neighbours all disagree still has a non-zero probability for its own label.
+    """
+    n, k = knn_index.shape
+    weight = np.where(knn_index >= 0, np.clip(knn_similarity, 0, None), 0).astype(np.float64)
+    voted = labels[np.maximum(knn_index, 0)]
+    votes = np.zeros((n, n_classes))
+    for c in range(n_classes):
+        votes[:, c] = (weight * (voted == c)).sum(axis=1)
+    votes += smoothing / n_classes * weight.sum(axis=1, keepdims=True).clip(min=1e-9) / max(k, 1)
+    return votes / votes.sum(axis=1, keepdims=True)
 
 
 @dataclass(frozen=True)
@@ -137,45 +183,71 @@ def _round_rows(matrix: np.ndarray) -> np.ndarray:
     return out
 
 
-def label_findings(
-    cached: FeatureSet,
-    rows: Rows,
-    class_names: list[str],
-    config: AuditConfig,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Confident learning on out-of-fold probabilities of train + validation rows."""
-    k = len(class_names)
-    pool = np.flatnonzero(np.isin(rows.splits, ["train", "validation"]))
+def _probe(rows: Rows, pool: np.ndarray, config: AuditConfig, probe_x: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """The probe's C (given, or chosen on validation) and its out-of-fold probabilities of the `pool` rows."""
     C = config.C
     if C is None:
-        if "validation" not in cached.splits:
+        train, validation = pool[rows.splits[pool] == "train"], pool[rows.splits[pool] == "validation"]
+        if not len(validation):
             raise ConfigError(
-                f"{cached.path} has no validation split to choose the probe's C on. Give one: C=1 (--C 1)."
+                "The feature file has no validation split to choose the probe's C on. Give one: C=1 (--C 1)."
             )
-        train, validation = cached.splits["train"], cached.splits["validation"]
         C = choose_C(
-            train.features, train.labels, validation.features, validation.labels, n_classes=k, seed=config.seed
+            probe_x[train],
+            rows.labels[train],
+            probe_x[validation],
+            rows.labels[validation],
+            n_classes=k,
+            seed=config.seed,
         )
     proba = out_of_fold_probabilities(
-        rows.features[pool], rows.labels[pool], n_classes=k, folds=config.folds, C=C, seed=config.seed
+        probe_x[pool], rows.labels[pool], n_classes=k, folds=config.folds, C=C, seed=config.seed
     )
-    issues = confident_learning(proba, rows.labels[pool])
-    predicted = proba.argmax(axis=1)
+    return C, proba
+
+
+def label_findings(
+    rows: Rows, class_names: list[str], config: AuditConfig, probe_x: np.ndarray, near: Neighbours, *, reduced: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Label issues among train + validation rows, every one scored and ranked worst first.
+
+    One score from two out-of-sample views of each row's label: the out-of-fold
+    probabilities of the logistic probe on `probe_x` (the features, or their PCA at
+    scale: `reduced` says which) and the similarity-weighted vote of its k nearest
+    rows in the graph. Their mean goes through confident learning (which rows are
+    issues) and its normalized margin ranks them: on cats_and_dogs_filtered with
+    planted flips the combination ranks them at least as well as either alone (docs/audit.md).
+    """
+    k = len(class_names)
+    pool = np.flatnonzero(np.isin(rows.splits, ["train", "validation"]))
+    labels = rows.labels[pool]
+    C, p_probe = _probe(rows, pool, config, probe_x, k)
+    p_knn = knn_probabilities(near.knn_index[pool], near.knn_similarity[pool], rows.labels, k)
+    proba = (p_probe + p_knn) / 2
+    issues = confident_learning(proba, labels)
+    predicted = p_probe.argmax(axis=1)
     confusion = np.zeros((k, k), np.int64)
-    np.add.at(confusion, (rows.labels[pool], predicted), 1)
+    np.add.at(confusion, (labels, predicted), 1)
+    accuracy = float((predicted == labels).mean())
     probe = {
         "head": "logistic",
+        "features": reduced,
         "C": C,
         "C_chosen_on": "validation" if config.C is None else "given",
         "folds": config.folds,
+        "fit_rows_per_fold_at_most": MAX_FIT_ROWS,
         "rows": int(len(pool)),
         "splits": ["train", "validation"],
-        "out_of_fold_accuracy": round(float((predicted == rows.labels[pool]).mean()), 4),
+        "out_of_fold_accuracy": round(accuracy, 4),
+        "knn_accuracy": round(float((p_knn.argmax(axis=1) == labels).mean()), 4),
+        "reliable": accuracy >= RELIABLE_ACCURACY,
         "thresholds": [round(float(t), 4) for t in issues.thresholds],
         "confident_joint": issues.confident_joint.tolist(),
         "confusion_matrix": confusion.tolist(),
+        "score": "normalized margin (p_given - max_other + 1) / 2 of the mean of the probe's out-of-fold and "
+        f"the {near.knn_index.shape[1]} nearest rows' similarity-weighted probabilities; low is suspicious",
         "method": "confident learning (Northcutt, Jiang & Chuang, JAIR 2021), prune by noise rate, "
-        "ranked by normalized margin",
+        "on the mean of the probe's and the kNN vote's probabilities, ranked by normalized margin",
     }
     findings = []
     for rank, local in enumerate(issues.ranked().tolist(), start=1):

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.audit.graph import BLOCK_ROWS, blocks, unit_block
 from pipeline.audit.neighbours import Neighbours
 from pipeline.audit.rows import Rows
 from pipeline.config import AuditConfig
@@ -26,24 +27,25 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (values - median) / (1.2533 * mean_ad) if mean_ad > 0 else np.zeros_like(values)
 
 
-def centroid_distance(unit: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(N,) cosine distance of each row to the nearest class centroid (given labels)."""
-    centroids = np.zeros((n_classes, unit.shape[1]), np.float32)
-    for c in range(n_classes):
-        members = unit[labels == c]
-        if len(members):
-            mean = members.mean(axis=0)
-            centroids[c] = mean / max(float(np.linalg.norm(mean)), 1e-12)
-    return 1.0 - (unit @ centroids.T).max(axis=1)
+def centroid_distance(features: np.ndarray, labels: np.ndarray, n_classes: int, block: int = BLOCK_ROWS) -> np.ndarray:
+    """(N,) cosine distance of each row to the nearest class centroid (given labels), in blocks of rows."""
+    sums = np.zeros((n_classes, features.shape[1]), np.float64)
+    for a, b in blocks(len(features), block):
+        sums += (labels[a:b] == np.arange(n_classes)[:, None]).astype(np.float32) @ unit_block(features[a:b])
+    centroids = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    out = np.empty(len(features), np.float64)
+    for a, b in blocks(len(features), block):
+        out[a:b] = 1.0 - (unit_block(features[a:b]) @ centroids.T).max(axis=1)
+    return out
 
 
 def outlier_findings(
-    rows: Rows, unit: np.ndarray, near: Neighbours, class_names: list[str], config: AuditConfig
+    rows: Rows, near: Neighbours, class_names: list[str], config: AuditConfig
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows far from every other row: mean cosine distance to the k nearest, flagged by robust z."""
     distance = 1.0 - near.knn_similarity.astype(np.float64).mean(axis=1)
     z = robust_z(distance)
-    centroid = centroid_distance(unit, rows.labels, len(class_names))
+    centroid = centroid_distance(rows.features, rows.labels, len(class_names))
     order = np.argsort(-distance, kind="stable")
     findings = [
         {

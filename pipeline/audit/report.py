@@ -19,7 +19,7 @@ _SECTIONS = [
     (
         "label",
         "Label issues (most likely first)",
-        "| # | id | split | given | suggested | p(given) | margin |",
+        "| # | id | split | given | suggested | p(given) | score (margin, low first) |",
         lambda f: (
             f"| {f['rank']} | {f['ids'][0]} | {f['splits'][0]} | {f['given']} | {f['suggested']} "
             f"| {f['self_confidence']:.3f} | {f['score']:.3f} |"
@@ -43,6 +43,32 @@ _SECTIONS = [
 ]
 
 
+def _graph_lines(graph: Mapping[str, Any] | None) -> list[str]:
+    """The neighbour graph behind every check: its index and its recall@k against exact search."""
+    if not graph:
+        return []
+    recall = graph["recall"]
+    return [
+        f"Neighbour graph ({'built' if graph['built'] else 'reused'}, `{graph['folder']}`): {graph['method']}, "
+        f"{graph['index']}, k={graph['k']}; recall@{graph['k']} against exact search "
+        f"{recall['recall_at_k']:.4f} (recall@1 {recall['recall_at_1']:.4f}) on {recall['queries']} sampled rows. "
+        f"{graph['saturated_rows']} rows have all {graph['k']} neighbours above the duplicate threshold "
+        "(more copies than listed pairs; their clusters are complete).",
+        "",
+    ]
+
+
+def _reliability_lines(probe: Mapping[str, Any]) -> list[str]:
+    if probe.get("reliable", True):
+        return []
+    return [
+        f"**Label scores are unreliable here**: the probe's out-of-fold accuracy is "
+        f"{probe['out_of_fold_accuracy']:.1%}, so correct labels it disagrees with crowd the top of the ranking; "
+        "treat the label issues as a list to look at, not as errors.",
+        "",
+    ]
+
+
 def report(record: Mapping[str, Any], sheets: Sequence[str]) -> str:
     """audit.md: the counts, the top findings of each kind as tables, the sheets."""
     c, probe = record["counts"], record["probe"]
@@ -62,9 +88,12 @@ def report(record: Mapping[str, Any], sheets: Sequence[str]) -> str:
         f"| confused class pairs | {c['overlapping_class_pairs']} | - |",
         "",
         f"Probe: logistic head, C={probe['C']:g} ({probe['C_chosen_on']}), {probe['folds']}-fold out-of-fold "
-        f"accuracy {probe['out_of_fold_accuracy']:.4f} on {probe['rows']} train + validation rows; "
+        f"accuracy {probe['out_of_fold_accuracy']:.4f} on {probe['rows']} train + validation rows "
+        f"({probe.get('features', 'features')}); "
         f"label issues by {probe['method']}.",
         "",
+        *_graph_lines(record.get("graph")),
+        *_reliability_lines(probe),
         "Retrain without the flagged train rows: `make head EXCLUDE=<this folder>/audit.json "
         "[EXCLUDE_KINDS=duplicates,label,outlier]` (validation and test rows are never dropped).",
         "",

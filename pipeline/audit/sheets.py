@@ -63,7 +63,7 @@ def _caption(f: Mapping[str, Any]) -> str:
     if f["kind"] == "label":
         return (
             f"#{f['rank']} given {f['given']} -> {f['suggested']}\n"
-            f"p(given) {f['self_confidence']:.2f}\n{f['splits'][0]}: {_short(f['ids'][0])}"
+            f"score {f['score']:.3f}, p(given) {f['self_confidence']:.2f}\n{f['splits'][0]}: {_short(f['ids'][0])}"
         )
     return (
         f"#{f['rank']} distance {f['score']:.3f} (z {f['z']:.1f})\n"

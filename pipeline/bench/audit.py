@@ -215,80 +215,81 @@ def calibrate_duplicates(
     return result
 
 
-def generated_features(path: Path, rows: int, *, width: int = 1280, classes: int = 10, seed: int = 0) -> Path:
-    """A feature file of `rows` generated rows (80/10/10 train/validation/test) for `bench_audit`.
-
-    Rows are ReLU(class mean + noise), non-negative like pooled CNN features; the class
-    means differ little from a shared mean, so a linear probe confuses a few percent of
-    rows at a few thousand rows, as on real data.
-    """
-    import numpy as np
-
-    from pipeline.features.store import FORMAT_VERSION, write_features
-
-    rng = np.random.default_rng(seed)
-    means = (rng.normal(0.3, 0.3, width) + rng.normal(0, 0.07, (classes, width))).astype(np.float32)
-    sizes = {"train": int(rows * 0.8), "validation": int(rows * 0.1)}
-    sizes["test"] = rows - sum(sizes.values())
-    names = [f"class{c}" for c in range(classes)]
-    key = {"dataset": "generated", "rows": rows, "width": width, "seed": seed}
-    splits = {}
-    for split, n in sizes.items():
-        labels = np.arange(n) % classes
-        chunks = []
-        for start in range(0, n, 8192):
-            y = labels[start : start + 8192]
-            x = np.maximum(means[y] + rng.normal(0, 0.6, (len(y), width)).astype(np.float32), 0)
-            ids = [f"{split}/{names[c]}/{start + i}.jpg" for i, c in enumerate(y)]
-            chunks.append((x, y.astype(np.int64), np.arange(start, start + len(y)), ids))
-        splits[split] = (chunks, {"spec": f"generated:{split}", "num_inputs": n, "num_skipped": 0, "skipped": []})
-    attrs = {
-        "format_version": FORMAT_VERSION,
-        "key": key,
-        "class_names": names,
-        "feature_dim": width,
-        "config": {"data": {"dataset": "generated", "data_dir": None}},
-        "dataset": "generated",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_features(path, attrs=attrs, splits=splits, feature_dim=width, dtype=np.float32)
-
-
 _AUDIT_CHILD = """
 import json, sys
 from pathlib import Path
 from pipeline.audit.findings import audit_features
 from pipeline.config import AuditConfig
-result = audit_features(Path(sys.argv[1]), AuditConfig(audit_dir=sys.argv[2], top=0, C=float(sys.argv[3])))
-print(json.dumps({"seconds": result.seconds, "counts": result.counts}))
+config = AuditConfig(audit_dir=sys.argv[2], top=0, C=float(sys.argv[3]))
+result = audit_features(Path(sys.argv[1]), config)
+record = json.loads((result.out_dir / "audit.json").read_text())
+found = {tuple(sorted(f["ids"])) for f in record["findings"] if f["kind"] == "duplicates"}
+planted = json.loads(Path(sys.argv[4]).read_text())
+recall = {kind: sum(tuple(p) in found for p in pairs) / len(pairs) for kind, pairs in planted.items()}
+print(json.dumps({"seconds": result.seconds, "counts": result.counts, "graph": record["graph"],
+                  "probe_accuracy": record["probe"]["out_of_fold_accuracy"], "planted_recall": recall}))
 """
+
+_QUERY_CHILD = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+started = time.perf_counter()
+from pipeline.audit.similar import DatasetIndex
+index = DatasetIndex.open(Path(sys.argv[1]))
+opened = time.perf_counter() - started
+rows = index.unit_rows(np.array([int(sys.argv[2])]))
+step = time.perf_counter()
+ids, sims = index.search(rows, 10)
+print(json.dumps({"open_seconds": round(opened, 3), "query_seconds": round(time.perf_counter() - step, 4),
+                  "top1_is_self": bool(ids[0, 0] == int(sys.argv[2]))}))
+"""
+
+
+def _bench_size(work_dir: Path, size: int, width: int, C: float) -> dict[str, Any]:
+    """One size: generate, audit in a fresh process, then query the graph in another, then delete the file."""
+    import json
+
+    from pipeline.audit.graphstore import graph_dir
+    from pipeline.bench.planted import generated_features
+
+    path, planted = generated_features(Path(work_dir) / f"generated-{size}.h5", size, width=width)
+    planted_file = Path(work_dir) / f"planted-{size}.json"
+    planted_file.write_text(json.dumps(planted))
+    audit_dir = Path(work_dir) / "audit"
+    child = run_python(
+        _AUDIT_CHILD, str(path), str(audit_dir), str(C), str(planted_file), what=f"The audit of {size} generated rows"
+    )
+    folder = graph_dir(audit_dir, path)
+    query = run_python(_QUERY_CHILD, str(folder), str(size // 2), what=f"A query against {size} rows")
+    run = {
+        "rows": size,
+        "width": width,
+        "wall_seconds": child.pop("wall_seconds"),
+        "peak_rss_mib": child.pop("peak_rss_mib"),
+        "feature_mib": round(size * width * 2 / 2**20, 1),
+        "query": {k: query[k] for k in ("open_seconds", "query_seconds", "top1_is_self", "wall_seconds")},
+        **child,
+    }
+    path.unlink()
+    return run
 
 
 def bench_audit(
     *, work_dir: Path, sizes: Sequence[int] = (10_000, 100_000), width: int = 1280, C: float = 0.01
 ) -> dict[str, Any]:
-    """Seconds (per step) and peak resident memory of an audit of generated rows.
+    """Seconds (per step), peak resident memory and recall of an audit of generated rows (`bench.planted`).
 
     Each size runs in a fresh process (`python -c`, the audit itself without contact
-    sheets), so its peak memory is its own. The probe's C is fixed (the validation
-    sweep is `make head`'s cost, measured by `make bench-head`).
+    sheets), so its peak memory is its own; a second process then queries the
+    persisted graph with one row, as `make similar` does. The probe's C is fixed (the
+    validation sweep is `make head`'s cost, measured by `make bench-head`).
     """
     runs = []
     for size in sizes:
-        path = generated_features(Path(work_dir) / f"generated-{size}.h5", size, width=width)
-        args = (str(path), str(Path(work_dir) / "audit"), str(C))
-        child = run_python(_AUDIT_CHILD, *args, what=f"The audit of {size} generated rows")
-        run = {
-            "rows": size,
-            "width": width,
-            "wall_seconds": child.pop("wall_seconds"),
-            "peak_rss_mib": child.pop("peak_rss_mib"),
-            "feature_mib": round(size * width * 4 / 2**20, 1),
-            **child,
-        }
+        run = _bench_size(Path(work_dir), size, width, C)
         log.info("bench-audit: %s", run)
         runs.append(run)
-        path.unlink()
     return {"benchmark": "audit", "machine": machine(), "runs": runs, "C": C}
 
 
@@ -332,21 +333,31 @@ def _calibration_lines(calibration: dict[str, Any]) -> list[str]:
 def audit_table(result: dict[str, Any]) -> str:
     """Markdown tables of a `bench-audit` result: scale, then the threshold's calibration."""
     host = result["machine"]
-    steps = ("read", "similarity_search", "duplicates", "label_errors", "outliers", "write")
+    steps = ("read", "neighbour_graph", "duplicates", "label_errors", "outliers", "write")
     width = result["runs"][0]["width"] if result["runs"] else "-"
     lines = [
-        f"Audit of generated feature rows (width {width}, 10 classes, 80/10/10 splits), {host['cpus']} CPUs "
+        f"Audit of generated feature rows (`pipeline/bench/planted.py`: width {width}, float16, 1000 clusters, "
+        f"10 classes, 80/10/10 splits, duplicates and leaks planted at known pairs), {host['cpus']} CPUs "
         f"({host['processor']}), fresh process per size, contact sheets off, probe C={result['C']} fixed.",
         "",
-        "| rows | features MiB | wall s | " + " | ".join(f"{s} s" for s in steps) + " | peak RSS MiB |",
-        "|---:|---:|---:|" + "---:|" * len(steps) + "---:|",
+        "| rows | graph | recall@k (sampled rows) | planted duplicates / leaks found | wall s | "
+        + " | ".join(f"{s} s" for s in steps)
+        + " | peak RSS MiB | query s (open) |",
+        "|---:|---|---:|---:|---:|" + "---:|" * len(steps) + "---:|---:|",
     ]
     for run in result["runs"]:
+        graph, recall = run["graph"], run["graph"]["recall"]
         lines.append(
-            f"| {run['rows']:,} | {run['feature_mib']} | {run['wall_seconds']} | "
+            f"| {run['rows']:,} | {graph['method']}: {graph['index']} | {recall['recall_at_k']} ({recall['queries']}) "
+            f"| {run['planted_recall']['duplicates']:.3f} / {run['planted_recall']['leaks']:.3f} "
+            f"| {run['wall_seconds']} | "
             + " | ".join(str(run["seconds"].get(s, "")) for s in steps)
-            + f" | {run['peak_rss_mib']} |"
+            + f" | {run['peak_rss_mib']} | {run['query']['query_seconds']} ({run['query']['open_seconds']}) |"
         )
     if result.get("calibration"):
         lines += _calibration_lines(result["calibration"])
+    if result.get("flips"):
+        from pipeline.bench.flips import flips_table
+
+        lines += ["", flips_table(result["flips"]).rstrip()]
     return "\n".join(lines) + "\n"

@@ -77,6 +77,7 @@ def _cmd_bench_head(args: argparse.Namespace) -> int:
 
 def _cmd_bench_audit(args: argparse.Namespace) -> int:
     from pipeline.bench.audit import audit_table, bench_audit, calibrate_duplicates
+    from pipeline.bench.flips import flip_benchmark
 
     settings = settings_of(AuditBench, args)
     path = None if settings.no_calibration else _features_file(args)
@@ -91,6 +92,7 @@ def _cmd_bench_audit(args: argparse.Namespace) -> int:
             seed = build_config(FeaturesConfig, vars(args)).seed
             planted = Path(work) / "planted"
             result["calibration"] = calibrate_duplicates(path, work_dir=planted, count=settings.planted, seed=seed)
+            result["flips"] = flip_benchmark(path)
     return _finish("bench-audit", result, audit_table(result), settings.out, "audit")
 
 

@@ -58,7 +58,7 @@ class HeadBench(Output):
 class AuditBench(Output):
     """`make bench-audit`: the audit on generated rows; the duplicate threshold calibrated on real features."""
 
-    sizes: tuple[int, ...] = setting((10_000, 100_000), "generated rows")
+    sizes: tuple[int, ...] = setting((10_000, 100_000, 1_000_000), "generated rows (1M: about 20 min, 7 GiB)")
     planted: int = setting(300, "photos altered for the calibration")
     no_calibration: bool = setting(False, "only the generated-rows benchmark")
 
