@@ -42,7 +42,7 @@ def add_command(commands) -> None:
 def run(args) -> int:
     import tempfile
 
-    from pipeline.bench.endtoend import subset_folder, write_results
+    from pipeline.bench.measure import subset_folder, write_results
 
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as work:
         work = Path(work)
@@ -132,7 +132,7 @@ def bare_bounds(folder: Path, size: int, args) -> dict[str, Any]:
     """Images/s of each runtime's forward pass on an in-memory batch, and of decoding alone."""
     import dataclasses
 
-    from pipeline.bench.endtoend import forward_throughput
+    from pipeline.bench.features import forward_throughput
     from pipeline.config import DataConfig, FeaturesConfig
     from pipeline.features import backbones, runtimes
     from pipeline.features.extractor import build_extractor
