@@ -26,7 +26,7 @@ from pipeline.features.backbones import (
 )
 from pipeline.features.pooling import pooling_layer
 
-logger = logging.getLogger("pipeline.features.backbones")
+logger = logging.getLogger(__name__)
 
 # Constants of keras.applications.imagenet_utils.preprocess_input.
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
