@@ -120,7 +120,7 @@ export: head ## one Keras model, raw images in and probabilities out (.keras, Sa
 	$(PIPELINE) export $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
 
 similar: $(VENV)/.installed ## nearest dataset images of IMAGES (every copy of a bad one) from the audit's neighbour graph [TOP=10]
-	$(PIPELINE) similar $(FEATURE_FLAGS) $(if $(FEATURES),--features '$(FEATURES)') $(call options,$(AUDIT_OPTIONS)) $(if $(TOP),--top $(TOP)) $(IMAGES)
+	$(PIPELINE) similar $(FEATURE_FLAGS) $(if $(FEATURES),--features '$(FEATURES)') $(call options,$(DECISIONS_OPTIONS) $(AUDIT_OPTIONS)) $(if $(TOP),--top $(TOP)) $(IMAGES)
 
 predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file, folder or glob> [CSV=out.csv]
 	$(PIPELINE) predict $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TOP),--top $(TOP)) $(if $(CSV),--csv '$(CSV)') $(IMAGES)

@@ -500,3 +500,15 @@ def test_calibrated_threshold_catches_altered_copies_not_distinct_photos(shared_
     assert pairs == expected
     ranking = json.loads((out / "audit.json").read_text())["outlier_scores"]["ranking"]
     assert {r["id"] for r in ranking[:2]} == {"train/cats/blank.jpg", "train/dogs/noise.png"}, ranking[:4]
+
+
+def test_the_label_probe_skips_the_pca_when_rows_are_few_for_its_width(tmp_path):
+    """A PCA fitted on fewer rows than its width has empty components that standardizing turns into noise."""
+    from pipeline.audit.graphstore import probe_rows
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 300)).astype(np.float32)
+    settings = GraphSettings(pca_dim=256)
+    graph = build_graph(features, settings)
+    probe_x, kind = probe_rows(features, graph, tmp_path, settings)
+    assert kind == "features" and probe_x.shape == (200, 300)

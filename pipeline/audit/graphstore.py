@@ -120,13 +120,15 @@ def graph_record(graph: Graph, folder: Path, *, built: bool, saturated: int) -> 
 def probe_rows(features: np.ndarray, graph: Graph, folder: Path, settings: GraphSettings) -> tuple[np.ndarray, str]:
     """The rows the label probe is fitted on, and what they are.
 
-    Features no wider than `pca_dim`: themselves. Wider: their PCA to `pca_dim`
+    Features no wider than `pca_dim`, or fewer than 4 * `pca_dim` rows: themselves. Otherwise their PCA to `pca_dim`
     (the approximate graph's own, else one fitted here on up to 100k unit rows),
     (N, pca_dim) float32. A logistic probe on 1280 features took 20-60 s at 10k rows
     and would not fit a million in memory; on the PCA it ranks planted flips as well
     (docs/audit.md).
     """
-    if features.shape[1] <= settings.pca_dim:
+    # A PCA fitted on fewer rows than a few times its width has near-empty components, which
+    # standardizing would blow up into noise; such small data is cheap to probe in full anyway.
+    if features.shape[1] <= settings.pca_dim or len(features) < 4 * settings.pca_dim:
         return features, "features"
     if graph.meta["method"] == "approximate":
         index = graph.index if graph.index is not None else load_graph(folder, with_index=True).index
