@@ -121,7 +121,7 @@ def test_commands_print_no_tensorflow_start_up_chatter_unless_verbose(tmp_path, 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("features: 20 extracted, 0 reused")
-    assert "INFO pipeline.features.backbones: Built tiny_extractor" in done.stderr
+    assert "INFO pipeline.features.extractor: Built tiny_extractor" in done.stderr
     native = [
         line
         for line in done.stderr.splitlines()
