@@ -22,10 +22,12 @@ from typing import IO
 #: An absl/glog line: severity letter, MMDD, a time (absl before initialization prints
 #: `00:00:<epoch seconds>`), thread id, file:line].
 _NATIVE = re.compile(r"^(?P<severity>[IWEF])\d{4} [\d:.]+\s+\d+ [^\]]+\] ")
-#: Errors that only say there is no GPU, that a plugin registered twice, or that oneDNN
-#: leaves a uint8 op (the image decoder's) to Eigen.
+#: Errors that only say there is no GPU, that a plugin registered twice, that oneDNN
+#: leaves a uint8 op (the image decoder's) to Eigen, or that libjpeg met a truncated file
+#: (stage 1 names that image itself, with its path, when it skips it).
 _BENIGN_ERRORS = re.compile(
     r"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|oneDNN supports DT_UINT8 only"
+    r"|Premature end of JPEG data"
 )
 _ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 

@@ -72,6 +72,10 @@ def test_user_errors_print_one_line_and_exit_2(argv, message, capsys):
             "with AVX-512.",
             False,
         ),
+        (
+            "E0000 00:00:1796502429.759305    2296 jpeg_mem.cc:331] Premature end of JPEG data. Stopped at line 78/374",
+            False,
+        ),
         ("E1130 16:40:01.000001   21895 gpu_device.cc:9] Resource exhausted: OOM when allocating tensor", True),
         ("F1130 16:40:01.000001   21895 check.cc:9] Check failed: x", True),
         ("error: Image folder not found", True),
