@@ -17,16 +17,16 @@ Results in bench/incremental.json and bench/incremental.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.bench.measure import run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +48,12 @@ def generate_folder(root: Path, count: int, *, start: int = 0, size: int = 24) -
     return root
 
 
-def _features(folder: Path, out: Path, work: Path, name: str, batch_size: int, *extra: str) -> dict[str, Any]:
+def _features(folder: Path, out: Path, name: str, batch_size: int, *extra: str) -> dict[str, Any]:
     """One `make features` process on `folder` (more flags in `extra`): its wall seconds and its --json record."""
-    record = work / f"{name}.json"
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "features",
-        "--data-dir",
-        str(folder),
-        "--backbone",
-        "tiny",
-        "--weights",
-        "none",
-        "--batch-size",
-        str(batch_size),
-        "--features-dir",
-        str(out),
-        "--no-progress",
-        "--json",
-        str(record),
-        *extra,
-    ]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    wall = time.perf_counter() - started
-    if done.returncode:
-        raise RuntimeError(f"{name}: `make features` failed: {done.stderr[-2000:]}")
-    result = json.loads(record.read_text())
-    log.info("%s: %.2f s wall, %s", name, wall, done.stdout.strip().splitlines()[-1])
-    return {"wall_seconds": round(wall, 3), **{k: result[k] for k in _KEPT if k in result}}
+    flags = ["--data-dir", str(folder), "--backbone", "tiny", "--weights", "none", "--batch-size", str(batch_size)]
+    stage, result = run_pipeline("features", [*flags, "--features-dir", str(out), *extra], {"PYTHONPATH": os.getcwd()})
+    log.info("%s: %.2f s wall, %s", name, stage["wall_seconds"], stage["summary"])
+    return {"wall_seconds": stage["wall_seconds"], **{k: result[k] for k in _KEPT if k in result}}
 
 
 _KEPT = ("extracted", "reused", "hashed", "up_to_date", "seconds", "tensorflow_imported", "phases")
@@ -95,20 +70,18 @@ def bench_incremental(work: Path, *, images: int, added: float, batch_size: int,
     generate_folder(folder, images)
     new = max(1, round(images * added))
     figures: dict[str, Any] = {"images": images, "added": new, "generate_seconds": round(time.perf_counter() - started)}
-    figures["first"] = _features(folder, out, work, "first", batch_size)
-    figures["noop"] = _features(folder, out, work, "noop", batch_size)
+    figures["first"] = _features(folder, out, "first", batch_size)
+    figures["noop"] = _features(folder, out, "noop", batch_size)
     # Too few images a class to carve splits from: all of them train (the extraction is what is compared).
     no_carving = ("--val-fraction", "0", "--test-fraction", "0")
     rounds = []
     for r in range(repeats):  # a loaded machine times one process differently from the next: the median of rounds
         first_new = images + r * new
-        noop = _features(folder, out, work, f"noop_{r}", batch_size) if r else figures["noop"]
+        noop = _features(folder, out, f"noop_{r}", batch_size) if r else figures["noop"]
         generate_folder(folder, new, start=first_new)
-        added = _features(folder, out, work, f"after_add_{r}", batch_size)
+        added = _features(folder, out, f"after_add_{r}", batch_size)
         generate_folder(work / f"new-alone-{r}", new, start=first_new)
-        alone = _features(
-            work / f"new-alone-{r}", work / f"features-alone-{r}", work, f"fresh_{r}", batch_size, *no_carving
-        )
+        alone = _features(work / f"new-alone-{r}", work / f"features-alone-{r}", f"fresh_{r}", batch_size, *no_carving)
         ratio = added["wall_seconds"] / (noop["wall_seconds"] + alone["wall_seconds"])
         rounds.append({"noop": noop, "after_add": added, "fresh_new_alone": alone, "ratio": round(ratio, 3)})
     middle = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]

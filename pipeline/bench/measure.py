@@ -87,7 +87,7 @@ def measured_process(argv: Sequence[str], *, env: dict[str, str] | None = None) 
     return Measured(process.returncode, stdout, stderr, time.perf_counter() - started, peak_mib)
 
 
-def _run_pipeline(command: str, flags: Sequence[str], env: dict[str, str] | None) -> tuple[dict[str, Any], dict]:
+def run_pipeline(command: str, flags: Sequence[str], env: dict[str, str] | None) -> tuple[dict[str, Any], dict]:
     """`python -m pipeline COMMAND --no-progress FLAGS --json ...`: its figures and its --json result."""
     with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp:
         result_path = Path(tmp) / "result.json"
@@ -123,7 +123,7 @@ def run_stage(command: str, flags: Sequence[str], *, env: dict[str, str] | None 
     file) and `output` (the feature file or run directory it wrote). A stage that finds its output up
     to date is an error: a benchmark must measure, not find.
     """
-    stage, result = _run_pipeline(command, flags, env)
+    stage, result = run_pipeline(command, flags, env)
     if result["up_to_date"]:
         raise StageFailed(
             f"`python -m pipeline {command}` found its output up to date instead of measuring it "
@@ -134,7 +134,7 @@ def run_stage(command: str, flags: Sequence[str], *, env: dict[str, str] | None 
 
 def run_up_to_date(command: str, flags: Sequence[str]) -> dict[str, Any]:
     """Runs a stage whose output is up to date: its wall seconds and phases (it must find, not measure)."""
-    stage, result = _run_pipeline(command, flags, None)
+    stage, result = run_pipeline(command, flags, None)
     stage.pop("lines")
     if not result["up_to_date"]:
         raise StageFailed(
