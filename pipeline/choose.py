@@ -103,11 +103,12 @@ def choose(features: FeaturesConfig, config: ChooseConfig, *, progress: bool = T
 def _measure(config: FeaturesConfig, spec, sample: Sample) -> dict[str, Any]:
     """Extracts the sample with one backbone and fits the logistic probe on it."""
     from pipeline.features.extractor import build_extractor
-    from pipeline.features.forward import compiled_forward
+    from pipeline.features.runtimes import forward_for
     from pipeline.heads.registry import create_head
+    from pipeline.phases import Phases
 
     model = build_extractor(spec, image_size=config.image_size, weights=config.weights_arg, pooling=config.pooling)
-    forward = compiled_forward(model, config.image_size, config.batch_size)
+    forward = forward_for(model, config, spec, Phases())
     source = folder_source(sample.scan)
     features, rates = {}, []
     for split, positions in sample.positions.items():
@@ -127,7 +128,7 @@ def _measure(config: FeaturesConfig, spec, sample: Sample) -> dict[str, Any]:
         "pooling": config.pooling,
         "validation_accuracy": float(np.mean(predicted == sample.labels["validation"])),
         "images_per_second": round(per_second, 1),
-        "runtime": _runtime(),
+        "runtime": forward.describe(),
         "feature_dim": dim,
         "feature_bytes_per_1k": dim * _DTYPE_BYTES[config.dtype] * 1000,
         "projected_features_seconds": round(sample.total_images / per_second, 1),
@@ -135,32 +136,26 @@ def _measure(config: FeaturesConfig, spec, sample: Sample) -> dict[str, Any]:
 
 
 def _extract(forward, split, config: FeaturesConfig) -> tuple[np.ndarray, float, int]:
-    """Features of a split's records, the seconds they took and their count.
+    """Features of a split's records, and the seconds and images that the rate counts.
 
-    `compiled_forward` has traced and warmed up the model already, so every batch counts.
+    The batches are stage 1's (`image_batches`, on the runtime's input schedule). The
+    rate leaves out the first batch, which pays for the runtime's verification against
+    TensorFlow once per run, not per image.
     """
-    import tensorflow as tf
+    from pipeline.features.backbones import input_resize
+    from pipeline.features.batches import image_batches
 
-    from pipeline.images import decode_and_resize
-
-    batches = (
-        split.records(0)
-        .map(lambda r: decode_and_resize(r["image"], config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(config.batch_size)
-        .prefetch(2)
+    batches = image_batches(
+        split, start=0, resize=input_resize(config), batch_size=config.batch_size, schedule=forward.schedule
     )
-    started = time.perf_counter()
-    out = [np.asarray(forward(batch)) for batch in batches]
-    seconds = time.perf_counter() - started
+    out, clock = [], [time.perf_counter()]
+    for images, *_ in batches:
+        out.append(np.asarray(forward(images)))
+        clock.append(time.perf_counter())
     if sum(len(b) for b in out) != split.size:
         raise ConfigError(f"make choose read {sum(len(b) for b in out)} of {split.size} sampled images.")
-    return np.concatenate(out), seconds, split.size
-
-
-def _runtime() -> str:
-    import tensorflow as tf
-
-    return "tensorflow " + ("GPU" if tf.config.list_logical_devices("GPU") else "CPU")
+    first = 1 if len(out) > 1 else 0  # a split of one batch is timed with its verification
+    return np.concatenate(out), clock[-1] - clock[first], sum(len(b) for b in out[first:])
 
 
 def recommend(rows: list[dict[str, Any]], tolerance: float) -> dict[str, Any] | None:

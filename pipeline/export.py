@@ -28,6 +28,7 @@ from pipeline.features.extractor import build_extractor
 from pipeline.features.sources import IMAGE_EXTENSIONS
 from pipeline.heads.base import JSON_NAME, Head
 from pipeline.heads.registry import load_head
+from pipeline.images import Resize
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def probability_head(head: Head):
     return keras.Model(inputs, probabilities(head.logits_model()(inputs)), name="head_probabilities")
 
 
-def image_classifier(extractor, head_logits, *, image_size: int, name: str):
+def image_classifier(extractor, head_logits, *, resize: Resize, name: str):
     """Raw uint8 images (N, H, W, 3), any H and W -> probabilities (N, K).
 
     `extractor` maps (N, S, S, 3) float 0-255 images to features and `head_logits`
@@ -70,7 +71,7 @@ def image_classifier(extractor, head_logits, *, image_size: int, name: str):
     # Resizing keeps an integer input's dtype, rounding the interpolated pixels; stage 1
     # resized in float32, so cast first or the exported model sees other pixels.
     pixels = keras.ops.cast(images, "float32")
-    resized = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(pixels)
+    resized = resize.keras_layer()(pixels)
     return keras.Model(images, probabilities(head_logits(extractor(resized))), name=name)
 
 
@@ -87,7 +88,7 @@ def build_classifier(features: FeaturesConfig, head: Head, *, weights_key: str |
         spec, image_size=features.image_size, weights=features.weights_arg, pooling=features.pooling
     )
     return image_classifier(
-        extractor, head.logits_model(), image_size=features.image_size, name=f"{spec.model_name}_classifier"
+        extractor, head.logits_model(), resize=spec.resize(features.image_size), name=f"{spec.model_name}_classifier"
     )
 
 
@@ -186,6 +187,7 @@ class RuntimePredictor:
             spec, image_size=features.image_size, weights=features.weights_arg, pooling=features.pooling
         )
         self.features, self.batch_size = features, batch_size
+        self.resize = spec.resize(features.image_size)
         self.forward = forward_for(model, features, spec, Phases())
         self.head = load_head(run_dir)
         self.class_names = runs.read_labels(run_dir)
@@ -202,7 +204,7 @@ class RuntimePredictor:
             images = []
             for path in batch:
                 try:
-                    images.append(decode_and_resize(tf.io.read_file(str(path)), self.features.image_size))
+                    images.append(decode_and_resize(tf.io.read_file(str(path)), self.resize))
                 except tf.errors.OpError as err:
                     raise DataError(f"Cannot read image {path}: {tf_error_message(err)}") from err
             proba = self.head.predict_proba(self.forward(tf.stack(images)))

@@ -24,6 +24,8 @@ people (`read_images`) are read with PIL where the data is an image folder.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # Part of the features' cache key: features decoded by another decoder are not reused.
 DECODER = "decode_image, EXIF orientation applied"
 
@@ -64,16 +66,76 @@ def decode_image(image_bytes):
     return apply_orientation(image, exif_orientation(image_bytes))
 
 
-def decode_and_resize(image_bytes, image_size: int):
-    """Encoded image bytes -> (S, S, 3) float32 in [0, 255], upright (see `decode_image`).
+#: Interpolations both `tf.image.resize` (stage 1) and `keras.layers.Resizing` (export) offer.
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
 
-    Resizing is bilinear and does not keep the aspect ratio, like
-    `keras.utils.image_dataset_from_directory`.
+
+@dataclass(frozen=True)
+class Resize:
+    """How a decoded image becomes the backbone's `size` x `size` input.
+
+    The default squashes to a square, bilinear without antialiasing, as
+    `keras.utils.image_dataset_from_directory` does and keras.applications' weights
+    expect. A keras-hub preset brings its own (`pipeline.features.hub`): DINOv2 and
+    CLIP crop the largest central square and resize bicubically. The exported model
+    resizes with `keras_layer()`, which computes the same pixels.
     """
+
+    size: int
+    interpolation: str = "bilinear"
+    crop_to_aspect_ratio: bool = False
+    antialias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"Unknown interpolation {self.interpolation!r}; expected one of {INTERPOLATIONS}.")
+
+    @property
+    def mode(self) -> str:
+        """The resize without its size, as feature files and the cache key record it."""
+        crop = "central square cropped" if self.crop_to_aspect_ratio else "aspect ratio not kept"
+        return f"{self.interpolation}{', antialiased' if self.antialias else ''}, {crop}"
+
+    @property
+    def is_default(self) -> bool:
+        return self.mode == Resize(self.size).mode
+
+    def __call__(self, image):
+        """An (H, W, C) image -> (size, size, C) float32."""
+        import tensorflow as tf
+
+        if self.crop_to_aspect_ratio:
+            height, width = tf.shape(image)[0], tf.shape(image)[1]
+            side = tf.minimum(height, width)
+            top, left = (height - side) // 2, (width - side) // 2
+            image = image[top : top + side, left : left + side]
+        return tf.image.resize(image, (self.size, self.size), method=self.interpolation, antialias=self.antialias)
+
+    def keras_layer(self, name: str = "resize"):
+        """The same resize as a Keras layer, for models that take images of any size."""
+        import keras
+
+        return keras.layers.Resizing(
+            self.size,
+            self.size,
+            interpolation=self.interpolation,
+            crop_to_aspect_ratio=self.crop_to_aspect_ratio,
+            antialias=self.antialias,
+            name=name,
+        )
+
+
+def decoder_identity(resize: Resize) -> str:
+    """The decoder part of the model key: the default resize keeps the key it always had."""
+    return DECODER if resize.is_default else f"{DECODER}; {resize.mode}"
+
+
+def decode_and_resize(image_bytes, resize: Resize):
+    """Encoded image bytes -> (S, S, 3) float32 in [0, 255], upright (see `decode_image`)."""
     import tensorflow as tf
 
-    image = tf.image.resize(decode_image(image_bytes), (image_size, image_size))
-    return tf.ensure_shape(image, (image_size, image_size, 3))
+    image = resize(decode_image(image_bytes))
+    return tf.ensure_shape(image, (resize.size, resize.size, 3))
 
 
 def tf_error_message(err: Exception) -> str:

@@ -15,7 +15,7 @@ from pipeline.errors import CacheError, DataError
 from pipeline.features.extract import extract_features, resolve
 from pipeline.features.extractor import build_extractor
 from pipeline.features.store import read_features
-from pipeline.images import decode_and_resize
+from pipeline.images import Resize, decode_and_resize
 
 
 def tiny_config(folder, out, **kwargs) -> FeaturesConfig:
@@ -53,7 +53,7 @@ def test_features_equal_the_model_applied_to_each_image(image_folder, tmp_path):
     cached = read_features(result.path, splits=["validation"])
     model = build_extractor("tiny", image_size=32, weights=None)
     split = cached.splits["validation"]
-    images = tf.stack([decode_and_resize(tf.io.read_file(str(image_folder / i)), 32) for i in split.ids])
+    images = tf.stack([decode_and_resize(tf.io.read_file(str(image_folder / i)), Resize(32)) for i in split.ids])
     np.testing.assert_allclose(model(images, training=False).numpy(), split.features, atol=1e-5)
 
 

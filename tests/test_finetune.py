@@ -25,6 +25,7 @@ from pipeline.finetune.model import block_starts, build_model, resolve_fine_tune
 from pipeline.finetune.train import finetune
 from pipeline.heads.registry import load_head
 from pipeline.heads.train import train_head
+from pipeline.images import Resize
 
 AT = "block2_conv"  # tiny: input, then conv/bn/relu for blocks 1-3; block 2 starts at layer 4
 
@@ -100,7 +101,7 @@ def test_at_step_zero_the_model_predicts_what_the_stage2_head_predicts(stage2, t
     head = load_head(run.run_dir)
     parts = build_model(features.resolved(32), config, head, n_classes=2)
     split = load_source(features.data, seed=features.seed).splits["validation"]
-    proba, labels = predict(parts.model, image_dataset(split, 32, 8, binary=True))
+    proba, labels = predict(parts.model, image_dataset(split, Resize(32), 8, binary=True))
     cached = read_features(path).splits["validation"]
     np.testing.assert_array_equal(labels, cached.labels)
     np.testing.assert_allclose(proba, head.predict_proba(cached.features), atol=1e-5)

@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError, WeightsUnavailableError  # noqa: E402
 from pipeline.features.backbones import get_backbone, weights_identity  # noqa: E402
 from pipeline.features.extractor import build_extractor  # noqa: E402
 from pipeline.finetune.model import block_starts, resolve_fine_tune_at, unfreeze  # noqa: E402
+from pipeline.images import Resize  # noqa: E402
 
 SIZE = 32
 TOWER = dict(patch_size=8, num_layers=2, hidden_dim=16, num_heads=2, intermediate_dim=32, image_shape=(SIZE, SIZE, 3))
@@ -66,6 +67,8 @@ def test_the_spec_comes_from_the_presets_own_config(presets, family):
     assert (spec.default_size, spec.feature_dim, spec.default_pooling) == (SIZE, 16, pooling)
     assert spec.pooled_dim(None) == width
     np.testing.assert_allclose(spec.builder_kwargs["offset"], -MEAN / STD)
+    # keras-hub's ImageConverter crops to the aspect ratio unless told not to; the preset says bicubic
+    assert spec.resize(SIZE) == Resize(SIZE, "bicubic", crop_to_aspect_ratio=True)
     model = build_extractor(spec, image_size=SIZE, weights=presets[family])
     assert model.output_shape == (None, width)
     rescale = model.get_layer("backbone").get_layer("preset_rescale")

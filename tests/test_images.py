@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.config import DataConfig, FeaturesConfig
 from pipeline.features.extract import extract_features, resolve
 from pipeline.features.store import read_features
-from pipeline.images import DECODER, decode_and_resize, decode_image, exif_orientation
+from pipeline.images import DECODER, Resize, decode_and_resize, decode_image, exif_orientation
 
 T = Image.Transpose
 # PIL's ImageOps.exif_transpose: the transform that turns stored pixels upright.
@@ -155,7 +155,7 @@ def test_untagged_and_non_jpeg_images_are_untouched():
         expected = tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy()
         np.testing.assert_array_equal(decode_image(tf.constant(encoded)).numpy(), expected)
         np.testing.assert_array_equal(
-            decode_and_resize(tf.constant(encoded), 24).numpy(),
+            decode_and_resize(tf.constant(encoded), Resize(24)).numpy(),
             tf.image.resize(expected, (24, 24)).numpy(),
         )
 
@@ -202,3 +202,38 @@ def test_damaged_tagged_jpegs_never_raise():
         for position in rng.integers(0, 200, rng.integers(1, 4)):
             damaged[position] = rng.integers(0, 256)
         assert 1 <= orientation_of(bytes(damaged[: rng.integers(2, 400)] if rng.random() < 0.3 else damaged)) <= 8
+
+
+@pytest.mark.parametrize(
+    "resize",
+    [Resize(16), Resize(16, "bicubic", crop_to_aspect_ratio=True), Resize(16, "area", crop_to_aspect_ratio=True)],
+    ids=["squash-bilinear", "crop-bicubic", "crop-area"],
+)
+@pytest.mark.parametrize("shape", [(40, 24, 3), (24, 40, 3), (17, 17, 3)])
+def test_the_exported_models_resize_layer_computes_stage_1s_pixels(resize, shape):
+    image = np.random.default_rng(0).integers(0, 256, shape).astype(np.float32)
+    stage1 = resize(tf.constant(image)).numpy()
+    exported = np.asarray(resize.keras_layer()(image[np.newaxis]))[0]
+    assert stage1.shape == exported.shape == (16, 16, 3)
+    np.testing.assert_allclose(stage1, exported, atol=1e-3)
+
+
+def test_cropping_resizes_the_central_square_only():
+    rng = np.random.default_rng(1)
+    square = rng.integers(0, 256, (24, 24, 3)).astype(np.float32)
+    wide = np.concatenate([rng.integers(0, 256, (24, 8, 3)), square, rng.integers(0, 256, (24, 8, 3))], axis=1)
+    crop = Resize(16, "bicubic", crop_to_aspect_ratio=True)
+    np.testing.assert_array_equal(crop(tf.constant(wide, tf.float32)).numpy(), crop(tf.constant(square)).numpy())
+    squash = Resize(16)(tf.constant(wide, tf.float32)).numpy()
+    assert not np.allclose(squash, crop(tf.constant(square)).numpy(), atol=1.0)  # the default keeps the borders
+
+
+def test_the_default_resize_keeps_the_decoder_key_and_another_gets_its_own():
+    from pipeline.images import decoder_identity
+
+    assert Resize(224).mode == "bilinear, aspect ratio not kept"
+    assert decoder_identity(Resize(160)) == DECODER  # stores written before resize modes stay valid
+    other = decoder_identity(Resize(160, "bicubic", crop_to_aspect_ratio=True))
+    assert other != DECODER and "bicubic, central square cropped" in other
+    with pytest.raises(ValueError, match="Unknown interpolation 'cubic'"):
+        Resize(16, "cubic")

@@ -29,7 +29,7 @@ from pipeline.features.store import load_views, read_content_ids, read_features
 from pipeline.heads.dense import DenseHead
 from pipeline.heads.logistic import LogisticHead
 from pipeline.heads.train import train_head
-from pipeline.images import decode_and_resize
+from pipeline.images import Resize, decode_and_resize
 
 VIEWS = ViewsConfig(num_views=2, augment=AugmentConfig(flip="horizontal", rotation=0.1, zoom=0.1))
 
@@ -64,7 +64,7 @@ def test_views_are_features_of_augmented_train_images_with_their_source(with_vie
     for view in (0, 1):
         images = tf.stack(
             [
-                augment(decode_and_resize(tf.io.read_file(str(folder / i)), 32), view, tf.constant(k, tf.int64))
+                augment(decode_and_resize(tf.io.read_file(str(folder / i)), Resize(32)), view, tf.constant(k, tf.int64))
                 for i, k in zip(train.ids, [view_key(c) for c in read_content_ids(result.path, "train")])
             ]
         )
@@ -105,7 +105,7 @@ def _view_images(config, batch_size: int, view: int) -> np.ndarray:
     batches = view_batches(
         split,
         keep=np.arange(split.total),
-        image_size=32,
+        resize=Resize(32),
         batch_size=batch_size,
         augment=augment,
         view=view,

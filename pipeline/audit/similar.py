@@ -86,6 +86,7 @@ def features_of_images(features_config, paths: Sequence[Path]) -> np.ndarray:
     """(M, D) features of image files by the feature file's backbone, preprocessed as stage 1 does."""
     import tensorflow as tf
 
+    from pipeline.features.backbones import input_resize
     from pipeline.features.extractor import build_extractor
     from pipeline.features.forward import compiled_forward
     from pipeline.images import decode_and_resize
@@ -95,9 +96,10 @@ def features_of_images(features_config, paths: Sequence[Path]) -> np.ndarray:
         features_config.backbone, image_size=size, weights=features_config.weights_arg, pooling=features_config.pooling
     )
     forward = compiled_forward(model, size, features_config.batch_size)
+    resize = input_resize(features_config)
     out = []
     for a, b in blocks(len(paths), features_config.batch_size):
-        images = [decode_and_resize(tf.io.read_file(str(p)), size) for p in paths[a:b]]
+        images = [decode_and_resize(tf.io.read_file(str(p)), resize) for p in paths[a:b]]
         out.append(np.asarray(forward(tf.stack(images))))
     return np.concatenate(out)
 

@@ -80,10 +80,12 @@ def _extractor_of(config) -> Callable:
     """Image files -> features, with the feature file's own backbone and settings."""
     import numpy as np
 
+    from pipeline.features.backbones import input_resize
     from pipeline.features.extractor import build_extractor
     from pipeline.features.forward import compiled_forward
     from pipeline.images import decode_and_resize
 
+    resize = input_resize(config)
     model = build_extractor(
         config.backbone, image_size=config.image_size, weights=config.weights_arg, pooling=config.pooling
     )
@@ -94,7 +96,7 @@ def _extractor_of(config) -> Callable:
 
         out = []
         for start in range(0, len(paths), 32):
-            images = [decode_and_resize(tf.io.read_file(str(p)), config.image_size) for p in paths[start : start + 32]]
+            images = [decode_and_resize(tf.io.read_file(str(p)), resize) for p in paths[start : start + 32]]
             out.append(np.asarray(forward(tf.stack(images))))
         return np.concatenate(out)
 

@@ -160,11 +160,12 @@ def decode_rate(folder: Path, size: int, batch_size: int) -> float:
     from pipeline.features.batches import image_batches
     from pipeline.features.data import load_source
     from pipeline.features.forward import input_schedule
+    from pipeline.images import Resize
 
     source = load_source(DataConfig(dataset=None, data_dir=str(folder)), seed=0, shard_index=0, num_shards=1)
     count, started = 0, time.perf_counter()
     for split in source.splits.values():
-        batches = image_batches(split, start=0, image_size=size, batch_size=batch_size, schedule=input_schedule())
+        batches = image_batches(split, start=0, resize=Resize(size), batch_size=batch_size, schedule=input_schedule())
         for images, *_ in batches:
             count += len(images)
     return round(count / (time.perf_counter() - started), 1)

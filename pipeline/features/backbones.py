@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
+from pipeline.images import Resize
 
 if TYPE_CHECKING:
     import keras
@@ -71,6 +72,12 @@ class BackboneSpec:
     default_pooling: str = "avg"
     prefix_tokens: int = 0  # tokens before the patch tokens (CLS, registers), left out of "mean"
     fixed_size: bool = False  # True: only `default_size` works (learned position embeddings)
+    # How images are resized to the input (`pipeline.images.Resize`); keras-hub presets bring their own.
+    resize_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def resize(self, image_size: int) -> Resize:
+        """The resize of every image on its way into this backbone at `image_size` px."""
+        return Resize(image_size, **self.resize_kwargs)
 
     @property
     def model_name(self) -> str:
@@ -151,6 +158,11 @@ def get_backbone(name: str, weights: str | os.PathLike | None = "imagenet") -> B
             f"Unknown backbone {name!r}. Expected one of: {', '.join(list_backbones())}, "
             f"or {HUB_PREFIX}<keras-hub preset>. Received: backbone={name!r}."
         ) from None
+
+
+def input_resize(config) -> Resize:
+    """The resize of a resolved `FeaturesConfig`'s backbone: what every stage applies to its images."""
+    return get_backbone(config.backbone, config.weights_arg).resize(config.image_size)
 
 
 def weights_identity(weights: str | os.PathLike | None) -> str:

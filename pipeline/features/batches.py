@@ -8,7 +8,7 @@ from pipeline.errors import DataError
 from pipeline.features.forward import Forward, InputSchedule
 from pipeline.features.sources import SplitSource
 from pipeline.features.store import FeatureWriter
-from pipeline.images import decode_and_resize
+from pipeline.images import Resize, decode_and_resize
 from pipeline.phases import Phases
 
 
@@ -16,7 +16,7 @@ def image_batches(
     split: SplitSource,
     *,
     start: int,
-    image_size: int,
+    resize: Resize,
     batch_size: int,
     schedule: InputSchedule,
     stop: int | None = None,
@@ -29,13 +29,13 @@ def image_batches(
     """
     return schedule.batches(
         _records(split, start, stop),
-        lambda r: (decode_and_resize(r["image"], image_size), r["label"], r["id"], r["index"]),
+        lambda r: (decode_and_resize(r["image"], resize), r["label"], r["id"], r["index"]),
         batch_size,
     )
 
 
 def view_batches(
-    split: SplitSource, *, keep, image_size: int, batch_size: int, augment, view: int, schedule: InputSchedule
+    split: SplitSource, *, keep, resize: Resize, batch_size: int, augment, view: int, schedule: InputSchedule
 ):
     """Batches of (images, labels, ids, index) of augmented view `view` of the records at positions `keep`.
 
@@ -48,7 +48,7 @@ def view_batches(
     return schedule.batches(
         split.at(keep).records(0),
         lambda r: (
-            augment(decode_and_resize(r["image"], image_size), view, r["view_key"] if "view_key" in r else r["index"]),
+            augment(decode_and_resize(r["image"], resize), view, r["view_key"] if "view_key" in r else r["index"]),
             r["label"],
             r["id"],
             r["index"],
@@ -68,7 +68,7 @@ def feature_batches(
     *,
     start: int,
     stop: int | None = None,
-    image_size: int,
+    resize: Resize,
     batch_size: int,
     phases: Phases | None = None,
 ) -> Iterator[tuple]:
@@ -87,7 +87,7 @@ def feature_batches(
                 split,
                 start=start,
                 stop=stop,
-                image_size=image_size,
+                resize=resize,
                 batch_size=batch_size,
                 schedule=forward.schedule,
             )
@@ -111,7 +111,7 @@ def view_feature_batches(
     view: int,
     positions,
     num_shards: int,
-    image_size: int,
+    resize: Resize,
     batch_size: int,
 ) -> Iterator[tuple]:
     """The features of augmented view `view` of the train images at `positions`, batch by batch.
@@ -130,7 +130,7 @@ def view_feature_batches(
     for images, labels, _, index in view_batches(
         split,
         keep=positions,
-        image_size=image_size,
+        resize=resize,
         batch_size=batch_size,
         augment=augment,
         view=view,

@@ -16,6 +16,7 @@ from pipeline.features.batches import feature_batches, resume_position, view_fea
 from pipeline.features.forward import Forward
 from pipeline.features.sources import SplitSource
 from pipeline.features.store import FeatureWriter
+from pipeline.images import Resize
 from pipeline.phases import Phases
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class LocalEngine:
             )
         from pipeline.features.runtimes import forward_for
 
-        yield LocalRunner(forward_for(model, config, spec, phases), config, phases)
+        yield LocalRunner(forward_for(model, config, spec, phases), config, phases, spec.resize(config.image_size))
 
 
 def _ray_engine(config: EngineConfig) -> Engine:
@@ -92,10 +93,11 @@ def get_engine(config: EngineConfig) -> Engine:
 class LocalRunner:
     """The local engine's work: whole splits through one forward pass, committed batch by batch."""
 
-    def __init__(self, forward: Forward, config: FeaturesConfig, phases: Phases) -> None:
+    def __init__(self, forward: Forward, config: FeaturesConfig, phases: Phases, resize: Resize) -> None:
         self.forward = forward
         self.config = config
         self.phases = phases
+        self.resize = resize
 
     def runtimes(self) -> list[str]:
         """The runtime that computed this run's features (what the feature file records)."""
@@ -123,7 +125,7 @@ class LocalRunner:
                 split,
                 self.forward,
                 start=start,
-                image_size=config.image_size,
+                resize=self.resize,
                 batch_size=config.batch_size,
                 phases=self.phases,
             ):
@@ -176,7 +178,7 @@ class LocalRunner:
                     view=view,
                     positions=source_index[row:],
                     num_shards=config.num_shards,
-                    image_size=config.image_size,
+                    resize=self.resize,
                     batch_size=config.batch_size,
                 ):
                     now = time.perf_counter()

@@ -43,7 +43,7 @@ from pipeline.features import backbones
 from pipeline.features.engines import Engine, LocalEngine
 from pipeline.features.scan import Scan, scan_data
 from pipeline.features.store import VIEWS_SPLIT, check_format, read_attrs, read_view_attrs, views_identity
-from pipeline.images import DECODER
+from pipeline.images import decoder_identity
 from pipeline.locks import exclusive
 from pipeline.phases import Phases
 
@@ -143,7 +143,10 @@ def resolve(config: FeaturesConfig) -> tuple[FeaturesConfig, dict[str, Any], Pat
     """Resolves the image size and computes the file's key and path, without TensorFlow or a scan."""
     spec = backbones.get_backbone(config.backbone, config.weights_arg)
     config = config.resolved(spec.default_size, spec.check_pooling(config.pooling))
-    key = config.key(weights_identity=backbones.weights_identity(config.weights_arg), decoder=DECODER)
+    key = config.key(
+        weights_identity=backbones.weights_identity(config.weights_arg),
+        decoder=decoder_identity(spec.resize(config.image_size)),
+    )
     return config, key, Path(config.output_dir) / feature_file_name(config, key)
 
 
@@ -417,7 +420,7 @@ def _file_attrs(config: FeaturesConfig, key, scan: Scan, spec, stores) -> dict[s
         "image_size": config.image_size,
         "pooling": config.pooling,
         "preprocessing": spec.preprocessing,
-        "resize": "bilinear, aspect ratio not kept",
+        "resize": spec.resize(config.image_size).mode,
         "dataset": scan.name,
         "dataset_version": scan.version or scan.fingerprint,
         "source": key["source"],

@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, WeightsUnavailableError
 from pipeline.features.backbones import HUB_PREFIX, BackboneSpec, check_weights
+from pipeline.images import INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,28 @@ def preset_spec(backbone: str, weights: str | os.PathLike | None) -> BackboneSpe
         default_pooling=family.default_pooling,
         prefix_tokens=family.prefix_tokens(vision),
         fixed_size=family.fixed_size,
+        resize_kwargs=_resize_kwargs(folder, converter),
     )
+
+
+def _resize_kwargs(folder: str, converter: Mapping[str, Any]) -> dict[str, Any]:
+    """The preset's resize, with keras-hub's ImageConverter defaults for what its config leaves out."""
+    if converter.get("pad_to_aspect_ratio"):
+        raise ConfigError(
+            f"keras-hub preset {folder} pads images to a square (pad_to_aspect_ratio), which this pipeline does "
+            "not do yet. Use a preset that crops or resizes."
+        )
+    interpolation = converter.get("interpolation", "bilinear")
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(
+            f"keras-hub preset {folder} resizes with {interpolation!r}; "
+            f"this pipeline offers {', '.join(INTERPOLATIONS)}."
+        )
+    return {
+        "interpolation": interpolation,
+        "crop_to_aspect_ratio": bool(converter.get("crop_to_aspect_ratio", True)),
+        "antialias": bool(converter.get("antialias", False)),
+    }
 
 
 def preset_folder(preset: str, weights: str | os.PathLike | None) -> str:

@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import FeaturesConfig, ViewsConfig
+from pipeline.features.backbones import input_resize
 from pipeline.features.contentstore import PLAIN, ContentStore, SegmentWriter
 from pipeline.features.scan import Scan, ScanSplit, view_key
 from pipeline.features.sources import DataSource, SplitSource
+from pipeline.images import Resize
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ def extract_missing(runner, source: DataSource, missing: Missing, sink: StoreSin
         sink.begin(content)
         images += runner.extract_split(split, sink, progress=progress)
         lost = sorted(set(range(len(content))) - set(sink.written))
-        for row, reason in failure_reasons(split, lost, config.image_size):
+        for row, reason in failure_reasons(split, lost, input_resize(config)):
             sink.segment.fail(content[row], reason)
     return images
 
@@ -158,7 +160,7 @@ def extract_missing_views(
     return rows
 
 
-def failure_reasons(split: SplitSource, rows: list[int], image_size: int) -> list[tuple[int, str]]:
+def failure_reasons(split: SplitSource, rows: list[int], resize: Resize) -> list[tuple[int, str]]:
     """(row, the decoder's reason) for each row of `split` at `rows`: why it was left out."""
     if not rows:
         return []
@@ -169,7 +171,7 @@ def failure_reasons(split: SplitSource, rows: list[int], image_size: int) -> lis
     reasons = []
     for record in split.at(rows).records(0):
         try:
-            decode_and_resize(record["image"], image_size)
+            decode_and_resize(record["image"], resize)
             reason = "could not be read"  # decodes alone, so it failed on I/O in the pipeline
         except tf.errors.OpError as err:
             reason = tf_error_message(err)

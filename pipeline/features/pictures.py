@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.features.backbones import input_resize
 from pipeline.features.data import load_source
 from pipeline.images import decode_and_resize, read_image_file
 
@@ -16,8 +17,9 @@ def load_images(config, split: str, positions, *, source=None):
     `DataSource` of `config` when the caller has it loaded already; None loads it.
     """
     source = source or load_source(config.data, seed=config.seed)
+    resize = input_resize(config)
     records = source.splits[split].at(positions).records(0)
-    return {int(r["index"]): decode_and_resize(r["image"], config.image_size).numpy() for r in records}
+    return {int(r["index"]): decode_and_resize(r["image"], resize).numpy() for r in records}
 
 
 def read_images(config, split: str, ids_at, *, size: int = 160):

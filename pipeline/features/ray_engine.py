@@ -168,7 +168,9 @@ class ExtractionWorker:
                 pooling=config.pooling,
                 mixed_precision=config.mixed_precision,
             )
-            self.forward = forward_for(model, config, get_backbone(config.backbone, config.weights_arg), Phases())
+            spec = get_backbone(config.backbone, config.weights_arg)
+            self.forward = forward_for(model, config, spec, Phases())
+            self.resize = spec.resize(config.image_size)
         except PipelineError as err:
             self._error = err
             return
@@ -198,7 +200,7 @@ class ExtractionWorker:
                 self.forward,
                 start=task.start,
                 stop=task.stop,
-                image_size=config.image_size,
+                resize=self.resize,
                 batch_size=config.batch_size,
             )
         else:
@@ -209,7 +211,7 @@ class ExtractionWorker:
                 view=task.view,
                 positions=task.positions,
                 num_shards=config.num_shards,
-                image_size=config.image_size,
+                resize=self.resize,
                 batch_size=config.batch_size,
             )
 

@@ -15,15 +15,16 @@ from pipeline.config import FeaturesConfig
 from pipeline.decisions import apply_to_splits, digest_cache_for, read_decisions
 from pipeline.digests import DigestCache, row_digests
 from pipeline.errors import CacheError, ConfigError, DataError
+from pipeline.features.backbones import input_resize
 from pipeline.features.data import load_source
 from pipeline.features.sources import DataSource, SplitSource, stratified_rows
 from pipeline.finetune.job import Job, Origin
-from pipeline.images import decode_and_resize
+from pipeline.images import Resize, decode_and_resize
 from pipeline.metrics import probabilities
 
 
 def image_dataset(
-    split: SplitSource, image_size: int, batch_size: int, *, binary: bool, shuffle_seed: int | None = None
+    split: SplitSource, resize: Resize, batch_size: int, *, binary: bool, shuffle_seed: int | None = None
 ):
     """Batches of (images (N, S, S, 3) float 0-255, labels) decoded as stage 1 decodes.
 
@@ -40,7 +41,7 @@ def image_dataset(
     def decode(record):
         label = record["label"]
         label = tf.cast(label, tf.float32)[tf.newaxis] if binary else label
-        return decode_and_resize(record["image"], image_size), label
+        return decode_and_resize(record["image"], resize), label
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -161,10 +162,10 @@ def load_data(job: Job) -> FinetuneData:
     if job.per_class is not None:
         train_split = few_shot(train_split, job.per_class, source.class_names, seed=job.subset_seed)
 
+    resize = input_resize(job.features)
+
     def dataset(split: SplitSource, shuffle_seed: int | None = None):
-        return image_dataset(
-            split, job.features.image_size, job.config.batch_size, binary=binary, shuffle_seed=shuffle_seed
-        )
+        return image_dataset(split, resize, job.config.batch_size, binary=binary, shuffle_seed=shuffle_seed)
 
     test, given = splits.get("test"), splits.get("test_as_given")
     return FinetuneData(
@@ -202,9 +203,10 @@ def split_predictions(
     import tensorflow as tf
 
     records = split.records(0)
+    resize = input_resize(features)
     batches = (
         records.map(
-            lambda r: (decode_and_resize(r["image"], features.image_size), r["label"], r["index"]),
+            lambda r: (decode_and_resize(r["image"], resize), r["label"], r["index"]),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )

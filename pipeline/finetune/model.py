@@ -26,6 +26,7 @@ from pipeline.features.backbones import get_backbone
 from pipeline.features.extractor import build_extractor
 from pipeline.heads.base import Head
 from pipeline.heads.dense import logits_loss_and_accuracy
+from pipeline.images import Resize
 
 _BLOCK = re.compile(r"^(.*?(?:block_?\d+[a-z]?|layers_\d+))(?:_|$)")
 
@@ -155,12 +156,12 @@ class FinetuneModel:
     def unfreeze(self, *, batch_norm: bool = False) -> None:
         unfreeze(self.backbone, self.fine_tune_at, batch_norm=batch_norm)
 
-    def classifier(self, image_size: int):
+    def classifier(self, resize: Resize):
         """Raw uint8 images of any size -> probabilities, sharing the trained layers."""
         return image_classifier(
             self.extractor,
             self.head,
-            image_size=image_size,
+            resize=resize,
             name=f"{self.extractor.name.removesuffix('_extractor')}_finetuned",
         )
 

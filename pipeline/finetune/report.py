@@ -12,6 +12,7 @@ import numpy as np
 from pipeline import plots, runs
 from pipeline.config import FeaturesConfig, FinetuneConfig
 from pipeline.decisions import report_lines
+from pipeline.features.backbones import input_resize
 from pipeline.features.pictures import load_images
 from pipeline.features.sources import DataSource
 from pipeline.finetune.checkpoints import Resumable
@@ -86,7 +87,7 @@ def write_run(
     """The model, records and figures, written into the `.partial` folder, which is then renamed."""
     work, features, config, class_names = job.work, job.features, job.config, data.class_names
     training.clear()
-    parts.classifier(features.image_size).save(work / MODEL_FILE)
+    parts.classifier(input_resize(features)).save(work / MODEL_FILE)
     runs.write_records(work, class_names=class_names, config=job.identity, metrics=metrics)
     runs.write_history(
         work, ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"], training.history
