@@ -12,8 +12,8 @@ A runtime turns the Keras extractor (raw 0-255 images in, pooled features out) i
 
 `RUNTIME=auto` (`choose`) picks TensorFlow when it sees a GPU, otherwise the first CPU
 runtime of `CPU_PREFERENCE` that can run the backbone. Before its first batch, a
-runtime other than TensorFlow is verified on that batch, real images of the run's own
-data (`VerifiedForward`): at f32 every row's cosine to TensorFlow's features must reach
+runtime other than TensorFlow is verified on the first `PROBE_ROWS` images of that batch,
+real images of the run's own data (`VerifiedForward`): at f32 every row's cosine to TensorFlow's features must reach
 `MIN_COSINE["f32"]`, so its rows stand in for TensorFlow's (the runtime is not in the
 features' key). A failed conversion or verification stops a run that named the runtime,
 with the way out (RUNTIME=tensorflow); under `auto` the run warns and goes on with
@@ -26,6 +26,7 @@ OpenVINO and TensorFlow are imported only when a forward pass is built.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -51,6 +52,11 @@ log = logging.getLogger(__name__)
 #: digits, so its check only catches a broken conversion, and its quality is measured on
 #: heads instead (docs/runtimes.md).
 MIN_COSINE = {"f32": 0.99999, "bf16": 0.95}
+
+#: The rows of the first batch that verification runs through TensorFlow too. TensorFlow's
+#: CPU allocator keeps the largest batch's activations for the life of the process, so
+#: a full reference batch would add its memory to the runtime's (docs/runtimes.md).
+PROBE_ROWS = 8
 
 #: RUNTIME=auto without a GPU: the CPU runtimes, fastest first (docs/runtimes.md).
 CPU_PREFERENCE = ("openvino", "tensorflow")
@@ -241,7 +247,7 @@ def forward_for(model, config: FeaturesConfig, spec: backbones.BackboneSpec, pha
         return forward
     log.info("runtime: %s%s", forward.describe(), f" ({choice.note})" if choice.note else "")
     with phases("trace TensorFlow reference"):  # traced here, so the first batch pays only its own forward pass
-        traced = tensorflow.forward(model, config, spec, Phases())
+        traced = tensorflow.forward(model, dataclasses.replace(config, batch_size=PROBE_ROWS), spec, Phases())
     return VerifiedForward(forward, lambda: traced, choice=choice, config=config, spec=spec)
 
 
@@ -258,10 +264,11 @@ def fall_back(choice: Choice, config: FeaturesConfig, spec, problem: str, refere
 class VerifiedForward:
     """A runtime's `Forward` that checks itself against TensorFlow on its first batch.
 
-    The first call runs the batch through both and compares every row (cosine in
-    float64); from then on only the runtime runs, or, after a failed check under
-    `auto`, TensorFlow. The probe is the run's own first batch, real images, and the
-    verdict is not cached: it costs one TensorFlow batch per run (docs/runtimes.md).
+    The first call runs the batch through the runtime and its first `PROBE_ROWS` images
+    through TensorFlow too, and compares every probe row (cosine in float64); from then
+    on only the runtime runs, or, after a failed check under `auto`, TensorFlow. The
+    probe is real images of the run's own data, and the verdict is not cached: it costs
+    `PROBE_ROWS` images through TensorFlow per run (docs/runtimes.md).
     """
 
     def __init__(self, candidate: Forward, reference, *, choice: Choice, config: FeaturesConfig, spec) -> None:
@@ -286,9 +293,9 @@ class VerifiedForward:
         if self.verified is not None:
             return self.active(images)
         reference = self.reference()
-        expected = reference(images)
+        expected = reference(images[:PROBE_ROWS])
         got = self.active(images)
-        self.verified = float(row_cosines(got, expected).min()) if len(expected) else 1.0
+        self.verified = float(row_cosines(got[:PROBE_ROWS], expected).min()) if len(expected) else 1.0
         threshold = MIN_COSINE[self.config.precision]
         if self.verified >= threshold:
             self.reference = None  # the traced TensorFlow graph is not needed again
@@ -299,7 +306,7 @@ class VerifiedForward:
             f"< {threshold})"
         )
         self.active = fall_back(self.choice, self.config, self.spec, problem, lambda: reference)
-        return expected
+        return self.active(images)
 
 
 def row_cosines(a, b) -> np.ndarray:
