@@ -26,7 +26,6 @@ OpenVINO and TensorFlow are imported only when a forward pass is built.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -246,9 +245,11 @@ def forward_for(model, config: FeaturesConfig, spec: backbones.BackboneSpec, pha
         log.info("runtime: %s", forward.describe())
         return forward
     log.info("runtime: %s%s", forward.describe(), f" ({choice.note})" if choice.note else "")
-    with phases("trace TensorFlow reference"):  # traced here, so the first batch pays only its own forward pass
-        traced = tensorflow.forward(model, dataclasses.replace(config, batch_size=PROBE_ROWS), spec, Phases())
-    return VerifiedForward(forward, lambda: traced, choice=choice, config=config, spec=spec)
+
+    def probe(images) -> np.ndarray:  # eager: a few images need no traced graph (0.5-0.7 s of tracing)
+        return np.asarray(model(images, training=False), np.float32)
+
+    return VerifiedForward(forward, probe, reference, choice=choice, config=config, spec=spec)
 
 
 def fall_back(choice: Choice, config: FeaturesConfig, spec, problem: str, reference) -> Forward:
@@ -265,14 +266,16 @@ class VerifiedForward:
     """A runtime's `Forward` that checks itself against TensorFlow on its first batch.
 
     The first call runs the batch through the runtime and its first `PROBE_ROWS` images
-    through TensorFlow too, and compares every probe row (cosine in float64); from then
-    on only the runtime runs, or, after a failed check under `auto`, TensorFlow. The
-    probe is real images of the run's own data, and the verdict is not cached: it costs
-    `PROBE_ROWS` images through TensorFlow per run (docs/runtimes.md).
+    through `probe` (the Keras model, eagerly), and compares every probe row (cosine in
+    float64); from then on only the runtime runs, or, after a failed check under `auto`,
+    TensorFlow (`reference()`, traced only then). The probe is real images of the run's
+    own data, and the verdict is not cached: it costs `PROBE_ROWS` images through
+    TensorFlow per run (docs/runtimes.md).
     """
 
-    def __init__(self, candidate: Forward, reference, *, choice: Choice, config: FeaturesConfig, spec) -> None:
+    def __init__(self, candidate: Forward, probe, reference, *, choice: Choice, config: FeaturesConfig, spec) -> None:
         self.active = candidate
+        self.probe = probe
         self.reference = reference
         self.choice = choice
         self.config = config
@@ -292,20 +295,19 @@ class VerifiedForward:
     def __call__(self, images) -> np.ndarray:
         if self.verified is not None:
             return self.active(images)
-        reference = self.reference()
-        expected = reference(images[:PROBE_ROWS])
+        expected = self.probe(images[:PROBE_ROWS])
         got = self.active(images)
         self.verified = float(row_cosines(got[:PROBE_ROWS], expected).min()) if len(expected) else 1.0
         threshold = MIN_COSINE[self.config.precision]
         if self.verified >= threshold:
-            self.reference = None  # the traced TensorFlow graph is not needed again
+            self.probe = self.reference = None  # TensorFlow's forward pass is not needed again
             log.debug("runtime: %s verified, smallest row cosine to TensorFlow %.7f", self.describe(), self.verified)
             return got
         problem = (
             f"features differ from TensorFlow's on the first batch (smallest row cosine {self.verified:.6f} "
             f"< {threshold})"
         )
-        self.active = fall_back(self.choice, self.config, self.spec, problem, lambda: reference)
+        self.active = fall_back(self.choice, self.config, self.spec, problem, self.reference)
         return self.active(images)
 
 
