@@ -120,7 +120,7 @@ def test_the_stat_cache_reads_only_files_whose_stat_changed(folder, tmp_path, mo
 
 
 def test_no_op_run_imports_no_tensorflow_nor_scikit_learn(tmp_path):
-    """A flat folder is carved into splits with scikit-learn; the carving is remembered beside the stat cache."""
+    """A flat folder's splits are carved on every run, by ranks of its paths (`pipeline.features.carving`)."""
     folder = make_folder(tmp_path / "flat", 10)
     _age(folder)
     out = tmp_path / "features"

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.config import MAX_VIEW_POSITION, DataConfig
 from pipeline.features.sources import scan_folder
-from pipeline.features.statcache import content_ids, load_carve_memo, save_carve_memo
+from pipeline.features.statcache import content_ids
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,7 @@ def scan_data(config: DataConfig, *, seed: int, cache_dir: Path) -> Scan:
     """The `Scan` of an image folder (stat cache under `cache_dir`) or of a tfds dataset."""
     if config.data_dir is None:
         return _scan_tfds(config)
-    memo = load_carve_memo(cache_dir, Path(config.data_dir))
-    before = memo.get("key")
-    listing = scan_folder(config, seed=seed, carve_memo=memo)
-    save_carve_memo(cache_dir, Path(config.data_dir), memo, before)
+    listing = scan_folder(config, seed=seed)
     paths = [path for entries in listing.splits.values() for path, _ in entries]
     unique = list(dict.fromkeys(paths))
     ids, hashed = content_ids(listing.root, unique, cache_dir=cache_dir)

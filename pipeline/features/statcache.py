@@ -6,8 +6,7 @@ bytes and is never read again; any other file is hashed. So a no-op `make featur
 on a large folder costs a directory listing and one `stat` per file.
 
 This module owns the cache files: `<features dir>/statcache/<folder>__<hash of its
-real path>.json` and, beside it, `.splits.json` (the last carving of the folder's splits,
-by a digest of its inputs), written atomically (temporary file and rename) and only when
+real path>.json`, written atomically (temporary file and rename) and only when
 something changed. A cache that cannot be read (truncated, another format) is
 rebuilt: it only saves work, it never decides a result.
 
@@ -106,30 +105,3 @@ def content_ids(root: Path, paths: Sequence[str], *, cache_dir: Path) -> tuple[l
     if new != old:
         _save(path, real, new)
     return ids, hashed
-
-
-def load_carve_memo(cache_dir: Path, root: Path) -> dict:
-    """The remembered carving of the folder's splits (see `sources.scan_folder`); {} when none."""
-    path = cache_path(cache_dir, root).with_suffix(".splits.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            memo = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return memo if isinstance(memo, dict) and isinstance(memo.get("splits"), dict) else {}
-
-
-def save_carve_memo(cache_dir: Path, root: Path, memo: dict, before: str | None) -> None:
-    """Writes the memo when its key changed (atomically, like the stat cache)."""
-    if memo.get("key") == before or not memo:
-        return
-    path = cache_path(cache_dir, root).with_suffix(".splits.json")
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(memo, f)
-        os.replace(tmp, path)
-    except OSError as err:
-        log.info("Split cache %s not written (%s).", path, err)
-        tmp.unlink(missing_ok=True)
