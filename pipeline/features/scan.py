@@ -15,6 +15,8 @@ feature file recording the same fingerprint is current.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 from collections import Counter
@@ -63,7 +65,7 @@ class Scan:
             for name, split in self.splits.items()
         }
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         digest = hashlib.sha256("\t".join(self.class_names).encode())
         for name, split in self.splits.items():
@@ -90,7 +92,8 @@ def scan_data(config: DataConfig, *, seed: int, cache_dir: Path) -> Scan:
     listing = scan_folder(config, seed=seed)
     paths = [path for entries in listing.splits.values() for path, _ in entries]
     unique = list(dict.fromkeys(paths))
-    ids, hashed = content_ids(listing.root, unique, cache_dir=cache_dir)
+    ids, sizes, hashed = content_ids(listing.root, unique, cache_dir=cache_dir)
+    listing = dataclasses.replace(listing, sizes=dict(zip(unique, sizes)))  # its fingerprint stats nothing again
     by_path = dict(zip(unique, ids))
     if hashed:
         log.info("scan: %d of %d files hashed (new or changed)", hashed, len(unique))

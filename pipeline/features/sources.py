@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -163,12 +163,14 @@ class FolderScan:
     layout: str
     ignored: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    #: path -> size in bytes, when the caller has stat'ed every file already (the stat cache); else stat'ed here.
+    sizes: Mapping[str, int] | None = field(default=None, compare=False, repr=False)
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """Hash of the listing (splits, labels, paths, sizes): how a cluster worker checks it reads the
         driver's data. Not a cache key: features are found by content (`pipeline.features.scan`)."""
-        return _fingerprint(self.root, self.splits)
+        return _fingerprint(self.root, self.splits, self.sizes)
 
 
 # Split folder names, lower-cased, -> the split they hold. Kaggle uses Training/ and
@@ -433,13 +435,13 @@ def _check_classes(class_names: Sequence[str], root: Path) -> None:
         )
 
 
-def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]]) -> str:
-    """Hash of every file's split, label, path and size."""
+def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]], sizes: Mapping[str, int] | None) -> str:
+    """Hash of every file's split, label, path and size (from `sizes`, or stat'ed)."""
+    if sizes is None:
+        sizes = {path: os.stat(os.path.join(root, path)).st_size for entries in files.values() for path, _ in entries}
     digest = hashlib.sha256()
     for split in sorted(files):
-        for path, label in files[split]:
-            size = os.stat(os.path.join(root, path)).st_size
-            digest.update(f"{split}\t{label}\t{path}\t{size}\n".encode())
+        digest.update("".join(f"{split}\t{label}\t{path}\t{sizes[path]}\n" for path, label in files[split]).encode())
     return "folder-sha256:" + digest.hexdigest()[:16]
 
 
