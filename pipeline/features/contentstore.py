@@ -119,7 +119,7 @@ class ContentStore:
     def locate(self, content_ids: Sequence[str], view: int = PLAIN) -> np.ndarray:
         """`(N,)` int64: the location of each content's row of `view`, -1 where the store has none."""
         where = self.located.get(view, {})
-        return np.fromiter((where.get(c, -1) for c in content_ids), np.int64, count=len(content_ids))
+        return np.fromiter(map(where.get, content_ids, itertools.repeat(-1)), np.int64, count=len(content_ids))
 
     def _index(self) -> None:
         self.segments = []
