@@ -240,10 +240,14 @@ def test_validation_class_missing_from_train_is_an_error(presplit_folder):
         scan_folder(folder_config(presplit_folder), seed=0)
 
 
-def test_too_few_images_to_stratify_names_the_counts(tmp_path):
+def test_too_few_images_to_carve_names_the_class_and_its_count(tmp_path):
     root = make_folder(tmp_path / "small", 1)
-    with pytest.raises(DataError, match="Cannot carve a stratified"):
+    with pytest.raises(
+        DataError, match=r"Cannot carve 30% test \+ 30% validation from class 'cat' \(1 image\): .*train"
+    ):
         scan_folder(folder_config(root, val_fraction=0.3, test_fraction=0.3), seed=0)
+    with pytest.raises(DataError, match=r"Cannot carve a 10% validation split from classes of 1-1 images"):
+        scan_folder(folder_config(root, val_fraction=0.1, test_fraction=0.0), seed=0)
 
 
 def test_fractions_are_validated():

@@ -73,7 +73,7 @@ def test_an_up_to_date_features_run_imports_no_tensorflow_nor_scikit_learn(extra
     assert _run(["features", *flags]) == {"code": 0, "heavy": []}
 
 
-def test_on_a_flat_folder_the_carved_splits_are_remembered_so_a_no_op_imports_no_scikit_learn(extracted_flat):
+def test_on_a_flat_folder_a_no_op_carves_the_splits_without_scikit_learn(extracted_flat):
     _, flags = extracted_flat
     assert _run(["features", *flags]) == {"code": 0, "heavy": []}
 

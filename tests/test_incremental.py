@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -18,6 +19,7 @@ from test_extract import tiny_config
 from pipeline.config import AugmentConfig, ViewsConfig
 from pipeline.errors import CacheError
 from pipeline.features import statcache
+from pipeline.features.contentstore import PLAIN, open_store
 from pipeline.features.extract import extract_features, resolve, store_path
 from pipeline.features.gc import collect_garbage
 from pipeline.features.store import load_views, read_content_ids, read_features
@@ -120,7 +122,7 @@ def test_the_stat_cache_reads_only_files_whose_stat_changed(folder, tmp_path, mo
 
 
 def test_no_op_run_imports_no_tensorflow_nor_scikit_learn(tmp_path):
-    """A flat folder is carved into splits with scikit-learn; the carving is remembered beside the stat cache."""
+    """A flat folder's splits are carved on every run, by ranks of its paths (`pipeline.features.carving`)."""
     folder = make_folder(tmp_path / "flat", 10)
     _age(folder)
     out = tmp_path / "features"
@@ -228,3 +230,26 @@ def test_export_features_to_parquet_and_npy_reads_back_with_duckdb_and_pyarrow(f
     assert embeddings.shape == (rows.num_rows, 32) and embeddings.dtype == np.float32
     first = rows.filter(pc.equal(rows["split"], "validation"))["row"].to_pylist()
     np.testing.assert_array_equal(embeddings[first], cached.splits["validation"].features)
+
+
+def test_the_content_store_finds_rows_by_content_the_first_copy_winning_and_reads_them_bit_for_bit(tmp_path):
+    identity = {"backbone": "tiny"}
+    store = open_store(tmp_path / "store", identity, feature_dim=3, dtype="float32")
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=(3, 3)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
+    with store.writer() as segment:
+        segment.append(["a", "b", "c"], [PLAIN] * 3, first)
+    with store.writer() as segment:
+        segment.append(["b", "d"], [PLAIN] * 2, second)  # "b" again: the copy indexed first is kept
+        segment.append(["a"], [0], second[:1])  # a view of "a"
+    store = open_store(tmp_path / "store", identity, feature_dim=3, dtype="float32")
+    locations = store.locate(["d", "x", "b", "a"])
+    assert locations[1] == -1 and len(store) == 5 and ("a", 0) in store and ("d", 0) not in store
+    expected = np.stack([second[1], first[1], first[0]])
+    for reading in (contextlib.nullcontext(), store.reading()):
+        with reading:
+            (rows,) = store.read(locations[[0, 2, 3]])
+        np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_array_equal(next(store.read(store.locate(["a"], 0))), second[:1])
+    with pytest.raises(CacheError, match=r"lacks 1 of the rows asked for.*Rerun `make features`"):
+        next(store.read(locations))

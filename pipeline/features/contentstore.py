@@ -30,12 +30,13 @@ drops the rest.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,12 @@ PARTIAL_SUFFIX = ".partial"
 #: its rows is compacted at the end of a `make features` run.
 AUTO_COMPACT_FRACTION = 0.5
 PLAIN = -1  # the `view` of a plain feature row
+#: A row's location is `segment << SEGMENT_SHIFT | row`.
+SEGMENT_SHIFT = 40
+_ROW_MASK = (1 << SEGMENT_SHIFT) - 1
 _BLOCK = 4096
+#: HDF5's chunk cache per segment while reading rows (the default 1 MiB holds 8 chunks of a 32-wide table).
+_READ_CACHE = 64 << 20
 _counter = itertools.count()
 
 Key = tuple[str, int]  # (content id, view)
@@ -76,7 +82,9 @@ def views_dir(store_dir: Path, views_identity: Mapping[str, Any]) -> Path:
 
 
 class ContentStore:
-    """The rows of one store folder, indexed: `rows[(content_id, view)] = (segment, row)`.
+    """The rows of one store folder, indexed by view and content id: `located[view][content_id]`
+    is the row's location, `segment << SEGMENT_SHIFT | row` (one int, so a split's rows are
+    looked up into one array).
 
     Open with `open_store` while holding the store folder's lock.
     """
@@ -87,19 +95,35 @@ class ContentStore:
         self.feature_dim = feature_dim
         self.dtype = np.dtype(dtype)
         self.segments: list[Path] = []
-        self.rows: dict[Key, tuple[int, int]] = {}
+        self.located: dict[int, dict[str, int]] = {}
         self.failures: dict[str, str] = {}
+        self._datasets: dict[int, h5py.Dataset] | None = None  # the open segments, inside `reading`
 
     def __contains__(self, key: Key) -> bool:
-        return key in self.rows
+        content, view = key
+        return content in self.located.get(view, ())
+
+    def __len__(self) -> int:
+        return sum(len(where) for where in self.located.values())
+
+    def keys(self) -> Iterator[Key]:
+        """Every (content id, view) with a row."""
+        for view, where in self.located.items():
+            for content in where:
+                yield content, view
 
     def reason(self, content_id: str) -> str | None:
         """Why the image of `content_id` could not be read, or None."""
         return self.failures.get(content_id)
 
+    def locate(self, content_ids: Sequence[str], view: int = PLAIN) -> np.ndarray:
+        """`(N,)` int64: the location of each content's row of `view`, -1 where the store has none."""
+        where = self.located.get(view, {})
+        return np.fromiter(map(where.get, content_ids, itertools.repeat(-1)), np.int64, count=len(content_ids))
+
     def _index(self) -> None:
         self.segments = []
-        self.rows, self.failures = {}, {}
+        self.located, self.failures = {}, {}
         for segment in sorted(self.directory.glob("segment-*.h5")):
             self._add(segment)
 
@@ -109,15 +133,21 @@ class ContentStore:
         self.segments.append(segment)
         with self._open(segment) as f:
             table = read_rows(f["rows"], SEGMENT_COLUMNS[2:], 0, table_rows(f["rows"]))
-            for row, (content, view) in enumerate(zip(table["content_ids"], table["view"].tolist())):
-                self.rows.setdefault((content, view), (number, row))  # the first copy wins: stable
+            views = table["view"]
+            for view in np.unique(views).tolist():
+                rows = np.flatnonzero(views == view)
+                content = table["content_ids"][rows].tolist()
+                # Reversed, so that the first copy in the segment wins; then the copies indexed before win: stable.
+                found = dict(zip(reversed(content), reversed(((number << SEGMENT_SHIFT) + rows).tolist())))
+                found.update(self.located.get(view, {}))
+                self.located[view] = found
             if "failures" in f:
                 for content, reason in json.loads(f["failures"][()]).items():
                     self.failures.setdefault(content, reason)
 
-    def _open(self, segment: Path) -> h5py.File:
+    def _open(self, segment: Path, **cache) -> h5py.File:
         try:
-            f = h5py.File(segment, "r")
+            f = h5py.File(segment, "r", **cache)
         except OSError as err:
             raise CacheError(
                 f"Cannot read store segment {segment} ({str(err).splitlines()[0]}). Delete it; its rows "
@@ -126,24 +156,53 @@ class ContentStore:
         check_segment(f, segment, self.identity)
         return f
 
-    def features(self, keys: Sequence[Key]) -> np.ndarray:
-        """`(len(keys), D)` rows in the store's dtype, as stored (bit for bit)."""
-        out = np.empty((len(keys), self.feature_dim), self.dtype)
-        if not len(keys):
-            return out
-        where = np.array([self.rows[k] for k in keys], np.int64)
-        for number in np.unique(where[:, 0]):
-            chosen = np.flatnonzero(where[:, 0] == number)
-            order = chosen[np.argsort(where[chosen, 1], kind="stable")]
-            rows = where[order, 1]
-            with self._open(self.segments[number]) as f:
-                dataset = f["rows"]["features"]
-                start = 0
-                while start < len(rows):
-                    stop = int(np.searchsorted(rows, rows[start] + _BLOCK))
-                    low = int(rows[start])
-                    out[order[start:stop]] = dataset[low : int(rows[stop - 1]) + 1][rows[start:stop] - low]
-                    start = stop
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[ContentStore]:
+        """Keeps every segment open for the reads inside, each with its chunk cache, so the splits
+        of an assembly, read one after the other, decompress a chunk they share once."""
+        with contextlib.ExitStack() as stack:
+            self._datasets = {number: self._features(stack, number) for number in range(len(self.segments))}
+            try:
+                yield self
+            finally:
+                self._datasets = None
+
+    def read(self, locations: np.ndarray, *, chunk: int = _BLOCK) -> Iterator[np.ndarray]:
+        """The rows at `locations` (from `locate`, none -1), `chunk` at a time: `(<= chunk, D)` in the
+        store's dtype, as stored (bit for bit). Each segment is opened once (or kept open by `reading`)."""
+        locations = np.asarray(locations, np.int64)
+        if len(locations) and locations.min() < 0:
+            raise CacheError(
+                f"The store {self.directory} lacks {int((locations < 0).sum())} of the rows asked for; the run "
+                "that should have made them was interrupted. Rerun `make features`."
+            )
+        with contextlib.ExitStack() as stack:
+            opened = self._datasets
+            if opened is None:
+                needed = np.unique(locations >> SEGMENT_SHIFT).tolist()
+                opened = {number: self._features(stack, number) for number in needed}
+            for start in range(0, len(locations), chunk):
+                yield self._read(locations[start : start + chunk], opened)
+
+    def _features(self, stack: contextlib.ExitStack, number: int) -> h5py.Dataset:
+        """The features of segment `number`, open until `stack` closes, with a chunk cache large enough
+        that rows read in another order than stored decompress each chunk once."""
+        return stack.enter_context(self._open(self.segments[number], rdcc_nbytes=_READ_CACHE))["rows"]["features"]
+
+    def _read(self, locations: np.ndarray, opened: Mapping[int, h5py.Dataset]) -> np.ndarray:
+        out = np.empty((len(locations), self.feature_dim), self.dtype)
+        segments, rows_of = locations >> SEGMENT_SHIFT, locations & _ROW_MASK
+        for number in np.unique(segments).tolist():
+            chosen = np.flatnonzero(segments == number)
+            order = chosen[np.argsort(rows_of[chosen], kind="stable")]
+            rows = rows_of[order]
+            dataset = opened[number]
+            start = 0
+            while start < len(rows):  # contiguous spans of at most _BLOCK rows, each read once
+                stop = int(np.searchsorted(rows, rows[start] + _BLOCK))
+                low = int(rows[start])
+                out[order[start:stop]] = dataset[low : int(rows[stop - 1]) + 1][rows[start:stop] - low]
+                start = stop
         return out
 
     def writer(self) -> SegmentWriter:
@@ -170,16 +229,22 @@ class ContentStore:
 
         Rows are copied as stored. Returns (rows kept, rows dropped).
         """
-        keep = sorted((where, key) for key, where in self.rows.items() if key in live)
-        dropped = len(self.rows) - len(keep)
+        keep = sorted(
+            (location, (content, view))
+            for view, where in self.located.items()
+            for content, location in where.items()
+            if (content, view) in live
+        )
+        dropped = len(self) - len(keep)
         failures = {c: r for c, r in self.failures.items() if c in live_failures}
         if not dropped and len(failures) == len(self.failures) and len(self.segments) <= 1:
             return len(keep), 0
         old = list(self.segments)
         keys = [key for _, key in keep]
+        rows = self.read(np.array([location for location, _ in keep], np.int64))
         chunks = (
-            (self.features(part), np.arange(i, i + len(part)), [k[1] for k in part], [k[0] for k in part])
-            for i in range(0, len(keys), _BLOCK)
+            (features, np.arange(i, i + len(part)), [k[1] for k in part], [k[0] for k in part])
+            for i, features in zip(range(0, len(keys), _BLOCK), rows)
             for part in [keys[i : i + _BLOCK]]
         )
         if keys or failures:

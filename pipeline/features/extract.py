@@ -326,10 +326,10 @@ def _extract(config, spec, scan: Scan, stores, views, *, engine, progress, phase
 
 def _live_rows(store, scan: Scan, views: ViewsConfig | None) -> int:
     """The rows of `store` (plain, or views when it is not the plain one) the current scan uses."""
-    contents = scan.unique_content() if store.identity.get("views") is None else scan.splits[VIEWS_SPLIT].content_ids
     if store.identity.get("views") is None:
-        return sum((c, -1) in store for c in contents)
-    return sum((c, v) in store for c in set(contents) for v in range(views.num_views))
+        return int((store.locate(scan.unique_content()) >= 0).sum())
+    contents = list(set(scan.splits[VIEWS_SPLIT].content_ids))
+    return sum(int((store.locate(contents, v) >= 0).sum()) for v in range(views.num_views))
 
 
 def _data_source(scan: Scan, config: FeaturesConfig):
@@ -377,18 +377,18 @@ def _assemble(config, key, path: Path, scan: Scan, spec, stores, views, work: _W
             "seconds_per_view": round(seconds / views.num_views, 3),
         }
         assembled = AssembledViews(views_store, view_attrs, views.num_views)
-    skipped = assemble(path, attrs=attrs, scan=scan, store=store, views=assembled)
-    for name, items in skipped.items():
+    written = assemble(path, attrs=attrs, scan=scan, store=store, views=assembled)
+    for name, items in written.skipped.items():
         for item in items:  # the id as found on disk
             log.warning("skipped %s (split %s): %s", item["id"], name, item["reason"])
-    rows = [c for split in scan.splits.values() for c in split.content_ids if (c, -1) in store]
+    extracted = work.extracted
     return ExtractionResult(
         path=path,
         **work.counts(),
-        skipped=sum(len(v) for v in skipped.values()),
-        skipped_items=skipped,
+        skipped=sum(len(v) for v in written.skipped.values()),
+        skipped_items=written.skipped,
         view_attrs=read_view_attrs(path),
-        reused=sum(c not in work.extracted for c in rows),
+        reused=sum(len(c) - sum(map(extracted.__contains__, c)) for c in written.content.values()),
     )
 
 

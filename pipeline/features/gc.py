@@ -86,12 +86,12 @@ def compact_if_dead(features_dir: Path, store: ContentStore, views_store: Conten
     """
     refs = None
     for each in (store, views_store):
-        if each is None or len(each.rows) - live_here(each) <= AUTO_COMPACT_FRACTION * len(each.rows):
+        if each is None or len(each) - live_here(each) <= AUTO_COMPACT_FRACTION * len(each):
             continue  # even if every other row were dead: no need to read every feature file
         refs = refs or references(features_dir)
         name = each.directory.relative_to(features_dir).as_posix()
-        dead = sum(key not in refs.live[name] for key in each.rows)
-        if dead > AUTO_COMPACT_FRACTION * len(each.rows):
+        dead = sum(key not in refs.live[name] for key in each.keys())
+        if dead > AUTO_COMPACT_FRACTION * len(each):
             kept, dropped = each.compact(refs.live[name], refs.failures[name])
             log.info("Store %s compacted: %d rows kept, %d dropped", name, kept, dropped)
 

@@ -92,8 +92,9 @@ def plan_missing(scan: Scan, store: ContentStore, config: FeaturesConfig) -> Mis
     splits = {}
     for name, split in scan.splits.items():
         positions, content = [], []
-        for position, cid in enumerate(split.content_ids):
-            if cid in seen or (cid, PLAIN) in store or store.reason(cid) is not None or not _mine(cid, config):
+        for position in np.flatnonzero(store.locate(split.content_ids) < 0).tolist():
+            cid = split.content_ids[position]
+            if cid in seen or store.reason(cid) is not None or not _mine(cid, config):
                 continue
             seen.add(cid)
             positions.append(position)

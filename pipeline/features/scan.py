@@ -15,6 +15,8 @@ feature file recording the same fingerprint is current.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 from collections import Counter
@@ -26,7 +28,7 @@ import numpy as np
 
 from pipeline.config import MAX_VIEW_POSITION, DataConfig
 from pipeline.features.sources import scan_folder
-from pipeline.features.statcache import content_ids, load_carve_memo, save_carve_memo
+from pipeline.features.statcache import content_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class Scan:
             for name, split in self.splits.items()
         }
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         digest = hashlib.sha256("\t".join(self.class_names).encode())
         for name, split in self.splits.items():
@@ -87,13 +89,11 @@ def scan_data(config: DataConfig, *, seed: int, cache_dir: Path) -> Scan:
     """The `Scan` of an image folder (stat cache under `cache_dir`) or of a tfds dataset."""
     if config.data_dir is None:
         return _scan_tfds(config)
-    memo = load_carve_memo(cache_dir, Path(config.data_dir))
-    before = memo.get("key")
-    listing = scan_folder(config, seed=seed, carve_memo=memo)
-    save_carve_memo(cache_dir, Path(config.data_dir), memo, before)
+    listing = scan_folder(config, seed=seed)
     paths = [path for entries in listing.splits.values() for path, _ in entries]
     unique = list(dict.fromkeys(paths))
-    ids, hashed = content_ids(listing.root, unique, cache_dir=cache_dir)
+    ids, sizes, hashed = content_ids(listing.root, unique, cache_dir=cache_dir)
+    listing = dataclasses.replace(listing, sizes=dict(zip(unique, sizes)))  # its fingerprint stats nothing again
     by_path = dict(zip(unique, ids))
     if hashed:
         log.info("scan: %d of %d files hashed (new or changed)", hashed, len(unique))

@@ -21,13 +21,14 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError, DataError
+from pipeline.features.carving import carve, seeded_rank
 
 if TYPE_CHECKING:
     import numpy as np
@@ -162,12 +163,14 @@ class FolderScan:
     layout: str
     ignored: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    #: path -> size in bytes, when the caller has stat'ed every file already (the stat cache); else stat'ed here.
+    sizes: Mapping[str, int] | None = field(default=None, compare=False, repr=False)
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """Hash of the listing (splits, labels, paths, sizes): how a cluster worker checks it reads the
         driver's data. Not a cache key: features are found by content (`pipeline.features.scan`)."""
-        return _fingerprint(self.root, self.splits)
+        return _fingerprint(self.root, self.splits, self.sizes)
 
 
 # Split folder names, lower-cased, -> the split they hold. Kaggle uses Training/ and
@@ -190,23 +193,27 @@ Files = dict[str, list[tuple[str, int]]]
 @dataclass(frozen=True)
 class FolderLayout:
     """A recognised folder layout: its name (stored in split specs) and how it carves
-    the splits it lacks out of train. `carve(files, config, seed)` -> files."""
+    the splits it lacks out of train (`pipeline.features.carving`).
+    `carve(files, config, seed, class_names)` -> files."""
 
     name: str
-    carve: Callable[[Files, DataConfig, int], Files]
+    carve: Callable[[Files, DataConfig, int, Sequence[str]], Files]
 
 
-def _as_given(files: Files, config: DataConfig, seed: int) -> Files:
+def _as_given(files: Files, config: DataConfig, seed: int, class_names: Sequence[str]) -> Files:
     return files
 
 
-def _carve_validation(files: Files, config: DataConfig, seed: int) -> Files:
-    train, validation = _stratified_split(files["train"], config.val_fraction, seed)
+def _carve_validation(files: Files, config: DataConfig, seed: int, class_names: Sequence[str]) -> Files:
+    names = ("validation", "train")
+    validation, train = carve(files["train"], (config.val_fraction,), seed, names=names, class_names=class_names)
     return {"train": train, "validation": validation, "test": files["test"]}
 
 
-def _carve_validation_and_test(files: Files, config: DataConfig, seed: int) -> Files:
-    return _split_by_fractions(files["train"], config.val_fraction, config.test_fraction, seed)
+def _carve_validation_and_test(files: Files, config: DataConfig, seed: int, class_names: Sequence[str]) -> Files:
+    fractions, names = (config.test_fraction, config.val_fraction), ("test", "validation", "train")
+    test, validation, train = carve(files["train"], fractions, seed, names=names, class_names=class_names)
+    return {"train": train, "validation": validation, "test": test}
 
 
 # Which splits have labelled folders -> the layout. A flat folder (class folders at
@@ -220,7 +227,7 @@ FOLDER_LAYOUTS = {
 }
 
 
-def scan_folder(config: DataConfig, *, seed: int, carve_memo: dict | None = None) -> FolderScan:
+def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     """Lists and splits an image folder; deterministic for a given seed.
 
     Two kinds of folder are understood::
@@ -235,7 +242,9 @@ def scan_folder(config: DataConfig, *, seed: int, carve_memo: dict | None = None
                                            cats/ ... dogs/ ...
 
     Left, a flat folder: classes at the top, split into train/validation/test by
-    `val_fraction` and `test_fraction`, stratified by class and seeded. Right, a split
+    `val_fraction` and `test_fraction`, stratified by class and seeded
+    (`pipeline.features.carving`: exact per-class quotas of a seeded ranking of the paths,
+    so adding images moves few earlier ones between splits). Right, a split
     folder, recognised by any top-level sub-folder named like a split; then every one
     must be (a mix of split and class folders is an error, not a guess). Splits given
     are used as given; a missing validation split is carved out of train by
@@ -244,9 +253,6 @@ def scan_folder(config: DataConfig, *, seed: int, carve_memo: dict | None = None
     unlabelled test/) is not used, with a warning. `test_from_validation` then moves
     that fraction of validation to test. Hidden files and files without an image
     extension are ignored and logged; class folders are searched recursively.
-
-    `carve_memo` (a dict, kept by the caller between runs) remembers the last carving by
-    a digest of its inputs, so a rerun on an unchanged listing does not load scikit-learn.
     """
     root = Path(config.data_dir).expanduser()
     if not root.is_dir():
@@ -261,15 +267,15 @@ def scan_folder(config: DataConfig, *, seed: int, carve_memo: dict | None = None
         layout = FOLDER_LAYOUTS["flat"]
         classes = _list_classes(root, root, ignored)
         class_names = tuple(sorted(classes))
-        files = {"train": [(path, class_names.index(c)) for c in class_names for path in classes[c]]}
+        files = {"train": [(path, label) for label, c in enumerate(class_names) for path in classes[c]]}
     else:
         ignored += [e.name for e in sorted(root.iterdir()) if e.name.startswith(".") or not e.is_dir()]
         layout, class_names, files = _list_presplit(split_dirs, root, ignored, warnings)
     _check_classes(class_names, root)
-    files = _carve(layout, {"validation": [], "test": [], **files}, config, seed, carve_memo)
+    files = layout.carve({"validation": [], "test": [], **files}, config, seed, class_names)
     layout_name = layout.name
     if config.test_from_validation:
-        files = _test_from_validation(files, root, config, seed)
+        files = _test_from_validation(files, root, config, seed, class_names)
         layout_name += ", test carved from validation"
     files = {split: files[split] for split in SPLIT_ORDER if files[split]}
     return FolderScan(
@@ -280,23 +286,6 @@ def scan_folder(config: DataConfig, *, seed: int, carve_memo: dict | None = None
         ignored=tuple(ignored),
         warnings=tuple(warnings),
     )
-
-
-def _carve(layout: FolderLayout, files: Files, config: DataConfig, seed: int, memo: dict | None) -> Files:
-    """`layout.carve`, remembered in `memo` as indices into the listed train + test entries."""
-    if memo is None or layout.carve is _as_given:
-        return layout.carve(files, config, seed)
-    pool = files["train"] + files["test"]
-    digest = hashlib.sha256(repr((layout.name, config.val_fraction, config.test_fraction, seed)).encode())
-    digest.update("\n".join(f"{p}\t{l}" for p, l in pool).encode())
-    key = digest.hexdigest()
-    if memo.get("key") == key:
-        return {split: [pool[i] for i in rows] for split, rows in memo["splits"].items()}
-    carved = layout.carve(files, config, seed)
-    where = {entry: i for i, entry in enumerate(pool)}
-    memo.clear()
-    memo.update(key=key, splits={split: [where[e] for e in entries] for split, entries in carved.items()})
-    return carved
 
 
 def _list_presplit(split_dirs: dict[str, Path], root: Path, ignored: list[str], warnings: list[str]):
@@ -321,7 +310,7 @@ def _list_presplit(split_dirs: dict[str, Path], root: Path, ignored: list[str], 
     return FOLDER_LAYOUTS[tuple(listed)], class_names, files
 
 
-def _test_from_validation(files: Files, root: Path, config: DataConfig, seed: int) -> Files:
+def _test_from_validation(files: Files, root: Path, config: DataConfig, seed: int, class_names) -> Files:
     """Moves `test_from_validation` of validation to test (the TF tutorial's split)."""
     if files["test"]:
         raise ConfigError(
@@ -329,7 +318,9 @@ def _test_from_validation(files: Files, root: Path, config: DataConfig, seed: in
             f"{root} already has a test split. Received: "
             f"test_from_validation={config.test_from_validation}."
         )
-    files["validation"], files["test"] = _stratified_split(files["validation"], config.test_from_validation, seed + 1)
+    fraction, names = (config.test_from_validation,), ("test", "validation")
+    test, validation = carve(files["validation"], fraction, seed + 1, names=names, class_names=class_names)
+    files["test"], files["validation"] = test, validation
     return files
 
 
@@ -444,38 +435,13 @@ def _check_classes(class_names: Sequence[str], root: Path) -> None:
         )
 
 
-def _stratified_split(entries, fraction: float, seed: int):
-    """Splits [(path, label)] into (rest, carved) with `fraction` of each class carved."""
-    from sklearn.model_selection import train_test_split
-
-    if not entries or fraction == 0:
-        return list(entries), []
-    labels = [label for _, label in entries]
-    try:
-        rest, carved = train_test_split(list(entries), test_size=fraction, stratify=labels, random_state=seed)
-    except ValueError as err:
-        counts = dict(sorted(Counter(labels).items()))
-        raise DataError(
-            f"Cannot carve a stratified {fraction:.0%} split from {len(entries)} images "
-            f"(per-class counts {counts}): {err}. Use a smaller fraction or more images."
-        ) from err
-    return sorted(rest), sorted(carved)
-
-
-def _split_by_fractions(entries, val_fraction: float, test_fraction: float, seed: int):
-    rest, test = _stratified_split(entries, test_fraction, seed)
-    val_of_rest = val_fraction / (1.0 - test_fraction)
-    train, validation = _stratified_split(rest, val_of_rest, seed)
-    return {"train": train, "validation": validation, "test": test}
-
-
-def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]]) -> str:
-    """Hash of every file's split, label, path and size."""
+def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]], sizes: Mapping[str, int] | None) -> str:
+    """Hash of every file's split, label, path and size (from `sizes`, or stat'ed)."""
+    if sizes is None:
+        sizes = {path: os.stat(os.path.join(root, path)).st_size for entries in files.values() for path, _ in entries}
     digest = hashlib.sha256()
     for split in sorted(files):
-        for path, label in files[split]:
-            size = os.stat(os.path.join(root, path)).st_size
-            digest.update(f"{split}\t{label}\t{path}\t{size}\n".encode())
+        digest.update("".join(f"{split}\t{label}\t{path}\t{sizes[path]}\n" for path, label in files[split]).encode())
     return "folder-sha256:" + digest.hexdigest()[:16]
 
 
@@ -568,13 +534,9 @@ def stratified_rows(
             f"TRAIN_PER_CLASS={per_class} needs that many train examples in every class. Received: "
             f"{', '.join(short)}. Lower TRAIN_PER_CLASS."
         )
-    ranks = np.array([_rank(seed, int(i)) for i in index], dtype=np.uint64)
+    ranks = np.array([int.from_bytes(seeded_rank(seed, int(i)), "big") for i in index], dtype=np.uint64)
     rows = []
     for c in range(len(class_names)):
         members = np.flatnonzero(labels == c)
         rows.append(members[np.argsort(ranks[members], kind="stable")[:per_class]])
     return np.sort(np.concatenate(rows))
-
-
-def _rank(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "big")

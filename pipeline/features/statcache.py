@@ -6,8 +6,7 @@ bytes and is never read again; any other file is hashed. So a no-op `make featur
 on a large folder costs a directory listing and one `stat` per file.
 
 This module owns the cache files: `<features dir>/statcache/<folder>__<hash of its
-real path>.json` and, beside it, `.splits.json` (the last carving of the folder's splits,
-by a digest of its inputs), written atomically (temporary file and rename) and only when
+real path>.json`, written atomically (temporary file and rename) and only when
 something changed. A cache that cannot be read (truncated, another format) is
 rebuilt: it only saves work, it never decides a result.
 
@@ -25,6 +24,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.config import fingerprint, slugify
 
@@ -72,15 +72,24 @@ def _save(path: Path, root: str, entries: dict[str, list]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT, "version": VERSION, "root": root, "entries": entries}, f)
+            # json.dumps, not json.dump: only the one-shot encoder is C (4x faster on 100k entries).
+            f.write(json.dumps({"format": FORMAT, "version": VERSION, "root": root, "entries": entries}))
         os.replace(tmp, path)
     except OSError as err:  # a read-only features folder: the next run hashes again, nothing worse
         log.info("Stat cache %s not written (%s).", path, err)
         tmp.unlink(missing_ok=True)
 
 
-def content_ids(root: Path, paths: Sequence[str], *, cache_dir: Path) -> tuple[list[str], int]:
-    """(the content id of each file at `paths` under `root`, how many files were hashed).
+class Contents(NamedTuple):
+    """Per file asked for, its content id and size in bytes; and how many files were hashed."""
+
+    ids: list[str]
+    sizes: list[int]
+    hashed: int
+
+
+def content_ids(root: Path, paths: Sequence[str], *, cache_dir: Path) -> Contents:
+    """The content id and size of each file at `paths` under `root`.
 
     Only files whose (size, mtime_ns, inode) differ from the cache are read. The cache
     keeps exactly the files asked for, so deleted files leave it.
@@ -90,6 +99,7 @@ def content_ids(root: Path, paths: Sequence[str], *, cache_dir: Path) -> tuple[l
     old = _load(path, real)
     new: dict[str, list] = {}
     ids: list[str] = []
+    sizes: list[int] = []
     hashed = 0
     racy = time.time() - RACY_SECONDS
     prefix = real.rstrip(os.sep) + os.sep  # plain concatenation: os.path.join per file costs more than the stat
@@ -101,35 +111,9 @@ def content_ids(root: Path, paths: Sequence[str], *, cache_dir: Path) -> tuple[l
             entry = [st.st_size, st.st_mtime_ns, st.st_ino, hash_file(prefix + relative)]
             hashed += 1
         ids.append(entry[3])
+        sizes.append(st.st_size)
         if st.st_mtime_ns < racy_ns:
             new[relative] = entry
     if new != old:
         _save(path, real, new)
-    return ids, hashed
-
-
-def load_carve_memo(cache_dir: Path, root: Path) -> dict:
-    """The remembered carving of the folder's splits (see `sources.scan_folder`); {} when none."""
-    path = cache_path(cache_dir, root).with_suffix(".splits.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            memo = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return memo if isinstance(memo, dict) and isinstance(memo.get("splits"), dict) else {}
-
-
-def save_carve_memo(cache_dir: Path, root: Path, memo: dict, before: str | None) -> None:
-    """Writes the memo when its key changed (atomically, like the stat cache)."""
-    if memo.get("key") == before or not memo:
-        return
-    path = cache_path(cache_dir, root).with_suffix(".splits.json")
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(memo, f)
-        os.replace(tmp, path)
-    except OSError as err:
-        log.info("Split cache %s not written (%s).", path, err)
-        tmp.unlink(missing_ok=True)
+    return Contents(ids, sizes, hashed)
