@@ -144,7 +144,7 @@ def bare_bounds(folder: Path, size: int, args) -> dict[str, Any]:
     base = FeaturesConfig(
         data=DataConfig(dataset=None, data_dir=str(folder)), backbone=args.backbone, weights=args.weights,
         image_size=size, batch_size=args.batch_size, output_dir=str(folder.parent / f"bare-{size}"),
-    )  # fmt: skip
+    ).resolved(size, spec.default_pooling)  # fmt: skip
     forward = {}
     for runtime, precision in VARIANTS:
         config = dataclasses.replace(base, precision=precision)

@@ -26,6 +26,7 @@ OpenVINO and TensorFlow are imported only when a forward pass is built.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -52,9 +53,9 @@ log = logging.getLogger(__name__)
 #: heads instead (docs/runtimes.md).
 MIN_COSINE = {"f32": 0.99999, "bf16": 0.95}
 
-#: The rows of the first batch that verification runs through TensorFlow too. TensorFlow's
-#: CPU allocator keeps the largest batch's activations for the life of the process, so
-#: a full reference batch would add its memory to the runtime's (docs/runtimes.md).
+#: The rows of the first batch that verification runs through TensorFlow too, one at a
+#: time: TensorFlow's CPU allocator keeps the largest batch's activations (and an eager
+#: call's, more) for the life of the process, beside the runtime's own (docs/runtimes.md).
 PROBE_ROWS = 8
 
 #: RUNTIME=auto without a GPU: the CPU runtimes, fastest first (docs/runtimes.md).
@@ -165,8 +166,10 @@ def cpu_flags() -> list[str]:
 def compile_options(precision: str) -> dict[str, Any]:
     """The CPU plugin's settings. The precision is always explicit: on a CPU with native
     bf16 OpenVINO runs bf16 unless told otherwise, which would break the f32 contract.
-    LATENCY runs one batch at a time on all cores, the way stage 1 feeds it."""
-    return {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    THROUGHPUT gives each core a stream of its own (`OpenVINOFunction` splits every batch
+    among them): no stream waits at every layer for a core that decoding or another
+    process took, as LATENCY's one stream across all cores does (docs/runtimes.md)."""
+    return {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "THROUGHPUT"}
 
 
 _CORE = None
@@ -245,11 +248,13 @@ def forward_for(model, config: FeaturesConfig, spec: backbones.BackboneSpec, pha
         log.info("runtime: %s", forward.describe())
         return forward
     log.info("runtime: %s%s", forward.describe(), f" ({choice.note})" if choice.note else "")
+    with phases("trace TensorFlow reference"):  # traced here, so the first batch pays only its own forward pass
+        traced = tensorflow.forward(model, dataclasses.replace(config, batch_size=1), spec, Phases())
 
-    def probe(images) -> np.ndarray:  # eager: a few images need no traced graph (0.5-0.7 s of tracing)
-        return np.asarray(model(images, training=False), np.float32)
+    def probe(images) -> np.ndarray:  # one image at a time: see PROBE_ROWS
+        return np.concatenate([traced(images[i : i + 1]) for i in range(len(images))])
 
-    return VerifiedForward(forward, probe, reference, choice=choice, config=config, spec=spec)
+    return VerifiedForward(forward, probe, lambda: traced, choice=choice, config=config, spec=spec)
 
 
 def fall_back(choice: Choice, config: FeaturesConfig, spec, problem: str, reference) -> Forward:
@@ -266,11 +271,10 @@ class VerifiedForward:
     """A runtime's `Forward` that checks itself against TensorFlow on its first batch.
 
     The first call runs the batch through the runtime and its first `PROBE_ROWS` images
-    through `probe` (the Keras model, eagerly), and compares every probe row (cosine in
-    float64); from then on only the runtime runs, or, after a failed check under `auto`,
-    TensorFlow (`reference()`, traced only then). The probe is real images of the run's
-    own data, and the verdict is not cached: it costs `PROBE_ROWS` images through
-    TensorFlow per run (docs/runtimes.md).
+    through `probe` (TensorFlow), and compares every probe row (cosine in float64); from
+    then on only the runtime runs, or, after a failed check under `auto`, TensorFlow
+    (`reference()`). The probe is real images of the run's own data, and the verdict is
+    not cached: it costs `PROBE_ROWS` images through TensorFlow per run (docs/runtimes.md).
     """
 
     def __init__(self, candidate: Forward, probe, reference, *, choice: Choice, config: FeaturesConfig, spec) -> None:
@@ -323,18 +327,30 @@ def row_cosines(a, b) -> np.ndarray:
 class OpenVINOFunction:
     """images (N, S, S, 3) float32 -> features (N, D) float32 numpy, on one compiled model.
 
-    One InferRequest, reused. `infer` releases the GIL while the plugin runs, and its
-    output aliases the request's buffer, hence the copy.
+    The batch is split among the plugin's optimal number of infer requests (one per
+    stream), run at once; the plugin runs them without the GIL, and each output aliases
+    its request's buffer, hence the copy.
     """
 
     def __init__(self, compiled) -> None:
+        import openvino as ov
+
         self.compiled = compiled
-        self.request = compiled.create_infer_request()
+        self.parts = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.queue = ov.AsyncInferQueue(compiled, self.parts)
+        self.results: list[np.ndarray | None] = [None] * self.parts
+        self.queue.set_callback(self._done)
+
+    def _done(self, request, part: int) -> None:
+        self.results[part] = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
     def __call__(self, images) -> np.ndarray:
         x = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
-        out = self.request.infer({0: x}, share_inputs=True)
-        return np.array(out[0], dtype=np.float32, copy=True)
+        parts = [p for p in np.array_split(x, self.parts) if len(p)]
+        for i, part in enumerate(parts):
+            self.queue.start_async({0: part}, userdata=i, share_inputs=True)
+        self.queue.wait_all()
+        return np.concatenate(self.results[: len(parts)])
 
 
 # --- the converted model's cache -----------------------------------------------------
