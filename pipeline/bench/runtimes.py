@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pipeline.bench.measure import measured_process
 
 #: (runtime, precision) cells; TensorFlow f32 is the reference of every ratio.
 VARIANTS = (("tensorflow", "f32"), ("openvino", "f32"), ("openvino", "bf16"))
@@ -111,19 +112,16 @@ def _extract(folder: Path, out: Path, size: int, runtime: str, precision: str, a
         "--image-size", str(size), "--batch-size", str(args.batch_size), "--features-dir", str(out),
         "--runtime", runtime, "--precision", precision,
     ]  # fmt: skip
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    if status != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read()[-2000:]}")
+    done = measured_process(command)  # sampled: a child's ru_maxrss starts from its parent's RSS at the fork
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr[-2000:]}")
     result = json.loads(record.read_text())
     return {
         "path": result["path"],
         "img_per_s": result["images_per_second"],
         "seconds": result["seconds"],
-        "wall_seconds": round(wall, 2),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # kilobytes on Linux
+        "wall_seconds": round(done.wall_seconds, 2),
+        "peak_rss_mib": round(done.peak_rss_mib, 1),
         "phases": result["phases"],
     }
 
