@@ -111,6 +111,20 @@ def test_a_real_architecture_converts_and_verifies(tmp_path):
     assert runtimes.row_cosines(forward(images), model(images, training=False).numpy()).min() >= 0.99999
 
 
+def test_a_conversion_sends_no_telemetry(monkeypatch):
+    """ovc's usage events (Google Analytics, from forked processes) never leave a conversion."""
+    import openvino_telemetry
+
+    from pipeline.features.extractor import build_extractor
+
+    sent = []
+    monkeypatch.setattr(openvino_telemetry.Telemetry, "send_event", lambda self, *a, **k: sent.append(a))
+    monkeypatch.setattr(openvino_telemetry.Telemetry, "start_session", lambda self, *a, **k: sent.append(a))
+    model = build_extractor(backbones.get_backbone("tiny"), image_size=32, weights=None)
+    converted = runtimes.convert(model, 32)
+    assert sent == [] and converted.inputs[0].get_partial_shape().to_string() == "[?,32,32,3]"
+
+
 def test_the_converted_model_is_cached_and_a_second_run_loads_it(tmp_path, conversions):
     out = tmp_path / "features"
     first = extract_features(tiny_config(make_folder(tmp_path / "a", 6), out, runtime="openvino"), progress=False)

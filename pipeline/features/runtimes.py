@@ -410,10 +410,30 @@ def convert(model, image_size: int):
         return model(images, training=False)
 
     # The converter prints its arguments to stdout when debug logging is on; stdout is the CLI's.
-    with contextlib.redirect_stdout(io.StringIO()) as chatter:
+    with contextlib.redirect_stdout(io.StringIO()) as chatter, _without_telemetry():
         converted = openvino.convert_model(forward)
     log.debug("%s", chatter.getvalue().strip())
     return converted
+
+
+@contextlib.contextmanager
+def _without_telemetry():
+    """OpenVINO's converter (ovc) sends usage events to Google Analytics, without asking,
+    from forked processes (a fork of a process running TensorFlow's threads), unless the
+    user opted out. A feature extractor has no business phoning home: for the conversion,
+    ovc's modules get the do-nothing telemetry it ships for when the package is absent."""
+    from unittest import mock
+
+    try:
+        from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils, utils
+    except ImportError:  # another layout of ovc: nothing to replace
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for module in (convert_impl, telemetry_utils, utils):
+            if hasattr(module, "tm"):
+                stack.enter_context(mock.patch.object(module, "tm", telemetry_stub))
+        yield
 
 
 def save_converted(converted, xml: Path, identity: dict[str, Any]) -> Path:
