@@ -214,6 +214,10 @@ class RuntimePredictor:
 
 def load_predictor(run_dir: Path) -> ExportedPredictor | RuntimePredictor:
     """A stage-2 run predicts on the runtime (`RuntimePredictor`); any other run through its export."""
+    if not Path(run_dir).is_dir():
+        raise CacheError(
+            f"No run at {run_dir}. Train it first with `make head` (or `make finetune`) and the same variables."
+        )
     record = runs.read_run(Path(run_dir))
     stage2 = record is not None and "features" in record.config and "finetune" not in record.config
     if stage2 and (Path(run_dir) / JSON_NAME).exists():
