@@ -217,12 +217,12 @@ def test_predict_on_an_unreadable_image_is_an_error(tiny_features, tmp_path):
         expand_images([str(tmp_path / "*.png")])
 
 
-
 def test_predict_without_a_run_says_to_train_one(tmp_path):
     from pipeline.export import load_predictor
 
     with pytest.raises(CacheError, match="No run at .*missing.*`make head`"):
         load_predictor(tmp_path / "missing")
+
 
 @pytest.mark.assets
 @pytest.mark.slow  # extracts 3000 real images per size: 40-50 s each on 2 CPUs
