@@ -47,6 +47,7 @@ VERBOSE ?=#                       1: debug logging and TensorFlow's own INFO/WAR
 ## pipeline/bench/settings.py (`make help` prints them). BENCH_DATA and BENCH_WEIGHTS are the SHARED assets.
 BENCH_DATA ?= $(SHARED)/assets/datasets/cats_and_dogs_filtered
 BENCH_WEIGHTS ?= $(SHARED)/assets/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
+BENCH_SECOND_DATA ?= sklearn:digits#  make bench-precision: a second dataset (an image folder, or sklearn:digits, bundled with scikit-learn)
 BENCH_BACKBONE ?=#                benchmarks: backbone (registry name)
 BENCH_IMAGE_SIZE ?=#              benchmarks: pixels
 BENCH_EPOCHS ?=#                  make bench: epochs of the seed workflow
@@ -62,6 +63,8 @@ lower = $(subst Z,z,$(subst Y,y,$(subst X,x,$(subst W,w,$(subst V,v,$(subst U,u,
 options = $(strip $(foreach v,$(1),$(if $($(v)),--$(subst _,-,$(call lower,$(v))) '$($(v))')))
 FEATURE_FLAGS = $(call options,$(DATA_OPTIONS) $(FEATURES_OPTIONS))
 STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS) $(DECISIONS_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
+# Stage 2 runs `make features` first, unless FEATURES names the file to use as it is.
+STAGE2_NEEDS = $(if $(FEATURES),$(VENV)/.installed,features)
 RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
 # VAR's value as FLAG, only when VAR is set: $(call flag,VAR,--flag).
 flag = $(if $($(1)),$(2) '$($(1))')
@@ -70,7 +73,7 @@ BENCH_ASSET_FLAGS = $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS
 BENCH_OUT_FLAGS = $(call flag,BENCH_OUT,--out)
 
 .PHONY: lint help features gc export-features head audit similar review finetune compare export predict backbones choose \
-	bench bench-features bench-head bench-audit bench-scale bench-runtimes bench-incremental test test-all \
+	bench bench-features bench-head bench-audit bench-scale bench-runtimes bench-precision bench-incremental test test-all \
 	test-browser-deps clean-venv
 
 help: ## list targets and variables
@@ -95,13 +98,13 @@ features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache fea
 gc: $(VENV)/.installed ## drop feature-store rows no feature file in FEATURES_DIR uses any more (and format-1 files)
 	$(PIPELINE) gc $(if $(FEATURES_DIR),--features-dir '$(FEATURES_DIR)')
 
-export-features: features ## the current features as Parquet (FORMAT=parquet) or .npy + Parquet (FORMAT=npy)
+export-features: $(STAGE2_NEEDS) ## the current features as Parquet (FORMAT=parquet) or .npy + Parquet (FORMAT=npy)
 	$(PIPELINE) export-features $(STAGE2_FLAGS) $(if $(FORMAT),--format '$(FORMAT)') $(if $(EXPORT_OUT),--out '$(EXPORT_OUT)')
 
-head: features ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
+head: $(STAGE2_NEEDS) ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
 	$(PIPELINE) head $(STAGE2_FLAGS)
 
-audit: features ## duplicates (leaks first), label errors, outliers, class overlap -> AUDIT_DIR/<features>/audit.{json,md}, contact sheets
+audit: $(STAGE2_NEEDS) ## duplicates (leaks first), label errors, outliers, class overlap -> AUDIT_DIR/<features>/audit.{json,md}, contact sheets
 	$(PIPELINE) audit $(STAGE2_FLAGS) $(call options,$(AUDIT_OPTIONS))
 
 review: $(VENV)/.installed ## a page on localhost over the latest audit (or AUDIT_DIR): keep/exclude/relabel -> AUDIT_DIR/<dataset>.decisions.csv
@@ -151,6 +154,10 @@ bench-incremental: $(VENV)/.installed ## no-op and +1% runs of make features on 
 bench-runtimes: $(VENV)/.installed ## stage 1 on each runtime x precision at 160 and 224 px: img/s, ratio to TF, cosine, peak RSS -> bench/runtimes.{json,md}
 	$(PIPELINE) bench-runtimes $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) \
 		$(call flag,BENCH_BACKBONE,--backbone) $(call options,BATCH_SIZE) $(BENCH_OUT_FLAGS)
+
+bench-precision: $(VENV)/.installed ## logistic-probe accuracy of PRECISION=bf16 vs f32 on BENCH_DATA and BENCH_SECOND_DATA (paired k-fold) -> bench/precision.{json,md}
+	$(PIPELINE) bench-precision --data $(BENCH_DATA) $(BENCH_SECOND_DATA) $(call flag,BENCH_WEIGHTS,--weights) \
+		$(call flag,BENCH_BACKBONE,--backbone) $(BENCH_OUT_FLAGS)
 
 backbones: $(VENV)/.installed ## list the registered backbones, the runtimes each runs on, and keras-hub presets (BACKBONE=hub:<preset>)
 	$(PIPELINE) backbones

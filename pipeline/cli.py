@@ -169,11 +169,18 @@ def _report(args: argparse.Namespace, result) -> int:
 
 
 def _features_file(args: argparse.Namespace) -> tuple[Path, dict]:
-    """The feature file the flags describe (or --features), and the key it must have."""
+    """The feature file the flags describe, and the key it must have.
+
+    With --features the file is the one given, and only what the flags change from the
+    defaults is checked against it: the defaults describe cats_vs_dogs, not that file.
+    """
     from pipeline.features.extract import resolve
 
     _, key, path = resolve(config_of(FeaturesConfig, args))
-    return (Path(args.features) if args.features else path), key
+    if not args.features:
+        return path, key
+    _, default_key, _ = resolve(build_config(FeaturesConfig, {}))
+    return Path(args.features), {k: v for k, v in key.items() if k not in default_key or default_key[k] != v}
 
 
 def _cmd_head(args: argparse.Namespace) -> int:

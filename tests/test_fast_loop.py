@@ -86,6 +86,18 @@ def test_a_logistic_head_run_imports_no_tensorflow_plots_included(extracted):
     assert {"top_losses.png", "confusion_matrix.png", "report.md", "head.joblib"} <= {p.name for p in run.iterdir()}
 
 
+def test_a_head_on_a_given_feature_file_checks_only_the_flags_given(extracted_flat, tmp_path, capsys):
+    """FEATURES=<file> alone trains on that file: the defaults describe another dataset (cats_vs_dogs)."""
+    from pipeline.cli import main
+
+    root, _ = extracted_flat
+    (path,) = (root / "features").glob("*.h5")
+    assert main(["head", "--features", str(path), "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
+    assert [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert main(["head", "--features", str(path), "--image-size", "48", "--backbone", "tiny"]) == 2
+    assert "image_size: file has 32, asked 48" in capsys.readouterr().err
+
+
 def test_a_dense_head_run_imports_no_scikit_learn(extracted):
     """Heads are not scikit-learn estimators by class: the dense head never pays its import (0.8 s)."""
     root, flags = extracted

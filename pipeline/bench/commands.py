@@ -171,14 +171,15 @@ def _cmd_bench_options(args: argparse.Namespace) -> int:
 
 
 def add_bench_commands(commands, stage: Callable[..., argparse.ArgumentParser]) -> None:
-    """bench, bench-features, bench-head, bench-audit, bench-scale, bench-runtimes and bench-options.
+    """bench, bench-features, bench-head, bench-audit, bench-scale, bench-runtimes, bench-precision and bench-options.
 
     `commands` is the CLI's sub-parsers; `stage(name, help, run, features_file=True)` makes a
     sub-command that takes the option sections `pipeline.cli.COMMAND_SECTIONS` gives it.
     """
-    from pipeline.bench import incremental, runtimes
+    from pipeline.bench import incremental, precision, runtimes
 
     runtimes.add_command(commands)
+    precision.add_command(commands)
     incremental.add_command(commands)
     full = commands.add_parser("bench", help="benchmark the pipeline against the seed workflow (make bench)")
     full.add_argument(
