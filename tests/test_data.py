@@ -211,6 +211,23 @@ def test_hidden_and_non_image_files_are_ignored_not_counted(image_folder):
     assert set(scan.ignored) == {"README", "cat/.DS_Store", "cat/notes.txt"}
 
 
+@pytest.mark.parametrize("layout", ["flat", "presplit"])
+def test_archive_and_nas_folders_are_neither_classes_splits_nor_images(tmp_path, layout):
+    """A folder unzipped on a Mac has __MACOSX beside the data, AppleDouble `._*` files
+    included; a Synology share has @eaDir thumbnails (real JPEGs) inside every folder."""
+    root = make_folder(tmp_path / "data", 6, layout=layout)
+    cats = root / "cat" if layout == "flat" else root / "train" / "cat"
+    write_image(root / "__MACOSX" / cats.relative_to(root) / "._cat.0.jpg", (9, 9, 9))
+    (cats / "._cat.0.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    write_image(cats / "@eaDir" / "cat.0.jpg" / "SYNOPHOTO_THUMB_S.jpg", (9, 9, 9))
+    scan = scan_folder(folder_config(root, val_fraction=0.25, test_fraction=0.25), seed=0)
+    assert scan.class_names == ("cat", "dog")
+    paths = [p for files in scan.splits.values() for p, _ in files]
+    assert len(paths) == (12 if layout == "flat" else 24) and not any("@eaDir" in p or "/._" in p for p in paths)
+    prefix = "" if layout == "flat" else "train/"
+    assert {"__MACOSX", f"{prefix}cat/._cat.0.jpg", f"{prefix}cat/@eaDir"} <= set(scan.ignored)
+
+
 def test_nested_images_and_misnamed_extensions_are_found(image_folder):
     write_image(image_folder / "dog" / "sub" / "deep.PNG", (0, 0, 255), fmt="PNG")
     scan = scan_folder(folder_config(image_folder, val_fraction=0.25, test_fraction=0.25), seed=0)

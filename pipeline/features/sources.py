@@ -269,7 +269,7 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         class_names = tuple(sorted(classes))
         files = {"train": [(path, label) for label, c in enumerate(class_names) for path in classes[c]]}
     else:
-        ignored += [e.name for e in sorted(root.iterdir()) if e.name.startswith(".") or not e.is_dir()]
+        ignored += [e.name for e in sorted(root.iterdir()) if not_data(e.name) or not e.is_dir()]
         layout, class_names, files = _list_presplit(split_dirs, root, ignored, warnings)
     _check_classes(class_names, root)
     files = layout.carve({"validation": [], "test": [], **files}, config, seed, class_names)
@@ -327,7 +327,7 @@ def _test_from_validation(files: Files, root: Path, config: DataConfig, seed: in
 def _split_folders(root: Path) -> dict[str, Path] | None:
     """split -> its folder, in SPLIT_ORDER, or None for a flat folder (no sub-folder
     named like a split). Mixed, duplicate or train-less split folders are errors."""
-    folders = sorted(e for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+    folders = sorted(e for e in root.iterdir() if e.is_dir() and not not_data(e.name))
     named = [f for f in folders if f.name.lower() in SPLIT_FOLDER_NAMES]
     if not named:
         return None
@@ -362,7 +362,7 @@ def _list_split(
 ) -> dict[str, list[str]] | None:
     """The classes of a split folder, or None (with a warning) for one without class
     sub-folders, whose images have no label; a train folder like that is an error."""
-    has_classes = any(e.is_dir() and not e.name.startswith(".") for e in directory.iterdir())
+    has_classes = any(e.is_dir() and not not_data(e.name) for e in directory.iterdir())
     if not has_classes:
         loose = _list_images(directory, root, [])
         if split == "train":
@@ -395,7 +395,7 @@ def _list_classes(directory: Path, root: Path, ignored: list[str]) -> dict[str, 
     classes: dict[str, list[str]] = {}
     for entry in sorted(directory.iterdir()):
         relative = entry.relative_to(root).as_posix()
-        if entry.name.startswith("."):
+        if not_data(entry.name):
             ignored.append(relative)
         elif entry.is_dir():
             classes[entry.name] = _list_images(entry, root, ignored)
@@ -409,17 +409,30 @@ def _list_classes(directory: Path, root: Path, ignored: list[str]) -> dict[str, 
     return classes
 
 
+#: Folders that archivers, NAS boxes and operating systems add beside the data: macOS zips
+#: (`__MACOSX`, AppleDouble `._*` copies of every file), Synology's thumbnails (`@eaDir`,
+#: real JPEGs that would pass for photos of the class), Windows' recycle bin and volume data.
+NOT_DATA_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
+
+
+def not_data(name: str) -> bool:
+    """Whether a file or folder name is never data: hidden (`.DS_Store`, `._x.jpg`, `.git`) or
+    one of `NOT_DATA_FOLDERS`. Such entries are left out and logged, never classes or images."""
+    return name.startswith(".") or name in NOT_DATA_FOLDERS
+
+
 def _list_images(directory: Path, root: Path, ignored: list[str]) -> list[str]:
     # Plain strings per file, pathlib per folder: every no-op `make features` lists the tree.
     images = []
     for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         prefix = Path(dirpath).relative_to(root).as_posix()
         prefix = "" if prefix == "." else prefix + "/"
+        ignored += [prefix + d for d in dirnames if d in NOT_DATA_FOLDERS]
+        dirnames[:] = sorted(d for d in dirnames if not not_data(d))
         for name in sorted(filenames):
             relative = prefix + name
             dot = name.rfind(".")
-            if name.startswith(".") or dot < 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
+            if not_data(name) or dot < 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
                 ignored.append(relative)
             else:
                 images.append(relative)
@@ -451,7 +464,7 @@ def folder_source(scan: FolderScan, *, shard_index: int = 0, num_shards: int = 1
         log.warning("%s", warning)
     if scan.ignored:
         shown = ", ".join(scan.ignored[:5]) + (", ..." if len(scan.ignored) > 5 else "")
-        log.info("Ignored %d hidden or non-image files under %s: %s", len(scan.ignored), scan.root, shown)
+        log.info("Ignored %d hidden, non-image or archive entries under %s: %s", len(scan.ignored), scan.root, shown)
     splits = {}
     for split, entries in scan.splits.items():
         mine = entries[shard_index::num_shards]
