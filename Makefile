@@ -33,7 +33,7 @@ EXPORT_OUT ?=#                    export-features: output file (default: FEATURE
 ## Export and predict
 RUN ?=#                           a run directory (default: the one the variables above describe)
 TFLITE ?=#                        1: also export model.tflite
-IMAGES ?=#                        predict, similar: image files, folders or globs
+IMAGES ?=#                        predict, similar: image files, folders or globs, space-separated (a path with spaces works as it is)
 TOP ?=#                           predict: classes shown per image (default: 3); similar: matches (default: 10)
 CSV ?=#                           predict: also write probabilities to this CSV file
 ## Tools
@@ -123,10 +123,10 @@ export: head ## one Keras model, raw images in and probabilities out (.keras, Sa
 	$(PIPELINE) export $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
 
 similar: $(VENV)/.installed ## nearest dataset images of IMAGES (every copy of a bad one) from the audit's neighbour graph [TOP=10]
-	$(PIPELINE) similar $(FEATURE_FLAGS) $(if $(FEATURES),--features '$(FEATURES)') $(call options,$(DECISIONS_OPTIONS) $(AUDIT_OPTIONS)) $(if $(TOP),--top $(TOP)) $(IMAGES)
+	$(PIPELINE) similar $(FEATURE_FLAGS) $(if $(FEATURES),--features '$(FEATURES)') $(call options,$(DECISIONS_OPTIONS) $(AUDIT_OPTIONS)) $(if $(TOP),--top $(TOP)) $(if $(IMAGES),"$$IMAGES")
 
 predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file, folder or glob> [CSV=out.csv]
-	$(PIPELINE) predict $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TOP),--top $(TOP)) $(if $(CSV),--csv '$(CSV)') $(IMAGES)
+	$(PIPELINE) predict $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TOP),--top $(TOP)) $(if $(CSV),--csv '$(CSV)') $(if $(IMAGES),"$$IMAGES")
 
 bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forward pass, peak memory) -> bench/features.{json,md}
 	$(PIPELINE) bench-features $(BENCH_ASSET_FLAGS) $(BENCH_OUT_FLAGS)

@@ -13,6 +13,7 @@ import csv
 import glob
 import json
 import logging
+import shlex
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.features.backbones import HUB_PREFIX, get_backbone, weights_identity
 from pipeline.features.extractor import build_extractor
-from pipeline.features.sources import IMAGE_EXTENSIONS
+from pipeline.features.sources import IMAGE_EXTENSIONS, not_data
 from pipeline.heads.base import JSON_NAME, Head
 from pipeline.heads.registry import load_head
 from pipeline.images import Resize
@@ -226,7 +227,12 @@ def load_predictor(run_dir: Path) -> ExportedPredictor | RuntimePredictor:
 
 
 def expand_images(patterns: Sequence[str]) -> list[Path]:
-    """Files, folders (searched recursively for images) and globs -> sorted image paths."""
+    """Files, folders (searched recursively for images) and globs -> sorted image paths.
+
+    A pattern that names nothing but holds spaces is read as several, shell-quoted:
+    `make predict IMAGES="a.jpg b/"` passes one argument, and a path with spaces
+    (`IMAGES="Camera Roll/"`) is found as it is before it is ever split.
+    """
     found: list[Path] = []
     for pattern in patterns:
         path = Path(pattern).expanduser()
@@ -235,16 +241,25 @@ def expand_images(patterns: Sequence[str]) -> list[Path]:
                 p
                 for p in path.rglob("*")
                 if p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and not any(not_data(part) for part in p.relative_to(path).parts)
             )
         elif path.is_file():
             found.append(path)
-        else:
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            if not matches:
-                raise DataError(f"No image found for {pattern!r}: expected a file, a folder or a glob.")
+        elif matches := sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()):
             found += matches
+        elif len(several := _shell_words(pattern)) > 1:
+            found += expand_images(several)
+        else:
+            raise DataError(f"No image found for {pattern!r}: expected a file, a folder or a glob.")
     return found
+
+
+def _shell_words(text: str) -> list[str]:
+    """`text` split as a shell would (quotes group), or as one word if its quotes do not pair."""
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return [text]
 
 
 def predict_images(model, class_names: Sequence[str], paths: Iterable[Path]) -> list[tuple[Path, np.ndarray]]:

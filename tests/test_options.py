@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -104,6 +106,24 @@ def test_make_passes_only_the_options_that_are_set():
     )
     (head,) = [line for line in done.stdout.splitlines() if " -m pipeline" in line and " head " in line]
     assert head.split(" head ", 1)[1].strip() == "--data-dir 'some dir' --strict '1' --epochs '5'"
+
+
+@pytest.mark.parametrize("target", ["predict", "similar"])
+def test_make_passes_images_as_one_argument_whatever_their_spaces_and_quotes(tmp_path, target):
+    """The Python side splits it (`expand_images`): a path with spaces stays one path."""
+    printer = tmp_path / "argv.py"
+    printer.write_text("import json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".installed").touch()  # newer than pyproject.toml: no install
+    images = "Camera Roll/ 'it''s.jpg' \"a b.png\" `x` *.jpg"
+    done = subprocess.run(
+        ["make", "-s", target, f"VENV={tmp_path / 'venv'}", f"PIPELINE={sys.executable} {printer}", f"IMAGES={images}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1])[-1] == images
 
 
 def test_make_help_lists_every_option_with_its_default_from_the_config():

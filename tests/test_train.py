@@ -217,6 +217,23 @@ def test_predict_on_an_unreadable_image_is_an_error(tiny_features, tmp_path):
         expand_images([str(tmp_path / "*.png")])
 
 
+def test_images_to_predict_may_have_spaces_or_come_as_one_make_variable(tmp_path):
+    """`make predict IMAGES=...` passes one argument: a path with spaces, or several paths."""
+    from conftest import write_image
+
+    roll = tmp_path / "Camera Roll"
+    for name in ("IMG 1.jpg", "IMG 2.JPG", "@eaDir/IMG 1.jpg/SYNOPHOTO_THUMB_S.jpg", "._IMG 1.jpg"):
+        write_image(roll / name, (200, 10, 10))
+    other = write_image(tmp_path / "other.png", (10, 10, 200), fmt="PNG")
+    assert expand_images([str(roll)]) == [roll / "IMG 1.jpg", roll / "IMG 2.JPG"]
+    assert expand_images([f'"{roll}/IMG 1.jpg" {other}']) == [roll / "IMG 1.jpg", other]
+    assert expand_images([f'{tmp_path}/*.png "{roll}"/*.jpg']) == [other, roll / "IMG 1.jpg"]
+    with pytest.raises(DataError, match="No image found for .*it's gone.jpg"):
+        expand_images([str(tmp_path / "it's gone.jpg")])
+    with pytest.raises(DataError, match="No image found for .*missing.jpg"):
+        expand_images([f"{other} {tmp_path}/missing.jpg"])
+
+
 def test_predict_without_a_run_says_to_train_one(tmp_path):
     from pipeline.export import load_predictor
 
