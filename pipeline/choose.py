@@ -224,6 +224,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Validation accuracy against images per second (log scale), one labelled point per backbone."""
     from matplotlib.figure import Figure
 
+    from pipeline.plots import save
+
     figure = Figure(figsize=(6, 4))
     axes = figure.add_subplot()
     for r in rows:
@@ -234,5 +236,4 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     axes.set_ylabel("validation accuracy (%), logistic probe")
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return path
+    return save(figure, path, dpi=100)

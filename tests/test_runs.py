@@ -186,3 +186,13 @@ def test_stages_write_their_result_as_json_for_the_benchmark(tmp_path, capsys):
     assert result["metrics"] == runs.read_metrics(Path(result["run_dir"])) and not result["up_to_date"]
     assert main([*head, "--json", str(tmp_path / "again.json")]) == 0
     assert json.loads((tmp_path / "again.json").read_text())["up_to_date"]
+
+
+def test_class_names_the_plot_font_lacks_give_one_log_line_not_a_warning_per_character(tmp_path, caplog, recwarn):
+    from pipeline import plots
+
+    path = plots.confusion_matrix([[3, 1], [0, 4]], ["chat", "chien 🐶🐕"], tmp_path / "cm.png", title="t")
+    assert path.exists() and path.stat().st_size > 0
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    (line,) = [r.getMessage() for r in caplog.records if "font has no" in r.getMessage()]
+    assert line.startswith("cm.png:") and "🐕, 🐶" in line
