@@ -585,6 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for name in ("tensorflow", "absl"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # faiss logs each CPU build it tries and fails to load (three tracebacks per audit).
+        logging.getLogger("faiss").setLevel(logging.WARNING)
     if getattr(args, "json", None):
         from pipeline.phases import since_process_start
 

@@ -137,6 +137,30 @@ def test_commands_print_no_tensorflow_start_up_chatter_unless_verbose(tmp_path, 
         assert native == [], native
 
 
+def test_an_audit_prints_no_faiss_loader_chatter(tmp_path):
+    """faiss logs, at INFO, every CPU build it fails to load before the one it uses."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    common = ["--data-dir", str(_tiny_folder(tmp_path)), "--backbone", "tiny", "--weights", "none"]
+    common += ["--output-dir", str(tmp_path / "f"), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command in (["features"], ["audit", "--audit-dir", str(tmp_path / "audit")]):
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", *command, *common],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("audit: 20 rows") and "faiss" not in done.stderr, done.stderr
+
+
 _KERAS_PROBE = """
 import json, sys
 from pipeline.cli import main
