@@ -74,10 +74,26 @@ def learning_curves(
     return path
 
 
+#: Classes a confusion matrix shows at most, each cell with its count: the figure grows with
+#: the square of the classes (200 took 12 s and 5 GB to draw), and beyond this no one reads it.
+MATRIX_CLASSES = 30
+
+
 def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, *, title: str) -> Path:
-    """Counts with row-normalized shading: rows are true classes, columns predictions."""
+    """Counts with row-normalized shading: rows are true classes, columns predictions.
+
+    With more than `MATRIX_CLASSES` classes, the ones most often mistaken (their row's
+    and column's errors) are shown, in their order, and the title says so; a shade is
+    still the fraction of all of its true class's images. The full matrix stays in the
+    run's metrics.
+    """
     counts = np.asarray(matrix)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    if len(class_names) > MATRIX_CLASSES:
+        shown = most_mistaken(counts, MATRIX_CLASSES)
+        title = f"{title}\nthe {MATRIX_CLASSES} of {len(class_names)} classes with the most errors"
+        counts, rates = counts[np.ix_(shown, shown)], rates[np.ix_(shown, shown)]
+        class_names = [class_names[i] for i in shown]
     size = max(4.0, 0.6 * len(class_names) + 2)
     figure = Figure(figsize=(size, size), layout="constrained")
     ax = figure.subplots()
@@ -86,22 +102,27 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
     ticks = np.arange(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=45, ha="right")
     ax.set_yticks(ticks, class_names)
-    if len(class_names) <= 30:
-        for i, j in np.ndindex(counts.shape):
-            ax.text(
-                j,
-                i,
-                str(counts[i, j]),
-                ha="center",
-                va="center",
-                color="white" if rates[i, j] > 0.5 else "black",
-                fontsize=8,
-            )
+    for i, j in np.ndindex(counts.shape):
+        ax.text(
+            j,
+            i,
+            str(counts[i, j]),
+            ha="center",
+            va="center",
+            color="white" if rates[i, j] > 0.5 else "black",
+            fontsize=8,
+        )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
     save(figure, path, dpi=100)
     return path
+
+
+def most_mistaken(counts: np.ndarray, limit: int) -> np.ndarray:
+    """Sorted indices of the `limit` classes in the most errors, as true class or as prediction."""
+    errors = counts.sum(axis=0) + counts.sum(axis=1) - 2 * np.diag(counts)
+    return np.sort(np.argsort(-errors, kind="stable")[:limit])
 
 
 def top_losses(

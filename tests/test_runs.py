@@ -196,3 +196,18 @@ def test_class_names_the_plot_font_lacks_give_one_log_line_not_a_warning_per_cha
     assert not [w for w in recwarn if "Glyph" in str(w.message)]
     (line,) = [r.getMessage() for r in caplog.records if "font has no" in r.getMessage()]
     assert line.startswith("cm.png:") and "🐕, 🐶" in line
+
+
+def test_a_confusion_matrix_of_many_classes_shows_the_most_mistaken_ones(tmp_path):
+    from pipeline import plots
+
+    counts = np.diag(np.full(200, 20))
+    counts[150, 7] = counts[3, 199] = counts[42, 42 + 1] = 5  # errors touch classes 3, 7, 42, 43, 150, 199
+    shown = plots.most_mistaken(counts, plots.MATRIX_CLASSES)
+    assert len(shown) == plots.MATRIX_CLASSES and {3, 7, 42, 43, 150, 199} <= set(shown.tolist())
+    assert list(shown) == sorted(shown)
+    path = plots.confusion_matrix(counts, [f"c{i}" for i in range(200)], tmp_path / "cm.png", title="t")
+    from PIL import Image
+
+    with Image.open(path) as image:  # drawn at the size of 30 classes, not 200
+        assert max(image.size) <= 100 * (0.6 * plots.MATRIX_CLASSES + 2) + 1
