@@ -29,7 +29,7 @@ from pipeline.cli import main
 from pipeline.config import AuditConfig, HeadConfig
 from pipeline.decisions import read_decisions
 from pipeline.digests import DigestCache
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.features.store import FORMAT_VERSION, read_features, write_features
 from pipeline.heads.train import train_head
 from pipeline.runs import top_loss_rows
@@ -225,6 +225,25 @@ def test_flipped_labels_rank_at_the_top_of_the_label_findings(tmp_path):
     assert all((f["given"], f["suggested"]) == truth[f["ids"][0]] for f in labels if f["ids"][0] in truth)
     overlap = findings(out, "overlap")
     assert overlap and overlap[0]["count"] >= overlap[-1]["count"]
+
+
+def test_a_class_with_fewer_examples_than_folds_is_left_out_of_the_label_check_not_the_audit(tmp_path, caplog):
+    """A long-tailed dataset keeps its audit: the rare class's images are not checked, and it says so."""
+    rng = np.random.default_rng(4)
+    splits = clustered(rng, {"train": 120, "validation": 30}, spread=0.5)
+    x, y, ids = splits["train"]
+    y[y == 2] = 0
+    y[:3] = 2  # "fox": 3 train examples, none in validation
+    splits["validation"][1][splits["validation"][1] == 2] = 1
+    path = write_file(tmp_path / "tail.h5", splits)
+    out = audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit"), top=0, folds=5)).out_dir
+    probe = json.loads((out / "audit.json").read_text())["probe"]
+    assert probe["classes_not_checked"] == {"fox": 3} and probe["rows"] == 147
+    assert all(f["given"] != "fox" for f in findings(out, "label"))
+    assert "1 classes have fewer than FOLDS=5 examples" in caplog.text and "fox (3)" in caplog.text
+    assert "**Not checked for label errors**: 1 classes with fewer than 5" in (out / "audit.md").read_text()
+    with pytest.raises(DataError, match="FOLDS=200 needs at least 200 examples of two classes"):
+        audit_features(path, AuditConfig(audit_dir=str(tmp_path / "audit2"), top=0, folds=200))
 
 
 def test_confident_learning_flags_confidently_wrong_labels_and_suggests_the_class():

@@ -5,6 +5,7 @@ The probe's out-of-fold confusion matrix also gives the class overlap.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,8 @@ from pipeline.audit.neighbours import Neighbours
 from pipeline.audit.rows import Rows
 from pipeline.config import AuditConfig
 from pipeline.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 #: Rows each fold's logistic probe is fitted on at most: a seeded sample of the fold's
 #: other rows. Out-of-fold probabilities of a million rows then cost five fits of
@@ -61,12 +64,8 @@ def out_of_fold_probabilities(
     from pipeline.heads.logistic import LogisticHead
 
     counts = np.bincount(labels, minlength=n_classes)
-    if (counts[counts > 0] < folds).any():
-        small = int(counts[counts > 0].min())
-        raise DataError(
-            f"FOLDS={folds} needs at least {folds} examples of every class in train + validation. "
-            f"Received: a class with {small}. Lower FOLDS (--folds) or label more examples."
-        )
+    if (counts[counts > 0] < folds).any():  # callers leave such classes out (`checked_rows`)
+        raise DataError(f"FOLDS={folds} needs at least {folds} examples of every class it is given.")
     proba = np.zeros((len(labels), n_classes))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fit_rows, held_out in splitter.split(np.zeros(len(labels)), labels):
@@ -206,6 +205,33 @@ def _probe(rows: Rows, pool: np.ndarray, config: AuditConfig, probe_x: np.ndarra
     return C, proba
 
 
+def checked_rows(rows: Rows, class_names: Sequence[str], folds: int) -> tuple[np.ndarray, dict[str, int]]:
+    """The train + validation rows whose labels can be checked, and the classes left out.
+
+    Out-of-fold probabilities need `folds` examples of a class: with fewer, some fold
+    trains without the class and flags every example of it. A long-tailed dataset
+    keeps its audit: those classes' images are not checked (logged, and recorded as
+    `classes_not_checked`: class -> its examples), unless too few classes are left.
+    """
+    pool = np.flatnonzero(np.isin(rows.splits, ["train", "validation"]))
+    counts = np.bincount(rows.labels[pool], minlength=len(class_names))
+    small = {class_names[c]: int(n) for c, n in enumerate(counts) if 0 < n < folds}
+    if sum(n >= folds for n in counts) < 2:
+        raise DataError(
+            f"FOLDS={folds} needs at least {folds} examples of two classes or more in train + validation "
+            f"to check labels. Received: {', '.join(f'{c}: {n}' for c, n in list(small.items())[:5])}. "
+            "Lower FOLDS (--folds) or label more examples."
+        )
+    if small:
+        shown = ", ".join(f"{c} ({n})" for c, n in list(small.items())[:5]) + (", ..." if len(small) > 5 else "")
+        log.warning(
+            "audit: %d classes have fewer than FOLDS=%d examples in train + validation, so their %d images are "
+            "not checked for label errors: %s. Lower FOLDS (--folds) to check them.",
+            len(small), folds, sum(small.values()), shown,
+        )  # fmt: skip
+    return pool[counts[rows.labels[pool]] >= folds], small
+
+
 def label_findings(
     rows: Rows, class_names: list[str], config: AuditConfig, probe_x: np.ndarray, near: Neighbours, *, reduced: str
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -219,7 +245,7 @@ def label_findings(
     planted flips the combination ranks them at least as well as either alone (docs/audit.md).
     """
     k = len(class_names)
-    pool = np.flatnonzero(np.isin(rows.splits, ["train", "validation"]))
+    pool, unchecked = checked_rows(rows, class_names, config.folds)
     labels = rows.labels[pool]
     C, p_probe = _probe(rows, pool, config, probe_x, k)
     p_knn = knn_probabilities(near.knn_index[pool], near.knn_similarity[pool], rows.labels, k)
@@ -238,6 +264,7 @@ def label_findings(
         "fit_rows_per_fold_at_most": MAX_FIT_ROWS,
         "rows": int(len(pool)),
         "splits": ["train", "validation"],
+        "classes_not_checked": unchecked,
         "out_of_fold_accuracy": round(accuracy, 4),
         "knn_accuracy": round(float((p_knn.argmax(axis=1) == labels).mean()), 4),
         "reliable": accuracy >= RELIABLE_ACCURACY,

@@ -58,6 +58,18 @@ def _graph_lines(graph: Mapping[str, Any] | None) -> list[str]:
     ]
 
 
+def _unchecked_lines(probe: Mapping[str, Any]) -> list[str]:
+    unchecked = probe.get("classes_not_checked") or {}
+    if not unchecked:
+        return []
+    names = ", ".join(f"{c} ({n})" for c, n in list(unchecked.items())[:10]) + (", ..." if len(unchecked) > 10 else "")
+    return [
+        f"**Not checked for label errors**: {len(unchecked)} classes with fewer than {probe['folds']} train + "
+        f"validation images ({sum(unchecked.values())} images): {names}. Lower FOLDS to check them.",
+        "",
+    ]
+
+
 def _reliability_lines(probe: Mapping[str, Any]) -> list[str]:
     if probe.get("reliable", True):
         return []
@@ -94,6 +106,7 @@ def report(record: Mapping[str, Any], sheets: Sequence[str]) -> str:
         "",
         *_graph_lines(record.get("graph")),
         *_reliability_lines(probe),
+        *_unchecked_lines(probe),
         "Retrain without the flagged train rows: `make head EXCLUDE=<this folder>/audit.json "
         "[EXCLUDE_KINDS=duplicates,label,outlier]` (validation and test rows are never dropped).",
         "",
