@@ -288,13 +288,22 @@ def test_folder_records_carry_bytes_labels_ids_and_positions(presplit_folder):
     assert source.class_counts["train"] == {"cat": 8, "dog": 8}
 
 
-def test_tfds_source_with_mock_data():
+@pytest.fixture
+def mock_tfds(monkeypatch):
+    """tfds's mock data in place of a download (which the offline check would refuse here)."""
+    from pipeline.features import tfds_data
+
+    monkeypatch.setattr(tfds_data, "no_network", lambda: "")
     with tfds.testing.mock_data(num_examples=12):
-        source = tfds_source(DataConfig(), shard_index=0, num_shards=2)
-        assert source.class_names == ("cat", "dog")
-        train = source.splits["train"]
-        assert (train.size, train.total) == (6, 12)
-        records = list(train.records(1).as_numpy_iterator())
+        yield
+
+
+def test_tfds_source_with_mock_data(mock_tfds):
+    source = tfds_source(DataConfig(), shard_index=0, num_shards=2)
+    assert source.class_names == ("cat", "dog")
+    train = source.splits["train"]
+    assert (train.size, train.total) == (6, 12)
+    records = list(train.records(1).as_numpy_iterator())
     assert [r["index"] for r in records] == [2, 4, 6, 8, 10]
     assert all(r["id"].startswith(b"cats_vs_dogs-") for r in records)
     assert set(r["label"] for r in records) <= {0, 1}
@@ -328,6 +337,24 @@ def test_tfds_not_prepared_without_download_names_the_fix(tmp_path):
         load_source(config, seed=0)
 
 
+def test_tfds_without_a_network_fails_at_once_not_after_minutes_of_retries(tmp_path, monkeypatch):
+    import socket
+
+    from pipeline.features import tfds_data
+
+    def unresolvable(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for name in tfds_data._PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    config = DataConfig(dataset="cats_vs_dogs", tfds_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"cannot download it \(storage.googleapis.com does not resolve.*TFDS_DIR=DIR"):
+        load_source(config, seed=0)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert tfds_data.no_network() == ""  # a proxy resolves names itself
+
+
 def test_a_split_restricted_to_positions_reads_only_those_records(presplit_folder):
     source = folder_source(scan_folder(folder_config(presplit_folder), seed=0), shard_index=1, num_shards=3)
     train = source.splits["train"]  # positions 1, 4, 7, 10, 13 of 16
@@ -340,8 +367,7 @@ def test_a_split_restricted_to_positions_reads_only_those_records(presplit_folde
         train.at([4, 16])
 
 
-def test_tfds_split_restricted_to_positions_of_its_shard():
-    with tfds.testing.mock_data(num_examples=12):
-        train = tfds_source(DataConfig(), shard_index=0, num_shards=2).splits["train"]
-        records = list(train.at([6, 2, 10]).records(1).as_numpy_iterator())
+def test_tfds_split_restricted_to_positions_of_its_shard(mock_tfds):
+    train = tfds_source(DataConfig(), shard_index=0, num_shards=2).splits["train"]
+    records = list(train.at([6, 2, 10]).records(1).as_numpy_iterator())
     assert [r["index"] for r in records] == [6, 10]
