@@ -26,7 +26,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.features.backbones import HUB_PREFIX, get_backbone, weights_identity
 from pipeline.features.extractor import build_extractor
-from pipeline.features.sources import IMAGE_EXTENSIONS, not_data
+from pipeline.features.sources import image_files
 from pipeline.heads.base import JSON_NAME, Head
 from pipeline.heads.registry import load_head
 from pipeline.images import Resize
@@ -237,12 +237,7 @@ def expand_images(patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            found += sorted(
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(not_data(part) for part in p.relative_to(path).parts)
-            )
+            found += image_files(path)
         elif path.is_file():
             found.append(path)
         elif matches := sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()):

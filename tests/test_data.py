@@ -228,6 +228,21 @@ def test_archive_and_nas_folders_are_neither_classes_splits_nor_images(tmp_path,
     assert {"__MACOSX", f"{prefix}cat/._cat.0.jpg", f"{prefix}cat/@eaDir"} <= set(scan.ignored)
 
 
+def test_linked_folders_are_followed_and_a_link_loop_is_listed_once(image_folder, tmp_path):
+    """A dataset assembled from links (a class folder holding a link to another disk) loses no image."""
+    elsewhere = tmp_path / "elsewhere"
+    write_image(elsewhere / "extra.jpg", COLORS["cat"])
+    (image_folder / "cat" / "batch2").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "back").symlink_to(image_folder / "cat", target_is_directory=True)  # a loop
+    scan = scan_folder(folder_config(image_folder, val_fraction=0.25, test_fraction=0.25), seed=0)
+    paths = [p for files in scan.splits.values() for p, _ in files]
+    assert "cat/batch2/extra.jpg" in paths and len(paths) == 25 and len(set(paths)) == 25
+    assert "cat/batch2/back (a link to a folder listed already)" in scan.ignored
+    from pipeline.export import expand_images
+
+    assert image_folder / "cat" / "batch2" / "extra.jpg" in expand_images([str(image_folder / "cat")])
+
+
 def test_nested_images_and_misnamed_extensions_are_found(image_folder):
     write_image(image_folder / "dog" / "sub" / "deep.PNG", (0, 0, 255), fmt="PNG")
     scan = scan_folder(folder_config(image_folder, val_fraction=0.25, test_fraction=0.25), seed=0)

@@ -422,11 +422,21 @@ def not_data(name: str) -> bool:
 
 
 def _list_images(directory: Path, root: Path, ignored: list[str]) -> list[str]:
+    """The images under `directory`, as paths relative to `root`, links to folders followed
+    (a dataset assembled from links is common); a link to a folder already listed, such as
+    one back to its parent, is left out and logged rather than listed again (or forever)."""
     # Plain strings per file, pathlib per folder: every no-op `make features` lists the tree.
     images = []
-    for dirpath, dirnames, filenames in os.walk(directory):
+    listed: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         prefix = Path(dirpath).relative_to(root).as_posix()
         prefix = "" if prefix == "." else prefix + "/"
+        real = os.path.realpath(dirpath)
+        if real in listed:
+            ignored.append(f"{prefix.rstrip('/') or '.'} (a link to a folder listed already)")
+            dirnames[:] = []
+            continue
+        listed.add(real)
         ignored += [prefix + d for d in dirnames if d in NOT_DATA_FOLDERS]
         dirnames[:] = sorted(d for d in dirnames if not not_data(d))
         for name in sorted(filenames):
@@ -437,6 +447,11 @@ def _list_images(directory: Path, root: Path, ignored: list[str]) -> list[str]:
             else:
                 images.append(relative)
     return images
+
+
+def image_files(directory: Path) -> list[Path]:
+    """The images under `directory`, sorted, found as stage 1 finds a class's images."""
+    return [directory / relative for relative in _list_images(directory, directory, [])]
 
 
 def _check_classes(class_names: Sequence[str], root: Path) -> None:
