@@ -243,6 +243,17 @@ def test_linked_folders_are_followed_and_a_link_loop_is_listed_once(image_folder
     assert image_folder / "cat" / "batch2" / "extra.jpg" in expand_images([str(image_folder / "cat")])
 
 
+def test_iphone_heic_photos_left_out_get_a_warning_that_counts_them_and_jfif_is_read(image_folder):
+    for i in range(3):
+        (image_folder / "cat" / f"IMG_{i}.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    (image_folder / "dog" / "scan.tiff").write_bytes(b"II*\0")
+    write_image(image_folder / "dog" / "saved from the web.jfif", COLORS["dog"], fmt="JPEG")
+    scan = scan_folder(folder_config(image_folder, val_fraction=0.25, test_fraction=0.25), seed=0)
+    (warning,) = [w for w in scan.warnings if "left out" in w]
+    assert warning.startswith("4 photos are left out: TensorFlow cannot decode HEIC (3), TIFF (1).")
+    assert "dog/saved from the web.jfif" in [p for files in scan.splits.values() for p, _ in files]
+
+
 def test_nested_images_and_misnamed_extensions_are_found(image_folder):
     write_image(image_folder / "dog" / "sub" / "deep.PNG", (0, 0, 255), fmt="PNG")
     scan = scan_folder(folder_config(image_folder, val_fraction=0.25, test_fraction=0.25), seed=0)

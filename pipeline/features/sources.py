@@ -36,7 +36,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp"})
+#: Photo formats people have that stage 1's decoder cannot read (iPhones save HEIC): left
+#: out with a warning that counts them and says how to include them, not only logged.
+UNDECODED_PHOTO_FORMATS = frozenset(
+    {".heic", ".heif", ".avif", ".jxl", ".tif", ".tiff", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf"}
+)
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,7 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     else:
         ignored += [e.name for e in sorted(root.iterdir()) if not_data(e.name) or not e.is_dir()]
         layout, class_names, files = _list_presplit(split_dirs, root, ignored, warnings)
+    warnings += _undecoded_photos(ignored)
     _check_classes(class_names, root)
     files = layout.carve({"validation": [], "test": [], **files}, config, seed, class_names)
     layout_name = layout.name
@@ -286,6 +292,19 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         ignored=tuple(ignored),
         warnings=tuple(warnings),
     )
+
+
+def _undecoded_photos(ignored: Sequence[str]) -> list[str]:
+    """A warning counting the photos left out for their format (`UNDECODED_PHOTO_FORMATS`), if any."""
+    formats = Counter(Path(path).suffix.lower() for path in ignored)
+    found = {ext: n for ext, n in sorted(formats.items()) if ext in UNDECODED_PHOTO_FORMATS}
+    if not found:
+        return []
+    return [
+        f"{sum(found.values())} photos are left out: TensorFlow cannot decode "
+        f"{', '.join(f'{ext[1:].upper()} ({n})' for ext, n in found.items())}. Convert them to JPEG or PNG "
+        "to include them (for HEIC: `heif-convert`, or `magick mogrify -format jpg *.heic`)."
+    ]
 
 
 def _list_presplit(split_dirs: dict[str, Path], root: Path, ignored: list[str], warnings: list[str]):
