@@ -300,8 +300,9 @@ def _undecoded_photos(ignored: Sequence[str]) -> list[str]:
     found = {ext: n for ext, n in sorted(formats.items()) if ext in UNDECODED_PHOTO_FORMATS}
     if not found:
         return []
+    count = sum(found.values())
     return [
-        f"{sum(found.values())} photos are left out: TensorFlow cannot decode "
+        f"{count} {'photo is' if count == 1 else 'photos are'} left out: TensorFlow cannot decode "
         f"{', '.join(f'{ext[1:].upper()} ({n})' for ext, n in found.items())}. Convert them to JPEG or PNG "
         "to include them (for HEIC: `heif-convert`, or `magick mogrify -format jpg *.heic`)."
     ]
