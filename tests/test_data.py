@@ -254,6 +254,20 @@ def test_iphone_heic_photos_left_out_get_a_warning_that_counts_them_and_jfif_is_
     assert "dog/saved from the web.jfif" in [p for files in scan.splits.values() for p, _ in files]
 
 
+def test_images_labelled_in_a_csv_get_an_error_that_points_to_class_folders_of_links(tmp_path):
+    root = tmp_path / "kaggle"
+    for i in range(4):
+        write_image(root / "train" / f"{i}.jpg", COLORS["cat"])
+    (root / "train.csv").write_text("id,label\n0,cat\n1,dog\n2,cat\n3,dog\n")
+    with pytest.raises(DataError, match=r"no labels.*labels are in train.csv\? .*Labels in a CSV file"):
+        scan_folder(folder_config(root), seed=0)
+    flat = tmp_path / "flat"
+    write_image(flat / "0.jpg", COLORS["cat"])
+    (flat / "_classes.csv").write_text("filename,cat,dog\n0.jpg,1,0\n")
+    with pytest.raises(DataError, match=r"at least 2 class sub-folders.*labels are in _classes.csv\?"):
+        scan_folder(folder_config(flat), seed=0)
+
+
 def test_nested_images_and_misnamed_extensions_are_found(image_folder):
     write_image(image_folder / "dog" / "sub" / "deep.PNG", (0, 0, 255), fmt="PNG")
     scan = scan_folder(folder_config(image_folder, val_fraction=0.25, test_fraction=0.25), seed=0)

@@ -389,7 +389,7 @@ def _list_split(
             raise DataError(
                 f"Expected one sub-folder per class in the train folder {directory}. Received: "
                 f"{len(loose)} images and no sub-folders, so no labels. Sort the images into "
-                "class sub-folders (train/<class>/<image>)."
+                f"class sub-folders (train/<class>/<image>).{_csv_hint(directory, root)}"
             )
         if loose:
             warnings.append(
@@ -479,8 +479,20 @@ def _check_classes(class_names: Sequence[str], root: Path) -> None:
         raise DataError(
             f"Expected at least 2 class sub-folders in {root}. Received: "
             f"{len(class_names)} ({', '.join(class_names) or 'none'}). A classifier needs "
-            "one sub-folder per class."
+            f"one sub-folder per class.{_csv_hint(root, root)}"
         )
+
+
+def _csv_hint(*folders: Path) -> str:
+    """For images whose labels are in a CSV file (Kaggle's train.csv, Roboflow's _classes.csv):
+    the way to class folders, without copying a file."""
+    tables = sorted({p.name for folder in folders for p in folder.glob("*.csv")})
+    if not tables:
+        return ""
+    return (
+        f" The labels are in {', '.join(tables)}? Make class folders of links to the images: "
+        "docs/features.md, 'Labels in a CSV file'."
+    )
 
 
 def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]], sizes: Mapping[str, int] | None) -> str:
