@@ -333,7 +333,7 @@ def mock_tfds(monkeypatch):
     """tfds's mock data in place of a download (which the offline check would refuse here)."""
     from pipeline.features import tfds_data
 
-    monkeypatch.setattr(tfds_data, "no_network", lambda: "")
+    monkeypatch.setattr(tfds_data, "unreachable", lambda host: "")
     with tfds.testing.mock_data(num_examples=12):
         yield
 
@@ -380,19 +380,20 @@ def test_tfds_not_prepared_without_download_names_the_fix(tmp_path):
 def test_tfds_without_a_network_fails_at_once_not_after_minutes_of_retries(tmp_path, monkeypatch):
     import socket
 
+    from pipeline import network
     from pipeline.features import tfds_data
 
     def unresolvable(*args, **kwargs):
         raise socket.gaierror(-2, "Name or service not known")
 
-    for name in tfds_data._PROXY_VARIABLES:
+    for name in network.PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(socket, "create_connection", unresolvable)
     config = DataConfig(dataset="cats_vs_dogs", tfds_dir=str(tmp_path))
-    with pytest.raises(DataError, match=r"cannot download it \(storage.googleapis.com does not resolve.*TFDS_DIR=DIR"):
+    with pytest.raises(DataError, match=r"cannot download it \(storage.googleapis.com unreachable.*TFDS_DIR=DIR"):
         load_source(config, seed=0)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    assert tfds_data.no_network() == ""  # a proxy resolves names itself
+    assert network.unreachable(tfds_data.NETWORK_PROBE_HOST) == ""  # behind a proxy, the download decides
 
 
 def test_a_split_restricted_to_positions_reads_only_those_records(presplit_folder):

@@ -151,16 +151,12 @@ def paired_kfold(X32: np.ndarray, X16: np.ndarray, y: np.ndarray, *, C: float, a
 
     from pipeline.heads.logistic import LogisticHead
 
+    def accuracy(X, train, test) -> float:
+        head = LogisticHead(C=C, seed=args.seed).fit(X[train], y[train])
+        return float((head.predict(X[test]) == y[test]).mean())
+
     folds = RepeatedStratifiedKFold(n_splits=args.folds, n_repeats=args.repeats, random_state=args.seed)
-    scores = []
-    for train, test in folds.split(X32, y):
-        scores.append(
-            [
-                float((LogisticHead(C=C, seed=args.seed).fit(X[train], y[train]).predict(X[test]) == y[test]).mean())
-                for X in (X32, X16)
-            ]  # fmt: skip
-        )
-    scores = np.asarray(scores)
+    scores = np.asarray([[accuracy(X, train, test) for X in (X32, X16)] for train, test in folds.split(X32, y)])
     gaps = 100 * (scores[:, 1] - scores[:, 0])
     return {
         "f32_accuracy": round(float(scores[:, 0].mean()), 4),

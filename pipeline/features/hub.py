@@ -28,12 +28,11 @@ from typing import Any
 from pipeline.errors import ConfigError, WeightsUnavailableError
 from pipeline.features.backbones import HUB_PREFIX, BackboneSpec, check_weights
 from pipeline.images import INTERPOLATIONS
+from pipeline.network import NETWORK_TIMEOUT_S, unreachable
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e '.[hub]' (or pip install keras-hub)"
-#: Seconds a preset download may wait on the network before the run gives up (offline: fail fast).
-NETWORK_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -165,10 +164,9 @@ def _check_network(preset: str) -> None:
     host = _HOSTS.get(scheme)
     if host is None:  # gs://, a local path keras-hub resolves itself
         return
-    try:
-        socket.create_connection((host, 443), timeout=NETWORK_TIMEOUT_S).close()
-    except OSError as err:
-        raise WeightsUnavailableError(_unavailable(preset, f"{host} unreachable: {err}")) from None
+    problem = unreachable(host)
+    if problem:
+        raise WeightsUnavailableError(_unavailable(preset, problem))
 
 
 def cached_folder(preset: str) -> str | None:

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 from pipeline.features.sources import DataSource, SplitSource
+from pipeline.network import unreachable
 
 log = logging.getLogger(__name__)
 
-#: A public host that tfds downloads use (its metadata and many datasets live there). On a
-#: machine without a network its name fails to resolve at once, where tfds's own retries
-#: of a download take minutes before they give up.
+#: A public host that tfds downloads use (its metadata and many datasets live there): one
+#: that cannot be reached means no download will work (`pipeline.network`).
 NETWORK_PROBE_HOST = "storage.googleapis.com"
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def tfds_source(config: DataConfig, *, shard_index: int = 0, num_shards: int = 1) -> DataSource:
@@ -70,7 +67,7 @@ def _ensure_prepared(builder, config: DataConfig) -> None:
         raise DataError(
             f"tensorflow-datasets '{config.dataset}' is not prepared in {where} and downloads are off. {instead}"
         )
-    offline = no_network()
+    offline = unreachable(NETWORK_PROBE_HOST)
     if offline:
         raise DataError(
             f"tensorflow-datasets '{config.dataset}' is not prepared in {where}, and this machine cannot "
@@ -84,18 +81,6 @@ def _ensure_prepared(builder, config: DataConfig) -> None:
             f"Could not download tensorflow-datasets '{config.dataset}' into {where} "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). {instead}"
         ) from err
-
-
-def no_network() -> str:
-    """Why a download cannot work here, or '' when it may: without a proxy, a public host
-    name that does not resolve means no network (a proxy resolves names itself)."""
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        return ""
-    try:
-        socket.getaddrinfo(NETWORK_PROBE_HOST, 443)
-    except OSError as err:
-        return f"{NETWORK_PROBE_HOST} does not resolve: {err}"
-    return ""
 
 
 def _supervised_keys(builder) -> tuple[str, str]:
