@@ -70,6 +70,7 @@ class DataConfig:
 
     dataset: str | None = option(None, f"tensorflow-datasets name (default: {DEFAULT_DATASET} unless DATA_DIR is set)")
     data_dir: str | None = option(None, "image folder: one sub-folder per class, or split folders (docs/features.md)")
+    labels: str | None = option(None, "a CSV of image,label rows (or a 0/1 column per class) for DATA_DIR")
     tfds_dir: str | None = option(None, "tensorflow-datasets data_dir holding prepared data")
     download: bool = option(True, "never download tfds data (fail at once offline)", name="no_download", invert=True)
     splits: Mapping[str, str] = option(
@@ -89,22 +90,21 @@ class DataConfig:
                 "--splits slices tfds datasets; image folders use --val-fraction/--test-fraction "
                 f"(VAL_FRACTION/TEST_FRACTION). Received: splits={dict(self.splits)!r}."
             )
+        if self.labels is not None and self.data_dir is None:
+            raise ConfigError(f"LABELS labels an image folder's images: set DATA_DIR too. Received: {self.labels!r}.")
         if (self.dataset is None) == (self.data_dir is None):
             raise ConfigError(
                 "Expected exactly one data source, a tfds name (DATASET) or an image folder (DATA_DIR), "
-                f"not both. Received: dataset={self.dataset!r}, "
-                f"data_dir={self.data_dir!r}."
+                f"not both. Received: dataset={self.dataset!r}, data_dir={self.data_dir!r}."
             )
         object.__setattr__(self, "splits", dict(self.splits))
         unknown = sorted(set(self.splits) - set(SPLIT_NAMES))
         if unknown or "train" not in self.splits:
             raise ConfigError(
-                f"Expected split names among {', '.join(SPLIT_NAMES)} including "
-                f"'train'. Received: splits={self.splits!r}."
+                f"Expected split names among {', '.join(SPLIT_NAMES)} with 'train'. Received: {self.splits!r}."
             )
-        _check_fraction("val_fraction", self.val_fraction)
-        _check_fraction("test_fraction", self.test_fraction)
-        _check_fraction("test_from_validation", self.test_from_validation)
+        for name in ("val_fraction", "test_fraction", "test_from_validation"):
+            _check_fraction(name, getattr(self, name))
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError(
                 "val_fraction + test_fraction must leave examples for training. "
@@ -198,6 +198,7 @@ class FeaturesConfig:
             raise ConfigError("image_size must be resolved before computing the cache key.")
         data = self.data
         return {
+            **({"labels": Path(data.labels).name} if data.labels else {}),  # unset: keys stay as they were
             "dataset": data.dataset if data.dataset is not None else data.name,
             "source": "tfds" if data.dataset is not None else "folder",
             "splits": data.splits if data.dataset is not None else None,

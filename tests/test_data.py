@@ -259,7 +259,7 @@ def test_images_labelled_in_a_csv_get_an_error_that_points_to_class_folders_of_l
     for i in range(4):
         write_image(root / "train" / f"{i}.jpg", COLORS["cat"])
     (root / "train.csv").write_text("id,label\n0,cat\n1,dog\n2,cat\n3,dog\n")
-    with pytest.raises(DataError, match=r"no labels.*labels are in train.csv\? .*Labels in a CSV file"):
+    with pytest.raises(DataError, match=r"no labels.*in train.csv\? Pass LABELS=train.csv .*Labels in a CSV"):
         scan_folder(folder_config(root), seed=0)
     flat = tmp_path / "flat"
     write_image(flat / "0.jpg", COLORS["cat"])

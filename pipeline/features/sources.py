@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.carving import carve, seeded_rank
+from pipeline.features.csvlabels import labelled_files
 
 if TYPE_CHECKING:
     import numpy as np
@@ -225,6 +226,7 @@ def _carve_validation_and_test(files: Files, config: DataConfig, seed: int, clas
 # the top) is the train-only case with its classes one level up.
 FOLDER_LAYOUTS = {
     "flat": FolderLayout("flat, validation+test carved", _carve_validation_and_test),
+    "csv": FolderLayout("labels from a CSV file, validation+test carved", _carve_validation_and_test),
     ("train",): FolderLayout("train only, validation+test carved", _carve_validation_and_test),
     ("train", "test"): FolderLayout("train+test, validation carved", _carve_validation),
     ("train", "validation"): FolderLayout("presplit", _as_given),
@@ -267,8 +269,13 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         )
     ignored: list[str] = []
     warnings: list[str] = []
-    split_dirs = _split_folders(root)
-    if split_dirs is None:
+    split_dirs = None if config.labels else _split_folders(root)
+    if config.labels:
+        layout = FOLDER_LAYOUTS["csv"]
+        table = _labels_table(config.labels, root)
+        class_names, labelled, warnings = labelled_files(table, _list_images(root, root, ignored))
+        files = {"train": labelled}
+    elif split_dirs is None:
         layout = FOLDER_LAYOUTS["flat"]
         classes = _list_classes(root, root, ignored)
         class_names = tuple(sorted(classes))
@@ -292,6 +299,14 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         ignored=tuple(ignored),
         warnings=tuple(warnings),
     )
+
+
+def _labels_table(labels: str, root: Path) -> Path:
+    """LABELS as given, or relative to the image folder (where Kaggle puts train.csv's images)."""
+    for table in (Path(labels).expanduser(), root / labels):
+        if table.is_file():
+            return table
+    raise DataError(f"Labels file not found. Received: LABELS={labels!r} (looked in . and in {root}).")
 
 
 def _undecoded_photos(ignored: Sequence[str]) -> list[str]:
@@ -484,14 +499,12 @@ def _check_classes(class_names: Sequence[str], root: Path) -> None:
 
 
 def _csv_hint(*folders: Path) -> str:
-    """For images whose labels are in a CSV file (Kaggle's train.csv, Roboflow's _classes.csv):
-    the way to class folders, without copying a file."""
+    """For images whose labels are in a CSV file (Kaggle's train.csv, Roboflow's _classes.csv)."""
     tables = sorted({p.name for folder in folders for p in folder.glob("*.csv")})
     if not tables:
         return ""
     return (
-        f" The labels are in {', '.join(tables)}? Make class folders of links to the images: "
-        "docs/features.md, 'Labels in a CSV file'."
+        f" The labels are in {', '.join(tables)}? Pass LABELS={tables[0]} (docs/features.md, 'Labels in a CSV file')."
     )
 
 
