@@ -53,6 +53,24 @@ def test_roboflow_one_hot_columns_with_spaced_names_give_the_column_holding_one(
     assert listed(scan)["img_1_jpg.rf.abc.jpg"] == "cat" and listed(scan)["img_0_jpg.rf.abc.jpg"] == "dog"
 
 
+def test_roboflow_export_with_a_table_in_each_split_folder_keeps_its_splits(tmp_path):
+    root = tmp_path / "rf"
+    for split, n in (("train", 6), ("valid", 2), ("test", 2)):
+        rows = ["filename, cat, dog"]
+        for i in range(n):
+            write_image(root / split / f"{split}_{i}.jpg", COLORS["cat"], seed=i)
+            rows.append(f"{split}_{i}.jpg,{i % 2},{1 - i % 2}")
+        (root / split / "_classes.csv").write_text("\n".join(rows) + "\n")
+    (root / "README.roboflow.txt").write_text("exported")
+    scan = scan_folder(DataConfig(data_dir=str(root), labels="_classes.csv"), seed=0)
+    assert scan.layout == "presplit" and {k: len(v) for k, v in scan.splits.items()} == {
+        "train": 6,
+        "validation": 2,
+        "test": 2,
+    }
+    assert listed(scan)["valid/valid_1.jpg"] == "cat" and listed(scan)["test/test_0.jpg"] == "dog"
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [

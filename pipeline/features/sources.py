@@ -271,10 +271,7 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     warnings: list[str] = []
     split_dirs = None if config.labels else _split_folders(root)
     if config.labels:
-        layout = FOLDER_LAYOUTS["csv"]
-        table = _labels_table(config.labels, root)
-        class_names, labelled, warnings = labelled_files(table, _list_images(root, root, ignored))
-        files = {"train": labelled}
+        layout, class_names, files = _list_labelled(config.labels, root, ignored, warnings)
     elif split_dirs is None:
         layout = FOLDER_LAYOUTS["flat"]
         classes = _list_classes(root, root, ignored)
@@ -301,12 +298,47 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     )
 
 
-def _labels_table(labels: str, root: Path) -> Path:
+def _list_labelled(labels: str, root: Path, ignored: list[str], warnings: list[str]):
+    """(layout, class names, files per split) of a folder labelled by LABELS: one table for
+    the whole folder (Kaggle's train.csv), or one of that name in each split folder (Roboflow)."""
+    whole = _find_table(labels, root)
+    tables = {"train": (root, whole)} if whole else _split_tables(labels, root)
+    listed = {}
+    for split, (directory, table) in tables.items():
+        names, labelled, notes = labelled_files(table, _list_images(directory, root, ignored))
+        warnings += notes
+        listed[split] = [(path, names[label]) for path, label in labelled]
+    class_names = tuple(sorted({c for _, c in listed["train"]}))
+    for split, entries in listed.items():
+        extra = sorted({c for _, c in entries} - set(class_names))
+        if extra:
+            raise DataError(f"Split '{split}' has classes that train lacks: {', '.join(extra)}.")
+    files = {split: [(path, class_names.index(c)) for path, c in entries] for split, entries in listed.items()}
+    return FOLDER_LAYOUTS["csv" if whole else tuple(tables)], class_names, files
+
+
+def _find_table(labels: str, root: Path) -> Path | None:
     """LABELS as given, or relative to the image folder (where Kaggle puts train.csv's images)."""
-    for table in (Path(labels).expanduser(), root / labels):
-        if table.is_file():
-            return table
-    raise DataError(f"Labels file not found. Received: LABELS={labels!r} (looked in . and in {root}).")
+    return next((t for t in (Path(labels).expanduser(), root / labels) if t.is_file()), None)
+
+
+def _labels_table(labels: str, root: Path) -> Path:
+    table = _find_table(labels, root)
+    if table is None:
+        raise DataError(f"Labels file not found. Received: LABELS={labels!r} (looked in ., {root} and its splits).")
+    return table
+
+
+def _split_tables(labels: str, root: Path) -> dict[str, tuple[Path, Path]]:
+    """split -> (its folder, its table named LABELS), for split folders that each hold one (Roboflow's export)."""
+    tables = {
+        split: (directory, directory / labels)
+        for split, directory in (_split_folders(root) or {}).items()
+        if (directory / labels).is_file()
+    }
+    if "train" not in tables:
+        _labels_table(labels, root)  # raises, naming where it looked
+    return tables
 
 
 def _undecoded_photos(ignored: Sequence[str]) -> list[str]:
