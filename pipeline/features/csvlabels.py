@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from pipeline.errors import DataError
 
@@ -36,7 +36,7 @@ def labelled_files(table: Path, images: Sequence[str]) -> tuple[tuple[str, ...],
     listed: dict[str, str] = {}
     missing: list[str] = []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
-        label, name = labels(number, row), row[image_column].strip()
+        label, name = labels(number, row), (row[image_column] or "").strip()
         found = candidates(name)
         if len(found) > 1:
             raise DataError(
@@ -53,7 +53,8 @@ def labelled_files(table: Path, images: Sequence[str]) -> tuple[tuple[str, ...],
             "Give DATA_DIR as the folder the CSV's paths are relative to."
         )
     class_names = tuple(sorted(set(listed.values())))
-    files = [(path, class_names.index(label)) for path, label in sorted(listed.items())]
+    index = {name: i for i, name in enumerate(class_names)}
+    files = [(path, index[label]) for path, label in sorted(listed.items())]
     warnings = []
     if missing:
         warnings.append(
@@ -120,9 +121,11 @@ def _resolver(images: Sequence[str]):
     its extension, or a file name (with or without extension); one path is a match."""
     exact = set(images)
     index: dict[str, set[str]] = {}
-    for path in images:
-        posix = PurePosixPath(path)
-        for key in {str(posix.with_suffix("")), posix.name, posix.stem}:
+    for path in images:  # string slicing, not pathlib: a million images are listed on every run
+        name = path[path.rfind("/") + 1 :]
+        dot = name.rfind(".")
+        stem = name[:dot] if dot > 0 else name
+        for key in {path[: len(path) - len(name) + len(stem)], name, stem}:
             index.setdefault(key, set()).add(path)
 
     def candidates(name: str) -> list[str]:

@@ -313,7 +313,8 @@ def _list_labelled(labels: str, root: Path, ignored: list[str], warnings: list[s
         extra = sorted({c for _, c in entries} - set(class_names))
         if extra:
             raise DataError(f"Split '{split}' has classes that train lacks: {', '.join(extra)}.")
-    files = {split: [(path, class_names.index(c)) for path, c in entries] for split, entries in listed.items()}
+    index = {name: i for i, name in enumerate(class_names)}
+    files = {split: [(path, index[c]) for path, c in entries] for split, entries in listed.items()}
     return FOLDER_LAYOUTS["csv" if whole else tuple(tables)], class_names, files
 
 
