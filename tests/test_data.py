@@ -254,7 +254,7 @@ def test_iphone_heic_photos_left_out_get_a_warning_that_counts_them_and_jfif_is_
     assert "dog/saved from the web.jfif" in [p for files in scan.splits.values() for p, _ in files]
 
 
-def test_images_labelled_in_a_csv_get_an_error_that_points_to_class_folders_of_links(tmp_path):
+def test_images_beside_a_csv_without_labels_get_an_error_that_names_the_labels_option(tmp_path):
     root = tmp_path / "kaggle"
     for i in range(4):
         write_image(root / "train" / f"{i}.jpg", COLORS["cat"])
