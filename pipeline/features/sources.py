@@ -303,19 +303,13 @@ def _list_labelled(labels: str, root: Path, ignored: list[str], warnings: list[s
     the whole folder (Kaggle's train.csv), or one of that name in each split folder (Roboflow)."""
     whole = _find_table(labels, root)
     tables = {"train": (root, whole)} if whole else _split_tables(labels, root)
-    listed = {}
+    listed: dict[str, dict[str, list[str]]] = {}
     for split, (directory, table) in tables.items():
         names, labelled, notes = labelled_files(table, _list_images(directory, root, ignored))
         warnings += notes
-        listed[split] = [(path, names[label]) for path, label in labelled]
-    class_names = tuple(sorted({c for _, c in listed["train"]}))
-    for split, entries in listed.items():
-        extra = sorted({c for _, c in entries} - set(class_names))
-        if extra:
-            raise DataError(f"Split '{split}' has classes that train lacks: {', '.join(extra)}.")
-    index = {name: i for i, name in enumerate(class_names)}
-    files = {split: [(path, index[c]) for path, c in entries] for split, entries in listed.items()}
-    return FOLDER_LAYOUTS["csv" if whole else tuple(tables)], class_names, files
+        for path, label in labelled:
+            listed.setdefault(split, {}).setdefault(names[label], []).append(path)
+    return (FOLDER_LAYOUTS["csv" if whole else tuple(tables)], *_by_class_index(listed))
 
 
 def _find_table(labels: str, root: Path) -> Path | None:
@@ -363,6 +357,11 @@ def _list_presplit(split_dirs: dict[str, Path], root: Path, ignored: list[str], 
         classes = _list_split(split, directory, root, ignored, warnings)
         if classes is not None:
             listed[split] = classes
+    return (FOLDER_LAYOUTS[tuple(listed)], *_by_class_index(listed))
+
+
+def _by_class_index(listed: dict[str, dict[str, list[str]]]) -> tuple[tuple[str, ...], Files]:
+    """split -> class -> paths, as (class names: train's, sorted; split -> [(path, class index)])."""
     class_names = tuple(sorted(listed["train"]))
     for split, classes in listed.items():
         extra = sorted(set(classes) - set(class_names))
@@ -371,11 +370,11 @@ def _list_presplit(split_dirs: dict[str, Path], root: Path, ignored: list[str], 
                 f"Split '{split}' has classes that train lacks: {', '.join(extra)}. "
                 f"Expected a subset of: {', '.join(class_names)}."
             )
+    index = {name: i for i, name in enumerate(class_names)}
     files = {
-        split: [(path, class_names.index(c)) for c in sorted(classes) for path in classes[c]]
-        for split, classes in listed.items()
+        split: [(path, index[c]) for c in sorted(classes) for path in classes[c]] for split, classes in listed.items()
     }
-    return FOLDER_LAYOUTS[tuple(listed)], class_names, files
+    return class_names, files
 
 
 def _test_from_validation(files: Files, root: Path, config: DataConfig, seed: int, class_names) -> Files:
