@@ -1,7 +1,7 @@
 """Is a download worth starting? One quick look at the network before a library retries for minutes.
 
 keras-hub presets and tensorflow-datasets download through libraries that retry with
-back-off: offline, tfds took 3.5 minutes to give up. A TCP connection to the host,
+back-off, for minutes when offline (docs/features.md). A TCP connection to the host,
 with a short timeout, tells in seconds. Behind a proxy a direct connection proves
 nothing (the proxy reaches the host, this machine may not), so then the download is
 simply tried.

@@ -75,7 +75,7 @@ def learning_curves(
 
 
 #: Classes a confusion matrix shows at most, each cell with its count: the figure grows with
-#: the square of the classes (200 took 12 s and 5 GB to draw), and beyond this no one reads it.
+#: the square of the classes (hundreds would take seconds and gigabytes), and beyond this no one reads it.
 MATRIX_CLASSES = 30
 
 

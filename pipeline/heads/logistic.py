@@ -268,7 +268,7 @@ _REGRESSION_GUESS = "The number of unique classes is greater than 50% of the num
 
 
 def _fit_quietly(model: Any, X: np.ndarray, y: np.ndarray) -> bool:
-    """Fit `model` with ConvergenceWarning silenced; return whether it converged."""
+    """Fit `model` with ConvergenceWarning (and `_REGRESSION_GUESS`) silenced; return whether it converged."""
     from sklearn.exceptions import ConvergenceWarning
 
     with warnings.catch_warnings(record=True) as caught:
