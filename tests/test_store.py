@@ -99,6 +99,38 @@ def test_reader_refuses_missing_incomplete_and_mismatched_files(tmp_path):
         read_features(path)
 
 
+_READER = """
+import sys, h5py, pathlib
+path, stop, opened = sys.argv[1], pathlib.Path(sys.argv[2]), 0
+while not stop.exists():
+    try:
+        with h5py.File(path, "r", swmr=True, libver="latest") as f:
+            opened += int(f["train/committed"][0] >= 0)
+    except (OSError, KeyError):
+        pass
+print(opened)
+"""
+
+
+def test_a_reader_of_the_unfinished_file_never_blocks_the_writer(tmp_path):
+    """Another process polling the partial file (as `make audit` or a progress probe may) while the
+    writer reopens it again and again: the writer never meets that reader's file lock."""
+    path, stop = tmp_path / "f.h5", tmp_path / "stop"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(partial_path(path)), str(stop)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for start in range(0, 300, 2):
+            with writer(path) as w:
+                w.append("train", *batch(start, 2))
+    finally:
+        stop.touch()
+        opened = int(reader.communicate(timeout=60)[0])
+    assert opened > 0
+    with writer(path) as w:
+        assert w.committed("train") == (300, 299)
+
+
 def _partial_rows(out) -> int:
     """Committed rows of the store segment being written by another process under `out`."""
     for partial in sorted(out.glob("store/*/segment-*.h5.partial")):

@@ -176,14 +176,18 @@ class FeatureWriter:
 
     def __enter__(self) -> FeatureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = self.partial.with_name(self.partial.name + ".new")
         if self.partial.exists():
-            self._recover()
+            self._recover(fresh)
         elif self.extend is not None:
-            self._recover(self.extend)
+            self._recover(fresh, self.extend)
         else:
-            self._create(self.partial)
-        self._file = h5py.File(self.partial, "a", libver="latest")
+            self._create(fresh)
+        # Renamed only once in SWMR mode: a reader of the partial file (`make audit`, a
+        # progress probe) never holds the lock that a writer opening it would need.
+        self._file = h5py.File(fresh, "a", libver="latest")
         self._file.swmr_mode = True
+        os.replace(fresh, self.partial)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -206,8 +210,8 @@ class FeatureWriter:
                 views.create_dataset("seconds", data=np.zeros(1, np.float64))
         return target
 
-    def _recover(self, source: Path | None = None) -> None:
-        """Copies the committed rows of a partial file (perhaps crashed) into a new one.
+    def _recover(self, fresh: Path, source: Path | None = None) -> None:
+        """Copies the committed rows of a partial file (perhaps crashed) into `fresh`.
 
         With `source`, a finished file is copied instead (to add views to it).
         """
@@ -228,7 +232,6 @@ class FeatureWriter:
                     f"settings ({key_diff(stored, self.attrs['key'])}); it is not mixed "
                     "with this run. Delete it, or rerun with its settings."
                 )
-            fresh = self.partial.with_name(self.partial.name + ".new")
             self._create(fresh)
             with h5py.File(fresh, "a", libver="latest") as new:
                 for name in self.split_attrs:
@@ -244,7 +247,6 @@ class FeatureWriter:
                         name,
                     )
                 self._carry_views(old, new, source, finished=finished)
-        os.replace(fresh, self.partial)
 
     def _carry_views(self, old: h5py.File, new: h5py.File, source: Path, *, finished: bool) -> None:
         """Copies the views of `old` that this run can keep: same augmentation and seed.
