@@ -194,14 +194,10 @@ extract_features(config_for(Path({folder!r}), Path({out!r})), progress=False, en
 
 
 def _committed(out: Path) -> int:
-    """Committed rows of the store segment another process writes under `out` (0 while it is being created).
-
-    `locking=False`: a reader's lock taken while the writer creates the file would make
-    the writer fail to open it.
-    """
+    """Committed rows of the store segment another process writes under `out` (0 before it starts)."""
     for partial in out.glob("store/*/segment-*.h5.partial"):
         try:
-            with h5py.File(partial, "r", swmr=True, libver="latest", locking=False) as f:
+            with h5py.File(partial, "r", swmr=True, libver="latest") as f:
                 return int(f["rows/committed"][0])
         except (OSError, KeyError, ValueError):
             return 0

@@ -242,7 +242,10 @@ def test_the_content_store_finds_rows_by_content_the_first_copy_winning_and_read
     with store.writer() as segment:
         segment.append(["b", "d"], [PLAIN] * 2, second)  # "b" again: the copy indexed first is kept
         segment.append(["a"], [0], second[:1])  # a view of "a"
+    unborn = tmp_path / "store" / "segment-0-1-0.h5.partial.new"  # a run killed before its first batch
+    unborn.write_bytes(b"half an HDF5 header")
     store = open_store(tmp_path / "store", identity, feature_dim=3, dtype="float32")
+    assert not unborn.exists()
     locations = store.locate(["d", "x", "b", "a"])
     assert locations[1] == -1 and len(store) == 5 and ("a", 0) in store and ("d", 0) not in store
     expected = np.stack([second[1], first[1], first[0]])

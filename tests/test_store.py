@@ -15,6 +15,7 @@ from conftest import ROOT, make_folder
 from test_extract import tiny_config
 
 from pipeline.errors import CacheError
+from pipeline.features.contentstore import PLAIN, open_store
 from pipeline.features.extract import extract_features, resolve
 from pipeline.features.store import FORMAT_VERSION, FeatureWriter, load_views, partial_path, read_features
 from pipeline.features.tables import append_rows
@@ -101,34 +102,50 @@ def test_reader_refuses_missing_incomplete_and_mismatched_files(tmp_path):
 
 _READER = """
 import sys, h5py, pathlib
-path, stop, opened = sys.argv[1], pathlib.Path(sys.argv[2]), 0
+folder, pattern, stop, opened = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3]), 0
 while not stop.exists():
-    try:
-        with h5py.File(path, "r", swmr=True, libver="latest") as f:
-            opened += int(f["train/committed"][0] >= 0)
-    except (OSError, KeyError):
-        pass
+    for path in folder.glob(pattern):
+        try:
+            with h5py.File(path, "r", swmr=True, libver="latest") as f:
+                opened += 1
+        except OSError:
+            pass
 print(opened)
 """
 
 
-def test_a_reader_of_the_unfinished_file_never_blocks_the_writer(tmp_path):
-    """Another process polling the partial file (as `make audit` or a progress probe may) while the
-    writer reopens it again and again: the writer never meets that reader's file lock."""
-    path, stop = tmp_path / "f.h5", tmp_path / "stop"
+def _feature_file_runs(folder):
+    for start in range(0, 300, 2):
+        with writer(folder / "f.h5") as w:
+            w.append("train", *batch(start, 2))
+    with writer(folder / "f.h5") as w:
+        assert w.committed("train") == (300, 299)
+
+
+def _store_segment_runs(folder):
+    store = open_store(folder / "store", {"backbone": "tiny"}, feature_dim=4, dtype="float32")
+    for start in range(0, 300, 2):
+        with store.writer() as segment:
+            segment.append([f"sha256:{start}", f"sha256:{start + 1}"], [PLAIN, PLAIN], batch(start, 2)[0])
+    assert len(open_store(folder / "store", {"backbone": "tiny"}, feature_dim=4, dtype="float32")) == 300
+
+
+@pytest.mark.parametrize(
+    "runs, pattern", [(_feature_file_runs, "f.h5.partial"), (_store_segment_runs, "store/segment-*.h5.partial")]
+)
+def test_a_reader_of_an_unfinished_file_never_blocks_its_writer(tmp_path, runs, pattern):
+    """Another process polling the partial files (a progress probe, `make audit`) while 150 runs
+    in a row create or reopen them: no writer meets that reader's file lock."""
+    stop = tmp_path / "stop"
     reader = subprocess.Popen(
-        [sys.executable, "-c", _READER, str(partial_path(path)), str(stop)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _READER, str(tmp_path), pattern, str(stop)], stdout=subprocess.PIPE, text=True
     )
     try:
-        for start in range(0, 300, 2):
-            with writer(path) as w:
-                w.append("train", *batch(start, 2))
+        runs(tmp_path)
     finally:
         stop.touch()
         opened = int(reader.communicate(timeout=60)[0])
     assert opened > 0
-    with writer(path) as w:
-        assert w.committed("train") == (300, 299)
 
 
 def _partial_rows(out) -> int:

@@ -15,12 +15,13 @@ format is refused, never read as this one. Images that could not be decoded are 
 failures with their reason (`/failures`, JSON), so a broken file is not tried again until
 its bytes change.
 
-A segment is written with the feature file's commit protocol: opened under SWMR as
-`.partial`, every batch appended and flushed, then a commit counter advanced and flushed,
-so a killed run leaves whole committed batches. The store's writer holds the lock on the
-store folder (`pipeline.locks.exclusive`), so a `.partial` it finds belongs to a dead run:
-`open_store` turns its committed rows into a finished segment before anything else, and
-the next run reuses them and writes a new segment.
+A segment is written with the feature file's commit protocol: put in place as `.partial`
+once opened under SWMR, every batch appended and flushed, then a commit counter advanced
+and flushed, so a killed run leaves whole committed batches. The store's writer holds the
+lock on the store folder (`pipeline.locks.exclusive`), so a `.partial` it finds belongs to
+a dead run: `open_store` turns its committed rows into a finished segment before anything
+else (and drops a `.partial.new` that died before its first batch), and the next run
+reuses them and writes a new segment.
 
 Rows are never rewritten: an unchanged image keeps the bits it was stored with.
 `compact` (run by `make gc`, and automatically when dead rows pass
@@ -331,6 +332,8 @@ def open_store(directory: Path, identity: Mapping[str, Any], *, feature_dim: int
     """The store at `directory`, its interrupted segments finished first. Hold the folder's lock."""
     store = ContentStore(directory, identity, feature_dim=feature_dim, dtype=dtype)
     directory.mkdir(parents=True, exist_ok=True)
+    for unborn in directory.glob("segment-*.h5" + PARTIAL_SUFFIX + ".new"):
+        unborn.unlink()
     for partial in sorted(directory.glob("segment-*.h5" + PARTIAL_SUFFIX)):
         _finish_partial(partial, identity, {}, store.layout(True), recovered=True)
     store._index()
@@ -364,11 +367,15 @@ class SegmentWriter:
             self.finish()
 
     def _start(self) -> h5py.File:
-        with h5py.File(self.partial, "w", libver="latest") as f:
+        """Creates the partial segment, renamed into place only once in SWMR mode: a process
+        reading it (a progress probe) never holds a lock that this writer would need."""
+        fresh = self.partial.with_name(self.partial.name + ".new")
+        with h5py.File(fresh, "w", libver="latest") as f:
             _write_root(f, self.store.identity)
             create_table(f.create_group("rows"), SEGMENT_COLUMNS, self.store.layout(False))
-        self._file = h5py.File(self.partial, "a", libver="latest")
+        self._file = h5py.File(fresh, "a", libver="latest")
         self._file.swmr_mode = True
+        os.replace(fresh, self.partial)
         return self._file
 
     def append(self, content_ids: Sequence[str], views: Sequence[int], features: np.ndarray) -> None:
