@@ -22,11 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.options import check_choices, derived, option, parse_size
 
 SPLIT_NAMES = ("train", "validation", "test")
-DEFAULT_TFDS_SPLITS = {
-    "train": "train[:40%]",
-    "validation": "train[40%:50%]",
-    "test": "train[50%:60%]",
-}
+DEFAULT_TFDS_SPLITS = {"train": "train[:40%]", "validation": "train[40%:50%]", "test": "train[50%:60%]"}
 DEFAULT_DATASET = "cats_vs_dogs"
 #: Feature maps: avg, max; tokens: cls, mean (of patch tokens), cls_mean, pooled (see pipeline.features.pooling).
 POOLINGS = ("avg", "max", "cls", "mean", "cls_mean", "pooled")
@@ -70,7 +66,7 @@ class DataConfig:
 
     dataset: str | None = option(None, f"tensorflow-datasets name (default: {DEFAULT_DATASET} unless DATA_DIR is set)")
     data_dir: str | None = option(None, "image folder: one sub-folder per class, or split folders (docs/features.md)")
-    labels: str | None = option(None, "a CSV of image,label rows (or a 0/1 column per class) for DATA_DIR")
+    labels: str | None = option(None, "DATA_DIR's labels: a CSV of image,label rows, or name (cat.0.jpg: cat)")
     tfds_dir: str | None = option(None, "tensorflow-datasets data_dir holding prepared data")
     download: bool = option(True, "never download tfds data (fail at once offline)", name="no_download", invert=True)
     splits: Mapping[str, str] = option(
@@ -198,7 +194,11 @@ class FeaturesConfig:
             raise ConfigError("image_size must be resolved before computing the cache key.")
         data = self.data
         return {
-            **({"labels": Path(data.labels).name} if data.labels else {}),  # unset: keys stay as they were
+            **(
+                {"labels": data.labels if data.labels.startswith("name:") else Path(data.labels).name}
+                if data.labels
+                else {}
+            ),
             "dataset": data.dataset if data.dataset is not None else data.name,
             "source": "tfds" if data.dataset is not None else "folder",
             "splits": data.splits if data.dataset is not None else None,

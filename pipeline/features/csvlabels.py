@@ -27,9 +27,9 @@ LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "breed", "spe
 _ONE_HOT = {"0", "1", "0.0", "1.0"}
 
 
-def labelled_files(table: Path, images: Sequence[str]) -> tuple[tuple[str, ...], list[tuple[str, int]], list[str]]:
-    """(class names, [(image path, label index)], warnings) from `table`, given the folder's `images`
-    (paths relative to it, as the scan lists them)."""
+def labelled_files(table: Path, images: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """({image path: label}, warnings) from `table`, given the folder's `images` (paths
+    relative to it, as the scan lists them)."""
     header, rows = _read(table)
     image_column, labels = _columns(table, header, rows)
     candidates = _resolver(images)
@@ -52,9 +52,6 @@ def labelled_files(table: Path, images: Sequence[str]) -> tuple[tuple[str, ...],
             f"None of the {len(rows)} images that {table.name} names is in the folder (first: {missing[:3]}). "
             "Give DATA_DIR as the folder the CSV's paths are relative to."
         )
-    class_names = tuple(sorted(set(listed.values())))
-    index = {name: i for i, name in enumerate(class_names)}
-    files = [(path, index[label]) for path, label in sorted(listed.items())]
     warnings = []
     if missing:
         warnings.append(
@@ -64,7 +61,7 @@ def labelled_files(table: Path, images: Sequence[str]) -> tuple[tuple[str, ...],
     unlabelled = len(images) - len(listed)
     if unlabelled:
         warnings.append(f"{unlabelled} images of the folder are not in {table.name}, so not used.")
-    return class_names, files, warnings
+    return listed, warnings
 
 
 def _read(table: Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -30,6 +30,7 @@ from pipeline.config import DataConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.carving import carve, seeded_rank
 from pipeline.features.csvlabels import labelled_files
+from pipeline.features.namelabels import labelled_by_name, looks_labelled, name_pattern
 
 if TYPE_CHECKING:
     import numpy as np
@@ -227,6 +228,7 @@ def _carve_validation_and_test(files: Files, config: DataConfig, seed: int, clas
 FOLDER_LAYOUTS = {
     "flat": FolderLayout("flat, validation+test carved", _carve_validation_and_test),
     "csv": FolderLayout("labels from a CSV file, validation+test carved", _carve_validation_and_test),
+    "names": FolderLayout("labels from file names, validation+test carved", _carve_validation_and_test),
     ("train",): FolderLayout("train only, validation+test carved", _carve_validation_and_test),
     ("train", "test"): FolderLayout("train+test, validation carved", _carve_validation),
     ("train", "validation"): FolderLayout("presplit", _as_given),
@@ -299,17 +301,40 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
 
 
 def _list_labelled(labels: str, root: Path, ignored: list[str], warnings: list[str]):
-    """(layout, class names, files per split) of a folder labelled by LABELS: one table for
-    the whole folder (Kaggle's train.csv), or one of that name in each split folder (Roboflow)."""
-    whole = _find_table(labels, root)
-    tables = {"train": (root, whole)} if whole else _split_tables(labels, root)
+    """(layout, class names, files per split) of a folder labelled by LABELS (`_labellers`)."""
+    whole, labellers = _labellers(labels, root)
     listed: dict[str, dict[str, list[str]]] = {}
-    for split, (directory, table) in tables.items():
-        names, labelled, notes = labelled_files(table, _list_images(directory, root, ignored))
+    for split, (directory, labeller) in labellers.items():
+        labelled, notes = labeller(_list_images(directory, root, ignored))
         warnings += notes
-        for path, label in labelled:
-            listed.setdefault(split, {}).setdefault(names[label], []).append(path)
-    return (FOLDER_LAYOUTS["csv" if whole else tuple(tables)], *_by_class_index(listed))
+        for path, label in sorted(labelled.items()):
+            listed.setdefault(split, {}).setdefault(label, []).append(path)
+    if "train" not in listed:
+        raise DataError(f"No image under {root} has a label from LABELS={labels!r}; see the warnings above.")
+    return (FOLDER_LAYOUTS[whole or tuple(listed)], *_by_class_index(listed))
+
+
+def _labellers(labels: str, root: Path) -> tuple[str | None, dict[str, tuple[Path, Callable]]]:
+    """(the layout of a folder labelled as one, or None for one kept in its splits; split ->
+    (its folder, a function from its images to ({path: label}, warnings))).
+
+    File names (`name`, `name:<regex>`) label the split folders, if the folder holds only
+    those, else the whole folder (Kaggle's Dogs vs. Cats: train/ and an unlabelled test1/).
+    A CSV file labels the whole folder (Kaggle's train.csv), or, found in each split
+    folder under that name, its split (Roboflow's _classes.csv).
+    """
+    pattern = name_pattern(labels)
+    if pattern is not None:
+        by_name = functools.partial(labelled_by_name, pattern, labels)
+        folders = [e for e in root.iterdir() if e.is_dir() and not not_data(e.name)]
+        if folders and all(f.name.lower() in SPLIT_FOLDER_NAMES for f in folders):
+            return None, {split: (directory, by_name) for split, directory in _split_folders(root).items()}
+        return "names", {"train": (root, by_name)}
+    whole = _find_table(labels, root)
+    if whole:
+        return "csv", {"train": (root, functools.partial(labelled_files, whole))}
+    tables = _split_tables(labels, root)
+    return None, {split: (d, functools.partial(labelled_files, table)) for split, (d, table) in tables.items()}
 
 
 def _find_table(labels: str, root: Path) -> Path | None:
@@ -405,6 +430,7 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
             f"other folders ({', '.join(others)}). Expected either only split folders "
             f"({', '.join(SPLIT_FOLDER_NAMES)}, each with one sub-folder per class) or only "
             "class folders: move the other folders into the splits, or out of the folder."
+            + _labels_hint([e.name for f in named for e in f.iterdir() if e.is_file()], root)
         )
     by_split: dict[str, list[Path]] = {}
     for folder in named:
@@ -436,7 +462,7 @@ def _list_split(
             raise DataError(
                 f"Expected one sub-folder per class in the train folder {directory}. Received: "
                 f"{len(loose)} images and no sub-folders, so no labels. Sort the images into "
-                f"class sub-folders (train/<class>/<image>).{_csv_hint(directory, root)}"
+                f"class sub-folders (train/<class>/<image>).{_labels_hint(loose, directory, root)}"
             )
         if loose:
             warnings.append(
@@ -526,18 +552,25 @@ def _check_classes(class_names: Sequence[str], root: Path) -> None:
         raise DataError(
             f"Expected at least 2 class sub-folders in {root}. Received: "
             f"{len(class_names)} ({', '.join(class_names) or 'none'}). A classifier needs "
-            f"one sub-folder per class.{_csv_hint(root, root)}"
+            f"one sub-folder per class.{_labels_hint([e.name for e in root.iterdir() if e.is_file()], root)}"
         )
 
 
-def _csv_hint(*folders: Path) -> str:
-    """For images whose labels are in a CSV file (Kaggle's train.csv, Roboflow's _classes.csv)."""
+def _labels_hint(images: Sequence[str], *folders: Path) -> str:
+    """For images whose labels are in a CSV file (Kaggle's train.csv, Roboflow's _classes.csv)
+    or in their file names (Kaggle's Dogs vs. Cats: cat.0.jpg)."""
     tables = sorted({p.name for folder in folders for p in folder.glob("*.csv")})
-    if not tables:
-        return ""
-    return (
-        f" The labels are in {', '.join(tables)}? Pass LABELS={tables[0]} (docs/features.md, 'Labels in a CSV file')."
-    )
+    if tables:
+        return (
+            f" The labels are in {', '.join(tables)}? Pass LABELS={tables[0]} "
+            "(docs/features.md, 'Labels in a CSV file')."
+        )
+    example = looks_labelled([path[path.rfind("/") + 1 :] for path in images])
+    if example:
+        return (
+            f" The file names hold the labels ({example})? Pass LABELS=name (docs/features.md, 'Labels in file names')."
+        )
+    return ""
 
 
 def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]], sizes: Mapping[str, int] | None) -> str:
