@@ -26,7 +26,7 @@ from pipeline.config import FeaturesConfig
 from pipeline.errors import CacheError, ConfigError, DataError
 from pipeline.features.backbones import HUB_PREFIX, get_backbone, weights_identity
 from pipeline.features.extractor import build_extractor
-from pipeline.features.sources import image_files
+from pipeline.features.listing import image_files
 from pipeline.heads.base import JSON_NAME, Head
 from pipeline.heads.registry import load_head
 from pipeline.images import Resize

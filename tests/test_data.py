@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import zlib
+from pathlib import Path
 
 import pytest
 import tensorflow_datasets as tfds
@@ -12,6 +14,7 @@ from conftest import COLORS, make_folder, write_image
 from pipeline.config import DataConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.data import load_source
+from pipeline.features.listing import image_files
 from pipeline.features.sources import folder_source, scan_folder
 from pipeline.features.tfds_data import tfds_source
 
@@ -209,6 +212,32 @@ def test_hidden_and_non_image_files_are_ignored_not_counted(image_folder):
     scan = scan_folder(folder_config(image_folder, val_fraction=0.25, test_fraction=0.25), seed=0)
     assert sum(len(v) for v in scan.splits.values()) == 24
     assert set(scan.ignored) == {"README", "cat/.DS_Store", "cat/notes.txt"}
+
+
+def _non_utf8(folder, name: bytes):
+    """A path named with bytes that are not UTF-8 (cp1252 from a zip made on Windows), or a skip
+    where the filesystem refuses such names (macOS)."""
+    path = os.fsdecode(os.path.join(os.fsencode(folder), name))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+    except OSError:
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+
+
+def test_images_named_in_another_encoding_are_left_out_with_a_warning_and_a_class_is_an_error(tmp_path, caplog):
+    root = make_folder(tmp_path / "data", 6)
+    write_image(Path(_non_utf8(root, b"cat/caf\xe9 au lait.jpg")), COLORS["cat"])
+    scan = scan_folder(folder_config(root, val_fraction=0.25, test_fraction=0.25), seed=0)
+    assert sum(len(v) for v in scan.splits.values()) == 12
+    (warning,) = [w for w in scan.warnings if "not UTF-8" in w]
+    assert "1 image is left out" in warning and "b'cat/caf\\xe9 au lait.jpg'" in warning and "convmv" in warning
+    with caplog.at_level(logging.WARNING):  # `make predict` lists folders the same way
+        assert len(image_files(root / "cat")) == 6 and "not UTF-8" in caplog.text
+    write_image(Path(_non_utf8(root, b"m\xfcll/1.jpg")), COLORS["dog"])
+    write_image(Path(_non_utf8(root, b"m\xfcll/2.jpg")), COLORS["dog"])
+    with pytest.raises(DataError, match=r"Class name b'm\\xfcll' in .* is not UTF-8.*convmv"):
+        scan_folder(folder_config(root, val_fraction=0.25, test_fraction=0.25), seed=0)
 
 
 @pytest.mark.parametrize("layout", ["flat", "presplit"])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.features.sources import IMAGE_EXTENSIONS
+from pipeline.features.listing import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 

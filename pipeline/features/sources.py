@@ -30,6 +30,14 @@ from pipeline.config import DataConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.carving import carve, seeded_rank
 from pipeline.features.csvlabels import labelled_files
+from pipeline.features.listing import (
+    IMAGE_EXTENSIONS,
+    is_utf8,
+    list_images,
+    non_utf8_names,
+    not_data,
+    undecoded_photos,
+)
 from pipeline.features.namelabels import labelled_by_name, looks_labelled, name_pattern
 
 if TYPE_CHECKING:
@@ -37,13 +45,6 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp"})
-#: Photo formats people have that stage 1's decoder cannot read (iPhones save HEIC): left
-#: out with a warning that counts them and says how to include them, not only logged.
-UNDECODED_PHOTO_FORMATS = frozenset(
-    {".heic", ".heif", ".avif", ".jxl", ".tif", ".tiff", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf"}
-)
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     else:
         ignored += [e.name for e in sorted(root.iterdir()) if not_data(e.name) or not e.is_dir()]
         layout, class_names, files = _list_presplit(split_dirs, root, ignored, warnings)
-    warnings += _undecoded_photos(ignored)
+    warnings += undecoded_photos(ignored) + non_utf8_names(ignored, root)
     _check_classes(class_names, root)
     files = layout.carve({"validation": [], "test": [], **files}, config, seed, class_names)
     layout_name = layout.name
@@ -305,7 +306,7 @@ def _list_labelled(labels: str, root: Path, ignored: list[str], warnings: list[s
     whole, labellers = _labellers(labels, root)
     listed: dict[str, dict[str, list[str]]] = {}
     for split, (directory, labeller) in labellers.items():
-        labelled, notes = labeller(_list_images(directory, root, ignored))
+        labelled, notes = labeller(list_images(directory, root, ignored))
         warnings += notes
         for path, label in sorted(labelled.items()):
             listed.setdefault(split, {}).setdefault(label, []).append(path)
@@ -359,20 +360,6 @@ def _split_tables(labels: str, root: Path) -> dict[str, tuple[Path, Path]]:
     if "train" not in tables:
         _labels_table(labels, root)  # raises, naming where it looked
     return tables
-
-
-def _undecoded_photos(ignored: Sequence[str]) -> list[str]:
-    """A warning counting the photos left out for their format (`UNDECODED_PHOTO_FORMATS`), if any."""
-    formats = Counter(Path(path).suffix.lower() for path in ignored)
-    found = {ext: n for ext, n in sorted(formats.items()) if ext in UNDECODED_PHOTO_FORMATS}
-    if not found:
-        return []
-    count = sum(found.values())
-    return [
-        f"{count} {'photo is' if count == 1 else 'photos are'} left out: TensorFlow cannot decode "
-        f"{', '.join(f'{ext[1:].upper()} ({n})' for ext, n in found.items())}. Convert them to JPEG or PNG "
-        "to include them (for HEIC: `heif-convert`, or `magick mogrify -format jpg *.heic`)."
-    ]
 
 
 def _list_presplit(split_dirs: dict[str, Path], root: Path, ignored: list[str], warnings: list[str]):
@@ -457,7 +444,7 @@ def _list_split(
     sub-folders, whose images have no label; a train folder like that is an error."""
     has_classes = any(e.is_dir() and not not_data(e.name) for e in directory.iterdir())
     if not has_classes:
-        loose = _list_images(directory, root, [])
+        loose = list_images(directory, root, [])
         if split == "train":
             raise DataError(
                 f"Expected one sub-folder per class in the train folder {directory}. Received: "
@@ -491,7 +478,12 @@ def _list_classes(directory: Path, root: Path, ignored: list[str]) -> dict[str, 
         if not_data(entry.name):
             ignored.append(relative)
         elif entry.is_dir():
-            classes[entry.name] = _list_images(entry, root, ignored)
+            if not is_utf8(entry.name):
+                raise DataError(
+                    f"Class name {os.fsencode(entry.name)!r} in {directory} is not UTF-8 (a zip made on Windows?). "
+                    f"Rename it: `convmv -f cp1252 -t utf8 -r --notest {root}`."
+                )
+            classes[entry.name] = list_images(entry, root, ignored)
             if not classes[entry.name]:
                 raise DataError(
                     f"Class folder {entry} has no images (expected files ending in "
@@ -500,51 +492,6 @@ def _list_classes(directory: Path, root: Path, ignored: list[str]) -> dict[str, 
         else:
             ignored.append(relative)
     return classes
-
-
-#: Folders that archivers, NAS boxes and operating systems add beside the data: macOS zips
-#: (`__MACOSX`, AppleDouble `._*` copies of every file), Synology's thumbnails (`@eaDir`,
-#: real JPEGs that would pass for photos of the class), Windows' recycle bin and volume data.
-NOT_DATA_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
-
-
-def not_data(name: str) -> bool:
-    """Whether a file or folder name is never data: hidden (`.DS_Store`, `._x.jpg`, `.git`) or
-    one of `NOT_DATA_FOLDERS`. Such entries are left out and logged, never classes or images."""
-    return name.startswith(".") or name in NOT_DATA_FOLDERS
-
-
-def _list_images(directory: Path, root: Path, ignored: list[str]) -> list[str]:
-    """The images under `directory`, as paths relative to `root`, links to folders followed
-    (a dataset assembled from links is common); a link to a folder already listed, such as
-    one back to its parent, is left out and logged rather than listed again (or forever)."""
-    # Plain strings per file, pathlib per folder: every no-op `make features` lists the tree.
-    images = []
-    listed: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        prefix = Path(dirpath).relative_to(root).as_posix()
-        prefix = "" if prefix == "." else prefix + "/"
-        real = os.path.realpath(dirpath)
-        if real in listed:
-            ignored.append(f"{prefix.rstrip('/') or '.'} (a link to a folder listed already)")
-            dirnames[:] = []
-            continue
-        listed.add(real)
-        ignored += [prefix + d for d in dirnames if d in NOT_DATA_FOLDERS]
-        dirnames[:] = sorted(d for d in dirnames if not not_data(d))
-        for name in sorted(filenames):
-            relative = prefix + name
-            dot = name.rfind(".")
-            if not_data(name) or dot < 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
-                ignored.append(relative)
-            else:
-                images.append(relative)
-    return images
-
-
-def image_files(directory: Path) -> list[Path]:
-    """The images under `directory`, sorted, found as stage 1 finds a class's images."""
-    return [directory / relative for relative in _list_images(directory, directory, [])]
 
 
 def _check_classes(class_names: Sequence[str], root: Path) -> None:
