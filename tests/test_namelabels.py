@@ -30,7 +30,7 @@ def test_kaggle_dogs_vs_cats_is_labelled_by_name_and_its_unlabelled_test_folder_
     assert scan.class_names == ("cat", "dog") and scan.layout == "labels from file names, validation+test carved"
     assert listed(scan)["train/cat.3.jpg"] == "cat" and listed(scan)["train/dog.0.jpg"] == "dog"
     assert sorted(len(files) for files in scan.splits.values()) == [4, 4, 12]
-    assert any("3 images have no label in their file name" in w and "test1/10.jpg" in w for w in scan.warnings)
+    assert any("3 images have no label in the file name" in w and "test1/10.jpg" in w for w in scan.warnings)
 
 
 def test_oxford_pets_names_give_multi_word_breeds_and_copies_keep_their_label(tmp_path):
@@ -44,7 +44,7 @@ def test_oxford_pets_names_give_multi_word_breeds_and_copies_keep_their_label(tm
         **{name: "Abyssinian" for name in names if name.startswith("Aby")},
         **{name: "american_bulldog" for name in names if name.startswith("ame")},
     }
-    assert any("2 images have no label in their file name" in w and "notes.jpg" in w for w in scan.warnings)
+    assert any("2 images have no label in the file name" in w and "notes.jpg" in w for w in scan.warnings)
 
 
 def test_split_folders_of_named_images_keep_their_splits(tmp_path):

@@ -56,7 +56,8 @@ def labelled_by_name(pattern: re.Pattern[str], labels: str, images: Sequence[str
     warnings = []
     if unmatched:
         warnings.append(
-            f"{len(unmatched)} images have no label in their file name (LABELS={labels}), so are not used "
+            f"{len(unmatched)} {'image has' if len(unmatched) == 1 else 'images have'} no label in the file "
+            f"name (LABELS={labels}), so {'is' if len(unmatched) == 1 else 'are'} not used "
             f"(first: {', '.join(unmatched[:3])})."
         )
     return listed, warnings
