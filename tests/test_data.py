@@ -115,6 +115,34 @@ def test_kaggle_training_testing_folders(tmp_path):
     assert per_class(scan.splits["validation"]) == {0: 2, 1: 2, 2: 2}
 
 
+def test_kaggle_split_folders_named_with_more_words_and_doubled_by_the_zip_are_splits(tmp_path):
+    """Kaggle's cat-and-dog: training_set/training_set/<class>/ and test_set/test_set/<class>/;
+    as class folders they would make a silent train-against-test classifier."""
+    root = make_splits(tmp_path / "cat-and-dog" / "training_set", {"training_set": 10})
+    make_splits(tmp_path / "cat-and-dog" / "test_set", {"test_set": 2})
+    scan = scan_folder(folder_config(root.parent, val_fraction=0.2), seed=0)
+    assert (scan.layout, scan.class_names) == ("train+test, validation carved", ("cat", "dog"))
+    assert sizes(scan) == {"train": 16, "validation": 4, "test": 4}
+    assert "test_set/test_set/dog/dog.1.jpg" in [path for path, _ in scan.splits["test"]]
+
+
+def test_coco_and_intel_split_names_and_an_unlabelled_folder_beside_them(tmp_path):
+    root = make_splits(tmp_path / "coco", {"train2017": 4, "val2017": 2})
+    assert sizes(scan_folder(folder_config(root), seed=0)) == {"train": 8, "validation": 4}
+    intel = make_splits(tmp_path / "intel", {"seg_train": 4, "seg_test": 2})
+    write_image(intel / "seg_pred" / "seg_pred" / "1.jpg", (9, 9, 9))
+    with pytest.raises(DataError, match=r"mixes split folders \(seg_test, seg_train\) with other folders \(seg_pred\)"):
+        scan_folder(folder_config(intel), seed=0)
+
+
+def test_a_class_named_with_a_split_word_stays_a_class_and_a_doubled_root_is_looked_through(tmp_path):
+    root = make_folder(tmp_path / "places" / "places", 6, classes=("cat", "dog"))
+    (root / "dog").rename(root / "train_station")
+    scan = scan_folder(folder_config(root.parent, val_fraction=0.25, test_fraction=0.25), seed=0)
+    assert (scan.layout, scan.class_names) == ("flat, validation+test carved", ("cat", "train_station"))
+    assert scan.root == root
+
+
 def test_train_folder_alone_carves_validation_and_test(tmp_path):
     root = make_splits(tmp_path / "data", {"train": 10})
     scan = scan_folder(folder_config(root, val_fraction=0.2, test_fraction=0.2), seed=0)

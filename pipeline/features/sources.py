@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -270,6 +271,7 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
             f"Image folder not found: expected a directory with one sub-folder per "
             f"class. Received: DATA_DIR={config.data_dir!r}."
         )
+    root = _look_through(root, log_it=True)
     ignored: list[str] = []
     warnings: list[str] = []
     split_dirs = None if config.labels else _split_folders(root)
@@ -328,7 +330,7 @@ def _labellers(labels: str, root: Path) -> tuple[str | None, dict[str, tuple[Pat
     if pattern is not None:
         by_name = functools.partial(labelled_by_name, pattern, labels)
         folders = [e for e in root.iterdir() if e.is_dir() and not not_data(e.name)]
-        if folders and all(f.name.lower() in SPLIT_FOLDER_NAMES for f in folders):
+        if folders and all(_split_of(f) for f in folders):
             return None, {split: (directory, by_name) for split, directory in _split_folders(root).items()}
         return "names", {"train": (root, by_name)}
     whole = _find_table(labels, root)
@@ -407,7 +409,8 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
     """split -> its folder, in SPLIT_ORDER, or None for a flat folder (no sub-folder
     named like a split). Mixed, duplicate or train-less split folders are errors."""
     folders = sorted(e for e in root.iterdir() if e.is_dir() and not not_data(e.name))
-    named = [f for f in folders if f.name.lower() in SPLIT_FOLDER_NAMES]
+    splits = {f: split for f in folders if (split := _split_of(f))}
+    named = list(splits)
     if not named:
         return None
     others = [f.name for f in folders if f not in named]
@@ -420,8 +423,8 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
             + _labels_hint([e.name for f in named for e in f.iterdir() if e.is_file()], root)
         )
     by_split: dict[str, list[Path]] = {}
-    for folder in named:
-        by_split.setdefault(SPLIT_FOLDER_NAMES[folder.name.lower()], []).append(folder)
+    for folder, split in splits.items():
+        by_split.setdefault(split, []).append(folder)
     for split, same in by_split.items():
         if len(same) > 1:
             raise DataError(
@@ -434,7 +437,32 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
             "train folder. Expected train/ (or training/) with one sub-folder per class; "
             "rename the split that holds the training images."
         )
-    return {split: by_split[split][0] for split in SPLIT_ORDER if split in by_split}
+    return {split: _look_through(by_split[split][0], log_it=True) for split in SPLIT_ORDER if split in by_split}
+
+
+def _split_of(folder: Path) -> str | None:
+    """The split a top-level folder is named for: a split name (`SPLIT_FOLDER_NAMES`, any
+    case), or one split word among the words of the name of a folder that holds folders
+    (Kaggle's `training_set/` and `test_set/`, `seg_train/`, COCO's `val2017/`), so that
+    such splits are never taken for two classes."""
+    name = folder.name.lower()
+    if name in SPLIT_FOLDER_NAMES:
+        return SPLIT_FOLDER_NAMES[name]
+    words = {SPLIT_FOLDER_NAMES[word] for word in re.findall("[a-z]+", name) if word in SPLIT_FOLDER_NAMES}
+    if len(words) == 1 and any(e.is_dir() and not not_data(e.name) for e in _look_through(folder).iterdir()):
+        return words.pop()
+    return None
+
+
+def _look_through(folder: Path, *, log_it: bool = False) -> Path:
+    """`folder`, or the folder of the same name that is all it holds: the doubled level of
+    a zip extracted into a folder of its name (Kaggle's `training_set/training_set/`)."""
+    entries = [e for e in folder.iterdir() if not not_data(e.name)]
+    if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() == folder.name.lower():
+        if log_it:
+            log.info("Looking through %s: it holds nothing but %s", folder, entries[0].name)
+        return entries[0]
+    return folder
 
 
 def _list_split(
