@@ -135,6 +135,17 @@ def test_coco_and_intel_split_names_and_an_unlabelled_folder_beside_them(tmp_pat
         scan_folder(folder_config(intel), seed=0)
 
 
+def test_an_unlabelled_folder_named_like_a_split_beside_splits_is_left_out(tmp_path, caplog):
+    """Kaggle's MNIST as JPEGs: trainingSet/trainingSet/<digit>/ and testSet/testSet/<images>."""
+    root = make_splits(tmp_path / "mnist" / "trainingSet", {"trainingSet": 10}).parent
+    write_image(root / "testSet" / "testSet" / "img_1.jpg", (9, 9, 9))
+    scan = scan_folder(folder_config(root, val_fraction=0.2, test_fraction=0.2), seed=0)
+    assert scan.layout == "train only, validation+test carved" and sizes(scan)["train"] == 12
+    with caplog.at_level(logging.WARNING, logger="pipeline.features.sources"):
+        folder_source(scan)
+    assert "testSet has 1 images but no class sub-folders" in caplog.text
+
+
 def test_a_class_named_with_a_split_word_stays_a_class_and_a_doubled_root_is_looked_through(tmp_path):
     root = make_folder(tmp_path / "places" / "places", 6, classes=("cat", "dog"))
     (root / "dog").rename(root / "train_station")

@@ -410,6 +410,8 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
     named like a split). Mixed, duplicate or train-less split folders are errors."""
     folders = sorted(e for e in root.iterdir() if e.is_dir() and not not_data(e.name))
     splits = {f: split for f in folders if (split := _split_of(f))}
+    if splits:
+        splits = {f: split for f in folders if (split := _split_of(f, beside_splits=True))}
     named = list(splits)
     if not named:
         return None
@@ -440,16 +442,21 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
     return {split: _look_through(by_split[split][0], log_it=True) for split in SPLIT_ORDER if split in by_split}
 
 
-def _split_of(folder: Path) -> str | None:
+def _split_of(folder: Path, *, beside_splits: bool = False) -> str | None:
     """The split a top-level folder is named for: a split name (`SPLIT_FOLDER_NAMES`, any
     case), or one split word among the words of the name of a folder that holds folders
-    (Kaggle's `training_set/` and `test_set/`, `seg_train/`, COCO's `val2017/`), so that
-    such splits are never taken for two classes."""
+    (Kaggle's `training_set/` and `test_set/`, `seg_train/`, `trainingSet/`, COCO's
+    `val2017/`), so that such splits are never taken for two classes. `beside_splits`: the
+    folder has split folders beside it, so one named so that holds only images is an
+    unlabelled split (Kaggle's `test1/`, `testSet/`), not a class."""
     name = folder.name.lower()
     if name in SPLIT_FOLDER_NAMES:
         return SPLIT_FOLDER_NAMES[name]
-    words = {SPLIT_FOLDER_NAMES[word] for word in re.findall("[a-z]+", name) if word in SPLIT_FOLDER_NAMES}
-    if len(words) == 1 and any(e.is_dir() and not not_data(e.name) for e in _look_through(folder).iterdir()):
+    words = {SPLIT_FOLDER_NAMES.get(word.lower()) for word in re.findall("[A-Z]?[a-z]+|[A-Z]+(?![a-z])", folder.name)}
+    words.discard(None)
+    if len(words) != 1:
+        return None
+    if beside_splits or any(e.is_dir() and not not_data(e.name) for e in _look_through(folder).iterdir()):
         return words.pop()
     return None
 
