@@ -354,9 +354,12 @@ def test_single_class_is_an_error(tmp_path):
         scan_folder(folder_config(root), seed=0)
 
 
-def test_missing_directory_is_an_error(tmp_path):
-    with pytest.raises(DataError, match="Image folder not found.*nowhere"):
+def test_missing_directory_is_an_error_and_an_archive_is_named_as_one(tmp_path):
+    with pytest.raises(DataError, match="Image folder not found.*nowhere'[.]$"):
         scan_folder(folder_config(tmp_path / "nowhere"), seed=0)
+    (tmp_path / "cats-and-dogs.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError, match=r"cats-and-dogs.zip', an archive: extract it \(`unzip`, `tar -xf`\)"):
+        scan_folder(folder_config(tmp_path / "cats-and-dogs.zip"), seed=0)
 
 
 def test_validation_class_missing_from_train_is_an_error(presplit_folder):

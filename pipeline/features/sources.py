@@ -267,9 +267,11 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     """
     root = Path(config.data_dir).expanduser()
     if not root.is_dir():
+        archive = root.is_file() and root.name.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz", ".7z", ".rar"))
         raise DataError(
             f"Image folder not found: expected a directory with one sub-folder per "
-            f"class. Received: DATA_DIR={config.data_dir!r}."
+            f"class. Received: DATA_DIR={config.data_dir!r}"
+            + (", an archive: extract it (`unzip`, `tar -xf`) and pass the folder." if archive else ".")
         )
     root = _look_through(root, log_it=True)
     ignored: list[str] = []
