@@ -348,6 +348,17 @@ def test_empty_class_folder_is_an_error(image_folder):
         scan_folder(folder_config(image_folder), seed=0)
 
 
+def test_classes_that_differ_only_in_case_or_separators_get_a_warning(tmp_path):
+    root = make_folder(tmp_path / "merged", 4, classes=("cat", "dog", "fox"))
+    (root / "dog").rename(root / "Cat")
+    (root / "fox").rename(root / "golden_retriever")
+    write_image(root / "Golden Retriever" / "g.jpg", COLORS["fox"])
+    scan = scan_folder(folder_config(root, val_fraction=0.0, test_fraction=0.0), seed=0)
+    assert len(scan.class_names) == 4
+    (warning,) = [w for w in scan.warnings if "differ only" in w]
+    assert "'Cat' and 'cat'; 'Golden Retriever' and 'golden_retriever'" in warning
+
+
 def test_single_class_is_an_error(tmp_path):
     root = make_folder(tmp_path / "one", 5, classes=("cat",))
     with pytest.raises(DataError, match=r"at least 2 class sub-folders.*Received: 1 \(cat\)"):

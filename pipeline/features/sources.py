@@ -289,6 +289,7 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
         layout, class_names, files = _list_presplit(split_dirs, root, ignored, warnings)
     warnings += undecoded_photos(ignored) + non_utf8_names(ignored, root)
     _check_classes(class_names, root)
+    warnings += _look_alike_classes(class_names)
     files = layout.carve({"validation": [], "test": [], **files}, config, seed, class_names)
     layout_name = layout.name
     if config.test_from_validation:
@@ -538,6 +539,21 @@ def _check_classes(class_names: Sequence[str], root: Path) -> None:
             f"{len(class_names)} ({', '.join(class_names) or 'none'}). A classifier needs "
             f"one sub-folder per class.{_labels_hint([e.name for e in root.iterdir() if e.is_file()], root)}"
         )
+
+
+def _look_alike_classes(class_names: Sequence[str]) -> list[str]:
+    """A warning naming classes that differ only in case, spaces, `_` or `-` (`Cat/` and `cat/`
+    from two sources): each is a class of its own, which is rarely what was meant."""
+    groups: dict[str, list[str]] = {}
+    for name in class_names:
+        groups.setdefault(re.sub(r"[\s_-]+", " ", name).strip().casefold(), []).append(name)
+    alike = [" and ".join(repr(n) for n in names) for names in groups.values() if len(names) > 1]
+    if not alike:
+        return []
+    return [
+        f"Classes {'; '.join(alike)} differ only in case, spaces or separators: each is a class of its own. "
+        "Merge their folders (or labels) if they are one class."
+    ]
 
 
 def _labels_hint(images: Sequence[str], *folders: Path) -> str:
