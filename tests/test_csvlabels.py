@@ -71,6 +71,14 @@ def test_roboflow_export_with_a_table_in_each_split_folder_keeps_its_splits(tmp_
     assert listed(scan)["valid/valid_1.jpg"] == "cat" and listed(scan)["test/test_0.jpg"] == "dog"
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_spreadsheet_saved_with_semicolons_or_tabs_is_read(tmp_path, separator):
+    root = kaggle(tmp_path / "comp", 4)
+    (root / "labels.csv").write_text(f"id{separator}label\r\n000{separator}dog\r\n001{separator}cat\r\n")
+    scan = scan_folder(DataConfig(data_dir=str(root), labels="labels.csv", val_fraction=0, test_fraction=0), seed=0)
+    assert listed(scan) == {"train/000.jpg": "dog", "train/001.jpg": "cat"}
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [

@@ -65,9 +65,13 @@ def labelled_files(table: Path, images: Sequence[str]) -> tuple[dict[str, str], 
 
 
 def _read(table: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of `table`, separated by the one of `,`, `;` (a spreadsheet saved
+    in a locale whose decimal mark is the comma) and tab that its header holds most."""
     try:
         with open(table, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            first = f.readline()
+            f.seek(0)
+            reader = csv.DictReader(f, delimiter=max(",;\t", key=first.count))
             header = [name.strip() for name in reader.fieldnames or []]
             reader.fieldnames = header  # Roboflow writes " cat" for column cat
             rows = list(reader)
