@@ -99,6 +99,20 @@ def test_labels_that_cannot_be_read_one_way_are_one_line_errors(tmp_path, table,
         scan_folder(DataConfig(data_dir=str(root), labels=str(root / "labels.csv")), seed=0)
 
 
+@pytest.mark.parametrize("labels", ["train_labels.csv", "name"])
+def test_labels_that_name_only_tiff_images_say_so(tmp_path, labels):
+    """Kaggle's histopathologic-cancer-detection: train/<id>.tif and train_labels.csv."""
+    root = tmp_path / "histo"
+    (root / "train").mkdir(parents=True)
+    for i in range(2):
+        (root / "train" / f"tissue_{i}.tif").write_bytes(b"II*\x00")
+    (root / "train_labels.csv").write_text("id,label\ntissue_0,0\ntissue_1,1\n")
+    with pytest.raises(
+        DataError, match=r"(None of the 2 images|No image under).* left out: TensorFlow cannot decode TIF \(2\)"
+    ):
+        scan_folder(DataConfig(data_dir=str(root), labels=labels), seed=0)
+
+
 def test_labels_need_an_image_folder_and_an_existing_file(tmp_path):
     with pytest.raises(ConfigError, match="set DATA_DIR too"):
         DataConfig(labels="train.csv")

@@ -311,12 +311,17 @@ def _list_labelled(labels: str, root: Path, ignored: list[str], warnings: list[s
     whole, labellers = _labellers(labels, root)
     listed: dict[str, dict[str, list[str]]] = {}
     for split, (directory, labeller) in labellers.items():
-        labelled, notes = labeller(list_images(directory, root, ignored))
+        images = list_images(directory, root, ignored)
+        try:
+            labelled, notes = labeller(images)
+        except DataError as err:  # a photo format left out may be why no image matched
+            raise DataError(" ".join([str(err), *undecoded_photos(ignored)])) from err
         warnings += notes
         for path, label in sorted(labelled.items()):
             listed.setdefault(split, {}).setdefault(label, []).append(path)
     if "train" not in listed:
-        raise DataError(f"No image under {root} has a label from LABELS={labels!r}; see the warnings above.")
+        found = f"No image under {root} has a label from LABELS={labels!r}."
+        raise DataError(" ".join([found, *warnings, *undecoded_photos(ignored)]))
     return (FOLDER_LAYOUTS[whole or tuple(listed)], *_by_class_index(listed))
 
 
