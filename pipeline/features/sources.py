@@ -273,7 +273,7 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
             f"class. Received: DATA_DIR={config.data_dir!r}"
             + (", an archive: extract it (`unzip`, `tar -xf`) and pass the folder." if archive else ".")
         )
-    root = _look_through(root, log_it=True)
+    root = _look_through(root)
     ignored: list[str] = []
     warnings: list[str] = []
     split_dirs = None if config.labels else _split_folders(root)
@@ -447,7 +447,7 @@ def _split_folders(root: Path) -> dict[str, Path] | None:
             "train folder. Expected train/ (or training/) with one sub-folder per class; "
             "rename the split that holds the training images."
         )
-    return {split: _look_through(by_split[split][0], log_it=True) for split in SPLIT_ORDER if split in by_split}
+    return {split: _look_through(by_split[split][0]) for split in SPLIT_ORDER if split in by_split}
 
 
 def _split_of(folder: Path, *, beside_splits: bool = False) -> str | None:
@@ -464,20 +464,27 @@ def _split_of(folder: Path, *, beside_splits: bool = False) -> str | None:
     words.discard(None)
     if len(words) != 1:
         return None
-    if beside_splits or any(e.is_dir() and not not_data(e.name) for e in _look_through(folder).iterdir()):
+    if beside_splits or any(e.is_dir() and not not_data(e.name) for e in (_doubled(folder) or folder).iterdir()):
         return words.pop()
     return None
 
 
-def _look_through(folder: Path, *, log_it: bool = False) -> Path:
-    """`folder`, or the folder of the same name that is all it holds: the doubled level of
-    a zip extracted into a folder of its name (Kaggle's `training_set/training_set/`)."""
+def _doubled(folder: Path) -> Path | None:
+    """The folder of the same name that is all `folder` holds, if so: the doubled level of a
+    zip extracted into a folder of its name (Kaggle's `training_set/training_set/`)."""
     entries = [e for e in folder.iterdir() if not not_data(e.name)]
     if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() == folder.name.lower():
-        if log_it:
-            log.info("Looking through %s: it holds nothing but %s", folder, entries[0].name)
         return entries[0]
-    return folder
+    return None
+
+
+def _look_through(folder: Path) -> Path:
+    """`folder`, or its doubled level (`_doubled`), which is then the one listed."""
+    inner = _doubled(folder)
+    if inner is None:
+        return folder
+    log.info("Looking through %s: it holds nothing but %s", folder, inner.name)
+    return inner
 
 
 def _list_split(
