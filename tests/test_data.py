@@ -325,9 +325,11 @@ def test_iphone_heic_photos_left_out_get_a_warning_that_counts_them_and_jfif_is_
 def test_images_beside_a_csv_without_labels_get_an_error_that_names_the_labels_option(tmp_path):
     root = tmp_path / "kaggle"
     for i in range(4):
-        write_image(root / "train" / f"{i}.jpg", COLORS["cat"])
+        write_image(root / "train" / "train" / f"{i}.jpg", COLORS["cat"])  # Kaggle doubles the level at times
     (root / "train.csv").write_text("id,label\n0,cat\n1,dog\n2,cat\n3,dog\n")
-    with pytest.raises(DataError, match=r"no labels.*in train.csv\? Pass LABELS=train.csv .*Labels in a CSV"):
+    (root / "sample_submission.csv").write_text("id,label\n")
+    match = r"no labels.*in train.csv, sample_submission.csv\? Pass LABELS=train.csv .*Labels in a CSV"
+    with pytest.raises(DataError, match=match):
         scan_folder(folder_config(root), seed=0)
     flat = tmp_path / "flat"
     write_image(flat / "0.jpg", COLORS["cat"])

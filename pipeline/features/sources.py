@@ -571,7 +571,11 @@ def _look_alike_classes(class_names: Sequence[str]) -> list[str]:
 def _labels_hint(images: Sequence[str], *folders: Path) -> str:
     """For images whose labels are in a CSV file (Kaggle's train.csv, Roboflow's _classes.csv)
     or in their file names (Kaggle's Dogs vs. Cats: cat.0.jpg)."""
-    tables = sorted({p.name for folder in folders for p in folder.glob("*.csv")})
+    # Kaggle puts sample_submission.csv and test.csv beside train.csv: the labels are last to be there.
+    tables = sorted(
+        {p.name for folder in folders for p in folder.glob("*.csv")},
+        key=lambda name: (any(w in name.lower() for w in ("submission", "test")), name),
+    )
     if tables:
         return (
             f" The labels are in {', '.join(tables)}? Pass LABELS={tables[0]} "
