@@ -350,6 +350,19 @@ def test_empty_class_folder_is_an_error(image_folder):
         scan_folder(folder_config(image_folder), seed=0)
 
 
+def test_a_doubled_level_with_a_file_list_beside_it_is_looked_through_and_one_level_too_high_is_named(tmp_path):
+    """Kaggle's garbage classification: a doubled folder with file lists beside it; and a
+    dataset folder whose images/ holds the classes."""
+    root = make_folder(tmp_path / "Garbage classification" / "Garbage classification", 4).parent
+    (root / "one-indexed-files.txt").write_text("cat.0.jpg 1\n")
+    scan = scan_folder(folder_config(root, val_fraction=0.25, test_fraction=0.25), seed=0)
+    assert scan.class_names == ("cat", "dog") and scan.root == root / "Garbage classification"
+    dataset = make_folder(tmp_path / "dataset" / "images", 4).parent
+    (dataset / "labels.txt").write_text("cat\ndog\n")
+    with pytest.raises(DataError, match=r"images/ holds folders \(cat, dog\): if they are the classes, pass DATA_DIR="):
+        scan_folder(folder_config(dataset), seed=0)
+
+
 def test_classes_that_differ_only_in_case_or_separators_get_a_warning(tmp_path):
     root = make_folder(tmp_path / "merged", 4, classes=("cat", "dog", "fox"))
     (root / "dog").rename(root / "Cat")

@@ -470,12 +470,15 @@ def _split_of(folder: Path, *, beside_splits: bool = False) -> str | None:
 
 
 def _doubled(folder: Path) -> Path | None:
-    """The folder of the same name that is all `folder` holds, if so: the doubled level of a
-    zip extracted into a folder of its name (Kaggle's `training_set/training_set/`)."""
-    entries = [e for e in folder.iterdir() if not not_data(e.name)]
-    if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() == folder.name.lower():
-        return entries[0]
-    return None
+    """The one folder in `folder`, if it has the same name and no image lies beside it: the
+    doubled level of a zip extracted into a folder of its name (Kaggle's
+    `training_set/training_set/`, with a README or a file list beside it at times)."""
+    folders = [e for e in folder.iterdir() if e.is_dir() and not not_data(e.name)]
+    if len(folders) != 1 or folders[0].name.lower() != folder.name.lower():
+        return None
+    if any(e.suffix.lower() in IMAGE_EXTENSIONS and e.is_file() for e in folder.iterdir()):
+        return None  # images beside it: `folder` holds data of its own
+    return folders[0]
 
 
 def _look_through(folder: Path) -> Path:
@@ -550,7 +553,20 @@ def _check_classes(class_names: Sequence[str], root: Path) -> None:
             f"Expected at least 2 class sub-folders in {root}. Received: "
             f"{len(class_names)} ({', '.join(class_names) or 'none'}). A classifier needs "
             f"one sub-folder per class.{_labels_hint([e.name for e in root.iterdir() if e.is_file()], root)}"
+            + _one_level_down(root, class_names)
         )
+
+
+def _one_level_down(root: Path, class_names: Sequence[str]) -> str:
+    """For a folder whose one class folder holds the classes (`dataset/images/<class>/`)."""
+    folder = root / class_names[0] if len(class_names) == 1 else None
+    if folder is None or not folder.is_dir():
+        return ""
+    inner = sorted(e.name for e in folder.iterdir() if e.is_dir() and not not_data(e.name))
+    if len(inner) < 2:
+        return ""
+    shown = ", ".join(inner[:5]) + (", ..." if len(inner) > 5 else "")
+    return f" {folder.name}/ holds folders ({shown}): if they are the classes, pass DATA_DIR={folder}."
 
 
 def _look_alike_classes(class_names: Sequence[str]) -> list[str]:
