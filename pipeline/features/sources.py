@@ -39,7 +39,15 @@ from pipeline.features.listing import (
     not_data,
     undecoded_photos,
 )
-from pipeline.features.namelabels import labelled_by_name, looks_labelled, name_pattern
+from pipeline.features.namelabels import labelled_by_name, name_pattern
+from pipeline.features.splitfolders import (
+    SPLIT_FOLDER_NAMES,
+    SPLIT_ORDER,
+    labels_hint,
+    look_through,
+    split_folders,
+    split_of,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -182,20 +190,6 @@ class FolderScan:
         return _fingerprint(self.root, self.splits, self.sizes)
 
 
-# Split folder names, lower-cased, -> the split they hold. Kaggle uses Training/ and
-# Testing/, Roboflow train/ valid/ test/, the TF tutorial's cats_and_dogs_filtered
-# train/ validation/.
-SPLIT_FOLDER_NAMES = {
-    "train": "train",
-    "training": "train",
-    "validation": "validation",
-    "val": "validation",
-    "valid": "validation",
-    "test": "test",
-    "testing": "test",
-}
-SPLIT_ORDER = ("train", "validation", "test")
-
 Files = dict[str, list[tuple[str, int]]]
 
 
@@ -273,10 +267,10 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
             f"class. Received: DATA_DIR={config.data_dir!r}"
             + (", an archive: extract it (`unzip`, `tar -xf`) and pass the folder." if archive else ".")
         )
-    root = _look_through(root)
+    root = look_through(root)
     ignored: list[str] = []
     warnings: list[str] = []
-    split_dirs = None if config.labels else _split_folders(root)
+    split_dirs = None if config.labels else split_folders(root)
     if config.labels:
         layout, class_names, files = _list_labelled(config.labels, root, ignored, warnings)
     elif split_dirs is None:
@@ -338,8 +332,8 @@ def _labellers(labels: str, root: Path) -> tuple[str | None, dict[str, tuple[Pat
     if pattern is not None:
         by_name = functools.partial(labelled_by_name, pattern, labels)
         folders = [e for e in root.iterdir() if e.is_dir() and not not_data(e.name)]
-        if folders and all(_split_of(f) for f in folders):
-            return None, {split: (directory, by_name) for split, directory in _split_folders(root).items()}
+        if folders and all(split_of(f) for f in folders):
+            return None, {split: (directory, by_name) for split, directory in split_folders(root).items()}
         return "names", {"train": (root, by_name)}
     whole = _find_table(labels, root)
     if whole:
@@ -364,7 +358,7 @@ def _split_tables(labels: str, root: Path) -> dict[str, tuple[Path, Path]]:
     """split -> (its folder, its table named LABELS), for split folders that each hold one (Roboflow's export)."""
     tables = {
         split: (directory, directory / labels)
-        for split, directory in (_split_folders(root) or {}).items()
+        for split, directory in (split_folders(root) or {}).items()
         if (directory / labels).is_file()
     }
     if "train" not in tables:
@@ -413,83 +407,6 @@ def _test_from_validation(files: Files, root: Path, config: DataConfig, seed: in
     return files
 
 
-def _split_folders(root: Path) -> dict[str, Path] | None:
-    """split -> its folder, in SPLIT_ORDER, or None for a flat folder (no sub-folder
-    named like a split). Mixed, duplicate or train-less split folders are errors."""
-    folders = sorted(e for e in root.iterdir() if e.is_dir() and not not_data(e.name))
-    splits = {f: split for f in folders if (split := _split_of(f))}
-    if splits:
-        splits = {f: split for f in folders if (split := _split_of(f, beside_splits=True))}
-    named = list(splits)
-    if not named:
-        return None
-    others = [f.name for f in folders if f not in named]
-    if others:
-        raise DataError(
-            f"Image folder {root} mixes split folders ({', '.join(f.name for f in named)}) with "
-            f"other folders ({', '.join(others)}). Expected either only split folders "
-            f"({', '.join(SPLIT_FOLDER_NAMES)}, each with one sub-folder per class) or only "
-            "class folders: move the other folders into the splits, or out of the folder."
-            + _labels_hint([e.name for f in named for e in f.iterdir() if e.is_file()], root)
-        )
-    by_split: dict[str, list[Path]] = {}
-    for folder, split in splits.items():
-        by_split.setdefault(split, []).append(folder)
-    for split, same in by_split.items():
-        if len(same) > 1:
-            raise DataError(
-                f"Image folder {root} has {len(same)} folders for the {split} split: "
-                f"{', '.join(f.name for f in same)}. Expected one: merge them or rename one."
-            )
-    if "train" not in by_split:
-        raise DataError(
-            f"Image folder {root} has split folders ({', '.join(f.name for f in named)}) but no "
-            "train folder. Expected train/ (or training/) with one sub-folder per class; "
-            "rename the split that holds the training images."
-        )
-    return {split: _look_through(by_split[split][0]) for split in SPLIT_ORDER if split in by_split}
-
-
-def _split_of(folder: Path, *, beside_splits: bool = False) -> str | None:
-    """The split a top-level folder is named for: a split name (`SPLIT_FOLDER_NAMES`, any
-    case), or one split word among the words of the name of a folder that holds folders
-    (Kaggle's `training_set/` and `test_set/`, `seg_train/`, `trainingSet/`, COCO's
-    `val2017/`), so that such splits are never taken for two classes. `beside_splits`: the
-    folder has split folders beside it, so one named so that holds only images is an
-    unlabelled split (Kaggle's `test1/`, `testSet/`), not a class."""
-    name = folder.name.lower()
-    if name in SPLIT_FOLDER_NAMES:
-        return SPLIT_FOLDER_NAMES[name]
-    words = {SPLIT_FOLDER_NAMES.get(word.lower()) for word in re.findall("[A-Z]?[a-z]+|[A-Z]+(?![a-z])", folder.name)}
-    words.discard(None)
-    if len(words) != 1:
-        return None
-    if beside_splits or any(e.is_dir() and not not_data(e.name) for e in (_doubled(folder) or folder).iterdir()):
-        return words.pop()
-    return None
-
-
-def _doubled(folder: Path) -> Path | None:
-    """The one folder in `folder`, if it has the same name and no image lies beside it: the
-    doubled level of a zip extracted into a folder of its name (Kaggle's
-    `training_set/training_set/`, with a README or a file list beside it at times)."""
-    folders = [e for e in folder.iterdir() if e.is_dir() and not not_data(e.name)]
-    if len(folders) != 1 or folders[0].name.lower() != folder.name.lower():
-        return None
-    if any(e.suffix.lower() in IMAGE_EXTENSIONS and e.is_file() for e in folder.iterdir()):
-        return None  # images beside it: `folder` holds data of its own
-    return folders[0]
-
-
-def _look_through(folder: Path) -> Path:
-    """`folder`, or its doubled level (`_doubled`), which is then the one listed."""
-    inner = _doubled(folder)
-    if inner is None:
-        return folder
-    log.info("Looking through %s: it holds nothing but %s", folder, inner.name)
-    return inner
-
-
 def _list_split(
     split: str, directory: Path, root: Path, ignored: list[str], warnings: list[str]
 ) -> dict[str, list[str]] | None:
@@ -502,7 +419,7 @@ def _list_split(
             raise DataError(
                 f"Expected one sub-folder per class in the train folder {directory}. Received: "
                 f"{len(loose)} images and no sub-folders, so no labels. Sort the images into "
-                f"class sub-folders (train/<class>/<image>).{_labels_hint(loose, directory, root)}"
+                f"class sub-folders (train/<class>/<image>).{labels_hint(loose, directory, root)}"
             )
         if loose:
             warnings.append(
@@ -552,7 +469,7 @@ def _check_classes(class_names: Sequence[str], root: Path) -> None:
         raise DataError(
             f"Expected at least 2 class sub-folders in {root}. Received: "
             f"{len(class_names)} ({', '.join(class_names) or 'none'}). A classifier needs "
-            f"one sub-folder per class.{_labels_hint([e.name for e in root.iterdir() if e.is_file()], root)}"
+            f"one sub-folder per class.{labels_hint([e.name for e in root.iterdir() if e.is_file()], root)}"
             + _one_level_down(root, class_names)
         )
 
@@ -582,27 +499,6 @@ def _look_alike_classes(class_names: Sequence[str]) -> list[str]:
         f"Classes {'; '.join(alike)} differ only in case, spaces or separators: each is a class of its own. "
         "Merge their folders (or labels) if they are one class."
     ]
-
-
-def _labels_hint(images: Sequence[str], *folders: Path) -> str:
-    """For images whose labels are in a CSV file (Kaggle's train.csv, Roboflow's _classes.csv)
-    or in their file names (Kaggle's Dogs vs. Cats: cat.0.jpg)."""
-    # Kaggle puts sample_submission.csv and test.csv beside train.csv: the labels are last to be there.
-    tables = sorted(
-        {p.name for folder in folders for p in folder.glob("*.csv")},
-        key=lambda name: (any(w in name.lower() for w in ("submission", "test")), name),
-    )
-    if tables:
-        return (
-            f" The labels are in {', '.join(tables)}? Pass LABELS={tables[0]} "
-            "(docs/features.md, 'Labels in a CSV file')."
-        )
-    example = looks_labelled([path[path.rfind("/") + 1 :] for path in images])
-    if example:
-        return (
-            f" The file names hold the labels ({example})? Pass LABELS=name (docs/features.md, 'Labels in file names')."
-        )
-    return ""
 
 
 def _fingerprint(root: Path, files: dict[str, list[tuple[str, int]]], sizes: Mapping[str, int] | None) -> str:
