@@ -66,6 +66,22 @@ def test_adding_images_extracts_exactly_those_and_keeps_every_other_row_bit_for_
     assert second.record()["extracted"] == 3 and "3 extracted" in second.summary()
 
 
+def test_a_broken_link_is_left_out_with_a_warning_and_extracted_once_mended(folder, tmp_path, caplog):
+    """A dataset assembled from links whose target moved: the run goes on without it."""
+    config = tiny_config(folder, tmp_path / "features")
+    link = folder / "train" / "cat" / "linked.jpg"
+    link.symlink_to(tmp_path / "moved-away.jpg")
+    with caplog.at_level("WARNING"):
+        first = extract_features(config, progress=False)
+    assert (
+        "1 file of the listing cannot be read" in caplog.text and "moved-away.jpg, which does not exist" in caplog.text
+    )
+    assert "train/cat/linked.jpg" not in read_features(first.path).splits["train"].ids.tolist()
+    write_image(tmp_path / "moved-away.jpg", (200, 60, 60), seed=77)
+    second = extract_features(config, progress=False)
+    assert second.images == 1 and "train/cat/linked.jpg" in read_features(second.path).splits["train"].ids.tolist()
+
+
 def test_renames_moves_and_other_split_settings_extract_nothing_and_labels_follow(folder, tmp_path):
     config = tiny_config(folder, tmp_path / "features")
     before = _by_id(read_features(extract_features(config, progress=False).path))

@@ -92,8 +92,10 @@ def scan_data(config: DataConfig, *, seed: int, cache_dir: Path) -> Scan:
     listing = scan_folder(config, seed=seed)
     paths = [path for entries in listing.splits.values() for path, _ in entries]
     unique = list(dict.fromkeys(paths))
-    ids, sizes, hashed = content_ids(listing.root, unique, cache_dir=cache_dir)
+    ids, sizes, hashed, unreadable = content_ids(listing.root, unique, cache_dir=cache_dir)
     listing = dataclasses.replace(listing, sizes=dict(zip(unique, sizes)))  # its fingerprint stats nothing again
+    if unreadable:
+        listing = _without_unreadable(listing, unreadable)
     by_path = dict(zip(unique, ids))
     if hashed:
         log.info("scan: %d of %d files hashed (new or changed)", hashed, len(unique))
@@ -112,6 +114,21 @@ def scan_data(config: DataConfig, *, seed: int, cache_dir: Path) -> Scan:
         splits=splits,
         hashed=hashed,
         listing=listing,
+    )
+
+
+def _without_unreadable(listing, unreadable: dict[str, str]):
+    """The listing without the files that cannot be read, and a warning that counts them."""
+    first = ", ".join(f"{path} ({why})" for path, why in list(unreadable.items())[:3])
+    warning = (
+        f"{len(unreadable)} {'file' if len(unreadable) == 1 else 'files'} of the listing cannot be read, "
+        f"so {'is' if len(unreadable) == 1 else 'are'} left out (first: {first}). Fix the links, or remove them."
+    )
+    return dataclasses.replace(
+        listing,
+        splits={name: [e for e in entries if e[0] not in unreadable] for name, entries in listing.splits.items()},
+        sizes={path: size for path, size in listing.sizes.items() if path not in unreadable},
+        warnings=(*listing.warnings, warning),
     )
 
 

@@ -81,18 +81,21 @@ def _save(path: Path, root: str, entries: dict[str, list]) -> None:
 
 
 class Contents(NamedTuple):
-    """Per file asked for, its content id and size in bytes; and how many files were hashed."""
+    """Per file asked for, its content id and size in bytes (None for a file that cannot be
+    read); how many files were hashed; and why each unreadable file cannot be read."""
 
-    ids: list[str]
-    sizes: list[int]
+    ids: list[str | None]
+    sizes: list[int | None]
     hashed: int
+    unreadable: dict[str, str]
 
 
 def content_ids(root: Path, paths: Sequence[str], *, cache_dir: Path) -> Contents:
     """The content id and size of each file at `paths` under `root`.
 
     Only files whose (size, mtime_ns, inode) differ from the cache are read. The cache
-    keeps exactly the files asked for, so deleted files leave it.
+    keeps exactly the files asked for, so deleted files leave it. A file that cannot be
+    read (a link to a file moved away, one deleted since the listing) is reported, not raised.
     """
     real = os.path.realpath(root)
     path = cache_path(cache_dir, Path(root))
@@ -104,16 +107,29 @@ def content_ids(root: Path, paths: Sequence[str], *, cache_dir: Path) -> Content
     racy = time.time() - RACY_SECONDS
     prefix = real.rstrip(os.sep) + os.sep  # plain concatenation: os.path.join per file costs more than the stat
     racy_ns = int(racy * 1e9)
+    unreadable: dict[str, str] = {}
     for relative in paths:
-        st = os.stat(prefix + relative)
-        entry = old.get(relative)
-        if entry is None or entry[0] != st.st_size or entry[1] != st.st_mtime_ns or entry[2] != st.st_ino:
-            entry = [st.st_size, st.st_mtime_ns, st.st_ino, hash_file(prefix + relative)]
-            hashed += 1
+        try:
+            st = os.stat(prefix + relative)
+            entry = old.get(relative)
+            if entry is None or entry[0] != st.st_size or entry[1] != st.st_mtime_ns or entry[2] != st.st_ino:
+                entry = [st.st_size, st.st_mtime_ns, st.st_ino, hash_file(prefix + relative)]
+                hashed += 1
+        except OSError as err:
+            unreadable[relative] = _why_unreadable(prefix + relative, err)
+            ids.append(None)
+            sizes.append(None)
+            continue
         ids.append(entry[3])
         sizes.append(st.st_size)
         if st.st_mtime_ns < racy_ns:
             new[relative] = entry
     if new != old:
         _save(path, real, new)
-    return Contents(ids, sizes, hashed)
+    return Contents(ids, sizes, hashed, unreadable)
+
+
+def _why_unreadable(path: str, err: OSError) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a link to {os.readlink(path)}, which does not exist"
+    return err.strerror or str(err)
