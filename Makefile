@@ -59,15 +59,17 @@ BENCH_OUT ?=#                     benchmarks: results folder
 PY := $(VENV)/bin/python
 PIPELINE = $(PY) -m pipeline $(if $(VERBOSE),--verbose)
 lower = $(subst Z,z,$(subst Y,y,$(subst X,x,$(subst W,w,$(subst V,v,$(subst U,u,$(subst T,t,$(subst S,s,$(subst R,r,$(subst Q,q,$(subst P,p,$(subst O,o,$(subst N,n,$(subst M,m,$(subst L,l,$(subst K,k,$(subst J,j,$(subst I,i,$(subst H,h,$(subst G,g,$(subst F,f,$(subst E,e,$(subst D,d,$(subst C,c,$(subst B,b,$(subst A,a,$(1)))))))))))))))))))))))))))
+# $(1) as one shell word: single-quoted, its own single quotes too ("Bob's photos").
+q = '$(subst ','\'',$(1))'
 # The flags of the options in $(1) that are set: VAR=value -> --var 'value'.
-options = $(strip $(foreach v,$(1),$(if $($(v)),--$(subst _,-,$(call lower,$(v))) '$($(v))')))
+options = $(strip $(foreach v,$(1),$(if $($(v)),--$(subst _,-,$(call lower,$(v))) $(call q,$($(v))))))
 FEATURE_FLAGS = $(call options,$(DATA_OPTIONS) $(FEATURES_OPTIONS))
-STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS) $(DECISIONS_OPTIONS)) $(if $(FEATURES),--features '$(FEATURES)')
+STAGE2_FLAGS = $(FEATURE_FLAGS) $(call options,$(HEAD_OPTIONS) $(DECISIONS_OPTIONS)) $(if $(FEATURES),--features $(call q,$(FEATURES)))
 # Stage 2 runs `make features` first, unless FEATURES names the file to use as it is.
 STAGE2_NEEDS = $(if $(FEATURES),$(VENV)/.installed,features)
-RUN_FLAGS = $(if $(RUN),--run '$(RUN)')
+RUN_FLAGS = $(if $(RUN),--run $(call q,$(RUN)))
 # VAR's value as FLAG, only when VAR is set: $(call flag,VAR,--flag).
-flag = $(if $($(1)),$(2) '$($(1))')
+flag = $(if $($(1)),$(2) $(call q,$($(1))))
 BENCH_MODEL_FLAGS = $(call flag,BENCH_BACKBONE,--backbone) $(call flag,BENCH_IMAGE_SIZE,--image-size) $(call options,BATCH_SIZE)
 BENCH_ASSET_FLAGS = $(call flag,BENCH_DATA,--data-dir) $(call flag,BENCH_WEIGHTS,--weights) $(BENCH_MODEL_FLAGS)
 BENCH_OUT_FLAGS = $(call flag,BENCH_OUT,--out)
@@ -96,10 +98,10 @@ features: $(VENV)/.installed ## stage 1: run the frozen backbone once, cache fea
 	$(PIPELINE) features $(FEATURE_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(VIEWS_OPTIONS) $(ENGINE_OPTIONS))
 
 gc: $(VENV)/.installed ## drop feature-store rows no feature file in FEATURES_DIR uses any more (and format-1 files)
-	$(PIPELINE) gc $(if $(FEATURES_DIR),--features-dir '$(FEATURES_DIR)')
+	$(PIPELINE) gc $(if $(FEATURES_DIR),--features-dir $(call q,$(FEATURES_DIR)))
 
 export-features: $(STAGE2_NEEDS) ## the current features as Parquet (FORMAT=parquet) or .npy + Parquet (FORMAT=npy)
-	$(PIPELINE) export-features $(STAGE2_FLAGS) $(if $(FORMAT),--format '$(FORMAT)') $(if $(EXPORT_OUT),--out '$(EXPORT_OUT)')
+	$(PIPELINE) export-features $(STAGE2_FLAGS) $(if $(FORMAT),--format $(call q,$(FORMAT))) $(if $(EXPORT_OUT),--out $(call q,$(EXPORT_OUT)))
 
 head: $(STAGE2_NEEDS) ## stage 2: train HEAD on the cached features; metrics, plots and report in RUNS_DIR
 	$(PIPELINE) head $(STAGE2_FLAGS)
@@ -117,16 +119,16 @@ finetune: $(VENV)/.installed ## stage 3: augmented fine-tuning of the top of the
 
 compare: $(VENV)/.installed ## cached heads vs fine-tuning the top block / everything vs from scratch (+ views, seed workflow): table and plots
 	$(PIPELINE) compare $(STAGE2_FLAGS) $(call options,$(AUGMENT_OPTIONS) $(FINETUNE_OPTIONS)) \
-		$(if $(COMPARE_ROWS),--rows '$(COMPARE_ROWS)') $(if $(COMPARE_DIR),--out '$(COMPARE_DIR)')
+		$(if $(COMPARE_ROWS),--rows $(call q,$(COMPARE_ROWS))) $(if $(COMPARE_DIR),--out $(call q,$(COMPARE_DIR)))
 
 export: head ## one Keras model, raw images in and probabilities out (.keras, SavedModel, TFLITE=1) in RUN/export
 	$(PIPELINE) export $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TFLITE),--tflite)
 
 similar: $(VENV)/.installed ## nearest dataset images of IMAGES (every copy of a bad one) from the audit's neighbour graph [TOP=10]
-	$(PIPELINE) similar $(FEATURE_FLAGS) $(if $(FEATURES),--features '$(FEATURES)') $(call options,$(DECISIONS_OPTIONS) $(AUDIT_OPTIONS)) $(if $(TOP),--top $(TOP)) $(if $(IMAGES),"$$IMAGES")
+	$(PIPELINE) similar $(FEATURE_FLAGS) $(if $(FEATURES),--features $(call q,$(FEATURES))) $(call options,$(DECISIONS_OPTIONS) $(AUDIT_OPTIONS)) $(if $(TOP),--top $(TOP)) $(if $(IMAGES),"$$IMAGES")
 
 predict: $(VENV)/.installed ## top classes per image: make predict IMAGES=<file, folder or glob> [CSV=out.csv]
-	$(PIPELINE) predict $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TOP),--top $(TOP)) $(if $(CSV),--csv '$(CSV)') $(if $(IMAGES),"$$IMAGES")
+	$(PIPELINE) predict $(STAGE2_FLAGS) $(RUN_FLAGS) $(if $(TOP),--top $(TOP)) $(if $(CSV),--csv $(call q,$(CSV))) $(if $(IMAGES),"$$IMAGES")
 
 bench-features: $(VENV)/.installed ## benchmark stage 1 (throughput vs bare forward pass, peak memory) -> bench/features.{json,md}
 	$(PIPELINE) bench-features $(BENCH_ASSET_FLAGS) $(BENCH_OUT_FLAGS)
@@ -166,14 +168,14 @@ choose: $(VENV)/.installed ## which backbone: BACKBONES=a,b,c [PER_CLASS=n] on a
 	$(PIPELINE) choose $(FEATURE_FLAGS) $(call options,$(CHOOSE_OPTIONS))
 
 test: $(VENV)/.installed ## run the test suite (real-asset tests skip when SHARED is absent)
-	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	PIPELINE_SHARED=$(call q,$(SHARED)) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed ## check formatting, imports and style with ruff (line length 120)
 	$(PY) -m ruff check pipeline tests
 	$(PY) -m ruff format --check pipeline tests
 
 test-all: $(VENV)/.installed ## the test suite including slow tests
-	PIPELINE_SHARED='$(SHARED)' $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --runslow $(PYTEST_ARGS)
+	PIPELINE_SHARED=$(call q,$(SHARED)) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --runslow $(PYTEST_ARGS)
 
 test-browser-deps: $(VENV)/.installed ## install what the review page's browser tests need: Chromium, chromedriver, selenium
 	apt-get install -y chromium chromium-driver

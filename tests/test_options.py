@@ -126,6 +126,28 @@ def test_make_passes_images_as_one_argument_whatever_their_spaces_and_quotes(tmp
     assert json.loads(done.stdout.strip().splitlines()[-1])[-1] == images
 
 
+def test_make_passes_values_with_single_quotes_and_commas_as_they_are(tmp_path):
+    """`DATA_DIR="Bob's photos"` was cut at the quote by the shell; SPLITS holds commas."""
+    printer = tmp_path / "argv.py"
+    printer.write_text("import json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".installed").touch()  # newer than pyproject.toml: no install
+    values = {"DATA_DIR": "/data/Bob's photos", "LABELS": "name:^([a-z]+)'s", "CSV": "it's.csv"}
+    done = subprocess.run(
+        ["make", "-s", "predict", f"VENV={tmp_path / 'venv'}", f"PIPELINE={sys.executable} {printer}"]
+        + [f"{k}={v}" for k, v in values.items()]
+        + ["FEATURES=x.h5", "SPLITS=train=train[:10%],test=test"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    argv = json.loads(done.stdout.strip().splitlines()[-1])
+    for flag, value in [("--data-dir", values["DATA_DIR"]), ("--labels", values["LABELS"]), ("--csv", "it's.csv")]:
+        assert argv[argv.index(flag) + 1] == value
+    assert argv[argv.index("--splits") + 1] == "train=train[:10%],test=test"
+
+
 def test_make_help_lists_every_option_with_its_default_from_the_config():
     done = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True)
     for _, _, opt in _all_options():
