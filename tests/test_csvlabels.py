@@ -71,12 +71,20 @@ def test_roboflow_export_with_a_table_in_each_split_folder_keeps_its_splits(tmp_
     assert listed(scan)["valid/valid_1.jpg"] == "cat" and listed(scan)["test/test_0.jpg"] == "dog"
 
 
-@pytest.mark.parametrize("separator", [";", "\t"])
-def test_a_spreadsheet_saved_with_semicolons_or_tabs_is_read(tmp_path, separator):
+@pytest.mark.parametrize(("separator", "encoding"), [(";", "utf-8"), ("\t", "utf-16"), (",", "utf-8-sig")])
+def test_a_spreadsheet_saved_with_semicolons_or_tabs_or_as_unicode_text_is_read(tmp_path, separator, encoding):
     root = kaggle(tmp_path / "comp", 4)
-    (root / "labels.csv").write_text(f"id{separator}label\r\n000{separator}dog\r\n001{separator}cat\r\n")
+    text = f"id{separator}label\r\n000{separator}chien\r\n001{separator}chat tigré\r\n"
+    (root / "labels.csv").write_bytes(text.encode(encoding))
     scan = scan_folder(DataConfig(data_dir=str(root), labels="labels.csv", val_fraction=0, test_fraction=0), seed=0)
-    assert listed(scan) == {"train/000.jpg": "dog", "train/001.jpg": "cat"}
+    assert listed(scan) == {"train/000.jpg": "chien", "train/001.jpg": "chat tigré"}
+
+
+def test_a_labels_file_in_a_windows_code_page_is_a_one_line_error_with_the_fix(tmp_path):
+    root = kaggle(tmp_path / "comp", 2)
+    (root / "labels.csv").write_bytes("id,label\n000,chat tigré\n".encode("cp1252"))
+    with pytest.raises(DataError, match=r"labels.csv is not UTF-8 .*Save it as 'CSV UTF-8'.*iconv -f cp1252"):
+        scan_folder(DataConfig(data_dir=str(root), labels="labels.csv"), seed=0)
 
 
 @pytest.mark.parametrize(

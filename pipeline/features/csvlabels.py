@@ -16,6 +16,7 @@ classification.
 
 from __future__ import annotations
 
+import codecs
 import csv
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,14 +69,22 @@ def _read(table: Path) -> tuple[list[str], list[dict[str, str]]]:
     """The header and rows of `table`, separated by the one of `,`, `;` (a spreadsheet saved
     in a locale whose decimal mark is the comma) and tab that its header holds most."""
     try:
-        with open(table, newline="", encoding="utf-8-sig") as f:
+        with open(table, "rb") as f:  # a byte-order mark names the encoding (Excel's "Unicode text" is UTF-16)
+            encoding = "utf-16" if f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+        with open(table, newline="", encoding=encoding) as f:
             first = f.readline()
             f.seek(0)
             reader = csv.DictReader(f, delimiter=max(",;\t", key=first.count))
             header = [name.strip() for name in reader.fieldnames or []]
             reader.fieldnames = header  # Roboflow writes " cat" for column cat
             rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"The labels file {table} is not UTF-8 ({err.reason} at byte {err.start}), as a spreadsheet's "
+            "plain 'CSV' export on Windows is not. Save it as 'CSV UTF-8', or convert it: "
+            f"`iconv -f cp1252 -t utf-8 {table.name} > labels-utf8.csv`."
+        ) from err
+    except (OSError, csv.Error) as err:
         raise DataError(f"Cannot read the labels file {table}: {err}.") from err
     if len(header) < 2 or not rows:
         raise DataError(f"{table} needs a header and rows of an image and its label. Received: columns {header}.")
