@@ -320,6 +320,11 @@ def test_iphone_heic_photos_left_out_get_a_warning_that_counts_them_and_jfif_is_
     (warning,) = [w for w in scan.warnings if "left out" in w]
     assert warning.startswith("4 photos are left out: TensorFlow cannot decode HEIC (3), TIFF (1).")
     assert "dog/saved from the web.jfif" in [p for files in scan.splits.values() for p, _ in files]
+    (image_folder / "s1").mkdir()
+    for i in range(2):  # the ORL faces: s1/1.pgm, ...
+        (image_folder / "s1" / f"{i + 1}.pgm").write_bytes(b"P5 92 112 255\n")
+    with pytest.raises(DataError, match=r"Class folder .*s1 has no images .* 2 photos are left out: .* PGM \(2\)"):
+        scan_folder(folder_config(image_folder), seed=0)
 
 
 def test_images_beside_a_csv_without_labels_get_an_error_that_names_the_labels_option(tmp_path):

@@ -20,7 +20,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", 
 #: Photo formats people have that stage 1's decoder cannot read (iPhones save HEIC): left
 #: out with a warning that counts them and says how to include them, not only logged.
 UNDECODED_PHOTO_FORMATS = frozenset(
-    {".heic", ".heif", ".avif", ".jxl", ".tif", ".tiff", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf"}
+    {".heic", ".heif", ".avif", ".jxl", ".jp2", ".tif", ".tiff", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf"}
+    | {".pgm", ".ppm", ".pbm", ".pnm", ".dcm", ".dicom"}  # older vision datasets (faces in PGM); medical scans
 )
 
 
@@ -110,5 +111,5 @@ def undecoded_photos(ignored: Sequence[str]) -> list[str]:
     return [
         f"{count} {'photo is' if count == 1 else 'photos are'} left out: TensorFlow cannot decode "
         f"{', '.join(f'{ext[1:].upper()} ({n})' for ext, n in found.items())}. Convert them to JPEG or PNG "
-        "to include them (for HEIC: `heif-convert`, or `magick mogrify -format jpg *.heic`)."
+        "to include them (for HEIC: `heif-convert`, or `magick mogrify -format png *.heic`; DICOM: `dcm2pnm`)."
     ]

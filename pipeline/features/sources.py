@@ -453,11 +453,13 @@ def _list_classes(directory: Path, root: Path, ignored: list[str]) -> dict[str, 
                     f"Class name {os.fsencode(entry.name)!r} in {directory} is not UTF-8 (a zip made on Windows?). "
                     f"Rename it: `convmv -f cp1252 -t utf8 -r --notest {root}`."
                 )
+            left_out = len(ignored)
             classes[entry.name] = list_images(entry, root, ignored)
             if not classes[entry.name]:
                 raise DataError(
                     f"Class folder {entry} has no images (expected files ending in "
                     f"{', '.join(sorted(IMAGE_EXTENSIONS))}). Add images or remove the folder."
+                    + "".join(f" {note}" for note in undecoded_photos(ignored[left_out:]))
                 )
         else:
             ignored.append(relative)
