@@ -151,7 +151,7 @@ def test_a_class_named_with_a_split_word_stays_a_class_and_a_doubled_root_is_loo
     (root / "dog").rename(root / "train_station")
     scan = scan_folder(folder_config(root.parent, val_fraction=0.25, test_fraction=0.25), seed=0)
     assert (scan.layout, scan.class_names) == ("flat, validation+test carved", ("cat", "train_station"))
-    assert scan.root == root
+    assert scan.root == root.parent and all((root.parent / p).is_file() for f in scan.splits.values() for p, _ in f)
 
 
 def test_train_folder_alone_carves_validation_and_test(tmp_path):
@@ -361,7 +361,8 @@ def test_a_doubled_level_with_a_file_list_beside_it_is_looked_through_and_one_le
     root = make_folder(tmp_path / "Garbage classification" / "Garbage classification", 4).parent
     (root / "one-indexed-files.txt").write_text("cat.0.jpg 1\n")
     scan = scan_folder(folder_config(root, val_fraction=0.25, test_fraction=0.25), seed=0)
-    assert scan.class_names == ("cat", "dog") and scan.root == root / "Garbage classification"
+    assert scan.class_names == ("cat", "dog") and scan.root == root  # ids stay relative to DATA_DIR
+    assert all(path.startswith("Garbage classification/") for files in scan.splits.values() for path, _ in files)
     dataset = make_folder(tmp_path / "dataset" / "images", 4).parent
     (dataset / "labels.txt").write_text("cat\ndog\n")
     with pytest.raises(DataError, match=r"images/ holds folders \(cat, dog\): if they are the classes, pass DATA_DIR="):

@@ -267,22 +267,22 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
             f"class. Received: DATA_DIR={config.data_dir!r}"
             + (", an archive: extract it (`unzip`, `tar -xf`) and pass the folder." if archive else ".")
         )
-    root = look_through(root)
+    top = look_through(root)  # the folder whose layout is read; ids stay relative to DATA_DIR
     ignored: list[str] = []
     warnings: list[str] = []
-    split_dirs = None if config.labels else split_folders(root)
+    split_dirs = None if config.labels else split_folders(top)
     if config.labels:
-        layout, class_names, files = _list_labelled(config.labels, root, ignored, warnings)
+        layout, class_names, files = _list_labelled(config.labels, top, root, ignored, warnings)
     elif split_dirs is None:
         layout = FOLDER_LAYOUTS["flat"]
-        classes = _list_classes(root, root, ignored)
+        classes = _list_classes(top, root, ignored)
         class_names = tuple(sorted(classes))
         files = {"train": [(path, label) for label, c in enumerate(class_names) for path in classes[c]]}
     else:
-        ignored += [e.name for e in sorted(root.iterdir()) if not_data(e.name) or not e.is_dir()]
+        ignored += [e.name for e in sorted(top.iterdir()) if not_data(e.name) or not e.is_dir()]
         layout, class_names, files = _list_presplit(split_dirs, root, ignored, warnings)
     warnings += undecoded_photos(ignored) + non_utf8_names(ignored, root)
-    _check_classes(class_names, root)
+    _check_classes(class_names, top)
     warnings += _look_alike_classes(class_names)
     files = layout.carve({"validation": [], "test": [], **files}, config, seed, class_names)
     layout_name = layout.name
@@ -300,9 +300,10 @@ def scan_folder(config: DataConfig, *, seed: int) -> FolderScan:
     )
 
 
-def _list_labelled(labels: str, root: Path, ignored: list[str], warnings: list[str]):
-    """(layout, class names, files per split) of a folder labelled by LABELS (`_labellers`)."""
-    whole, labellers = _labellers(labels, root)
+def _list_labelled(labels: str, top: Path, root: Path, ignored: list[str], warnings: list[str]):
+    """(layout, class names, files per split) of the folder `top` (`root`, or its doubled
+    level) labelled by LABELS (`_labellers`); paths relative to `root`."""
+    whole, labellers = _labellers(labels, top)
     listed: dict[str, dict[str, list[str]]] = {}
     for split, (directory, labeller) in labellers.items():
         images = list_images(directory, root, ignored)
@@ -314,7 +315,7 @@ def _list_labelled(labels: str, root: Path, ignored: list[str], warnings: list[s
         for path, label in sorted(labelled.items()):
             listed.setdefault(split, {}).setdefault(label, []).append(path)
     if "train" not in listed:
-        found = f"No image under {root} has a label from LABELS={labels!r}."
+        found = f"No image under {top} has a label from LABELS={labels!r}."
         raise DataError(" ".join([found, *warnings, *undecoded_photos(ignored)]))
     return (FOLDER_LAYOUTS[whole or tuple(listed)], *_by_class_index(listed))
 
