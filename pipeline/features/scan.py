@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import MAX_VIEW_POSITION, DataConfig
-from pipeline.features.sources import scan_folder
+from pipeline.features.sources import FolderScan, scan_folder
 from pipeline.features.statcache import content_ids
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def scan_data(config: DataConfig, *, seed: int, cache_dir: Path) -> Scan:
     )
 
 
-def _without_unreadable(listing, unreadable: dict[str, str]):
+def _without_unreadable(listing: FolderScan, unreadable: dict[str, str]) -> FolderScan:
     """The listing without the files that cannot be read, and a warning that counts them."""
     first = ", ".join(f"{path} ({why})" for path, why in list(unreadable.items())[:3])
     warning = (

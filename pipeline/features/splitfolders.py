@@ -116,7 +116,7 @@ def look_through(folder: Path) -> Path:
 def labels_hint(images: Sequence[str], *folders: Path) -> str:
     """For images whose labels are in a CSV file (Kaggle's train.csv, Roboflow's _classes.csv)
     or in their file names (Kaggle's Dogs vs. Cats: cat.0.jpg)."""
-    # Kaggle puts sample_submission.csv and test.csv beside train.csv: the labels are last to be there.
+    # Kaggle puts sample_submission.csv and test.csv beside train.csv: they hold no labels, so come last.
     tables = sorted(
         {p.name for folder in folders for p in folder.glob("*.csv")},
         key=lambda name: (any(w in name.lower() for w in ("submission", "test")), name),
