@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
 import logging
 import shlex
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -196,20 +198,14 @@ class RuntimePredictor:
     def predict(self, paths: Iterable[Path]) -> list[tuple[Path, np.ndarray]]:
         import tensorflow as tf
 
-        from pipeline.images import decode_and_resize, tf_error_message
+        from pipeline.images import decode_and_resize
 
-        paths = list(paths)
+        decoded = readable_images(list(paths), lambda data: decode_and_resize(data, self.resize))
         results = []
-        for start in range(0, len(paths), self.batch_size):
-            batch = paths[start : start + self.batch_size]
-            images = []
-            for path in batch:
-                try:
-                    images.append(decode_and_resize(tf.io.read_file(str(path)), self.resize))
-                except tf.errors.OpError as err:
-                    raise DataError(f"Cannot read image {path}: {tf_error_message(err)}") from err
+        while batch := list(itertools.islice(decoded, self.batch_size)):
+            kept, images = zip(*batch)
             proba = self.head.predict_proba(self.forward(tf.stack(images)))
-            results += [(Path(p), np.asarray(row)) for p, row in zip(batch, proba)]
+            results += [(Path(p), np.asarray(row)) for p, row in zip(kept, proba)]
         return results
 
 
@@ -258,24 +254,48 @@ def _shell_words(text: str) -> list[str]:
 
 
 def predict_images(model, class_names: Sequence[str], paths: Iterable[Path]) -> list[tuple[Path, np.ndarray]]:
-    """(path, probabilities (K,)) per image; an unreadable image is an error naming it.
+    """(path, probabilities (K,)) per readable image (`readable_images`).
 
     Images are decoded as stage 1 decodes them (`pipeline.images`, EXIF orientation
     applied); the model resizes them inside.
     """
     import tensorflow as tf
 
-    from pipeline.images import decode_image, tf_error_message
+    from pipeline.images import decode_image
 
     results = []
-    for path in paths:
-        try:
-            image = decode_image(tf.io.read_file(str(path)))
-        except tf.errors.OpError as err:
-            raise DataError(f"Cannot read image {path}: {tf_error_message(err)}") from err
+    for path, image in readable_images(list(paths), decode_image):
         probabilities = model(image[tf.newaxis], training=False)
         results.append((Path(path), np.asarray(probabilities)[0]))
     return results
+
+
+def readable_images(paths: Sequence[Path], decode) -> Iterator[tuple[Path, Any]]:
+    """(path, `decode`d image) of each image of `paths` that can be read. The others are
+    left out with one warning at the end, so one broken photo does not stop a folder;
+    when none can be read, that is an error naming the first."""
+    import tensorflow as tf
+
+    from pipeline.images import tf_error_message
+
+    unreadable = []
+    for path in paths:
+        try:
+            image = decode(tf.io.read_file(str(path)))
+        except tf.errors.OpError as err:
+            unreadable.append(f"{path}: {tf_error_message(err)}")
+            continue
+        yield path, image
+    if unreadable and len(unreadable) == len(paths):
+        others = f" (nor any of the {len(paths) - 1} others)" if len(paths) > 1 else ""
+        raise DataError(f"Cannot read image {unreadable[0]}{others}.")
+    if unreadable:
+        log.warning(
+            "%d of %d images cannot be read and are left out (first: %s).",
+            len(unreadable),
+            len(paths),
+            "; ".join(unreadable[:3]),
+        )
 
 
 def format_predictions(results, class_names: Sequence[str], top: int) -> list[str]:

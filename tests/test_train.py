@@ -204,13 +204,21 @@ def test_predict_cli_prints_top_classes_and_writes_csv(tiny_features, tmp_path, 
     assert rows[0] == "path,predicted,cat,dog,fox" and len(rows) == 17
 
 
-def test_predict_on_an_unreadable_image_is_an_error(tiny_features, tmp_path):
+def test_predict_leaves_an_unreadable_image_out_with_a_warning_and_only_unreadable_ones_are_an_error(
+    tiny_features, tmp_path, caplog
+):
+    from conftest import COLORS, write_image
+
     _, _, path, key = tiny_features
     run = train_head(path, head_config(tmp_path), expect=key)
     export_run(run.run_dir, saved_model=False)
     model, names = load_classifier(run.run_dir)
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")
+    good = write_image(tmp_path / "good.jpg", COLORS["cat"])
+    with caplog.at_level("WARNING"):
+        results = predict_images(model, names, [broken, good])
+    assert [p for p, _ in results] == [good] and "1 of 2 images cannot be read" in caplog.text
     with pytest.raises(DataError, match="Cannot read image .*broken.jpg"):
         predict_images(model, names, [broken])
     with pytest.raises(DataError, match="No image found"):
