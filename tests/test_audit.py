@@ -433,8 +433,10 @@ def test_cli_audit_writes_json_report_sheets_and_prints_one_summary_line(tmp_pat
     assert [sorted(f["ids"]) for f in exact] == [["test/cat/copy.jpg", "train/cat/cat.0.jpg"]]
     assert "# Data audit" in (out / "audit.md").read_text()
     similar = ["similar", *flags, "--audit-dir", str(tmp_path / "audit"), "--top", "3"]
-    assert main([*similar, str(folder / "train/cat/cat.0.jpg")]) == 0
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 cut short")  # left out, with a warning
+    assert main([*similar, str(folder / "train/cat/cat.0.jpg"), str(tmp_path / "broken.jpg")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    assert not any("broken.jpg" in line for line in lines)
     first = lines[1].split()
     assert float(first[0]) >= 0.999 and first[-1] == "COPY" and first[-2].endswith(("cat.0.jpg", "copy.jpg"))
     assert lines[-1].startswith("similar: backbone") and (tmp_path / "audit" / f"{out.name}.similar.png").exists()

@@ -82,10 +82,14 @@ class DatasetIndex:
         return best_i, best_s
 
 
-def features_of_images(features_config, paths: Sequence[Path]) -> np.ndarray:
-    """(M, D) features of image files by the feature file's backbone, preprocessed as stage 1 does."""
+def features_of_images(features_config, paths: Sequence[Path]) -> tuple[list[Path], np.ndarray]:
+    """The images of `paths` that can be read (`export.readable_images`), and their (M, D)
+    features by the feature file's backbone, preprocessed as stage 1 does."""
+    import itertools
+
     import tensorflow as tf
 
+    from pipeline.export import readable_images
     from pipeline.features.backbones import input_resize
     from pipeline.features.extractor import build_extractor
     from pipeline.features.forward import compiled_forward
@@ -97,11 +101,12 @@ def features_of_images(features_config, paths: Sequence[Path]) -> np.ndarray:
     )
     forward = compiled_forward(model, size, features_config.batch_size)
     resize = input_resize(features_config)
-    out = []
-    for a, b in blocks(len(paths), features_config.batch_size):
-        images = [decode_and_resize(tf.io.read_file(str(p)), resize) for p in paths[a:b]]
-        out.append(np.asarray(forward(tf.stack(images))))
-    return np.concatenate(out)
+    decoded = readable_images(list(paths), lambda data: decode_and_resize(data, resize))
+    kept, out = [], []
+    while batch := list(itertools.islice(decoded, features_config.batch_size)):
+        kept += [path for path, _ in batch]
+        out.append(np.asarray(forward(tf.stack([image for _, image in batch]))))
+    return kept, np.concatenate(out)
 
 
 def similar_images(
@@ -125,7 +130,7 @@ def similar_images(
     started = time.perf_counter()
     cached = read_features(features_path, splits=())
     config = FeaturesConfig.from_dict(cached.config)
-    query = features_of_images(config, list(images))
+    images, query = features_of_images(config, list(images))
     seconds["backbone"] = round(time.perf_counter() - started, 3)
     started = time.perf_counter()
     index = DatasetIndex.open(folder)
