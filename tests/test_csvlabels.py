@@ -87,6 +87,23 @@ def test_a_labels_file_in_a_windows_code_page_is_a_one_line_error_with_the_fix(t
         scan_folder(DataConfig(data_dir=str(root), labels="labels.csv"), seed=0)
 
 
+def test_a_hugging_face_imagefolder_with_metadata_jsonl_in_each_split_keeps_its_splits(tmp_path):
+    """train/metadata.jsonl names images relative to its own folder (here in a sub-folder)."""
+    root = tmp_path / "hf"
+    for split, n in (("train", 6), ("test", 2)):
+        lines = []
+        for i in range(n):
+            label = ("cat", "dog")[i % 2]
+            write_image(root / split / "images" / f"{i}.png", COLORS[label], seed=i)
+            lines.append(json.dumps({"file_name": f"images/{i}.png", "label": label, "bbox": [0, 1]}))
+        (root / split / "metadata.jsonl").write_text("\n".join(lines) + "\n\n")
+    scan = scan_folder(DataConfig(data_dir=str(root), labels="metadata.jsonl", val_fraction=0.34), seed=0)
+    assert listed(scan)["test/images/1.png"] == "dog" and len(scan.splits["test"]) == 2
+    (root / "train" / "metadata.jsonl").write_text('{"file_name": "images/0.png", "label": "cat"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl: line 2 is not a JSON object"):
+        scan_folder(DataConfig(data_dir=str(root), labels="metadata.jsonl"), seed=0)
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [

@@ -1,9 +1,11 @@
 """Labels from a CSV file (LABELS=...), for image folders without class sub-folders.
 
 Kaggle competitions ship `train.csv` (an image id and its label per row) beside a flat
-folder of images, and Roboflow's CSV export `_classes.csv` (a file name, then one 0/1
-column per class). Both are read here into the (path, label) listing that class folders
-would give, so everything downstream (splits, cache, audit, review) is unchanged.
+folder of images, Roboflow's CSV export `_classes.csv` (a file name, then one 0/1 column
+per class), and the Hugging Face imagefolder `metadata.csv` or `metadata.jsonl` (a
+`file_name` and a `label` per row, one file per split folder). All are read here into
+the (path, label) listing that class folders would give, so everything downstream
+(splits, cache, audit, review) is unchanged.
 
 The image column is the first one named like an image (`IMAGE_COLUMNS`), else the first
 column. The label is the one other column, or the column named like a label
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,12 +75,15 @@ def _read(table: Path) -> tuple[list[str], list[dict[str, str]]]:
         with open(table, "rb") as f:  # a byte-order mark names the encoding (Excel's "Unicode text" is UTF-16)
             encoding = "utf-16" if f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
         with open(table, newline="", encoding=encoding) as f:
-            first = f.readline()
-            f.seek(0)
-            reader = csv.DictReader(f, delimiter=max(",;\t", key=first.count))
-            header = [name.strip() for name in reader.fieldnames or []]
-            reader.fieldnames = header  # Roboflow writes " cat" for column cat
-            rows = list(reader)
+            if table.suffix.lower() == ".jsonl":
+                header, rows = _json_lines(table, f)
+            else:
+                first = f.readline()
+                f.seek(0)
+                reader = csv.DictReader(f, delimiter=max(",;\t", key=first.count))
+                header = [name.strip() for name in reader.fieldnames or []]
+                reader.fieldnames = header  # Roboflow writes " cat" for column cat
+                rows = list(reader)
     except UnicodeDecodeError as err:
         raise DataError(
             f"The labels file {table} is not UTF-8 ({err.reason} at byte {err.start}), as a spreadsheet's "
@@ -89,6 +95,27 @@ def _read(table: Path) -> tuple[list[str], list[dict[str, str]]]:
     if len(header) < 2 or not rows:
         raise DataError(f"{table} needs a header and rows of an image and its label. Received: columns {header}.")
     return header, rows
+
+
+def _json_lines(table: Path, lines) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of JSON lines, one object per line (the Hugging Face imagefolder's
+    `metadata.jsonl`: {"file_name": ..., "label": ...}); values that are not text, numbers or
+    booleans are left out."""
+    header: dict[str, None] = {}
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{table}: line {number} is not JSON ({err.msg}).") from err
+        if not isinstance(item, dict):
+            raise DataError(f'{table}: line {number} is not a JSON object, such as {{"file_name": ..., "label": ...}}.')
+        row = {str(k): str(v) for k, v in item.items() if isinstance(v, (str, int, float, bool))}
+        header.update(dict.fromkeys(row))
+        rows.append(row)
+    return list(header), [{name: row.get(name, "") for name in header} for row in rows]
 
 
 def _columns(table: Path, header: list[str], rows: list[dict[str, str]]):
@@ -127,16 +154,21 @@ def _one_hot(table: Path, number: int, row: dict[str, str], classes: list[str]) 
 
 
 def _resolver(images: Sequence[str]):
-    """A row's image name -> the folder's paths it may mean: the path itself, the path without
-    its extension, or a file name (with or without extension); one path is a match."""
+    """A row's image name -> the folder's paths it may mean: the path, or its end after any
+    `/` (relative to a split folder, as the Hugging Face imagefolder's `metadata.jsonl` has
+    it, or the bare file name), each with or without the extension; one path is a match."""
     exact = set(images)
     index: dict[str, set[str]] = {}
     for path in images:  # string slicing, not pathlib: a million images are listed on every run
-        name = path[path.rfind("/") + 1 :]
-        dot = name.rfind(".")
-        stem = name[:dot] if dot > 0 else name
-        for key in {path[: len(path) - len(name) + len(stem)], name, stem}:
-            index.setdefault(key, set()).add(path)
+        dot = path.rfind(".")
+        stemmed = path[:dot] if dot > path.rfind("/") + 1 else path
+        start = 0
+        while True:
+            index.setdefault(path[start:], set()).add(path)
+            index.setdefault(stemmed[start:], set()).add(path)
+            start = path.find("/", start) + 1
+            if not start:
+                break
 
     def candidates(name: str) -> list[str]:
         return [name] if name in exact else sorted(index.get(name.removeprefix("./"), ()))
