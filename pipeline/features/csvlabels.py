@@ -158,19 +158,30 @@ def _resolver(images: Sequence[str]):
     `/` (relative to a split folder, as the Hugging Face imagefolder's `metadata.jsonl` has
     it, or the bare file name), each with or without the extension; one path is a match."""
     exact = set(images)
+    index = _index(images, lambda path: (path.rfind("/") + 1,))  # names: what most tables give
+    deeper: dict[str, set[str]] | None = None
+
+    def candidates(name: str) -> list[str]:
+        nonlocal deeper
+        name = name.removeprefix("./")
+        if name in exact:
+            return [name]
+        found = index.get(name)
+        if found is None and "/" in name:
+            deeper = deeper or _index(images, lambda path: [i + 1 for i, c in enumerate(path) if c == "/"])
+            found = deeper.get(name)
+        return sorted(found or ())
+
+    return candidates
+
+
+def _index(images: Sequence[str], starts) -> dict[str, set[str]]:
+    """The paths of `images` by their ends at `starts(path)`, with and without the extension."""
     index: dict[str, set[str]] = {}
     for path in images:  # string slicing, not pathlib: a million images are listed on every run
         dot = path.rfind(".")
         stemmed = path[:dot] if dot > path.rfind("/") + 1 else path
-        start = 0
-        while True:
+        for start in (0, *starts(path)):
             index.setdefault(path[start:], set()).add(path)
             index.setdefault(stemmed[start:], set()).add(path)
-            start = path.find("/", start) + 1
-            if not start:
-                break
-
-    def candidates(name: str) -> list[str]:
-        return [name] if name in exact else sorted(index.get(name.removeprefix("./"), ()))
-
-    return candidates
+    return index
