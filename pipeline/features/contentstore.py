@@ -48,10 +48,12 @@ from pipeline.config import fingerprint
 from pipeline.errors import CacheError
 from pipeline.features.tables import (
     SEGMENT_COLUMNS,
+    UNBORN_SUFFIX,
     Layout,
     append_rows,
     create_table,
     fill_table,
+    open_partial,
     read_rows,
     row_chunks,
     stored_rows,
@@ -332,7 +334,7 @@ def open_store(directory: Path, identity: Mapping[str, Any], *, feature_dim: int
     """The store at `directory`, its interrupted segments finished first. Hold the folder's lock."""
     store = ContentStore(directory, identity, feature_dim=feature_dim, dtype=dtype)
     directory.mkdir(parents=True, exist_ok=True)
-    for unborn in directory.glob("segment-*.h5" + PARTIAL_SUFFIX + ".new"):
+    for unborn in directory.glob("segment-*.h5" + PARTIAL_SUFFIX + UNBORN_SUFFIX):
         unborn.unlink()
     for partial in sorted(directory.glob("segment-*.h5" + PARTIAL_SUFFIX)):
         _finish_partial(partial, identity, {}, store.layout(True), recovered=True)
@@ -367,16 +369,13 @@ class SegmentWriter:
             self.finish()
 
     def _start(self) -> h5py.File:
-        """Creates the partial segment, renamed into place only once in SWMR mode: a process
-        reading it (a progress probe) never holds a lock that this writer would need."""
-        fresh = self.partial.with_name(self.partial.name + ".new")
-        with h5py.File(fresh, "w", libver="latest") as f:
+        self._file = open_partial(self.partial, self._create)
+        return self._file
+
+    def _create(self, target: Path) -> None:
+        with h5py.File(target, "w", libver="latest") as f:
             _write_root(f, self.store.identity)
             create_table(f.create_group("rows"), SEGMENT_COLUMNS, self.store.layout(False))
-        self._file = h5py.File(fresh, "a", libver="latest")
-        self._file.swmr_mode = True
-        os.replace(fresh, self.partial)
-        return self._file
 
     def append(self, content_ids: Sequence[str], views: Sequence[int], features: np.ndarray) -> None:
         """Appends one batch and makes it durable before returning."""

@@ -68,6 +68,7 @@ from pipeline.features.tables import (
     append_rows,
     create_table,
     fill_table,
+    open_partial,
     read_rows,
     row_chunks,
     stored_rows,
@@ -176,18 +177,12 @@ class FeatureWriter:
 
     def __enter__(self) -> FeatureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = self.partial.with_name(self.partial.name + ".new")
         if self.partial.exists():
-            self._recover(fresh)
+            self._file = open_partial(self.partial, self._recover)
         elif self.extend is not None:
-            self._recover(fresh, self.extend)
+            self._file = open_partial(self.partial, lambda fresh: self._recover(fresh, self.extend))
         else:
-            self._create(fresh)
-        # Renamed only once in SWMR mode: a reader of the partial file (`make audit`, a
-        # progress probe) never holds the lock that a writer opening it would need.
-        self._file = h5py.File(fresh, "a", libver="latest")
-        self._file.swmr_mode = True
-        os.replace(fresh, self.partial)
+            self._file = open_partial(self.partial, self._create)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -195,7 +190,7 @@ class FeatureWriter:
             self._file.close()
             self._file = None
 
-    def _create(self, target: Path) -> h5py.File:
+    def _create(self, target: Path) -> Path:
         layout = Layout(self.feature_dim, self.dtype, finished=False)
         with h5py.File(target, "w", libver="latest") as f:
             _write_attrs(f.attrs, {**self.attrs, "complete": False})

@@ -2,13 +2,16 @@
 
 A table is an HDF5 group of equal-length datasets (features, labels, index, ids or view);
 `pipeline.features.store` owns the file and its commit protocol, this module the shape of
-its tables.
+its tables, and `open_partial`, the one way both writers (`store.FeatureWriter`,
+`contentstore.SegmentWriter`) put a partial file in place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -16,6 +19,20 @@ import numpy as np
 
 _STR = h5py.string_dtype("utf-8")
 _COPY_ROWS = 4096
+#: A partial file being built, before `open_partial` renames it into place.
+UNBORN_SUFFIX = ".new"
+
+
+def open_partial(partial: Path, build: Callable[[Path], object]) -> h5py.File:
+    """The partial file, open for SWMR appends, after `build` has written it under a
+    temporary name. It is renamed into place only once in SWMR mode, so a process reading
+    the partial file (a progress probe) never holds the lock that the writer's open needs."""
+    fresh = partial.with_name(partial.name + UNBORN_SUFFIX)
+    build(fresh)
+    f = h5py.File(fresh, "a", libver="latest")
+    f.swmr_mode = True
+    os.replace(fresh, partial)
+    return f
 
 
 @dataclass(frozen=True)
